@@ -1,0 +1,68 @@
+//! Compiles the gRPC API with a pure-Rust protobuf compiler (no system
+//! `protoc`) and embeds the example bundle that `leash serve` serves when no
+//! bundle directories are given.
+
+use std::error::Error;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(["leash/v1/authorizer.proto"], ["proto"])?;
+    // Server reflection serves this descriptor set.
+    std::fs::write(out_dir.join("leash_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .btree_map(".")
+        .compile_fds(fds)?;
+
+    embed_example_bundle(&out_dir)?;
+    Ok(())
+}
+
+/// Writes `embedded_bundle.rs`: one `(directory, relative path, contents)`
+/// entry per file under `policies/` and `schemas/`.
+fn embed_example_bundle(out_dir: &Path) -> Result<(), Box<dyn Error>> {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let mut code = String::from("&[\n");
+    for dir in ["policies", "schemas"] {
+        println!("cargo:rerun-if-changed={dir}");
+        let base = root.join(dir);
+        let mut files = Vec::new();
+        collect_files(&base, &mut files)?;
+        files.sort();
+        for file in files {
+            println!("cargo:rerun-if-changed={}", file.display());
+            let rel = file
+                .strip_prefix(&base)?
+                .to_string_lossy()
+                .replace('\\', "/");
+            writeln!(
+                code,
+                "    ({dir:?}, {rel:?}, include_str!({:?})),",
+                file.display().to_string()
+            )?;
+        }
+    }
+    code.push_str("]\n");
+    std::fs::write(out_dir.join("embedded_bundle.rs"), code)?;
+    Ok(())
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), Box<dyn Error>> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_files(&path, out)?;
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,470 @@
+//! Loading a policy bundle: policies, schema and entity data, validated as a
+//! whole into an immutable [`Snapshot`], or refused with every diagnostic.
+//!
+//! Loading is blocking work (file I/O, parsing, validation); callers run it
+//! off the request path. A snapshot is never modified after it is built.
+
+mod diagnostic;
+mod reserved;
+mod sources;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use cedar_policy::{
+    Entities, EntityUid, PolicyId, PolicySet, Schema, SchemaFragment, ValidationMode, Validator,
+};
+use sha2::{Digest, Sha256};
+
+pub use diagnostic::Diagnostic;
+pub use reserved::{LeashFields, ReservedContext, LEASH_ATTR};
+pub use sources::{BundleSources, SchemaFormat, SourceFile};
+
+/// Why a bundle was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("policy bundle from {origin} is invalid ({} problem{})", diagnostics.len(), if diagnostics.len() == 1 { "" } else { "s" })]
+pub struct BundleError {
+    pub origin: String,
+    /// Every problem found, in file order.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl BundleError {
+    /// All diagnostics, rendered one after the other.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for d in &self.diagnostics {
+            out.push_str(&d.rendered);
+            if !d.rendered.ends_with("\n\n") {
+                out.push('\n');
+            }
+        }
+        let _ = writeln!(out, "{self}");
+        out
+    }
+}
+
+/// Where a policy came from, for diagnostics and status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyOrigin {
+    pub file: String,
+    /// 1-based position of the policy within its file.
+    pub position: usize,
+}
+
+/// A loaded, validated bundle. Immutable: a new bundle is a new snapshot.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Content hash of every file of the bundle; reported with every decision.
+    pub version: String,
+    /// Where the bundle came from.
+    pub origin: String,
+    pub loaded_at: SystemTime,
+    pub policies: PolicySet,
+    pub schema: Schema,
+    /// Entity data of the bundle, with the schema's action entities.
+    pub entities: Entities,
+    /// The schema's actions, to reject an undeclared action by name.
+    pub actions: HashSet<EntityUid>,
+    /// Which actions ask for the trusted `context.leash` record.
+    pub reserved: ReservedContext,
+    /// The file and position of each policy, by id.
+    pub policy_origins: BTreeMap<String, PolicyOrigin>,
+    /// The bundle's files, in load order.
+    pub files: Vec<String>,
+    /// Validator warnings (the bundle still loads).
+    pub warnings: Vec<String>,
+}
+
+impl Snapshot {
+    /// Reads and validates the bundle in two directories. Blocking.
+    pub fn load_dirs(policies: &Path, schemas: &Path) -> Result<Self, BundleError> {
+        let origin = format!("{} + {}", policies.display(), schemas.display());
+        let sources =
+            BundleSources::read_dirs(policies, schemas).map_err(|diagnostics| BundleError {
+                origin,
+                diagnostics,
+            })?;
+        Self::build(&sources)
+    }
+
+    /// Validates the example bundle built into the binary.
+    pub fn load_embedded() -> Result<Self, BundleError> {
+        Self::build(&BundleSources::embedded())
+    }
+
+    /// Parses and validates `sources` as a whole. Every problem is collected
+    /// before the bundle is refused, so one run shows them all.
+    pub fn build(sources: &BundleSources) -> Result<Self, BundleError> {
+        let mut diagnostics = Vec::new();
+        let refuse = |diagnostics| BundleError {
+            origin: sources.origin.clone(),
+            diagnostics,
+        };
+
+        let schema_parts = parse_schema(sources, &mut diagnostics);
+        let (policies, policy_origins) = parse_policies(sources, &mut diagnostics);
+        let Some((schema, fragments_json)) = schema_parts else {
+            return Err(refuse(diagnostics));
+        };
+
+        let reserved = match ReservedContext::scan(&fragments_json) {
+            Ok(reserved) => reserved,
+            Err(mut found) => {
+                diagnostics.append(&mut found);
+                ReservedContext::default()
+            }
+        };
+
+        let mut warnings = Vec::new();
+        let validation = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        for err in validation.validation_errors() {
+            let id = err.policy_id().to_string();
+            diagnostics.push(located(sources, &policy_origins, &id, err));
+        }
+        for warning in validation.validation_warnings() {
+            warnings.push(diagnostic::full_message(warning));
+        }
+
+        let entities = parse_entities(sources, &schema, &mut diagnostics);
+
+        if !diagnostics.is_empty() {
+            return Err(refuse(diagnostics));
+        }
+        let Some(entities) = entities else {
+            return Err(refuse(diagnostics));
+        };
+
+        let actions = action_uids(&schema);
+        Ok(Self {
+            version: content_hash(sources),
+            origin: sources.origin.clone(),
+            loaded_at: SystemTime::now(),
+            policies,
+            schema,
+            entities,
+            actions,
+            reserved,
+            policy_origins,
+            files: sources.files().map(|f| f.path.clone()).collect(),
+            warnings,
+        })
+    }
+
+    /// Number of policies and templates.
+    pub fn policy_count(&self) -> usize {
+        self.policy_origins.len()
+    }
+
+    /// Number of entities, including the schema's action entities.
+    pub fn entity_count(&self) -> usize {
+        self.entities.iter().count()
+    }
+}
+
+/// The message of a Cedar error with its causes, for callers and logs.
+pub fn cedar_message(err: &dyn miette::Diagnostic) -> String {
+    diagnostic::full_message(err)
+}
+
+/// A validation error located in its policy's file.
+fn located(
+    sources: &BundleSources,
+    origins: &BTreeMap<String, PolicyOrigin>,
+    id: &str,
+    err: &dyn miette::Diagnostic,
+) -> Diagnostic {
+    let file = origins
+        .get(id)
+        .and_then(|o| sources.policies.iter().find(|f| f.path == o.file));
+    match file {
+        Some(file) => Diagnostic::from_miette(&file.path, &file.text, err),
+        None => Diagnostic::plain(
+            None,
+            format!("policy `{id}`: {}", diagnostic::full_message(err)),
+        ),
+    }
+}
+
+/// Parses every schema file into one schema, and each fragment into JSON for
+/// the `context.leash` scan. `None` when there is no usable schema.
+fn parse_schema(
+    sources: &BundleSources,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<(Schema, Vec<(String, serde_json::Value)>)> {
+    if sources.schemas.is_empty() {
+        diagnostics.push(Diagnostic::plain(
+            None,
+            "no schema found: the schemas directory needs a `*.cedarschema` \
+             (Cedar syntax) or `*.cedarschema.json` (Cedar JSON) file; \
+             policies are validated against it",
+        ));
+        return None;
+    }
+    let before = diagnostics.len();
+    let mut fragments = Vec::new();
+    let mut fragments_json = Vec::new();
+    for (format, file) in &sources.schemas {
+        let parsed = match format {
+            SchemaFormat::Cedar => SchemaFragment::from_cedarschema_str(&file.text)
+                .map(|(fragment, _warnings)| fragment)
+                .map_err(|e| Diagnostic::from_miette(&file.path, &file.text, &e)),
+            SchemaFormat::Json => SchemaFragment::from_json_str(&file.text)
+                .map_err(|e| Diagnostic::from_miette(&file.path, &file.text, &e)),
+        };
+        match parsed {
+            Ok(fragment) => {
+                // `to_json_value` consumes the fragment; parse it a second time
+                // for the JSON view rather than require `Clone`.
+                let again = match format {
+                    SchemaFormat::Cedar => SchemaFragment::from_cedarschema_str(&file.text)
+                        .map(|(f, _)| f)
+                        .ok(),
+                    SchemaFormat::Json => SchemaFragment::from_json_str(&file.text).ok(),
+                };
+                match again.map(SchemaFragment::to_json_value) {
+                    Some(Ok(json)) => fragments_json.push((file.path.clone(), json)),
+                    Some(Err(e)) => {
+                        diagnostics.push(Diagnostic::from_miette(&file.path, &file.text, &e))
+                    }
+                    None => diagnostics.push(Diagnostic::plain(
+                        Some(&file.path),
+                        "schema fragment could not be read twice",
+                    )),
+                }
+                fragments.push(fragment);
+            }
+            Err(d) => diagnostics.push(d),
+        }
+    }
+    if diagnostics.len() > before {
+        return None;
+    }
+    match Schema::from_schema_fragments(fragments) {
+        Ok(schema) => Some((schema, fragments_json)),
+        Err(e) => {
+            let file = (sources.schemas.len() == 1).then(|| sources.schemas[0].1.path.as_str());
+            diagnostics.push(Diagnostic::plain(file, diagnostic::full_message(&e)));
+            None
+        }
+    }
+}
+
+/// Parses every policy file; gives each policy its `@id` or a stable
+/// `file#position` id, and reports duplicate ids.
+fn parse_policies(
+    sources: &BundleSources,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> (PolicySet, BTreeMap<String, PolicyOrigin>) {
+    let mut set = PolicySet::new();
+    let mut origins: BTreeMap<String, PolicyOrigin> = BTreeMap::new();
+    for file in &sources.policies {
+        let parsed = match PolicySet::from_str(&file.text) {
+            Ok(parsed) => parsed,
+            Err(errors) => {
+                diagnostics.push(Diagnostic::from_miette(&file.path, &file.text, &errors));
+                if let Some(related) = miette::Diagnostic::related(&errors) {
+                    for err in related {
+                        diagnostics.push(Diagnostic::from_miette(&file.path, &file.text, err));
+                    }
+                }
+                continue;
+            }
+        };
+        // The parser names policies `policy0`, `policy1`, ... in source order
+        // (templates share the numbering); that order gives each policy its
+        // position in the file.
+        let mut items: Vec<(usize, Item)> = parsed
+            .policies()
+            .filter(|p| p.is_static())
+            .map(|p| (parser_position(p.id()), Item::Policy(p.clone())))
+            .chain(
+                parsed
+                    .templates()
+                    .map(|t| (parser_position(t.id()), Item::Template(t.clone()))),
+            )
+            .collect();
+        items.sort_by_key(|(position, _)| *position);
+
+        for (index, item) in items {
+            let position = index + 1;
+            let annotated = item.annotation("id").map(str::to_owned);
+            let id = match annotated {
+                Some(id) if id.trim().is_empty() => {
+                    diagnostics.push(Diagnostic::plain(
+                        Some(&file.path),
+                        format!("policy {position}: `@id` must not be empty"),
+                    ));
+                    continue;
+                }
+                Some(id) => id,
+                None => format!("{}#{position}", file.path),
+            };
+            if let Some(first) = origins.get(&id) {
+                diagnostics.push(Diagnostic::plain(
+                    Some(&file.path),
+                    format!(
+                        "duplicate policy id `{id}`: policy {position} of `{}` and policy {} of `{}`",
+                        file.path, first.position, first.file
+                    ),
+                ));
+                continue;
+            }
+            let added = match item {
+                Item::Policy(p) => set.add(p.new_id(PolicyId::new(&id))),
+                Item::Template(t) => set.add_template(t.new_id(PolicyId::new(&id))),
+            };
+            if let Err(e) = added {
+                diagnostics.push(Diagnostic::plain(
+                    Some(&file.path),
+                    format!("policy `{id}`: {}", diagnostic::full_message(&e)),
+                ));
+                continue;
+            }
+            origins.insert(
+                id,
+                PolicyOrigin {
+                    file: file.path.clone(),
+                    position,
+                },
+            );
+        }
+    }
+    (set, origins)
+}
+
+enum Item {
+    Policy(cedar_policy::Policy),
+    Template(cedar_policy::Template),
+}
+
+impl Item {
+    fn annotation(&self, key: &str) -> Option<&str> {
+        match self {
+            Item::Policy(p) => p.annotation(key),
+            Item::Template(t) => t.annotation(key),
+        }
+    }
+}
+
+fn parser_position(id: &PolicyId) -> usize {
+    id.to_string()
+        .strip_prefix("policy")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
+/// Parses every entity file against the schema into one entity store.
+/// An entity defined in two files is reported with both files.
+fn parse_entities(
+    sources: &BundleSources,
+    schema: &Schema,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<Entities> {
+    let before = diagnostics.len();
+    let mut all = Vec::new();
+    let mut defined_in: HashMap<EntityUid, String> = HashMap::new();
+    for file in &sources.entities {
+        let json: serde_json::Value = match serde_json::from_str(&file.text) {
+            Ok(json) => json,
+            Err(e) => {
+                let (line, column) = (e.line(), e.column());
+                let mut d = Diagnostic::plain(Some(&file.path), format!("invalid JSON: {e}"));
+                d.line = Some(line);
+                d.column = Some(column);
+                d.rendered = format!("{}:{line}:{column}: error: invalid JSON: {e}\n", file.path);
+                diagnostics.push(d);
+                continue;
+            }
+        };
+        let Some(items) = json.as_array() else {
+            diagnostics.push(Diagnostic::plain(
+                Some(&file.path),
+                "an entities file holds a JSON array of entities",
+            ));
+            continue;
+        };
+        match Entities::from_json_value(json.clone(), Some(schema)) {
+            Ok(parsed) => {
+                let actions: HashSet<EntityUid> = action_uids(schema);
+                for entity in parsed.iter() {
+                    let uid = entity.uid();
+                    if actions.contains(&uid) {
+                        continue;
+                    }
+                    if let Some(first) = defined_in.get(&uid) {
+                        diagnostics.push(Diagnostic::plain(
+                            Some(&file.path),
+                            format!("entity `{uid}` is also defined in `{first}`"),
+                        ));
+                    } else {
+                        defined_in.insert(uid, file.path.clone());
+                    }
+                }
+                all.extend(items.iter().cloned());
+            }
+            Err(e) => diagnostics.push(Diagnostic::plain(
+                Some(&file.path),
+                diagnostic::full_message(&e),
+            )),
+        }
+    }
+    if diagnostics.len() > before {
+        return None;
+    }
+    match Entities::from_json_value(serde_json::Value::Array(all), Some(schema)) {
+        Ok(entities) => Some(entities),
+        Err(e) => {
+            diagnostics.push(Diagnostic::plain(None, diagnostic::full_message(&e)));
+            None
+        }
+    }
+}
+
+fn action_uids(schema: &Schema) -> HashSet<EntityUid> {
+    schema.actions().cloned().collect()
+}
+
+/// SHA-256 over every file's path and contents, in load order; the first 16
+/// hex digits name the version.
+fn content_hash(sources: &BundleSources) -> String {
+    let mut hasher = Sha256::new();
+    for file in sources.files() {
+        hasher.update((file.path.len() as u64).to_le_bytes());
+        hasher.update(file.path.as_bytes());
+        hasher.update((file.text.len() as u64).to_le_bytes());
+        hasher.update(file.text.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut version = String::with_capacity(16);
+    for byte in digest.iter().take(8) {
+        let _ = write!(version, "{byte:02x}");
+    }
+    version
+}
+
+/// The snapshot requests are decided with. Readers never wait: a reload
+/// publishes a whole new snapshot with one atomic store, and requests in
+/// flight finish on the one they started with.
+#[derive(Debug, Default)]
+pub struct LiveBundle {
+    current: arc_swap::ArcSwapOption<Snapshot>,
+}
+
+impl LiveBundle {
+    /// An empty cell: requests get `UNAVAILABLE` until a bundle is published.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    pub fn current(&self) -> Option<std::sync::Arc<Snapshot>> {
+        self.current.load_full()
+    }
+
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.current.store(Some(std::sync::Arc::new(snapshot)));
+    }
+}

@@ -1,0 +1,218 @@
+//! Finding a bundle's files: on disk (blocking I/O, run off the request path)
+//! or built into the binary (the example bundle).
+
+use std::path::{Path, PathBuf};
+
+use super::Diagnostic;
+
+/// One file of a bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    /// Path as shown in diagnostics and status: `policies/agents/x.cedar`.
+    pub path: String,
+    pub text: String,
+}
+
+/// The schema formats leash reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaFormat {
+    /// Cedar schema syntax, `*.cedarschema`.
+    Cedar,
+    /// Cedar JSON schema, `*.cedarschema.json` or `*.json`.
+    Json,
+}
+
+/// Every file of a bundle, read into memory, in a stable (sorted) order.
+#[derive(Debug, Clone, Default)]
+pub struct BundleSources {
+    /// Where the bundle came from, for logs and status (a directory pair or
+    /// "built-in example").
+    pub origin: String,
+    pub policies: Vec<SourceFile>,
+    pub schemas: Vec<(SchemaFormat, SourceFile)>,
+    pub entities: Vec<SourceFile>,
+}
+
+const POLICY_SUFFIX: &str = ".cedar";
+const ENTITIES_SUFFIX: &str = ".entities.json";
+const SCHEMA_SUFFIX: &str = ".cedarschema";
+const JSON_SUFFIX: &str = ".json";
+
+impl BundleSources {
+    /// Reads `*.cedar` and `*.entities.json` under `policies` and the schema
+    /// files under `schemas`, recursively, following symbolic links.
+    ///
+    /// Names starting with `.` are skipped: Kubernetes ConfigMap volumes hold
+    /// every file twice, once through the hidden `..data` directory, and
+    /// editors leave hidden swap files.
+    pub fn read_dirs(policies: &Path, schemas: &Path) -> Result<Self, Vec<Diagnostic>> {
+        let mut diagnostics = Vec::new();
+        let mut sources = Self {
+            origin: format!("{} + {}", policies.display(), schemas.display()),
+            ..Self::default()
+        };
+
+        for (path, shown) in walk("policies", policies, &mut diagnostics) {
+            if shown.ends_with(ENTITIES_SUFFIX) {
+                if let Some(file) = read(&path, shown, &mut diagnostics) {
+                    sources.entities.push(file);
+                }
+            } else if shown.ends_with(POLICY_SUFFIX) {
+                if let Some(file) = read(&path, shown, &mut diagnostics) {
+                    sources.policies.push(file);
+                }
+            }
+        }
+        for (path, shown) in walk("schemas", schemas, &mut diagnostics) {
+            let format = if shown.ends_with(SCHEMA_SUFFIX) {
+                SchemaFormat::Cedar
+            } else if shown.ends_with(JSON_SUFFIX) {
+                SchemaFormat::Json
+            } else {
+                continue;
+            };
+            if let Some(file) = read(&path, shown, &mut diagnostics) {
+                sources.schemas.push((format, file));
+            }
+        }
+
+        if diagnostics.is_empty() {
+            Ok(sources)
+        } else {
+            Err(diagnostics)
+        }
+    }
+
+    /// The example bundle from the repository's `policies/` and `schemas/`,
+    /// compiled into the binary so that `leash serve` works from anywhere.
+    pub fn embedded() -> Self {
+        let mut sources = Self {
+            origin: "built-in example bundle".to_owned(),
+            ..Self::default()
+        };
+        for (dir, rel, text) in EMBEDDED {
+            let file = SourceFile {
+                path: format!("{dir}/{rel}"),
+                text: (*text).to_owned(),
+            };
+            match *dir {
+                "policies" if rel.ends_with(ENTITIES_SUFFIX) => sources.entities.push(file),
+                "policies" if rel.ends_with(POLICY_SUFFIX) => sources.policies.push(file),
+                "schemas" if rel.ends_with(SCHEMA_SUFFIX) => {
+                    sources.schemas.push((SchemaFormat::Cedar, file))
+                }
+                "schemas" if rel.ends_with(JSON_SUFFIX) => {
+                    sources.schemas.push((SchemaFormat::Json, file))
+                }
+                _ => {}
+            }
+        }
+        sources
+    }
+
+    /// Every file, for hashing and status.
+    pub fn files(&self) -> impl Iterator<Item = &SourceFile> {
+        self.policies
+            .iter()
+            .chain(self.schemas.iter().map(|(_, f)| f))
+            .chain(self.entities.iter())
+    }
+}
+
+/// `(directory, relative path, contents)` of each example file (build.rs).
+const EMBEDDED: &[(&str, &str, &str)] = include!(concat!(env!("OUT_DIR"), "/embedded_bundle.rs"));
+
+/// All regular files under `root`, sorted, as `(path, shown)` where `shown`
+/// is `label/relative/path`.
+fn walk(label: &str, root: &Path, diagnostics: &mut Vec<Diagnostic>) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    match std::fs::metadata(root) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            diagnostics.push(Diagnostic::plain(
+                None,
+                format!("{label} directory `{}` is not a directory", root.display()),
+            ));
+            return out;
+        }
+        Err(err) => {
+            diagnostics.push(Diagnostic::plain(
+                None,
+                format!("cannot open {label} directory `{}`: {err}", root.display()),
+            ));
+            return out;
+        }
+    }
+    let mut stack = vec![root.to_path_buf()];
+    // Bounded so that a symlink loop cannot walk forever.
+    let mut budget = 100_000usize;
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) => {
+                diagnostics.push(Diagnostic::plain(
+                    None,
+                    format!("cannot list `{}`: {err}", dir.display()),
+                ));
+                continue;
+            }
+        };
+        for entry in entries {
+            budget = budget.saturating_sub(1);
+            if budget == 0 {
+                diagnostics.push(Diagnostic::plain(
+                    None,
+                    format!(
+                        "too many files under `{}` (symbolic link loop?)",
+                        root.display()
+                    ),
+                ));
+                return out;
+            }
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(err) => {
+                    diagnostics.push(Diagnostic::plain(
+                        None,
+                        format!("cannot list `{}`: {err}", dir.display()),
+                    ));
+                    continue;
+                }
+            };
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            // `metadata` follows symbolic links, as ConfigMap and git-sync
+            // layouts need.
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_dir() => stack.push(path),
+                Ok(meta) if meta.is_file() => {
+                    let rel = path.strip_prefix(root).unwrap_or(&path);
+                    let shown = format!("{label}/{}", rel.to_string_lossy().replace('\\', "/"));
+                    out.push((path, shown));
+                }
+                Ok(_) => {}
+                Err(err) => diagnostics.push(Diagnostic::plain(
+                    None,
+                    format!("cannot read `{}`: {err}", path.display()),
+                )),
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    out
+}
+
+fn read(path: &Path, shown: String, diagnostics: &mut Vec<Diagnostic>) -> Option<SourceFile> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Some(SourceFile { path: shown, text }),
+        Err(err) => {
+            diagnostics.push(Diagnostic::plain(
+                Some(&shown),
+                format!("cannot read file: {err}"),
+            ));
+            None
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! `leash check`: one decision from a running sidecar, printed for people.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use cedar_policy::EntityUid;
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::config::CheckArgs;
+use crate::proto::v1 as pb;
+use crate::proto::v1::authorizer_client::AuthorizerClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("--{flag}: `{value}` is not a Cedar entity reference such as `User::\"alice\"`")]
+    BadEntity { flag: &'static str, value: String },
+    #[error("--addr: `{0}` is not an address")]
+    BadAddress(String),
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        target: String,
+        source: tonic::transport::Error,
+    },
+    #[error("the sidecar refused the request: {code:?}: {message}")]
+    Status { code: tonic::Code, message: String },
+}
+
+/// Connects to a sidecar over TCP (`127.0.0.1:50051` or `http://...`).
+pub async fn connect_tcp(addr: &str) -> Result<AuthorizerClient<Channel>, CheckError> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint =
+        Endpoint::from_shared(uri).map_err(|_| CheckError::BadAddress(addr.to_owned()))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| CheckError::Connect {
+            target: addr.to_owned(),
+            source,
+        })?;
+    Ok(AuthorizerClient::new(channel))
+}
+
+/// Connects to a sidecar over its Unix socket.
+pub async fn connect_uds(path: PathBuf) -> Result<AuthorizerClient<Channel>, CheckError> {
+    let target = format!("unix:{}", path.display());
+    // The URI is required by the API but unused: the connector dials the socket.
+    let endpoint = Endpoint::from_static("http://leash.sock");
+    let channel = endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(TokioIo::new)
+            }
+        }))
+        .await
+        .map_err(|source| CheckError::Connect { target, source })?;
+    Ok(AuthorizerClient::new(channel))
+}
+
+fn entity(flag: &'static str, value: &str) -> Result<pb::EntityUid, CheckError> {
+    let uid = EntityUid::from_str(value).map_err(|_| CheckError::BadEntity {
+        flag,
+        value: value.to_owned(),
+    })?;
+    Ok(pb::EntityUid {
+        r#type: uid.type_name().to_string(),
+        id: uid.id().unescaped().to_owned(),
+    })
+}
+
+/// The request `args` describe.
+pub fn request(args: &CheckArgs) -> Result<pb::IsAuthorizedRequest, CheckError> {
+    use pb::is_authorized_request::{ContextInput, EntitiesInput};
+    Ok(pb::IsAuthorizedRequest {
+        request_id: args.request_id.clone().unwrap_or_default(),
+        principal: Some(pb::Principal {
+            agent: Some(entity("agent", &args.agent)?),
+            on_behalf_of: args
+                .user
+                .as_deref()
+                .map(|u| entity("user", u))
+                .transpose()?,
+        }),
+        action: Some(entity("action", &args.action)?),
+        resource: Some(entity("resource", &args.resource)?),
+        context_input: args.context.clone().map(ContextInput::ContextJson),
+        entities_input: args.entities.clone().map(EntitiesInput::EntitiesJson),
+    })
+}
+
+/// Sends the request of `args` and returns the response.
+pub async fn run(args: &CheckArgs) -> Result<pb::IsAuthorizedResponse, CheckError> {
+    let request = request(args)?;
+    let mut client = match &args.uds {
+        Some(path) => connect_uds(path.clone()).await?,
+        None => connect_tcp(&args.addr).await?,
+    };
+    client
+        .is_authorized(request)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| CheckError::Status {
+            code: s.code(),
+            message: s.message().to_owned(),
+        })
+}
+
+fn decision_name(code: i32) -> &'static str {
+    match pb::Decision::try_from(code) {
+        Ok(pb::Decision::Allow) => "ALLOW",
+        Ok(pb::Decision::Deny) => "DENY",
+        _ => "UNSPECIFIED",
+    }
+}
+
+fn uid_text(uid: Option<&pb::EntityUid>) -> String {
+    uid.map(|u| format!("{}::{:?}", u.r#type, u.id))
+        .unwrap_or_default()
+}
+
+/// The response as people read it.
+pub fn render(args: &CheckArgs, response: &pb::IsAuthorizedResponse) -> String {
+    let mut out = String::new();
+    let who = match &args.user {
+        Some(user) => format!("{} for {user}", args.agent),
+        None => format!("{} (autonomous)", args.agent),
+    };
+    out.push_str(&format!(
+        "{}: {who} -> {} on {}\n",
+        decision_name(response.decision),
+        args.action,
+        args.resource
+    ));
+    let sides = [
+        ("agent", response.agent.as_ref()),
+        ("user", response.on_behalf_of.as_ref()),
+    ];
+    for (label, side) in sides {
+        let Some(side) = side else { continue };
+        let reason = if side.determining_policies.is_empty() {
+            if side.decision == pb::Decision::Allow as i32 {
+                String::new()
+            } else if side.errors.is_empty() {
+                "no policy permits".to_owned()
+            } else {
+                "denied because policies raised errors".to_owned()
+            }
+        } else {
+            let by = if side.decision == pb::Decision::Allow as i32 {
+                "permitted by"
+            } else {
+                "forbidden by"
+            };
+            format!("{by} {}", side.determining_policies.join(", "))
+        };
+        out.push_str(&format!(
+            "  {label:<5} {:<28} {:<5}  {reason}\n",
+            uid_text(side.principal.as_ref()),
+            decision_name(side.decision)
+        ));
+        for err in &side.errors {
+            out.push_str(&format!(
+                "        error in `{}`: {}\n",
+                err.policy_id, err.message
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "policy version {}  request {}\n",
+        response.policy_version, response.request_id
+    ));
+    out
+}

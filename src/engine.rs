@@ -1,0 +1,458 @@
+//! The decision: pure and synchronous, over one immutable [`Snapshot`].
+//!
+//! With `on_behalf_of` set, a request is decided twice against the same
+//! snapshot, once with the agent as principal (its capabilities) and once with
+//! the user (their entitlements); it is allowed only if both sides allow.
+//! Actions whose schema context declares a `leash` record get it filled with
+//! trusted values (the agent, the user, whether a user is present, the time);
+//! callers cannot supply it.
+//!
+//! leash is stricter than plain Cedar in one respect: a side whose evaluation
+//! raised any error is denied, even if a permit was satisfied, because Cedar
+//! skips an erroring `forbid` and would otherwise allow around it.
+
+use std::collections::HashSet;
+
+use cedar_policy::{
+    Authorizer, Context, Entities, Entity, EntityUid, Request, RequestValidationError,
+    RestrictedExpression,
+};
+use serde_json::{json, Map, Value};
+
+use crate::bundle::{LeashFields, Snapshot, LEASH_ATTR};
+
+/// A request, converted from the wire but not yet checked against a schema.
+#[derive(Debug, Clone)]
+pub struct AuthzRequest {
+    pub agent: EntityUid,
+    pub on_behalf_of: Option<EntityUid>,
+    pub action: EntityUid,
+    pub resource: EntityUid,
+    pub context: ContextInput,
+    pub entities: EntitiesInput,
+}
+
+/// The request context in the form the caller sent it.
+#[derive(Debug, Clone, Default)]
+pub enum ContextInput {
+    /// No context: the empty record.
+    #[default]
+    Empty,
+    /// `context_json`: a JSON object in Cedar's context format, parsed with
+    /// the schema (so `__entity`/`__extn` escapes may be implicit).
+    Json(Map<String, Value>),
+    /// `context`: typed values, already converted.
+    Typed(Vec<(String, RestrictedExpression)>),
+}
+
+/// Request-scoped entities in the form the caller sent them.
+#[derive(Debug, Clone, Default)]
+pub enum EntitiesInput {
+    #[default]
+    None,
+    /// `entities_json`: the items of a Cedar JSON entities array.
+    Json(Vec<Value>),
+    /// `entities`: typed entities, already converted.
+    Typed(Vec<Entity>),
+}
+
+/// Bad input: the field at fault and what is wrong with it. Reported to the
+/// caller as `INVALID_ARGUMENT`; never a decision.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct RequestError {
+    /// Path of the field in the request, e.g. `principal.on_behalf_of` or
+    /// `entities_json[2]`.
+    pub field: String,
+    pub problem: String,
+}
+
+impl RequestError {
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// A policy that raised an error while being evaluated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    pub policy_id: String,
+    pub message: String,
+}
+
+/// The decision of one side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SideDecision {
+    /// The principal this side was decided as.
+    pub principal: EntityUid,
+    pub allowed: bool,
+    /// The satisfied permits (allow) or forbids (deny), sorted; empty for a
+    /// default deny or a deny forced by errors.
+    pub determining: Vec<String>,
+    pub errors: Vec<PolicyError>,
+}
+
+/// The decision of a whole request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Allow: the permits of both sides. Deny: those of the denying side(s).
+    pub determining: Vec<String>,
+    /// Errors of both sides.
+    pub errors: Vec<PolicyError>,
+    pub agent: SideDecision,
+    /// `None` when the agent acts autonomously.
+    pub on_behalf_of: Option<SideDecision>,
+}
+
+/// The trusted time given to policies, as a Cedar `datetime` literal
+/// (RFC 3339, UTC, milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestTime(String);
+
+impl RequestTime {
+    /// The sidecar's clock now.
+    pub fn now() -> Self {
+        Self(
+            chrono::Utc::now()
+                .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+                .to_string(),
+        )
+    }
+
+    /// A fixed time, for tests and replays: `2026-01-31T12:00:00.000Z`.
+    pub fn at(rfc3339: impl Into<String>) -> Self {
+        Self(rfc3339.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Decides `request` against `snapshot` at time `now`.
+pub fn decide(
+    snapshot: &Snapshot,
+    request: &AuthzRequest,
+    now: &RequestTime,
+) -> Result<Decision, RequestError> {
+    if !snapshot.actions.contains(&request.action) {
+        return Err(RequestError::new(
+            "action",
+            format!("`{}` is not an action of the schema", request.action),
+        ));
+    }
+    let leash = snapshot.reserved.fields(&request.action);
+    let context = build_context(snapshot, request, leash, now)?;
+    let extended;
+    let entities = match &request.entities {
+        EntitiesInput::None => &snapshot.entities,
+        other => {
+            extended = with_request_entities(snapshot, other)?;
+            &extended
+        }
+    };
+
+    let agent = decide_side(
+        snapshot,
+        entities,
+        &request.agent,
+        "principal.agent",
+        request,
+        &context,
+    )?;
+    let on_behalf_of = match &request.on_behalf_of {
+        Some(user) => Some(decide_side(
+            snapshot,
+            entities,
+            user,
+            "principal.on_behalf_of",
+            request,
+            &context,
+        )?),
+        None => None,
+    };
+    Ok(combine(agent, on_behalf_of))
+}
+
+fn combine(agent: SideDecision, user: Option<SideDecision>) -> Decision {
+    let sides: Vec<&SideDecision> = std::iter::once(&agent).chain(user.as_ref()).collect();
+    let allowed = sides.iter().all(|s| s.allowed);
+    let mut determining: Vec<String> = Vec::new();
+    for side in sides.iter().filter(|s| s.allowed == allowed) {
+        for id in &side.determining {
+            if !determining.contains(id) {
+                determining.push(id.clone());
+            }
+        }
+    }
+    let mut errors: Vec<PolicyError> = Vec::new();
+    for side in &sides {
+        for err in &side.errors {
+            if !errors.contains(err) {
+                errors.push(err.clone());
+            }
+        }
+    }
+    Decision {
+        allowed,
+        determining,
+        errors,
+        agent,
+        on_behalf_of: user,
+    }
+}
+
+fn decide_side(
+    snapshot: &Snapshot,
+    entities: &Entities,
+    principal: &EntityUid,
+    principal_field: &str,
+    request: &AuthzRequest,
+    context: &Context,
+) -> Result<SideDecision, RequestError> {
+    let cedar_request = Request::new(
+        principal.clone(),
+        request.action.clone(),
+        request.resource.clone(),
+        context.clone(),
+        Some(&snapshot.schema),
+    )
+    .map_err(|e| request_validation_error(e, principal_field, &request.context))?;
+    let response = Authorizer::new().is_authorized(&cedar_request, &snapshot.policies, entities);
+    let diagnostics = response.diagnostics();
+    let mut errors: Vec<PolicyError> = diagnostics
+        .errors()
+        .map(|e| match e {
+            cedar_policy::AuthorizationError::PolicyEvaluationError(e) => PolicyError {
+                policy_id: e.policy_id().to_string(),
+                message: e.inner().to_string(),
+            },
+        })
+        .collect();
+    errors.sort_by(|a, b| a.policy_id.cmp(&b.policy_id));
+    let cedar_allowed = response.decision() == cedar_policy::Decision::Allow;
+    // Fail closed: an error may have hidden a forbid, so it denies the side.
+    let allowed = cedar_allowed && errors.is_empty();
+    let mut determining: Vec<String> = if cedar_allowed && !allowed {
+        Vec::new()
+    } else {
+        diagnostics.reason().map(ToString::to_string).collect()
+    };
+    determining.sort();
+    Ok(SideDecision {
+        principal: principal.clone(),
+        allowed,
+        determining,
+        errors,
+    })
+}
+
+fn context_field(input: &ContextInput) -> &'static str {
+    match input {
+        ContextInput::Json(_) => "context_json",
+        _ => "context",
+    }
+}
+
+fn request_validation_error(
+    err: RequestValidationError,
+    principal_field: &str,
+    context: &ContextInput,
+) -> RequestError {
+    let field =
+        match &err {
+            RequestValidationError::UndeclaredAction(_)
+            | RequestValidationError::ExternalAction(_) => "action",
+            RequestValidationError::UndeclaredPrincipalType(_)
+            | RequestValidationError::InvalidPrincipalType(_) => principal_field,
+            RequestValidationError::UndeclaredResourceType(_)
+            | RequestValidationError::InvalidResourceType(_) => "resource",
+            RequestValidationError::InvalidContext(_)
+            | RequestValidationError::TypeOfContext(_) => context_field(context),
+            _ => "request",
+        };
+    RequestError::new(field, crate::bundle::cedar_message(&err))
+}
+
+/// The context of both sides: the caller's attributes plus, where the
+/// action declares it, the trusted `leash` record.
+fn build_context(
+    snapshot: &Snapshot,
+    request: &AuthzRequest,
+    leash: Option<LeashFields>,
+    now: &RequestTime,
+) -> Result<Context, RequestError> {
+    let field = context_field(&request.context);
+    let reserved = |present: bool| -> Result<(), RequestError> {
+        if present && leash.is_some() {
+            Err(RequestError::new(
+                format!("{field}.{LEASH_ATTR}"),
+                "attribute is reserved: leash supplies it for this action",
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    match &request.context {
+        ContextInput::Json(map) => {
+            reserved(map.contains_key(LEASH_ATTR))?;
+            let mut map = map.clone();
+            if let Some(fields) = leash {
+                map.insert(LEASH_ATTR.to_owned(), leash_json(fields, request, now));
+            }
+            Context::from_json_value(
+                Value::Object(map),
+                Some((&snapshot.schema, &request.action)),
+            )
+            .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
+        }
+        ContextInput::Typed(pairs) => {
+            reserved(pairs.iter().any(|(k, _)| k == LEASH_ATTR))?;
+            let mut seen = HashSet::new();
+            if let Some((dup, _)) = pairs.iter().find(|(k, _)| !seen.insert(k.as_str())) {
+                return Err(RequestError::new(
+                    format!("{field}.{dup}"),
+                    "attribute given twice",
+                ));
+            }
+            let mut pairs = pairs.clone();
+            if let Some(fields) = leash {
+                pairs.push((LEASH_ATTR.to_owned(), leash_expr(fields, request, now)));
+            }
+            Context::from_pairs(pairs)
+                .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
+        }
+        ContextInput::Empty => match leash {
+            Some(fields) => {
+                Context::from_pairs([(LEASH_ATTR.to_owned(), leash_expr(fields, request, now))])
+                    .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
+            }
+            None => Ok(Context::empty()),
+        },
+    }
+}
+
+fn entity_json(uid: &EntityUid) -> Value {
+    json!({ "__entity": { "type": uid.type_name().to_string(), "id": uid.id().unescaped() } })
+}
+
+fn leash_json(fields: LeashFields, request: &AuthzRequest, now: &RequestTime) -> Value {
+    let mut record = Map::new();
+    if fields.agent {
+        record.insert("agent".to_owned(), entity_json(&request.agent));
+    }
+    if let (true, Some(user)) = (fields.user, &request.on_behalf_of) {
+        record.insert("user".to_owned(), entity_json(user));
+    }
+    if fields.delegated {
+        record.insert(
+            "delegated".to_owned(),
+            Value::Bool(request.on_behalf_of.is_some()),
+        );
+    }
+    if fields.now {
+        record.insert(
+            "now".to_owned(),
+            json!({ "__extn": { "fn": "datetime", "arg": now.as_str() } }),
+        );
+    }
+    Value::Object(record)
+}
+
+fn leash_expr(
+    fields: LeashFields,
+    request: &AuthzRequest,
+    now: &RequestTime,
+) -> RestrictedExpression {
+    let mut record: Vec<(String, RestrictedExpression)> = Vec::with_capacity(4);
+    if fields.agent {
+        record.push((
+            "agent".to_owned(),
+            RestrictedExpression::new_entity_uid(request.agent.clone()),
+        ));
+    }
+    if let (true, Some(user)) = (fields.user, &request.on_behalf_of) {
+        record.push((
+            "user".to_owned(),
+            RestrictedExpression::new_entity_uid(user.clone()),
+        ));
+    }
+    if fields.delegated {
+        record.push((
+            "delegated".to_owned(),
+            RestrictedExpression::new_bool(request.on_behalf_of.is_some()),
+        ));
+    }
+    if fields.now {
+        record.push((
+            "now".to_owned(),
+            RestrictedExpression::new_datetime(now.as_str()),
+        ));
+    }
+    // The keys above are distinct, so building the record cannot fail; if it
+    // ever did, an empty record fails schema validation of the request (a
+    // clear error), never an allow.
+    RestrictedExpression::new_record(record)
+        .unwrap_or_else(|_| RestrictedExpression::new_set(std::iter::empty()))
+}
+
+/// The bundle's entities plus the request's. A request may add entities but
+/// never redefine one the bundle defines: the caller must not be able to
+/// assert its own roles or attributes.
+fn with_request_entities(
+    snapshot: &Snapshot,
+    input: &EntitiesInput,
+) -> Result<Entities, RequestError> {
+    let (field, parsed): (&str, Vec<Entity>) = match input {
+        EntitiesInput::None => return Ok(snapshot.entities.clone()),
+        EntitiesInput::Json(items) => {
+            let mut parsed = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let entity = Entity::from_json_value(item.clone(), Some(&snapshot.schema))
+                    .map_err(|e| {
+                        RequestError::new(
+                            format!("entities_json[{i}]"),
+                            crate::bundle::cedar_message(&e),
+                        )
+                    })?;
+                parsed.push(entity);
+            }
+            ("entities_json", parsed)
+        }
+        EntitiesInput::Typed(entities) => ("entities.entities", entities.clone()),
+    };
+    let mut seen = HashSet::new();
+    for (i, entity) in parsed.iter().enumerate() {
+        let uid = entity.uid();
+        if snapshot.actions.contains(&uid) {
+            return Err(RequestError::new(
+                format!("{field}[{i}]"),
+                format!("`{uid}` is an action of the schema; a request may not define actions"),
+            ));
+        }
+        if snapshot.entities.get(&uid).is_some() {
+            return Err(RequestError::new(
+                format!("{field}[{i}]"),
+                format!(
+                    "entity `{uid}` is defined by the policy bundle; a request may add entities \
+                     but not redefine them"
+                ),
+            ));
+        }
+        if !seen.insert(uid.clone()) {
+            return Err(RequestError::new(
+                format!("{field}[{i}]"),
+                format!("entity `{uid}` is given twice"),
+            ));
+        }
+    }
+    snapshot
+        .entities
+        .clone()
+        .add_entities(parsed, Some(&snapshot.schema))
+        .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
+}

@@ -1,0 +1,37 @@
+//! leash: a Cedar authorization sidecar for AI agents.
+//!
+//! An agent's tool gateway asks leash, before every tool call: may this agent,
+//! acting for this user, do this action on this resource, in this context?
+//! leash answers over gRPC on loopback TCP or a Unix socket, from a Cedar
+//! policy bundle (policies, schema, entity data) kept in Git.
+//!
+//! # Module map
+//!
+//! A request flows one way:
+//!
+//! ```text
+//! proto (generated)  →  service (proto ↔ domain, errors → gRPC status)
+//!                    →  engine  (pure, synchronous: delegation and decision)
+//!                    →  bundle  (immutable Snapshot: loaded, validated, published)
+//! ```
+//!
+//! - [`proto`]: the generated `leash.v1` types, client and server traits.
+//! - [`service`]: the `Authorizer` gRPC service; converts typed and JSON inputs
+//!   into Cedar values and maps [`engine::RequestError`] to `INVALID_ARGUMENT`.
+//! - [`engine`]: decides a request against a [`bundle::Snapshot`]: both sides of
+//!   a delegated request, the trusted `context.leash` record, fail-closed rules.
+//! - [`bundle`]: finds, parses and validates a bundle; every problem becomes a
+//!   [`bundle::Diagnostic`] with file:line:column; a valid bundle becomes a
+//!   [`bundle::Snapshot`] with a content-hash version.
+//! - [`server`]: listeners (loopback TCP, Unix socket 0600), health, reflection,
+//!   graceful drain; takes already-bound listeners so tests bind port 0.
+//! - [`config`]: the command line and `LEASH_*` environment of the binary.
+//! - [`check`]: the client behind `leash check`.
+
+pub mod bundle;
+pub mod check;
+pub mod config;
+pub mod engine;
+pub mod proto;
+pub mod server;
+pub mod service;

@@ -1,0 +1,172 @@
+//! The `leash` binary: parses the command line and hands off to the library.
+//! Exit codes: 0 success/allow, 1 failure/invalid bundle, 2 deny (`check`),
+//! 64 bad configuration.
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use leash::bundle::Snapshot;
+use leash::config::{BundleLocation, CheckArgs, Cli, Command, LogFormat, ServeArgs, ValidateArgs};
+use leash::proto::v1::Decision;
+use leash::server::{bind_tcp, bind_uds, Server};
+use tracing::error;
+
+const EXIT_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(args)) => serve(args),
+        Some(Command::Validate(args)) => validate(&args),
+        Some(Command::Check(args)) => check(&args),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let config = match args.resolve() {
+        Ok(config) => config,
+        Err(problems) => {
+            for p in problems {
+                eprintln!("error: {p}");
+            }
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_logging(config.log_format, &config.log);
+    let result = runtime().and_then(|rt| rt.block_on(serve_async(config)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_async(config: leash::config::ServeConfig) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    if let Some(addr) = config.tcp {
+        listeners.push(bind_tcp(addr).await?);
+    }
+    if let Some(path) = &config.uds {
+        listeners.push(bind_uds(path)?);
+    }
+    let server = Server::new(config.options.clone()).await;
+
+    // Load off the runtime threads; serve meanwhile so that health checks
+    // see NOT_SERVING rather than a refused connection.
+    let bundle = config.bundle.clone();
+    let load = tokio::task::spawn_blocking(move || match bundle {
+        BundleLocation::Embedded => Snapshot::load_embedded(),
+        BundleLocation::Dirs { policies, schemas } => Snapshot::load_dirs(&policies, &schemas),
+    });
+    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    let serving = server.run(listeners, async {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            Ok(_) = loaded_rx => {}
+        }
+    });
+    let loading = async {
+        match load.await {
+            Ok(Ok(snapshot)) => {
+                server.publish(snapshot).await;
+                None
+            }
+            Ok(Err(bundle_error)) => {
+                eprint!("{}", bundle_error.render());
+                let err = anyhow::anyhow!("{bundle_error}; not serving");
+                let _ = loaded_tx.send(anyhow::anyhow!("bundle refused"));
+                Some(err)
+            }
+            Err(join) => {
+                let _ = loaded_tx.send(anyhow::anyhow!("loader failed"));
+                Some(anyhow::anyhow!("bundle loader failed: {join}"))
+            }
+        }
+    };
+    let (served, load_failure) = tokio::join!(serving, loading);
+    if let Some(err) = load_failure {
+        return Err(err);
+    }
+    served.map_err(Into::into)
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            // Without a SIGTERM handler, rely on SIGINT alone.
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn validate(args: &ValidateArgs) -> ExitCode {
+    match Snapshot::load_dirs(&args.policies, &args.schemas) {
+        Ok(snapshot) => {
+            for warning in &snapshot.warnings {
+                eprintln!("warning: {warning}");
+            }
+            println!(
+                "bundle valid: {} policies, {} entities, {} files, version {}",
+                snapshot.policy_count(),
+                snapshot.entity_count(),
+                snapshot.files.len(),
+                snapshot.version
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprint!("{}", e.render());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(args: &CheckArgs) -> ExitCode {
+    let result = runtime().and_then(|rt| rt.block_on(leash::check::run(args)).map_err(Into::into));
+    match result {
+        Ok(response) => {
+            print!("{}", leash::check::render(args, &response));
+            if response.decision == Decision::Allow as i32 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

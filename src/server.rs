@@ -1,0 +1,271 @@
+//! Serving: the gRPC services on already-bound listeners (so tests bind
+//! `127.0.0.1:0` and pass the listener in), health, reflection, and the
+//! shutdown sequence.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt as _;
+use tonic_health::server::{HealthReporter, HealthService};
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::bundle::{LiveBundle, Snapshot};
+use crate::proto::v1::authorizer_server::AuthorizerServer;
+use crate::service::{AuthorizerService, DEFAULT_MAX_BATCH};
+
+/// The service name health checks ask about, besides "" (the whole server).
+pub const AUTHORIZER_SERVICE: &str = "leash.v1.Authorizer";
+
+/// Limits and timings of a running server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Largest `BatchIsAuthorized` batch.
+    pub max_batch: usize,
+    /// Largest request message; larger ones get `RESOURCE_EXHAUSTED`.
+    pub max_message_bytes: usize,
+    /// How long in-flight requests may take to finish after shutdown begins.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_batch: DEFAULT_MAX_BATCH,
+            max_message_bytes: 4 * 1024 * 1024,
+            drain_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// A bound listener.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    /// A Unix socket and its path, removed again at shutdown.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Where the listener can be reached, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp (address unknown)".to_owned()),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot bind `{addr}`: {source}")]
+    BindTcp { addr: SocketAddr, source: io::Error },
+    #[error("cannot bind Unix socket `{}`: {source}", path.display())]
+    BindUnix { path: PathBuf, source: io::Error },
+    #[error("`{}` exists and is not a socket; refusing to replace it", .0.display())]
+    NotASocket(PathBuf),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("serving failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("a listener task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Binds a TCP listener (port 0 picks a free port).
+pub async fn bind_tcp(addr: SocketAddr) -> Result<Listener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map(Listener::Tcp)
+        .map_err(|source| ServeError::BindTcp { addr, source })
+}
+
+/// Binds a Unix socket readable and writable by this user only (0600).
+/// A stale socket from an earlier run is replaced; any other file is not.
+pub fn bind_uds(path: &Path) -> Result<Listener, ServeError> {
+    let unix_err = |source| ServeError::BindUnix {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(unix_err)?,
+        Ok(_) => return Err(ServeError::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(unix_err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(unix_err)?;
+    // Nothing is accepted before `run`, so no client is served before the
+    // mode is tightened.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(unix_err)?;
+    Ok(Listener::Unix(listener, path.to_owned()))
+}
+
+/// The leash gRPC server: the `Authorizer`, `grpc.health.v1` and reflection.
+pub struct Server {
+    live: Arc<LiveBundle>,
+    health: HealthReporter,
+    options: ServerOptions,
+}
+
+impl Server {
+    /// A server with no bundle yet: health says NOT_SERVING and decisions
+    /// are `UNAVAILABLE` until [`Server::publish`].
+    pub async fn new(options: ServerOptions) -> Self {
+        let health = HealthReporter::new();
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status(AUTHORIZER_SERVICE, ServingStatus::NotServing)
+            .await;
+        Self {
+            live: Arc::new(LiveBundle::empty()),
+            health,
+            options,
+        }
+    }
+
+    /// The cell requests read their snapshot from.
+    pub fn live(&self) -> Arc<LiveBundle> {
+        self.live.clone()
+    }
+
+    /// Makes `snapshot` the one decisions use, and reports SERVING.
+    pub async fn publish(&self, snapshot: Snapshot) {
+        info!(
+            policy_version = %snapshot.version,
+            origin = %snapshot.origin,
+            policies = snapshot.policy_count(),
+            entities = snapshot.entity_count(),
+            leash_context_actions = snapshot.reserved.action_count(),
+            "policy bundle loaded"
+        );
+        for warning in &snapshot.warnings {
+            warn!(warning = %warning, "policy validation warning");
+        }
+        self.live.publish(snapshot);
+        self.set_health(ServingStatus::Serving).await;
+    }
+
+    async fn set_health(&self, status: ServingStatus) {
+        self.health.set_service_status("", status).await;
+        self.health
+            .set_service_status(AUTHORIZER_SERVICE, status)
+            .await;
+    }
+
+    /// Serves on every listener until `shutdown` completes, then drains.
+    ///
+    /// Shutdown sequence: health turns NOT_SERVING (so probes and load
+    /// balancers stop sending), listeners stop accepting, requests in flight
+    /// finish (bounded by `drain_timeout`), Unix socket files are removed.
+    pub async fn run(
+        &self,
+        listeners: Vec<Listener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        let authorizer = AuthorizerServer::new(AuthorizerService::new(
+            self.live.clone(),
+            self.options.max_batch,
+        ))
+        .max_decoding_message_size(self.options.max_message_bytes);
+        let health = tonic_health::pb::health_server::HealthServer::new(
+            HealthService::from_health_reporter(self.health.clone()),
+        );
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut socket_paths = Vec::new();
+        for listener in listeners {
+            info!(address = %listener.describe(), "listening");
+            let router = tonic::transport::Server::builder()
+                .add_service(health.clone())
+                .add_service(reflection.clone())
+                .add_service(reflection_alpha.clone())
+                .add_service(authorizer.clone());
+            let stopped = stopped(stop_rx.clone());
+            match listener {
+                Listener::Tcp(l) => {
+                    // Decisions are small and latency-bound: no Nagle delay.
+                    let incoming = TcpListenerStream::new(l).map(|s| {
+                        s.inspect(|s| {
+                            let _ = s.set_nodelay(true);
+                        })
+                    });
+                    tasks.spawn(router.serve_with_incoming_shutdown(incoming, stopped));
+                }
+                Listener::Unix(l, path) => {
+                    socket_paths.push(path);
+                    tasks.spawn(
+                        router.serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped),
+                    );
+                }
+            }
+        }
+
+        let mut failure = None;
+        tokio::select! {
+            () = shutdown => info!("shutdown requested; draining"),
+            Some(ended) = tasks.join_next() => {
+                failure = Some(flatten(ended));
+            }
+        }
+
+        self.set_health(ServingStatus::NotServing).await;
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(self.options.drain_timeout, async {
+            while let Some(ended) = tasks.join_next().await {
+                if let Err(e) = flatten(ended) {
+                    warn!(error = %e, "listener ended with an error");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                timeout_secs = self.options.drain_timeout.as_secs_f64(),
+                "drain timed out; abandoning requests still in flight"
+            );
+            tasks.abort_all();
+        }
+        for path in socket_paths {
+            let _ = std::fs::remove_file(path);
+        }
+        info!("stopped");
+        match failure {
+            Some(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn flatten(
+    ended: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> Result<(), ServeError> {
+    ended?.map_err(ServeError::from)
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means stop.
+    let _ = rx.wait_for(|stop| *stop).await;
+}

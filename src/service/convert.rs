@@ -1,0 +1,267 @@
+//! Wire → domain: entity references, typed values and JSON inputs, each
+//! problem reported with the path of the field at fault.
+
+use std::str::FromStr;
+
+use cedar_policy::{Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
+use serde_json::Value;
+
+use crate::engine::{AuthzRequest, ContextInput, EntitiesInput, RequestError};
+use crate::proto::v1 as pb;
+
+/// How deep sets and records may nest in a context or entity attribute.
+/// Bounds the work of converting and evaluating one request.
+pub const MAX_VALUE_DEPTH: usize = 32;
+
+/// Longest accepted `request_id`.
+pub const MAX_REQUEST_ID_LEN: usize = 256;
+
+pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestError> {
+    if req.request_id.len() > MAX_REQUEST_ID_LEN {
+        return Err(RequestError::new(
+            "request_id",
+            format!("longer than {MAX_REQUEST_ID_LEN} bytes"),
+        ));
+    }
+    let principal = req
+        .principal
+        .as_ref()
+        .ok_or_else(|| RequestError::new("principal", "required"))?;
+    let agent = entity_uid("principal.agent", principal.agent.as_ref())?;
+    let on_behalf_of = match &principal.on_behalf_of {
+        Some(user) => Some(entity_uid("principal.on_behalf_of", Some(user))?),
+        None => None,
+    };
+    let action = entity_uid("action", req.action.as_ref())?;
+    let resource = entity_uid("resource", req.resource.as_ref())?;
+
+    use pb::is_authorized_request::{ContextInput as C, EntitiesInput as E};
+    let context = match &req.context_input {
+        None => ContextInput::Empty,
+        Some(C::ContextJson(text)) => ContextInput::Json(context_json(text)?),
+        Some(C::Context(record)) => {
+            let mut pairs = Vec::with_capacity(record.fields.len());
+            for (name, v) in &record.fields {
+                pairs.push((name.clone(), value(&format!("context.{name}"), v, 1)?));
+            }
+            ContextInput::Typed(pairs)
+        }
+    };
+    let entities = match &req.entities_input {
+        None => EntitiesInput::None,
+        Some(E::EntitiesJson(text)) => EntitiesInput::Json(entities_json(text)?),
+        Some(E::Entities(list)) => {
+            let mut out = Vec::with_capacity(list.entities.len());
+            for (i, e) in list.entities.iter().enumerate() {
+                out.push(entity(&format!("entities.entities[{i}]"), e)?);
+            }
+            EntitiesInput::Typed(out)
+        }
+    };
+    Ok(AuthzRequest {
+        agent,
+        on_behalf_of,
+        action,
+        resource,
+        context,
+        entities,
+    })
+}
+
+pub fn entity_uid(field: &str, uid: Option<&pb::EntityUid>) -> Result<EntityUid, RequestError> {
+    let uid = uid.ok_or_else(|| RequestError::new(field, "required"))?;
+    if uid.r#type.is_empty() {
+        return Err(RequestError::new(
+            format!("{field}.type"),
+            "required (an entity type such as `User`)",
+        ));
+    }
+    let type_name = EntityTypeName::from_str(&uid.r#type).map_err(|_| {
+        RequestError::new(
+            format!("{field}.type"),
+            format!("`{}` is not a valid entity type name", uid.r#type),
+        )
+    })?;
+    Ok(EntityUid::from_type_name_and_id(
+        type_name,
+        EntityId::new(&uid.id),
+    ))
+}
+
+fn value(path: &str, v: &pb::Value, depth: usize) -> Result<RestrictedExpression, RequestError> {
+    if depth > MAX_VALUE_DEPTH {
+        return Err(RequestError::new(
+            path,
+            format!("values nest deeper than {MAX_VALUE_DEPTH} levels"),
+        ));
+    }
+    use pb::value::Kind;
+    let kind = v
+        .kind
+        .as_ref()
+        .ok_or_else(|| RequestError::new(path, "value has no kind set"))?;
+    Ok(match kind {
+        Kind::Bool(b) => RestrictedExpression::new_bool(*b),
+        Kind::Long(n) => RestrictedExpression::new_long(*n),
+        Kind::String(s) => RestrictedExpression::new_string(s.clone()),
+        Kind::Entity(uid) => RestrictedExpression::new_entity_uid(entity_uid(path, Some(uid))?),
+        Kind::Set(set) => {
+            let mut items = Vec::with_capacity(set.values.len());
+            for (i, item) in set.values.iter().enumerate() {
+                items.push(value(&format!("{path}[{i}]"), item, depth + 1)?);
+            }
+            RestrictedExpression::new_set(items)
+        }
+        Kind::Record(record) => {
+            let mut fields = Vec::with_capacity(record.fields.len());
+            for (name, item) in &record.fields {
+                fields.push((
+                    name.clone(),
+                    value(&format!("{path}.{name}"), item, depth + 1)?,
+                ));
+            }
+            RestrictedExpression::new_record(fields)
+                .map_err(|e| RequestError::new(path, crate::bundle::cedar_message(&e)))?
+        }
+        Kind::Extension(ext) => match ext.r#fn.as_str() {
+            "ip" | "ipaddr" => RestrictedExpression::new_ip(&ext.arg),
+            "decimal" => RestrictedExpression::new_decimal(&ext.arg),
+            "datetime" => RestrictedExpression::new_datetime(&ext.arg),
+            "duration" => RestrictedExpression::new_duration(&ext.arg),
+            other => {
+                return Err(RequestError::new(
+                    format!("{path}.fn"),
+                    format!(
+                        "unknown extension constructor `{other}`; expected `ip`, `decimal`, \
+                         `datetime` or `duration`"
+                    ),
+                ))
+            }
+        },
+    })
+}
+
+fn entity(path: &str, e: &pb::Entity) -> Result<Entity, RequestError> {
+    let uid = entity_uid(&format!("{path}.uid"), e.uid.as_ref())?;
+    let mut attrs = Vec::with_capacity(e.attrs.len());
+    for (name, v) in &e.attrs {
+        attrs.push((name.clone(), value(&format!("{path}.attrs.{name}"), v, 1)?));
+    }
+    let mut parents = Vec::with_capacity(e.parents.len());
+    for (i, p) in e.parents.iter().enumerate() {
+        parents.push(entity_uid(&format!("{path}.parents[{i}]"), Some(p))?);
+    }
+    let mut tags = Vec::with_capacity(e.tags.len());
+    for (name, v) in &e.tags {
+        tags.push((name.clone(), value(&format!("{path}.tags.{name}"), v, 1)?));
+    }
+    Entity::new_with_tags(uid, attrs, parents, tags)
+        .map_err(|err| RequestError::new(path, crate::bundle::cedar_message(&err)))
+}
+
+fn parse_json(field: &str, text: &str) -> Result<Value, RequestError> {
+    let json: Value = serde_json::from_str(text).map_err(|e| {
+        RequestError::new(
+            field,
+            format!(
+                "malformed JSON at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    let depth = json_depth(&json);
+    if depth > MAX_VALUE_DEPTH {
+        return Err(RequestError::new(
+            field,
+            format!("values nest deeper than {MAX_VALUE_DEPTH} levels"),
+        ));
+    }
+    Ok(json)
+}
+
+fn context_json(text: &str) -> Result<serde_json::Map<String, Value>, RequestError> {
+    match parse_json("context_json", text)? {
+        Value::Object(map) => Ok(map),
+        _ => Err(RequestError::new(
+            "context_json",
+            "must be a JSON object (a Cedar record)",
+        )),
+    }
+}
+
+fn entities_json(text: &str) -> Result<Vec<Value>, RequestError> {
+    match parse_json("entities_json", text)? {
+        // An entities file holds an array; each entity's attributes are one
+        // level below the array, as typed entity attributes are.
+        Value::Array(items) => Ok(items),
+        _ => Err(RequestError::new(
+            "entities_json",
+            "must be a JSON array of entities, as in a Cedar entities file",
+        )),
+    }
+}
+
+/// Nesting of Cedar values in a JSON document, counted as the typed form
+/// counts it: a set or record is one level; `__entity`/`__extn` escapes are
+/// single values.
+fn json_depth(v: &Value) -> usize {
+    // Iterative, so that a hostile document cannot overflow the stack here.
+    let mut max = 0;
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        max = max.max(depth);
+        if max > MAX_VALUE_DEPTH + 2 {
+            break;
+        }
+        match v {
+            Value::Object(map) if map.contains_key("__entity") || map.contains_key("__extn") => {}
+            Value::Object(map) => stack.extend(map.values().map(|c| (c, depth + 1))),
+            Value::Array(items) => stack.extend(items.iter().map(|c| (c, depth + 1))),
+            _ => {}
+        }
+    }
+    max
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entity_uid_names_the_field() {
+        let err = entity_uid("principal.agent", None).expect_err("missing");
+        assert_eq!(err.to_string(), "principal.agent: required");
+        let bad = pb::EntityUid {
+            r#type: "Not A Type".into(),
+            id: "x".into(),
+        };
+        let err = entity_uid("resource", Some(&bad)).expect_err("bad type");
+        assert_eq!(
+            err.to_string(),
+            "resource.type: `Not A Type` is not a valid entity type name"
+        );
+    }
+
+    #[test]
+    fn depth_counts_records_and_sets_not_escapes() {
+        let v: Value =
+            serde_json::from_str(r#"{"a": {"b": [1, {"__entity": {"type": "U", "id": "x"}}]}}"#)
+                .expect("json");
+        assert_eq!(json_depth(&v), 3);
+    }
+
+    #[test]
+    fn deep_typed_values_are_refused() {
+        let mut v = pb::Value {
+            kind: Some(pb::value::Kind::Long(1)),
+        };
+        for _ in 0..MAX_VALUE_DEPTH + 1 {
+            v = pb::Value {
+                kind: Some(pb::value::Kind::Set(pb::ValueSet { values: vec![v] })),
+            };
+        }
+        let err = value("context.x", &v, 1).expect_err("too deep");
+        assert!(err.problem.contains("deeper than 32"), "{err}");
+    }
+}
