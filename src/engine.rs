@@ -145,6 +145,29 @@ pub fn decide(
             format!("`{}` is not an action of the schema", request.action),
         ));
     }
+    check_type(
+        snapshot,
+        &request.agent,
+        "principal.agent",
+        &request.action,
+        Role::Principal,
+    )?;
+    if let Some(user) = &request.on_behalf_of {
+        check_type(
+            snapshot,
+            user,
+            "principal.on_behalf_of",
+            &request.action,
+            Role::Principal,
+        )?;
+    }
+    check_type(
+        snapshot,
+        &request.resource,
+        "resource",
+        &request.action,
+        Role::Resource,
+    )?;
     let leash = snapshot.reserved.fields(&request.action);
     let context = build_context(snapshot, request, leash, now)?;
     let extended;
@@ -176,6 +199,52 @@ pub fn decide(
         None => None,
     };
     Ok(combine(agent, on_behalf_of))
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    Principal,
+    Resource,
+}
+
+/// Checks an entity's type against the action's `appliesTo` before anything
+/// else, so the error names the field at fault (the trusted context record
+/// carries the principals too and would otherwise report them first).
+fn check_type(
+    snapshot: &Snapshot,
+    uid: &EntityUid,
+    field: &str,
+    action: &EntityUid,
+    role: Role,
+) -> Result<(), RequestError> {
+    let allowed: Vec<String> = match role {
+        Role::Principal => snapshot
+            .schema
+            .principals_for_action(action)
+            .map(|t| t.map(ToString::to_string).collect()),
+        Role::Resource => snapshot
+            .schema
+            .resources_for_action(action)
+            .map(|t| t.map(ToString::to_string).collect()),
+    }
+    .unwrap_or_default();
+    let ty = uid.type_name().to_string();
+    if allowed.iter().any(|a| *a == ty) {
+        return Ok(());
+    }
+    let what = match role {
+        Role::Principal => "principal",
+        Role::Resource => "resource",
+    };
+    let expected = if allowed.is_empty() {
+        "none".to_owned()
+    } else {
+        allowed.join(", ")
+    };
+    Err(RequestError::new(
+        field,
+        format!("entity type `{ty}` is not a valid {what} for `{action}` (expected: {expected})"),
+    ))
 }
 
 fn combine(agent: SideDecision, user: Option<SideDecision>) -> Decision {

@@ -199,6 +199,9 @@ impl Server {
         for listener in listeners {
             info!(address = %listener.describe(), "listening");
             let router = tonic::transport::Server::builder()
+                .layer(tower::util::MapResponseLayer::new(
+                    oversize_is_resource_exhausted as fn(HttpResponse) -> HttpResponse,
+                ))
                 .add_service(health.clone())
                 .add_service(reflection.clone())
                 .add_service(reflection_alpha.clone())
@@ -263,6 +266,31 @@ fn flatten(
     ended: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
 ) -> Result<(), ServeError> {
     ended?.map_err(ServeError::from)
+}
+
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+/// tonic reports a request over the size limit as OUT_OF_RANGE; gRPC's
+/// convention (and every other gRPC server) says RESOURCE_EXHAUSTED, which is
+/// what clients retry-classify on. The error is raised while decoding, before
+/// the service runs, so it is corrected on the way out.
+fn oversize_is_resource_exhausted(mut response: HttpResponse) -> HttpResponse {
+    let headers = response.headers_mut();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"11");
+    // The message is percent-encoded on the wire.
+    let too_large = headers.get("grpc-message").is_some_and(|v| {
+        v.as_bytes()
+            .starts_with(b"Error,%20decoded%20message%20length%20too%20large")
+    });
+    if out_of_range && too_large {
+        headers.insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from_static("8"),
+        );
+    }
+    response
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {

@@ -1,0 +1,792 @@
+//! Decisions over the real server: the example capability matrix, delegation,
+//! batches and bad input.
+
+mod common;
+
+use common::*;
+use leash::proto::v1 as pb;
+use leash::server::ServerOptions;
+use tonic::Code;
+
+/// Context each example action needs (the schema declares it).
+fn context_for(action: &str) -> Option<&'static str> {
+    match action {
+        "invoices:create" => Some(r#"{"amount_cents": 1200}"#),
+        "email:send" => Some(r#"{"recipient": {"__entity": {"type": "Customer", "id": "C-100"}}}"#),
+        _ => None,
+    }
+}
+
+fn example_request(
+    agent: &str,
+    user: Option<&str>,
+    action: &str,
+    resource: &str,
+) -> pb::IsAuthorizedRequest {
+    let req = request(
+        &format!("Agent::\"{agent}\""),
+        user.map(|u| format!("User::\"{u}\"")).as_deref(),
+        &format!("Action::\"{action}\""),
+        resource,
+    );
+    match context_for(action) {
+        Some(ctx) => with_context_json(req, ctx),
+        None => req,
+    }
+}
+
+/// Seed 001's capability matrix, one row per (agent, capability). The user is
+/// Omar, who holds every staff role and works in a department every agent
+/// serves, so the agent side alone decides each cell.
+#[tokio::test]
+async fn every_cell_of_the_capability_matrix() {
+    let server = TestServer::example().await;
+    let capabilities = [
+        ("tickets:read", "Ticket::\"T-1\""),
+        ("tickets:update_status", "Ticket::\"T-1\""),
+        ("tickets:create", "Customer::\"C-100\""),
+        ("customers:read_masked", "Customer::\"C-100\""),
+        ("customers:read_full", "Customer::\"C-100\""),
+        ("billing:read", "BillingAccount::\"BA-100\""),
+        ("invoices:create", "BillingAccount::\"BA-100\""),
+        ("email:send", "EmailTemplate::\"welcome\""),
+        ("kb:read", "KbArticle::\"refund-runbook\""),
+        ("kb:write", "KbArticle::\"refund-runbook\""),
+    ];
+    //                 tickets r/u/c      cust m/f     billing r/i   email   kb r/w
+    let matrix = [
+        (
+            "support-bot",
+            [
+                true, true, false, true, false, false, false, false, true, false,
+            ],
+        ),
+        (
+            "billing-agent",
+            [
+                true, false, false, true, true, true, true, true, true, false,
+            ],
+        ),
+        (
+            "onboarding-agent",
+            [
+                false, false, true, true, false, false, false, true, true, true,
+            ],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (agent, row) in matrix {
+        for ((action, resource), expected) in capabilities.iter().zip(row) {
+            let resp = server
+                .decide(example_request(agent, Some("omar"), action, resource))
+                .await
+                .unwrap_or_else(|s| panic!("{agent} {action}: {s}"));
+            let user_side = resp.on_behalf_of.as_ref().expect("user side");
+            if user_side.decision != ALLOW {
+                failures.push(format!("{agent} {action}: omar should be entitled"));
+            }
+            let want = if expected { ALLOW } else { DENY };
+            if resp.decision != want {
+                failures.push(format!(
+                    "{agent} {action}: got {}, want {}",
+                    name(resp.decision),
+                    name(want)
+                ));
+            }
+            if expected
+                && resp
+                    .agent
+                    .as_ref()
+                    .map(|a| a.determining_policies.is_empty())
+                    != Some(false)
+            {
+                failures.push(format!("{agent} {action}: an allow must name its permit"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[tokio::test]
+async fn never_by_default_categories_are_forbidden_for_every_agent() {
+    let server = TestServer::example().await;
+    let categories = [
+        ("fs:read", "host-filesystem"),
+        ("fs:write", "host-filesystem"),
+        ("code:execute", "shell"),
+        ("network:request", "internet"),
+        ("iam:modify", "iam"),
+        ("secrets:read", "vault"),
+        ("system:read_env", "process-env"),
+        ("paid_api:invoke", "tax-rates-api"),
+    ];
+    for agent in [
+        "support-bot",
+        "billing-agent",
+        "onboarding-agent",
+        "research-agent",
+    ] {
+        for (action, target) in categories {
+            // The one documented exception: the billing agent and the paid tax API.
+            if agent == "billing-agent" && action == "paid_api:invoke" {
+                continue;
+            }
+            for user in [None, Some("omar")] {
+                let resource = format!("SystemResource::\"{target}\"");
+                let resp = server
+                    .decide(example_request(agent, user, action, &resource))
+                    .await
+                    .expect("decides");
+                assert_eq!(resp.decision, DENY, "{agent} {action} {user:?}");
+                let agent_side = resp.agent.expect("agent side");
+                if action != "paid_api:invoke" {
+                    assert_eq!(
+                        agent_side.determining_policies,
+                        vec!["baseline-never-by-default"],
+                        "{agent} {action}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn documented_exception_holds_until_it_expires() {
+    let server = TestServer::example().await;
+    let resp = server
+        .decide(example_request(
+            "billing-agent",
+            None,
+            "paid_api:invoke",
+            "SystemResource::\"tax-rates-api\"",
+        ))
+        .await
+        .expect("decides");
+    // The exception record expires 2027-06-30; leash supplies the time.
+    let expired = chrono::Utc::now()
+        >= "2027-06-30T00:00:00Z"
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .expect("date");
+    if expired {
+        assert_eq!(resp.decision, DENY);
+        assert_eq!(resp.determining_policies, vec!["baseline-never-by-default"]);
+    } else {
+        assert_eq!(resp.decision, ALLOW);
+        assert_eq!(
+            resp.determining_policies,
+            vec!["exception-billing-agent-tax-rates-api"]
+        );
+    }
+}
+
+#[tokio::test]
+async fn data_level_limits_in_the_example() {
+    let server = TestServer::example().await;
+    // Templates only: an unapproved template cannot be sent.
+    let resp = server
+        .decide(example_request(
+            "billing-agent",
+            Some("bob"),
+            "email:send",
+            "EmailTemplate::\"promo-draft\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(resp.decision, DENY);
+    // Invoices above 5,000.00 stay with people.
+    let big = with_context_json(
+        example_request(
+            "billing-agent",
+            Some("bob"),
+            "invoices:create",
+            "BillingAccount::\"BA-100\"",
+        ),
+        r#"{"amount_cents": 500001}"#,
+    );
+    let resp = server.decide(big).await.expect("decides");
+    assert_eq!(resp.decision, DENY);
+    assert_eq!(resp.agent.expect("agent").decision, DENY);
+    assert_eq!(resp.on_behalf_of.expect("user").decision, ALLOW);
+}
+
+fn sides(resp: &pb::IsAuthorizedResponse) -> (i32, Option<i32>) {
+    (
+        resp.agent.as_ref().expect("agent side").decision,
+        resp.on_behalf_of.as_ref().map(|s| s.decision),
+    )
+}
+
+#[tokio::test]
+async fn the_four_delegation_cases_and_autonomous_requests() {
+    let server = TestServer::example().await;
+
+    // Both allow.
+    let resp = server
+        .decide(example_request(
+            "support-bot",
+            Some("alice"),
+            "tickets:read",
+            "Ticket::\"T-1\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(resp.decision, ALLOW);
+    assert_eq!(sides(&resp), (ALLOW, Some(ALLOW)));
+    assert_eq!(
+        resp.determining_policies,
+        vec!["support-bot-tickets", "role-support-tickets"]
+    );
+    assert_eq!(
+        resp.on_behalf_of.as_ref().and_then(|s| s.principal.clone()),
+        Some(uid("User::\"alice\""))
+    );
+
+    // Agent yes, user no: Alice (EMEA) may not read an APAC ticket, so her
+    // agent may not either. No confused deputy.
+    let resp = server
+        .decide(example_request(
+            "support-bot",
+            Some("alice"),
+            "tickets:read",
+            "Ticket::\"T-2\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(resp.decision, DENY);
+    assert_eq!(sides(&resp), (ALLOW, Some(DENY)));
+    assert!(
+        resp.determining_policies.is_empty(),
+        "default deny names no policy"
+    );
+    assert_eq!(
+        resp.agent.as_ref().expect("agent").determining_policies,
+        vec!["support-bot-tickets"]
+    );
+
+    // Agent no, user yes: Omar may read full PII; the Support Bot may not.
+    let resp = server
+        .decide(example_request(
+            "support-bot",
+            Some("omar"),
+            "customers:read_full",
+            "Customer::\"C-100\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(resp.decision, DENY);
+    assert_eq!(sides(&resp), (DENY, Some(ALLOW)));
+    assert_eq!(
+        resp.on_behalf_of
+            .as_ref()
+            .expect("user")
+            .determining_policies,
+        vec!["role-billing"]
+    );
+
+    // Neither.
+    let resp = server
+        .decide(example_request(
+            "support-bot",
+            Some("erin"),
+            "billing:read",
+            "BillingAccount::\"BA-100\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(sides(&resp), (DENY, Some(DENY)));
+    assert_eq!(resp.decision, DENY);
+
+    // Autonomous: no user side at all.
+    let resp = server
+        .decide(example_request(
+            "support-bot",
+            None,
+            "tickets:read",
+            "Ticket::\"T-1\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(resp.decision, ALLOW);
+    assert!(resp.on_behalf_of.is_none());
+
+    // Policies tell the cases apart: consequential actions need a user.
+    let resp = server
+        .decide(example_request(
+            "billing-agent",
+            None,
+            "customers:read_full",
+            "Customer::\"C-100\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(resp.decision, DENY);
+    assert_eq!(
+        resp.determining_policies,
+        vec!["baseline-consequential-needs-user"]
+    );
+    let resp = server
+        .decide(example_request(
+            "billing-agent",
+            Some("bob"),
+            "customers:read_full",
+            "Customer::\"C-100\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(resp.decision, ALLOW);
+}
+
+#[tokio::test]
+async fn each_side_can_condition_on_the_other() {
+    let server = TestServer::example().await;
+    // Agent side looks at the user: the Billing Agent does not work for support staff.
+    let resp = server
+        .decide(example_request(
+            "billing-agent",
+            Some("alice"),
+            "tickets:read",
+            "Ticket::\"T-1\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(sides(&resp), (DENY, Some(ALLOW)));
+    assert_eq!(
+        resp.determining_policies,
+        vec!["baseline-agent-serves-department"]
+    );
+
+    // User side looks at the agent: finance users only with vetted agents.
+    let resp = server
+        .decide(example_request(
+            "research-agent",
+            Some("bob"),
+            "kb:read",
+            "KbArticle::\"reset-password\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(sides(&resp), (ALLOW, Some(DENY)));
+    assert_eq!(
+        resp.determining_policies,
+        vec!["finance-requires-vetted-agent"]
+    );
+    let resp = server
+        .decide(example_request(
+            "research-agent",
+            Some("alice"),
+            "kb:read",
+            "KbArticle::\"reset-password\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(resp.decision, ALLOW);
+}
+
+#[tokio::test]
+async fn request_ids_and_policy_version_are_reported() {
+    let server = TestServer::example().await;
+    let version = server
+        .server
+        .live()
+        .current()
+        .expect("loaded")
+        .version
+        .clone();
+    let mut req = example_request(
+        "support-bot",
+        None,
+        "kb:read",
+        "KbArticle::\"reset-password\"",
+    );
+    req.request_id = "call-42".into();
+    let resp = server.decide(req).await.expect("decides");
+    assert_eq!(resp.request_id, "call-42");
+    assert_eq!(resp.policy_version, version);
+    assert_eq!(version.len(), 16);
+    let resp = server
+        .decide(example_request(
+            "support-bot",
+            None,
+            "kb:read",
+            "KbArticle::\"reset-password\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(
+        resp.request_id.len(),
+        36,
+        "a UUID is made when none is sent"
+    );
+}
+
+#[tokio::test]
+async fn batches_keep_order_and_report_items_on_their_own() {
+    let server = TestServer::start(
+        Some(example_snapshot()),
+        ServerOptions {
+            max_batch: 4,
+            ..ServerOptions::default()
+        },
+        false,
+    )
+    .await;
+    let mut bad = example_request("support-bot", None, "tickets:read", "Ticket::\"T-1\"");
+    bad.action = Some(uid("Action::\"tickets:burn\""));
+    bad.request_id = "bad-one".into();
+    let requests = vec![
+        example_request(
+            "support-bot",
+            Some("alice"),
+            "tickets:read",
+            "Ticket::\"T-1\"",
+        ),
+        bad,
+        example_request(
+            "support-bot",
+            Some("alice"),
+            "tickets:read",
+            "Ticket::\"T-2\"",
+        ),
+        example_request(
+            "onboarding-agent",
+            Some("carol"),
+            "kb:write",
+            "KbArticle::\"refund-runbook\"",
+        ),
+    ];
+    let resp = server
+        .client
+        .clone()
+        .batch_is_authorized(pb::BatchIsAuthorizedRequest {
+            requests: requests.clone(),
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    let decisions: Vec<i32> = resp.results.iter().map(|r| r.decision).collect();
+    assert_eq!(decisions, vec![ALLOW, DENY, DENY, ALLOW]);
+    let err = resp.results[1].error.as_ref().expect("item error");
+    assert_eq!(err.code, Code::InvalidArgument as i32);
+    assert_eq!(
+        err.message,
+        "requests[1].action: `Action::\"tickets:burn\"` is not an action of the schema"
+    );
+    assert_eq!(resp.results[1].request_id, "bad-one");
+    assert!(resp.results[2].error.is_none());
+    assert!(resp
+        .results
+        .iter()
+        .all(|r| r.policy_version == resp.policy_version));
+
+    // The same answers one by one.
+    for (req, batched) in requests
+        .iter()
+        .zip(&resp.results)
+        .filter(|(_, r)| r.error.is_none())
+    {
+        let single = server.decide(req.clone()).await.expect("decides");
+        assert_eq!(single.decision, batched.decision);
+        assert_eq!(single.determining_policies, batched.determining_policies);
+    }
+
+    let too_many = vec![
+        example_request(
+            "support-bot",
+            None,
+            "kb:read",
+            "KbArticle::\"reset-password\""
+        );
+        5
+    ];
+    let status = server
+        .client
+        .clone()
+        .batch_is_authorized(pb::BatchIsAuthorizedRequest { requests: too_many })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        status.message(),
+        "requests: a batch of 5 exceeds the maximum of 4 (--max-batch)"
+    );
+}
+
+async fn invalid(server: &TestServer, req: pb::IsAuthorizedRequest) -> String {
+    let status = server.decide(req).await.expect_err("must be refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    status.message().to_owned()
+}
+
+#[tokio::test]
+async fn bad_input_gets_invalid_argument_naming_the_field() {
+    let server = TestServer::example().await;
+    let base = || {
+        example_request(
+            "support-bot",
+            Some("alice"),
+            "tickets:read",
+            "Ticket::\"T-1\"",
+        )
+    };
+
+    let mut req = base();
+    req.principal = None;
+    assert_eq!(invalid(&server, req).await, "principal: required");
+
+    let mut req = base();
+    req.principal = Some(pb::Principal {
+        agent: None,
+        on_behalf_of: None,
+    });
+    assert_eq!(invalid(&server, req).await, "principal.agent: required");
+
+    let mut req = base();
+    req.resource = Some(pb::EntityUid {
+        r#type: String::new(),
+        id: "T-1".into(),
+    });
+    assert_eq!(
+        invalid(&server, req).await,
+        "resource.type: required (an entity type such as `User`)"
+    );
+
+    // Unknown entity type and action.
+    let req = request(
+        "Robot::\"r2\"",
+        None,
+        "Action::\"tickets:read\"",
+        "Ticket::\"T-1\"",
+    );
+    let msg = invalid(&server, req).await;
+    assert!(msg.starts_with("principal.agent: "), "{msg}");
+    assert!(msg.contains("Robot"), "{msg}");
+    let req = request(
+        "Agent::\"support-bot\"",
+        Some("Robot::\"r2\""),
+        "Action::\"tickets:read\"",
+        "Ticket::\"T-1\"",
+    );
+    assert!(invalid(&server, req)
+        .await
+        .starts_with("principal.on_behalf_of: "));
+    let req = request(
+        "Agent::\"support-bot\"",
+        None,
+        "Action::\"tickets:read\"",
+        "Customer::\"C-100\"",
+    );
+    assert!(invalid(&server, req).await.starts_with("resource: "));
+    let req = example_request("support-bot", None, "tickets:shred", "Ticket::\"T-1\"");
+    assert_eq!(
+        invalid(&server, req).await,
+        "action: `Action::\"tickets:shred\"` is not an action of the schema"
+    );
+
+    // Context that does not match the action's schema, and malformed JSON.
+    let req = with_context_json(
+        example_request(
+            "billing-agent",
+            Some("bob"),
+            "invoices:create",
+            "BillingAccount::\"BA-100\"",
+        ),
+        r#"{"amount_cents": "twelve"}"#,
+    );
+    assert!(invalid(&server, req).await.starts_with("context_json: "));
+    let req = with_context_json(base(), r#"{"amount_cents": 1"#);
+    assert!(invalid(&server, req)
+        .await
+        .starts_with("context_json: malformed JSON at line 1 column"));
+    let req = with_context_json(base(), "[1, 2]");
+    assert_eq!(
+        invalid(&server, req).await,
+        "context_json: must be a JSON object (a Cedar record)"
+    );
+
+    // The trusted record cannot be supplied by the caller.
+    let req = with_context_json(base(), r#"{"leash": {"delegated": false}}"#);
+    assert_eq!(
+        invalid(&server, req).await,
+        "context_json.leash: attribute is reserved: leash supplies it for this action"
+    );
+
+    // A request may add entities but not redefine the bundle's: no
+    // asserting one's own roles.
+    let req = with_entities_json(
+        base(),
+        r#"[{"uid": {"type": "User", "id": "alice"}, "attrs": {"display_name": "A", "department": "billing", "region": "NA"}, "parents": [{"type": "Role", "id": "billing"}]}]"#,
+    );
+    assert_eq!(
+        invalid(&server, req).await,
+        "entities_json[0]: entity `User::\"alice\"` is defined by the policy bundle; a request may add entities but not redefine them"
+    );
+    let req = with_entities_json(
+        base(),
+        r#"[{"uid": {"type": "Action", "id": "tickets:read"}, "attrs": {}, "parents": []}]"#,
+    );
+    assert!(invalid(&server, req)
+        .await
+        .starts_with("entities_json[0]: "));
+    let req = with_entities_json(base(), r#"{"uid": 1}"#);
+    assert_eq!(
+        invalid(&server, req).await,
+        "entities_json: must be a JSON array of entities, as in a Cedar entities file"
+    );
+
+    // Deeply nested values are bounded (JSON and typed alike).
+    let deep = format!("{{\"x\": {}1{}}}", "[".repeat(40), "]".repeat(40));
+    let req = with_context_json(base(), &deep);
+    assert_eq!(
+        invalid(&server, req).await,
+        "context_json: values nest deeper than 32 levels"
+    );
+}
+
+#[tokio::test]
+async fn request_entities_extend_the_bundle() {
+    let server = TestServer::example().await;
+    // A ticket the bundle does not know, sent by the gateway with the call.
+    let req = with_entities_json(
+        example_request(
+            "support-bot",
+            Some("alice"),
+            "tickets:read",
+            "Ticket::\"T-900\"",
+        ),
+        r#"[{"uid": {"type": "Ticket", "id": "T-900"}, "attrs": {"customer": {"__entity": {"type": "Customer", "id": "C-100"}}, "region": "EMEA", "tier": 2}, "parents": []}]"#,
+    );
+    assert_eq!(server.decide(req).await.expect("decides").decision, ALLOW);
+    let req = with_entities_json(
+        example_request(
+            "support-bot",
+            Some("alice"),
+            "tickets:read",
+            "Ticket::\"T-901\"",
+        ),
+        r#"[{"uid": {"type": "Ticket", "id": "T-901"}, "attrs": {"customer": {"__entity": {"type": "Customer", "id": "C-200"}}, "region": "APAC", "tier": 2}, "parents": []}]"#,
+    );
+    assert_eq!(server.decide(req).await.expect("decides").decision, DENY);
+    // Attributes are checked against the schema.
+    let req = with_entities_json(
+        example_request(
+            "support-bot",
+            Some("alice"),
+            "tickets:read",
+            "Ticket::\"T-902\"",
+        ),
+        r#"[{"uid": {"type": "Ticket", "id": "T-902"}, "attrs": {"region": "EMEA"}, "parents": []}]"#,
+    );
+    assert!(invalid(&server, req)
+        .await
+        .starts_with("entities_json[0]: "));
+}
+
+#[tokio::test]
+async fn oversize_messages_are_resource_exhausted() {
+    let server = TestServer::start(
+        Some(example_snapshot()),
+        ServerOptions {
+            max_message_bytes: 4096,
+            ..ServerOptions::default()
+        },
+        false,
+    )
+    .await;
+    let big = format!("{{\"note\": \"{}\"}}", "x".repeat(8192));
+    let req = with_context_json(
+        example_request(
+            "support-bot",
+            None,
+            "kb:read",
+            "KbArticle::\"reset-password\"",
+        ),
+        &big,
+    );
+    let status = server.decide(req).await.expect_err("too large");
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn evaluation_errors_fail_closed_and_are_reported() {
+    let server = TestServer::plain().await;
+    let ctx = |n: i64| {
+        format!(
+            r#"{{"ip": {{"__extn": {{"fn": "ip", "arg": "10.1.2.3"}}}}, "mfa": false, "score": {{"__extn": {{"fn": "decimal", "arg": "0.1"}}}}, "labels": [], "meta": {{"source": "t", "n": {n}}}}}"#
+        )
+    };
+    // A permit that errors cannot allow.
+    let req = with_context_json(
+        request(
+            "User::\"cy\"",
+            None,
+            "Action::\"view\"",
+            "Album::\"shared\"",
+        ),
+        &ctx(i64::MAX),
+    );
+    let resp = server.decide(req).await.expect("decides");
+    assert_eq!(resp.decision, DENY);
+    assert_eq!(resp.errors.len(), 1);
+    assert_eq!(resp.errors[0].policy_id, "counter");
+    assert!(
+        resp.errors[0].message.contains("overflow"),
+        "{}",
+        resp.errors[0].message
+    );
+    let req = with_context_json(
+        request(
+            "User::\"cy\"",
+            None,
+            "Action::\"view\"",
+            "Album::\"shared\"",
+        ),
+        &ctx(500),
+    );
+    assert_eq!(
+        server
+            .decide(req)
+            .await
+            .expect("decides")
+            .determining_policies,
+        vec!["counter"]
+    );
+
+    // A forbid that errors does not let a permit through: leash denies where
+    // plain Cedar would allow.
+    let req = with_context_json(
+        request("User::\"cy\"", None, "Action::\"delete\"", "Photo::\"p2\""),
+        &ctx(i64::MAX),
+    );
+    let resp = server.decide(req).await.expect("decides");
+    assert_eq!(resp.decision, DENY);
+    assert!(resp.determining_policies.is_empty());
+    assert_eq!(resp.errors[0].policy_id, "forbid-counter");
+    let req = with_context_json(
+        request("User::\"cy\"", None, "Action::\"delete\"", "Photo::\"p2\""),
+        &ctx(1),
+    );
+    let resp = server.decide(req).await.expect("decides");
+    assert_eq!(resp.decision, ALLOW);
+    assert_eq!(resp.determining_policies, vec!["owner"]);
+}
+
+#[tokio::test]
+async fn policies_without_id_get_a_stable_file_position_id() {
+    let server = TestServer::plain().await;
+    let req = with_context_json(
+        request("User::\"cy\"", None, "Action::\"view\"", "Photo::\"p1\""),
+        r#"{"ip": {"__extn": {"fn": "ip", "arg": "10.1.2.3"}}, "mfa": false, "score": {"__extn": {"fn": "decimal", "arg": "0.1"}}, "labels": [], "meta": {"source": "t", "n": 1}, "reviewer": {"__entity": {"type": "User", "id": "ana"}}}"#,
+    );
+    let resp = server.decide(req).await.expect("decides");
+    assert_eq!(resp.decision, ALLOW);
+    assert_eq!(
+        resp.determining_policies,
+        vec!["policies/photos.cedar#9", "view-public"]
+    );
+}
