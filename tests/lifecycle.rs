@@ -1,0 +1,454 @@
+//! Server lifecycle and the command line: health, reflection, the Unix
+//! socket, shutdown, `leash validate`, `leash check` and `leash serve`.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use leash::server::ServerOptions;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+async fn health(server: &TestServer, service: &str) -> i32 {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status
+}
+
+#[tokio::test]
+async fn health_is_serving_only_once_a_bundle_is_loaded() {
+    let server = TestServer::start(None, ServerOptions::default(), false).await;
+    assert_eq!(health(&server, "").await, ServingStatus::NotServing as i32);
+    assert_eq!(
+        health(&server, "leash.v1.Authorizer").await,
+        ServingStatus::NotServing as i32
+    );
+    let status = server
+        .decide(request(
+            "Agent::\"support-bot\"",
+            None,
+            "Action::\"kb:read\"",
+            "KbArticle::\"reset-password\"",
+        ))
+        .await
+        .expect_err("no bundle yet");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(status.message(), "no valid policy bundle is loaded yet");
+
+    server.server.publish(example_snapshot()).await;
+    assert_eq!(health(&server, "").await, ServingStatus::Serving as i32);
+    assert_eq!(
+        health(&server, "leash.v1.Authorizer").await,
+        ServingStatus::Serving as i32
+    );
+    let resp = server
+        .decide(request(
+            "Agent::\"support-bot\"",
+            None,
+            "Action::\"kb:read\"",
+            "KbArticle::\"reset-password\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(resp.decision, ALLOW);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let server = TestServer::example().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let reply = stream.message().await.expect("reply").expect("one message");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reply {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"leash.v1.Authorizer".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
+}
+
+// Multi-threaded: the test blocks on a child process while the in-process
+// server must keep answering it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_is_private_and_serves_decisions() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = TestServer::start(Some(example_snapshot()), ServerOptions::default(), true).await;
+    let path = server.uds.clone().expect("socket");
+    let mode = std::fs::metadata(&path)
+        .expect("socket exists")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let mut client = leash::check::connect_uds(path.clone())
+        .await
+        .expect("connect over uds");
+    let resp = client
+        .is_authorized(request(
+            "Agent::\"support-bot\"",
+            Some("User::\"alice\""),
+            "Action::\"tickets:read\"",
+            "Ticket::\"T-1\"",
+        ))
+        .await
+        .expect("decides")
+        .into_inner();
+    assert_eq!(resp.decision, ALLOW);
+
+    // `leash check` over the socket, as a separate process.
+    let out = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(["check", "--uds"])
+        .arg(&path)
+        .args([
+            "--agent",
+            "Agent::\"support-bot\"",
+            "--user",
+            "User::\"alice\"",
+            "--action",
+            "Action::\"tickets:read\"",
+            "--resource",
+            "Ticket::\"T-2\"",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("DENY: Agent::\"support-bot\" for User::\"alice\""),
+        "{stdout}"
+    );
+
+    // Graceful shutdown removes the socket file.
+    server.shutdown().await;
+    assert!(!path.exists(), "socket removed at shutdown");
+}
+
+// Multi-threaded: the test blocks on a child process while the in-process
+// server must keep answering it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_prints_both_sides_and_exits_by_decision() {
+    let server = TestServer::example().await;
+    let addr = server.addr.to_string();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_leash"))
+            .args(["check", "--addr", &addr])
+            .args(args)
+            .output()
+            .expect("runs")
+    };
+    let out = run(&[
+        "--agent",
+        "Agent::\"support-bot\"",
+        "--user",
+        "User::\"alice\"",
+        "--action",
+        "Action::\"tickets:read\"",
+        "--resource",
+        "Ticket::\"T-1\"",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "ALLOW: Agent::\"support-bot\" for User::\"alice\" -> Action::\"tickets:read\" on Ticket::\"T-1\"");
+    assert!(
+        lines[1].contains("agent") && lines[1].contains("permitted by support-bot-tickets"),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].contains("user") && lines[2].contains("permitted by role-support-tickets"),
+        "{stdout}"
+    );
+    assert!(lines[3].starts_with("policy version "), "{stdout}");
+
+    let out = run(&[
+        "--agent",
+        "Agent::\"research-agent\"",
+        "--user",
+        "User::\"bob\"",
+        "--action",
+        "Action::\"kb:read\"",
+        "--resource",
+        "KbArticle::\"reset-password\"",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("forbidden by finance-requires-vetted-agent"),
+        "{stdout}"
+    );
+
+    let out = run(&[
+        "--agent",
+        "Agent::\"support-bot\"",
+        "--action",
+        "Action::\"nope\"",
+        "--resource",
+        "Ticket::\"T-1\"",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("action: `Action::\"nope\"` is not an action of the schema"),
+        "{stderr}"
+    );
+
+    let out = run(&[
+        "--agent",
+        "support-bot",
+        "--action",
+        "Action::\"kb:read\"",
+        "--resource",
+        "Ticket::\"T-1\"",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("--agent: `support-bot` is not a Cedar entity reference"));
+}
+
+/// A bundle directory pair in a temp dir, built from the example with edits.
+struct Bundle {
+    dir: tempfile::TempDir,
+}
+
+impl Bundle {
+    fn example() -> Self {
+        let dir = tempfile::tempdir().expect("temp");
+        copy_dir(&repo_path("policies"), &dir.path().join("policies"));
+        copy_dir(&repo_path("schemas"), &dir.path().join("schemas"));
+        Self { dir }
+    }
+    fn write(&self, rel: &str, text: &str) -> &Self {
+        let path = self.dir.path().join(rel);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+        self
+    }
+    fn validate(&self) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_leash"))
+            .current_dir(self.dir.path())
+            .args(["validate", "--policies", "policies", "--schemas", "schemas"])
+            .output()
+            .expect("runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let path = entry.expect("entry").path();
+        let target = to.join(path.file_name().expect("name"));
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn validate_accepts_the_example_bundle() {
+    let (code, stdout, stderr) = Bundle::example().validate();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.starts_with("bundle valid: 26 policies, "),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn validate_reports_every_problem_with_file_line_and_column() {
+    let bundle = Bundle::example();
+    bundle
+        .write("policies/broken.cedar", "@id(\"broken\")\npermit (principal, action, resource)\nwhen { principal.vetted == };\n")
+        .write(
+            "policies/typo.cedar",
+            "@id(\"typo\")\npermit (principal == Agent::\"support-bot\", action == Action::\"kb:read\", resource)\nwhen { resource.visiblity == \"public\" };\n",
+        )
+        .write("policies/dup.cedar", "@id(\"support-bot-kb-read\")\npermit (principal, action == Action::\"kb:read\", resource);\n")
+        .write("policies/entities/more.entities.json", "[{\"uid\": {\"type\": \"Agent\", \"id\": \"x\"}, \"attrs\": {\"vetted\": \"yes\"}, \"parents\": []}]");
+    let (code, stdout, stderr) = bundle.validate();
+    assert_eq!(code, 1, "{stdout}");
+    // Parse error, with the offending text shown.
+    assert!(stderr.contains("policies/broken.cedar:3:"), "{stderr}");
+    assert!(stderr.contains("when { principal.vetted == };"), "{stderr}");
+    // Strict validation against the schema, located in its file.
+    assert!(stderr.contains("policies/typo.cedar:3:"), "{stderr}");
+    assert!(stderr.contains("visiblity"), "{stderr}");
+    // Duplicate ids name both places.
+    assert!(
+        stderr.contains("duplicate policy id `support-bot-kb-read`: policy 1 of `policies/dup.cedar` and policy 3 of `policies/agents/support-bot.cedar`"),
+        "{stderr}"
+    );
+    // Entity data against the schema.
+    assert!(
+        stderr.contains("policies/entities/more.entities.json: error: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("is invalid (4 problems)"), "{stderr}");
+}
+
+#[test]
+fn validate_refuses_a_missing_schema_and_misdeclared_leash_context() {
+    let bundle = Bundle::example();
+    std::fs::remove_file(bundle.dir.path().join("schemas/support-desk.cedarschema")).expect("rm");
+    let (code, _, stderr) = bundle.validate();
+    assert_eq!(code, 1);
+    assert!(stderr.contains("error: no schema found"), "{stderr}");
+
+    let bundle = Bundle::example();
+    let schema =
+        std::fs::read_to_string(bundle.dir.path().join("schemas/support-desk.cedarschema"))
+            .expect("read");
+    bundle.write(
+        "schemas/support-desk.cedarschema",
+        &schema.replace("user?: User,", "usr?: User,"),
+    );
+    let (code, _, stderr) = bundle.validate();
+    assert_eq!(code, 1);
+    assert!(stderr.contains("unknown attribute `leash.usr`"), "{stderr}");
+}
+
+#[test]
+fn serve_exits_non_zero_on_an_invalid_bundle_and_bad_flags() {
+    let bundle = Bundle::example();
+    bundle.write(
+        "policies/broken.cedar",
+        "permit (principal, action, resource) when {",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .current_dir(bundle.dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--policies",
+            "policies",
+            "--schemas",
+            "schemas",
+        ])
+        .output()
+        .expect("runs and exits");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("policies/broken.cedar:1:"));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(["--listen", "0.0.0.0:0"])
+        .output()
+        .expect("runs and exits");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a loopback address"));
+}
+
+#[test]
+fn serve_with_no_flags_serves_the_example_until_sigterm() {
+    use std::io::{BufRead, BufReader};
+    // Port 0 so parallel runs do not collide; the bound address is logged.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .env("LEASH_LISTEN", "127.0.0.1:0")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut addr = None;
+    let mut loaded = false;
+    while addr.is_none() || !loaded {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server logs in time");
+        if let Some(rest) = line.split("address=").nth(1) {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+        }
+        loaded |= line.contains("policy bundle loaded") && line.contains("built-in example bundle");
+    }
+    let addr = addr.expect("address logged");
+    let out = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args([
+            "check",
+            "--addr",
+            &addr,
+            "--agent",
+            "Agent::\"onboarding-agent\"",
+            "--user",
+            "User::\"carol\"",
+            "--action",
+            "Action::\"kb:write\"",
+            "--resource",
+            "KbArticle::\"refund-runbook\"",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let status = child.wait().expect("exits");
+    assert_eq!(status.code(), Some(0));
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(
+        rest.iter().any(|l| l.contains("shutdown requested")),
+        "{rest:?}"
+    );
+}
