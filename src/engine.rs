@@ -229,7 +229,7 @@ fn check_type(
     }
     .unwrap_or_default();
     let ty = uid.type_name().to_string();
-    if allowed.iter().any(|a| *a == ty) {
+    if allowed.contains(&ty) {
         return Ok(());
     }
     let what = match role {

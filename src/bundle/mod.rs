@@ -246,7 +246,10 @@ fn parse_schema(
     match Schema::from_schema_fragments(fragments) {
         Ok(schema) => Some((schema, fragments_json)),
         Err(e) => {
-            let file = (sources.schemas.len() == 1).then(|| sources.schemas[0].1.path.as_str());
+            let file = match sources.schemas.as_slice() {
+                [(_, only)] => Some(only.path.as_str()),
+                _ => None,
+            };
             diagnostics.push(Diagnostic::plain(file, diagnostic::full_message(&e)));
             None
         }
