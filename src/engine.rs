@@ -217,21 +217,35 @@ fn check_type(
     action: &EntityUid,
     role: Role,
 ) -> Result<(), RequestError> {
-    let allowed: Vec<String> = match role {
+    let declared = || {
+        match role {
+            Role::Principal => snapshot
+                .schema
+                .principals_for_action(action)
+                .map(|t| t.cloned().collect::<Vec<_>>()),
+            Role::Resource => snapshot
+                .schema
+                .resources_for_action(action)
+                .map(|t| t.cloned().collect::<Vec<_>>()),
+        }
+        .unwrap_or_default()
+    };
+    // Compared without allocating: this runs on every request.
+    let fits = match role {
         Role::Principal => snapshot
             .schema
             .principals_for_action(action)
-            .map(|t| t.map(ToString::to_string).collect()),
+            .is_some_and(|mut t| t.any(|t| t == uid.type_name())),
         Role::Resource => snapshot
             .schema
             .resources_for_action(action)
-            .map(|t| t.map(ToString::to_string).collect()),
-    }
-    .unwrap_or_default();
-    let ty = uid.type_name().to_string();
-    if allowed.contains(&ty) {
+            .is_some_and(|mut t| t.any(|t| t == uid.type_name())),
+    };
+    if fits {
         return Ok(());
     }
+    let ty = uid.type_name().to_string();
+    let allowed: Vec<String> = declared().iter().map(ToString::to_string).collect();
     let what = match role {
         Role::Principal => "principal",
         Role::Resource => "resource",

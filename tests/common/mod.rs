@@ -2,11 +2,9 @@
 //! Unix socket in a temp dir when asked), called through the generated client.
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use leash::bundle::Snapshot;
 use leash::proto::v1 as pb;
@@ -120,24 +118,6 @@ impl TestServer {
             .is_authorized(req)
             .await
             .map(tonic::Response::into_inner)
-    }
-}
-
-/// Polls `check` until it returns true, for at most `limit`.
-pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
