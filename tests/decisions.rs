@@ -790,3 +790,30 @@ async fn policies_without_id_get_a_stable_file_position_id() {
         vec!["policies/photos.cedar#9", "view-public"]
     );
 }
+
+#[tokio::test]
+async fn a_cedar_json_schema_works_like_the_cedar_syntax_one() {
+    let dir = tempfile::tempdir().expect("temp");
+    let text =
+        std::fs::read_to_string(repo_path("schemas/support-desk.cedarschema")).expect("read");
+    let (fragment, _) = cedar_policy::SchemaFragment::from_cedarschema_str(&text).expect("parses");
+    let json = fragment.to_json_string().expect("to json");
+    std::fs::write(dir.path().join("support-desk.cedarschema.json"), json).expect("write");
+    let snapshot =
+        leash::bundle::Snapshot::load_dirs(&repo_path("policies"), dir.path()).expect("loads");
+    assert_eq!(snapshot.reserved.action_count(), 18);
+    let server = TestServer::start(Some(snapshot), ServerOptions::default(), false).await;
+    let resp = server
+        .decide(example_request(
+            "research-agent",
+            Some("bob"),
+            "kb:read",
+            "KbArticle::\"reset-password\"",
+        ))
+        .await
+        .expect("decides");
+    assert_eq!(
+        resp.determining_policies,
+        vec!["finance-requires-vetted-agent"]
+    );
+}
