@@ -817,3 +817,64 @@ async fn a_cedar_json_schema_works_like_the_cedar_syntax_one() {
         vec!["finance-requires-vetted-agent"]
     );
 }
+
+/// Context JSON is read two ways: explicit escapes are built directly (the
+/// fast path) and anything else goes through Cedar's schema-directed parser.
+/// Both must decide alike, and errors still name the field.
+#[tokio::test]
+async fn implicit_and_explicit_json_context_decide_alike() {
+    let server = TestServer::example().await;
+    let base = || {
+        request(
+            "Agent::\"onboarding-agent\"",
+            Some("User::\"carol\""),
+            "Action::\"email:send\"",
+            "EmailTemplate::\"welcome\"",
+        )
+    };
+    let explicit = server
+        .decide(with_context_json(
+            base(),
+            r#"{"recipient": {"__entity": {"type": "Customer", "id": "C-200"}}}"#,
+        ))
+        .await
+        .expect("explicit decides");
+    let implicit = server
+        .decide(with_context_json(
+            base(),
+            r#"{"recipient": {"type": "Customer", "id": "C-200"}}"#,
+        ))
+        .await
+        .expect("implicit decides");
+    assert_eq!(name(explicit.decision), "ALLOW", "{explicit:?}");
+    assert_eq!(explicit.decision, implicit.decision);
+    assert_eq!(explicit.determining_policies, implicit.determining_policies);
+
+    // A value of the wrong type takes the slow path and is refused there.
+    let wrong = server
+        .decide(with_context_json(base(), r#"{"recipient": "C-200"}"#))
+        .await
+        .expect_err("refused");
+    assert_eq!(wrong.code(), Code::InvalidArgument);
+    assert!(
+        wrong.message().starts_with("context_json: "),
+        "{}",
+        wrong.message()
+    );
+    // An unknown attribute too: the fast path never admits what the schema
+    // does not declare.
+    let extra = server
+        .decide(with_context_json(
+            base(),
+            r#"{"recipient": {"__entity": {"type": "Customer", "id": "C-200"}}, "cc": "x"}"#,
+        ))
+        .await
+        .expect_err("refused");
+    assert_eq!(extra.code(), Code::InvalidArgument);
+    assert!(
+        extra.message().starts_with("context_json: "),
+        "{}",
+        extra.message()
+    );
+    server.shutdown().await;
+}
