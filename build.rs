@@ -18,6 +18,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     tonic_prost_build::configure()
         .btree_map(".")
         .compile_fds(fds)?;
+    // The benchmark's floor service: compiled apart so that reflection on a
+    // serving sidecar never advertises it.
+    let floor = protox::compile(["leash/bench/v1/floor.proto"], ["proto"])?;
+    tonic_prost_build::configure().compile_fds(floor)?;
 
     embed_example_bundle(&out_dir)?;
     Ok(())

@@ -28,6 +28,16 @@ pub enum CheckError {
 
 /// Connects to a sidecar over TCP (`127.0.0.1:50051` or `http://...`).
 pub async fn connect_tcp(addr: &str) -> Result<AuthorizerClient<Channel>, CheckError> {
+    channel_tcp(addr).await.map(AuthorizerClient::new)
+}
+
+/// Connects to a sidecar over its Unix socket.
+pub async fn connect_uds(path: PathBuf) -> Result<AuthorizerClient<Channel>, CheckError> {
+    channel_uds(path).await.map(AuthorizerClient::new)
+}
+
+/// A gRPC channel to `addr` over TCP.
+pub async fn channel_tcp(addr: &str) -> Result<Channel, CheckError> {
     let uri = if addr.contains("://") {
         addr.to_owned()
     } else {
@@ -35,22 +45,21 @@ pub async fn connect_tcp(addr: &str) -> Result<AuthorizerClient<Channel>, CheckE
     };
     let endpoint =
         Endpoint::from_shared(uri).map_err(|_| CheckError::BadAddress(addr.to_owned()))?;
-    let channel = endpoint
+    endpoint
         .connect()
         .await
         .map_err(|source| CheckError::Connect {
             target: addr.to_owned(),
             source,
-        })?;
-    Ok(AuthorizerClient::new(channel))
+        })
 }
 
-/// Connects to a sidecar over its Unix socket.
-pub async fn connect_uds(path: PathBuf) -> Result<AuthorizerClient<Channel>, CheckError> {
+/// A gRPC channel over the Unix socket at `path`.
+pub async fn channel_uds(path: PathBuf) -> Result<Channel, CheckError> {
     let target = format!("unix:{}", path.display());
     // The URI is required by the API but unused: the connector dials the socket.
     let endpoint = Endpoint::from_static("http://leash.sock");
-    let channel = endpoint
+    endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
@@ -60,8 +69,7 @@ pub async fn connect_uds(path: PathBuf) -> Result<AuthorizerClient<Channel>, Che
             }
         }))
         .await
-        .map_err(|source| CheckError::Connect { target, source })?;
-    Ok(AuthorizerClient::new(channel))
+        .map_err(|source| CheckError::Connect { target, source })
 }
 
 fn entity(flag: &'static str, value: &str) -> Result<pb::EntityUid, CheckError> {

@@ -38,6 +38,13 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Ask a running sidecar for one decision (exit 0 allow, 2 deny, 1 error).
     Check(CheckArgs),
+    /// Measure leash against the floor (in-process decision, empty gRPC call)
+    /// on this machine; `leash bench generate` writes a generated bundle.
+    Bench(BenchArgs),
+    /// The benchmark's floor server: one empty gRPC method (started by
+    /// `leash bench`; exits when its stdin closes).
+    #[command(hide = true)]
+    BenchFloor(BenchFloorArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -125,6 +132,199 @@ pub struct CheckArgs {
     /// Request id to send (leash makes one when absent).
     #[arg(long)]
     pub request_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
+    /// Smoke mode: two in-flight counts, short runs, a small scale curve;
+    /// under a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write every figure as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Measure your own bundle (with --schemas and --requests) instead of a
+    /// generated one.
+    #[arg(long, value_name = "DIR", requires_all = ["schemas", "requests"], conflicts_with = "example")]
+    pub policies: Option<PathBuf>,
+    /// The schema directory of your bundle.
+    #[arg(long, value_name = "DIR", requires = "policies")]
+    pub schemas: Option<PathBuf>,
+    /// The request mix for your bundle: JSON lines of
+    /// `{"agent", "user"?, "action", "resource", "context"?, "entities"?}`.
+    #[arg(long, value_name = "FILE", requires = "policies")]
+    pub requests: Option<PathBuf>,
+    /// Measure the built-in example bundle with its built-in request mix.
+    #[arg(long)]
+    pub example: bool,
+    /// Policies in the generated bundle of the main measurement.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub policy_count: usize,
+    /// In-flight requests at each sweep point [default: 1,4,16,64; quick: 1,16].
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
+    pub concurrency: Option<Vec<usize>>,
+    /// Seconds measured at each point [default: 3; quick: 0.4].
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<f64>,
+    /// Seconds of warm-up before each point [default: 0.5; quick: 0.1].
+    #[arg(long, value_name = "SECONDS")]
+    pub warmup: Option<f64>,
+    /// Requests per BatchIsAuthorized call (at most the sidecar's --max-batch, 100).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub batch_size: usize,
+    /// Policy counts of the scale curve, or `none`
+    /// [default: 10,100,1000,10000,100000; quick: 10,100,1000].
+    #[arg(long, value_name = "N,N,...|none", value_delimiter = ',')]
+    pub scale: Option<Vec<String>>,
+    /// Seed of the workload generator.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchCommand {
+    /// Write a generated bundle (policies/, schemas/) and its request mix
+    /// (requests.jsonl) to a directory.
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// Number of policies.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub policy_count: usize,
+    /// Seed of the generator: the same seed gives the same bundle.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Directory to write; created if missing.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchFloorArgs {
+    /// Unix socket to serve on (TCP is on a free loopback port, logged).
+    #[arg(long, value_name = "PATH")]
+    pub uds: PathBuf,
+}
+
+/// The largest batch the sidecar accepts by default, and so the largest
+/// batch `leash bench` sends.
+const BENCH_MAX_BATCH: usize = crate::service::DEFAULT_MAX_BATCH;
+
+impl BenchArgs {
+    /// Checks every value and fills mode-dependent defaults; returns all
+    /// problems at once.
+    pub fn resolve(&self, server_exe: PathBuf) -> Result<crate::bench::BenchOptions, Vec<String>> {
+        use crate::bench::workload::MIN_POLICIES;
+        use crate::bench::{BenchBundle, BenchOptions};
+        let mut problems = Vec::new();
+        let quick = self.quick;
+        let bundle = match (&self.policies, &self.schemas, &self.requests) {
+            (Some(policies), Some(schemas), Some(requests)) => BenchBundle::Dirs {
+                policies: policies.clone(),
+                schemas: schemas.clone(),
+                requests: requests.clone(),
+            },
+            _ if self.example => BenchBundle::Example,
+            _ => BenchBundle::Generated {
+                policies: self.policy_count,
+            },
+        };
+        if self.policy_count < MIN_POLICIES {
+            problems.push(format!(
+                "--policy-count: {} is below the generator's minimum of {MIN_POLICIES}",
+                self.policy_count
+            ));
+        }
+        let concurrency = self.concurrency.clone().unwrap_or_else(|| {
+            if quick {
+                vec![1, 16]
+            } else {
+                vec![1, 4, 16, 64]
+            }
+        });
+        if concurrency.is_empty() || concurrency.iter().any(|&c| c == 0 || c > 4096) {
+            problems.push("--concurrency: each value must be between 1 and 4096".to_owned());
+        }
+        let seconds = |flag: &str, value: Option<f64>, default: f64, problems: &mut Vec<String>| {
+            let v = value.unwrap_or(default);
+            if v.is_finite() && (0.0..=3600.0).contains(&v) {
+                Duration::from_secs_f64(v)
+            } else {
+                problems.push(format!(
+                    "{flag}: `{v}` is not a number of seconds up to 3600"
+                ));
+                Duration::ZERO
+            }
+        };
+        let measure = seconds(
+            "--duration",
+            self.duration,
+            if quick { 0.4 } else { 3.0 },
+            &mut problems,
+        );
+        let warmup = seconds(
+            "--warmup",
+            self.warmup,
+            if quick { 0.1 } else { 0.5 },
+            &mut problems,
+        );
+        if measure.is_zero() && problems.is_empty() {
+            problems.push("--duration: must be more than 0".to_owned());
+        }
+        if self.batch_size == 0 || self.batch_size > BENCH_MAX_BATCH {
+            problems.push(format!(
+                "--batch-size: must be between 1 and {BENCH_MAX_BATCH} (the sidecar's --max-batch)"
+            ));
+        }
+        let scale = match &self.scale {
+            None if quick => vec![10, 100, 1000],
+            None => vec![10, 100, 1_000, 10_000, 100_000],
+            Some(values) if values.len() == 1 && values[0].eq_ignore_ascii_case("none") => vec![],
+            Some(values) => values
+                .iter()
+                .filter_map(|v| match v.trim().parse::<usize>() {
+                    Ok(n) if n >= MIN_POLICIES => Some(n),
+                    _ => {
+                        problems.push(format!(
+                            "--scale: `{v}` is not a policy count of at least {MIN_POLICIES} (or `none`)"
+                        ));
+                        None
+                    }
+                })
+                .collect(),
+        };
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let scale_timing = crate::bench::driver::Timing {
+            warmup: if quick {
+                Duration::from_millis(50)
+            } else {
+                Duration::from_millis(200)
+            },
+            measure: if quick {
+                Duration::from_millis(300)
+            } else {
+                Duration::from_secs(2)
+            },
+        };
+        Ok(BenchOptions {
+            bundle,
+            seed: self.seed,
+            quick,
+            concurrency,
+            timing: crate::bench::driver::Timing { warmup, measure },
+            batch_size: self.batch_size,
+            scale,
+            scale_timing,
+            server_exe,
+        })
+    }
 }
 
 /// Where the bundle comes from.

@@ -27,7 +27,11 @@
 //!   graceful drain; takes already-bound listeners so tests bind port 0.
 //! - [`config`]: the command line and `LEASH_*` environment of the binary.
 //! - [`check`]: the client behind `leash check`.
+//! - [`bench`]: `leash bench`, the benchmark harness: a workload generator,
+//!   in-process timing, and a real sidecar child process measured against an
+//!   empty gRPC floor over the same transport.
 
+pub mod bench;
 pub mod bundle;
 pub mod check;
 pub mod config;

@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use leash::bundle::Snapshot;
-use leash::config::{BundleLocation, CheckArgs, Cli, Command, LogFormat, ServeArgs, ValidateArgs};
+use leash::config::{
+    BenchArgs, BenchCommand, BenchFloorArgs, BundleLocation, CheckArgs, Cli, Command, GenerateArgs,
+    LogFormat, ServeArgs, ValidateArgs,
+};
 use leash::proto::v1::Decision;
 use leash::server::{bind_tcp, bind_uds, Server};
 use tracing::error;
@@ -22,6 +25,8 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Validate(args)) => validate(&args),
         Some(Command::Check(args)) => check(&args),
+        Some(Command::Bench(args)) => bench(&args),
+        Some(Command::BenchFloor(args)) => bench_floor(&args),
     }
 }
 
@@ -164,6 +169,103 @@ fn check(args: &CheckArgs) -> ExitCode {
                 ExitCode::from(2)
             }
         }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(args: &BenchArgs) -> ExitCode {
+    if let Some(BenchCommand::Generate(generate)) = &args.command {
+        return bench_generate(generate);
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("error: cannot find the leash executable to start the sidecar: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = match args.resolve(exe) {
+        Ok(options) => options,
+        Err(problems) => {
+            for p in problems {
+                eprintln!("error: {p}");
+            }
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let result =
+        runtime().and_then(|rt| rt.block_on(leash::bench::run(&options)).map_err(Into::into));
+    let report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", leash::bench::report::render(&report));
+    if let Some(path) = &args.json {
+        let written = serde_json::to_string_pretty(&report)
+            .map_err(anyhow::Error::from)
+            .and_then(|text| {
+                std::fs::write(path, text + "\n")
+                    .with_context(|| format!("--json: cannot write `{}`", path.display()))
+            });
+        if let Err(e) = written {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+        eprintln!("bench: figures written to {}", path.display());
+    }
+    ExitCode::SUCCESS
+}
+
+fn bench_generate(args: &GenerateArgs) -> ExitCode {
+    use leash::bench::workload::{generate, WorkloadSpec, MIN_POLICIES};
+    if args.policy_count < MIN_POLICIES {
+        eprintln!(
+            "error: --policy-count: {} is below the generator's minimum of {MIN_POLICIES}",
+            args.policy_count
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let workload = generate(WorkloadSpec {
+        policies: args.policy_count,
+        seed: args.seed,
+    });
+    if let Err(e) = workload.write_to(&args.out) {
+        eprintln!("error: cannot write to `{}`: {e}", args.out.display());
+        return ExitCode::FAILURE;
+    }
+    let s = workload.shape;
+    println!(
+        "wrote {}: {} policies ({} agent grants, {} user entitlements, {} role policies, 8 baseline), \
+         {} agents, {} users, {} roles, {} tenants, {} tools, {} records; {} requests in requests.jsonl",
+        args.out.display(),
+        s.policies,
+        s.agent_grants,
+        s.user_entitlements,
+        s.role_policies,
+        s.agents,
+        s.users,
+        s.roles,
+        s.tenants,
+        s.tools,
+        s.records,
+        workload.requests.len()
+    );
+    ExitCode::SUCCESS
+}
+
+fn bench_floor(args: &BenchFloorArgs) -> ExitCode {
+    let result = runtime().and_then(|rt| {
+        rt.block_on(leash::bench::child::serve_floor(&args.uds))
+            .map_err(Into::into)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -1,0 +1,320 @@
+//! The servers under test run as child processes of `leash bench`, as a
+//! sidecar runs beside its agent: `leash serve` itself, and `leash
+//! bench-floor`, a server of one empty method built the same way. Each is
+//! killed when its handle drops.
+
+use std::io::{BufRead as _, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use super::BenchError;
+use crate::proto::bench::v1 as floor;
+
+/// A server process under test, killed on drop.
+pub struct ServerProcess {
+    /// What it is, for messages: "leash" or "floor".
+    pub name: &'static str,
+    child: Child,
+    /// Held open: the floor server exits when it closes, so it cannot
+    /// outlive a bench that was killed.
+    _stdin: Option<ChildStdin>,
+    pub tcp: SocketAddr,
+    pub uds: PathBuf,
+    /// The last lines the process wrote to stderr, for error reports.
+    stderr_tail: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ServerProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident and peak resident memory, in KiB, from `/proc` (Linux).
+    pub fn memory(&self) -> Option<Memory> {
+        Memory::of(self.child.id())
+    }
+
+    fn tail(&self) -> String {
+        self.stderr_tail
+            .lock()
+            .map(|lines| lines.join("\n"))
+            .unwrap_or_default()
+    }
+
+    /// Fails if the process has exited, with what it said.
+    fn check_alive(&mut self) -> Result<(), BenchError> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Err(BenchError::ServerExited {
+                name: self.name,
+                status: status.to_string(),
+                stderr: self.tail(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident set size now and at its peak, in KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Memory {
+    pub rss_kib: u64,
+    pub peak_rss_kib: u64,
+}
+
+impl Memory {
+    /// Reads `/proc/PID/status`; `None` where there is no procfs.
+    pub fn of(pid: u32) -> Option<Self> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        };
+        Some(Self {
+            rss_kib: field("VmRSS:")?,
+            peak_rss_kib: field("VmHWM:")?,
+        })
+    }
+}
+
+/// Starts `leash serve` on the bundle in `policies`/`schemas` (or the
+/// built-in example), on loopback port 0 and a Unix socket in `dir`.
+/// Returns once the listeners are bound; [`wait_serving`] waits for the bundle.
+pub fn spawn_leash(
+    exe: &Path,
+    bundle: Option<(&Path, &Path)>,
+    dir: &Path,
+) -> Result<ServerProcess, BenchError> {
+    let uds = dir.join("leash.sock");
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--uds")
+        .arg(&uds);
+    if let Some((policies, schemas)) = bundle {
+        cmd.arg("--policies")
+            .arg(policies)
+            .arg("--schemas")
+            .arg(schemas);
+    }
+    // The bench decides the logging: the sidecar's own defaults, not
+    // whatever the calling shell exported.
+    for var in ["LEASH_LOG", "LEASH_LOG_FORMAT", "LEASH_LISTEN", "LEASH_UDS"] {
+        cmd.env_remove(var);
+    }
+    spawn(cmd, "leash", uds, false)
+}
+
+/// Starts `leash bench-floor` on loopback port 0 and a Unix socket in `dir`.
+pub fn spawn_floor(exe: &Path, dir: &Path) -> Result<ServerProcess, BenchError> {
+    let uds = dir.join("floor.sock");
+    let mut cmd = Command::new(exe);
+    cmd.arg("bench-floor").arg("--uds").arg(&uds);
+    spawn(cmd, "floor", uds, true)
+}
+
+fn spawn(
+    mut cmd: Command,
+    name: &'static str,
+    uds: PathBuf,
+    hold_stdin: bool,
+) -> Result<ServerProcess, BenchError> {
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.stdin(if hold_stdin {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = cmd
+        .spawn()
+        .map_err(|source| BenchError::Spawn { name, source })?;
+    let stdin = child.stdin.take();
+    let stderr = child.stderr.take();
+    let tail = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel::<SocketAddr>();
+    if let Some(stderr) = stderr {
+        let tail = tail.clone();
+        // Drains stderr for the life of the process (a full pipe would
+        // block the server), picks out the TCP address it bound, and keeps
+        // the last lines for error reports.
+        std::thread::spawn(move || drain(stderr, &tx, &tail));
+    }
+    let mut process = ServerProcess {
+        name,
+        child,
+        _stdin: stdin,
+        tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
+        uds,
+        stderr_tail: tail,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(addr) => {
+                process.tcp = addr;
+                return Ok(process);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                process.check_alive()?;
+                if Instant::now() > deadline {
+                    return Err(BenchError::Timeout {
+                        what: format!("{name} to bind its listeners"),
+                        stderr: process.tail(),
+                    });
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                process.check_alive()?;
+                return Err(BenchError::ServerExited {
+                    name,
+                    status: "closed its stderr".to_owned(),
+                    stderr: process.tail(),
+                });
+            }
+        }
+    }
+}
+
+fn drain(stderr: impl Read, tx: &mpsc::Sender<SocketAddr>, tail: &std::sync::Mutex<Vec<String>>) {
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        if let Some(addr) = listening_address(&line) {
+            let _ = tx.send(addr);
+        }
+        if let Ok(mut tail) = tail.lock() {
+            if tail.len() >= 40 {
+                tail.remove(0);
+            }
+            tail.push(line);
+        }
+    }
+}
+
+/// The TCP address in a `listening` log line (JSON, as both servers are
+/// started with JSON logs).
+fn listening_address(line: &str) -> Option<SocketAddr> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    if value.get("message")?.as_str()? != "listening" {
+        return None;
+    }
+    value.get("address")?.as_str()?.parse().ok()
+}
+
+/// Waits until the server's health says SERVING (its bundle is loaded),
+/// within `limit`. Returns how long that took.
+pub async fn wait_serving(
+    process: &mut ServerProcess,
+    limit: Duration,
+) -> Result<Duration, BenchError> {
+    let began = Instant::now();
+    let channel = super::connect_uds(&process.uds).await?;
+    let mut health = HealthClient::new(channel);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status);
+        if status.is_ok_and(|s| s == ServingStatus::Serving as i32) {
+            return Ok(began.elapsed());
+        }
+        process.check_alive()?;
+        if began.elapsed() > limit {
+            return Err(BenchError::Timeout {
+                what: format!("{} to load its bundle", process.name),
+                stderr: process.tail(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The floor service: answers at once.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FloorService;
+
+#[tonic::async_trait]
+impl floor::floor_server::Floor for FloorService {
+    async fn empty(
+        &self,
+        _request: tonic::Request<floor::EmptyRequest>,
+    ) -> Result<tonic::Response<floor::EmptyResponse>, tonic::Status> {
+        Ok(tonic::Response::new(floor::EmptyResponse {}))
+    }
+}
+
+/// Serves the floor on loopback port 0 and `uds`, with the same transport
+/// settings as `leash serve` (TCP_NODELAY, tonic defaults), until stdin
+/// closes. Logs its TCP address as a JSON `listening` line on stderr.
+pub async fn serve_floor(uds: &Path) -> Result<(), BenchError> {
+    let tcp = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(|source| BenchError::Io {
+            what: "binding the floor's TCP listener".to_owned(),
+            source,
+        })?;
+    let addr = tcp.local_addr().map_err(|source| BenchError::Io {
+        what: "reading the floor's TCP address".to_owned(),
+        source,
+    })?;
+    let _ = std::fs::remove_file(uds);
+    let unix = tokio::net::UnixListener::bind(uds).map_err(|source| BenchError::Io {
+        what: format!("binding `{}`", uds.display()),
+        source,
+    })?;
+    eprintln!(
+        "{}",
+        serde_json::json!({"message": "listening", "address": addr.to_string()})
+    );
+    let service = floor::floor_server::FloorServer::new(FloorService);
+    let incoming = TcpListenerStream::new(tcp).map(|s| {
+        s.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
+    let stdin_closed = async {
+        // Reading stdin blocks, so it runs on a blocking thread.
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+        })
+        .await;
+    };
+    let tcp_server = tonic::transport::Server::builder()
+        .add_service(service.clone())
+        .serve_with_incoming(incoming);
+    let uds_server = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming(UnixListenerStream::new(unix));
+    let result = tokio::select! {
+        r = tcp_server => r,
+        r = uds_server => r,
+        () = stdin_closed => Ok(()),
+    };
+    let _ = std::fs::remove_file(uds);
+    result.map_err(|e| BenchError::Task(format!("floor server: {e}")))
+}
+
+/// A floor client on `channel`.
+pub fn floor_client(channel: Channel) -> floor::floor_client::FloorClient<Channel> {
+    floor::floor_client::FloorClient::new(channel)
+}
