@@ -4,7 +4,7 @@
 //! exact to three significant digits without keeping every sample.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,15 +57,25 @@ pub struct Timing {
     pub measure: Duration,
 }
 
-/// Runs `call(i)` from `concurrency` tasks for `timing.warmup` (discarded)
-/// and then `timing.measure`; `i` counts calls across all tasks, so callers
-/// walk a request mix in order. The first failed call ends the run.
-pub async fn drive<F, Fut>(concurrency: usize, timing: Timing, call: F) -> Result<Stats, BenchError>
+/// Runs `call(i)` from `concurrency` tasks: a warm-up of `timing.warmup`
+/// (discarded), then calls are measured until `timing.measure` has passed
+/// and at least `min_calls` were measured, so that slow calls (large
+/// batches, huge bundles) still give figures. `i` counts calls across all
+/// tasks, so callers walk a request mix in order. Throughput is measured
+/// calls over the time from the end of the warm-up to the last measured
+/// answer. The first failed call ends the run.
+pub async fn drive<F, Fut>(
+    concurrency: usize,
+    timing: Timing,
+    min_calls: u64,
+    call: F,
+) -> Result<Stats, BenchError>
 where
     F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<(), BenchError>> + Send,
 {
     let next = Arc::new(AtomicUsize::new(0));
+    let measured = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let measure_from = start + timing.warmup;
     let stop_at = measure_from + timing.measure;
@@ -73,33 +83,41 @@ where
     for _ in 0..concurrency.max(1) {
         let call = call.clone();
         let next = next.clone();
+        let measured = measured.clone();
         tasks.spawn(async move {
             let mut hist = histogram()?;
+            let mut last_end = measure_from;
             loop {
                 let began = Instant::now();
-                if began >= stop_at {
+                if began >= stop_at && measured.load(Ordering::Relaxed) >= min_calls {
                     break;
                 }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 call(i).await?;
                 let ended = Instant::now();
-                // Count a call only if it ran wholly inside the window.
-                if began >= measure_from && ended <= stop_at {
+                if began >= measure_from {
                     let ns = u64::try_from((ended - began).as_nanos()).unwrap_or(u64::MAX);
                     hist.saturating_record(ns.max(1));
+                    measured.fetch_add(1, Ordering::Relaxed);
+                    last_end = ended;
                 }
             }
-            Ok::<_, BenchError>(hist)
+            Ok::<_, BenchError>((hist, last_end))
         });
     }
     let mut total = histogram()?;
+    let mut window_end = measure_from;
     while let Some(joined) = tasks.join_next().await {
-        let hist = joined.map_err(|e| BenchError::Task(e.to_string()))??;
+        let (hist, last_end) = joined.map_err(|e| BenchError::Task(e.to_string()))??;
+        window_end = window_end.max(last_end);
         total
             .add(&hist)
             .map_err(|e| BenchError::Task(format!("merging histograms: {e}")))?;
     }
-    Ok(Stats::from_histogram(&total, timing.measure))
+    Ok(Stats::from_histogram(
+        &total,
+        window_end.saturating_duration_since(measure_from),
+    ))
 }
 
 /// Times `f` synchronously, call after call, on this thread: warm-up, then

@@ -40,6 +40,12 @@ use report::{
 };
 use workload::{RequestForms, WorkloadSpec};
 
+/// Fewest calls a point measures, however long they take: enough for a
+/// median, and a bound on how long a huge bundle keeps a point running.
+const MIN_CALLS: u64 = 20;
+/// Fewest batches a batch point measures.
+const MIN_BATCHES: u64 = 4;
+
 /// The bundle to measure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BenchBundle {
@@ -293,7 +299,7 @@ async fn floor_run(
     timing: Timing,
 ) -> Result<Stats, BenchError> {
     let client = child::floor_client(channel(process, transport).await?);
-    driver::drive(concurrency, timing, move |_| {
+    driver::drive(concurrency, timing, MIN_CALLS, move |_| {
         let mut client = client.clone();
         async move {
             client
@@ -317,7 +323,7 @@ async fn leash_run(
     requests: Arc<Vec<pb::IsAuthorizedRequest>>,
 ) -> Result<Stats, BenchError> {
     let client = AuthorizerClient::new(channel(process, transport).await?);
-    driver::drive(concurrency, timing, move |i| {
+    driver::drive(concurrency, timing, MIN_CALLS, move |i| {
         let mut client = client.clone();
         let request = requests[i % requests.len()].clone();
         async move {
@@ -343,7 +349,7 @@ async fn batch_run(
     batches: Arc<Vec<pb::BatchIsAuthorizedRequest>>,
 ) -> Result<Stats, BenchError> {
     let client = AuthorizerClient::new(channel(process, Transport::Uds).await?);
-    driver::drive(concurrency, timing, move |i| {
+    driver::drive(concurrency, timing, MIN_BATCHES, move |i| {
         let mut client = client.clone();
         let batch = batches[i % batches.len()].clone();
         async move {
@@ -446,8 +452,8 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         let (s, p, t) = (snapshot.clone(), prepared.clone(), options.timing);
         blocking(move || {
             Ok::<_, BenchError>((
-                in_process(&s, &p.requests, false, t, 100)?,
-                in_process(&s, &p.requests, true, t, 100)?,
+                in_process(&s, &p.requests, false, t, MIN_CALLS)?,
+                in_process(&s, &p.requests, true, t, MIN_CALLS)?,
             ))
         })
         .await??

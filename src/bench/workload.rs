@@ -659,3 +659,85 @@ fn pick_tools(shape: &WorkloadShape, rng: &mut Rng, n: usize) -> Vec<usize> {
     }
     tools
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::Snapshot;
+    use crate::engine::{decide, RequestTime};
+    use crate::service::convert;
+
+    #[test]
+    fn the_policy_count_is_exact_and_the_bundle_is_valid() {
+        for policies in [MIN_POLICIES, 11, 57, 300] {
+            let workload = generate(WorkloadSpec { policies, seed: 7 });
+            let snapshot = Snapshot::build(&workload.sources)
+                .unwrap_or_else(|e| panic!("{policies} policies: {}", e.render()));
+            assert_eq!(snapshot.policy_count(), policies);
+            assert_eq!(workload.shape.policies, policies);
+        }
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_bundle() {
+        let version = |seed| {
+            let w = generate(WorkloadSpec {
+                policies: 120,
+                seed,
+            });
+            Snapshot::build(&w.sources).map(|s| s.version).ok()
+        };
+        assert_eq!(version(3), version(3));
+        assert_ne!(version(3), version(4));
+    }
+
+    /// The mix is worth measuring: every request is valid in both forms,
+    /// both forms agree, and allows, denies, delegated and autonomous
+    /// requests are all common.
+    #[test]
+    fn the_mix_allows_and_denies_in_both_forms() {
+        let workload = generate(WorkloadSpec {
+            policies: 300,
+            seed: 1,
+        });
+        let snapshot = Snapshot::build(&workload.sources).expect("valid");
+        let now = RequestTime::now();
+        let mut allowed = 0;
+        let mut delegated = 0;
+        for (i, r) in workload.requests.iter().enumerate() {
+            let json = decide(&snapshot, &convert::request(&r.json).expect("json"), &now)
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            let typed = decide(&snapshot, &convert::request(&r.typed).expect("typed"), &now)
+                .unwrap_or_else(|e| panic!("request {i} typed: {e}"));
+            assert_eq!(json, typed, "request {i}");
+            allowed += usize::from(json.allowed);
+            delegated += usize::from(json.on_behalf_of.is_some());
+        }
+        let n = workload.requests.len();
+        assert!(
+            allowed * 10 > n && allowed * 10 < n * 9,
+            "{allowed} of {n} allowed"
+        );
+        assert!(
+            delegated * 10 > n * 5 && delegated < n,
+            "{delegated} of {n} delegated"
+        );
+    }
+
+    #[test]
+    fn written_bundles_load_from_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let workload = generate(WorkloadSpec {
+            policies: 40,
+            seed: 1,
+        });
+        workload.write_to(dir.path()).expect("written");
+        let snapshot =
+            Snapshot::load_dirs(&dir.path().join("policies"), &dir.path().join("schemas"))
+                .expect("loads");
+        assert_eq!(snapshot.policy_count(), 40);
+        let mix = std::fs::read_to_string(dir.path().join("requests.jsonl")).expect("mix");
+        let parsed = super::super::mix::parse("requests.jsonl", &mix).expect("parses");
+        assert_eq!(parsed.len(), workload.requests.len());
+    }
+}

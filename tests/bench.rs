@@ -1,0 +1,289 @@
+//! `leash bench` as a user runs it: the real binary, which starts a real
+//! sidecar and floor server as child processes. The figures are checked for
+//! sanity (complete, consistent, plausible), never for speed.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn leash(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(args)
+        .output()
+        .expect("leash runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("JSON written")).expect("valid JSON")
+}
+
+/// Latency figures are ordered and throughput is positive.
+fn assert_sane_stats(what: &str, s: &Value) {
+    let n = |k: &str| {
+        s[k].as_f64()
+            .unwrap_or_else(|| panic!("{what}: `{k}` missing in {s}"))
+    };
+    assert!(n("calls") >= 1.0, "{what}: no calls: {s}");
+    assert!(
+        n("per_sec") > 0.0 && n("per_sec").is_finite(),
+        "{what}: {s}"
+    );
+    assert!(n("p50_ns") > 0.0, "{what}: {s}");
+    assert!(n("p50_ns") <= n("p99_ns"), "{what}: {s}");
+    assert!(n("p99_ns") <= n("p999_ns"), "{what}: {s}");
+    assert!(n("p999_ns") <= n("max_ns"), "{what}: {s}");
+}
+
+#[test]
+fn quick_mode_completes_with_sane_figures() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("bench.json");
+    // A smaller generated bundle than the default keeps the unoptimised
+    // test build quick; everything else is the quick mode as users run it.
+    let out = leash(&[
+        "bench",
+        "--quick",
+        "--policy-count",
+        "200",
+        "--json",
+        json.to_str().expect("utf-8 path"),
+    ]);
+    assert!(out.status.success(), "bench failed:\n{}", stderr(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    for heading in [
+        "in-process (conversion + decision, one thread)",
+        "against the empty floor call",
+        "BatchIsAuthorized over the Unix socket",
+        "policy-scale curve",
+        "share its cores",
+        "ratios: tcp_vs_floor",
+    ] {
+        assert!(table.contains(heading), "`{heading}` missing:\n{table}");
+    }
+
+    let report = read_json(&json);
+    let ratios = &report["ratios"];
+    for key in ["tcp_vs_floor", "uds_vs_floor"] {
+        let ratio = ratios[key].as_f64().unwrap_or(-1.0);
+        // leash does strictly more than the empty call on the same transport;
+        // a ratio far above 1 would mean the pairing is broken.
+        assert!(ratio > 0.0 && ratio < 3.0, "{key} = {ratio}");
+    }
+    assert!(
+        ratios["in_process_ns_p50"].as_u64().unwrap_or(0) > 0,
+        "{ratios}"
+    );
+
+    assert_eq!(report["mode"], "quick");
+    assert_eq!(report["bundle"]["policies"], 200);
+    let mix = &report["mix"];
+    assert!(mix["allowed"].as_u64().unwrap_or(0) > 0, "{mix}");
+    assert!(mix["denied"].as_u64().unwrap_or(0) > 0, "{mix}");
+    assert!(mix["delegated"].as_u64().unwrap_or(0) > 0, "{mix}");
+
+    assert_sane_stats("in-process json", &report["in_process"]["json"]);
+    assert_sane_stats("in-process typed", &report["in_process"]["typed"]);
+    let runs = report["runs"].as_array().expect("runs");
+    // Two transports × two in-flight counts × floor and leash.
+    assert_eq!(runs.len(), 8, "{runs:?}");
+    for run in runs {
+        assert_sane_stats(
+            &format!(
+                "{}/{}/{}",
+                run["transport"], run["target"], run["concurrency"]
+            ),
+            run,
+        );
+    }
+    assert_eq!(report["pairs"].as_array().map(Vec::len), Some(4));
+    for form in report["forms"].as_array().expect("forms") {
+        assert_sane_stats("form", form);
+    }
+    for batch in report["batch"].as_array().expect("batch") {
+        assert_sane_stats("batch", batch);
+        assert!(batch["decisions_per_sec"].as_f64().unwrap_or(0.0) > 0.0);
+    }
+    let rss = report["sidecar_memory_loaded"]["rss_kib"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(rss > 1024, "sidecar RSS {rss} KiB");
+
+    let scale: Vec<u64> = report["scale"]
+        .as_array()
+        .expect("scale")
+        .iter()
+        .map(|p| p["policies"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(scale, vec![10, 100, 1000]);
+    for point in report["scale"].as_array().expect("scale") {
+        assert_sane_stats("scale in-process", &point["in_process"]);
+        assert_sane_stats("scale sidecar", &point["sidecar_uds_1"]);
+        assert!(point["load_ms"].as_f64().unwrap_or(0.0) > 0.0);
+    }
+}
+
+#[test]
+fn a_bundle_on_disk_with_its_request_file_and_the_example() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bundle = dir.path().join("bundle");
+    let out = leash(&[
+        "bench",
+        "generate",
+        "--policy-count",
+        "50",
+        "--out",
+        bundle.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("50 policies"), "{said}");
+    let validate = leash(&[
+        "validate",
+        "--policies",
+        bundle.join("policies").to_str().expect("utf-8"),
+        "--schemas",
+        bundle.join("schemas").to_str().expect("utf-8"),
+    ]);
+    assert!(validate.status.success(), "{}", stderr(&validate));
+
+    let short = [
+        "--quick",
+        "--scale",
+        "none",
+        "--concurrency",
+        "1",
+        "--duration",
+        "0.05",
+        "--warmup",
+        "0",
+    ];
+    let json = dir.path().join("disk.json");
+    let (policies, schemas, requests) = (
+        bundle.join("policies"),
+        bundle.join("schemas"),
+        bundle.join("requests.jsonl"),
+    );
+    let mut args = vec![
+        "bench",
+        "--policies",
+        policies.to_str().expect("utf-8"),
+        "--schemas",
+        schemas.to_str().expect("utf-8"),
+        "--requests",
+        requests.to_str().expect("utf-8"),
+        "--json",
+        json.to_str().expect("utf-8"),
+    ];
+    args.extend(short);
+    let out = leash(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = read_json(&json);
+    assert_eq!(report["bundle"]["policies"], 50);
+    assert_eq!(report["mix"]["requests"], 512);
+    assert_eq!(report["scale"].as_array().map(Vec::len), Some(0));
+
+    let json = dir.path().join("example.json");
+    let mut args = vec![
+        "bench",
+        "--example",
+        "--json",
+        json.to_str().expect("utf-8"),
+    ];
+    args.extend(short);
+    let out = leash(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = read_json(&json);
+    assert_eq!(report["bundle"]["source"], "built-in example bundle");
+    assert!(report["mix"]["allowed"].as_u64().unwrap_or(0) > 0);
+    assert!(report["mix"]["denied"].as_u64().unwrap_or(0) > 0);
+}
+
+#[test]
+fn bad_options_and_bad_mixes_are_named() {
+    let out = leash(&[
+        "bench",
+        "--concurrency",
+        "0",
+        "--batch-size",
+        "500",
+        "--scale",
+        "5",
+    ]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("--concurrency: each value must be between 1 and 4096"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--batch-size: must be between 1 and 100"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--scale: `5` is not a policy count of at least 10"),
+        "{err}"
+    );
+
+    let out = leash(&["bench", "--policies", "p"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap usage error: {}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("--requests"), "{}", stderr(&out));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let requests = dir.path().join("mix.jsonl");
+    std::fs::write(
+        &requests,
+        "{\"agent\": \"Agent::\\\"support-bot\\\"\", \"action\": \"Action::\\\"tickets:read\\\"\", \"resource\": \"Ticket::\\\"T-1\\\"\"}\n{\"agent\": 7}\n",
+    )
+    .expect("write");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let policies = root.join("policies");
+    let schemas = root.join("schemas");
+    let bench = |requests: &Path| {
+        leash(&[
+            "bench",
+            "--policies",
+            policies.to_str().expect("utf-8"),
+            "--schemas",
+            schemas.to_str().expect("utf-8"),
+            "--requests",
+            requests.to_str().expect("utf-8"),
+            "--quick",
+            "--scale",
+            "none",
+        ])
+    };
+    let out = bench(&requests);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("mix.jsonl:2: `agent` must be a string such as `User::\"alice\"`"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A well-formed request the bundle cannot decide is refused before
+    // anything is measured, with the engine's field and problem.
+    std::fs::write(
+        &requests,
+        "{\"agent\": \"Agent::\\\"support-bot\\\"\", \"action\": \"Action::\\\"tickets:fly\\\"\", \"resource\": \"Ticket::\\\"T-1\\\"\"}\n",
+    )
+    .expect("write");
+    let out = bench(&requests);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(
+            "request 0 of the mix is invalid for this bundle: action: `Action::\"tickets:fly\"` is not an action of the schema"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
