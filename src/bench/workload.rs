@@ -358,7 +358,10 @@ impl Population {
             let t = r % shape.tenants;
             records_by_tenant[t].push(r);
             let owners = &users_by_tenant[t];
-            record_owner.push(owners[rng.below(owners.len())]);
+            // Users outnumber tenants at every size and are dealt to tenants
+            // round-robin, so the fallback owner is never used; it only keeps
+            // this path panic-free.
+            record_owner.push(owners.get(rng.below(owners.len())).copied().unwrap_or(0));
         }
         let user_roles = (0..shape.users)
             .map(|_| {
