@@ -12,7 +12,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
 
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["leash/v1/authorizer.proto"], ["proto"])?;
+    let fds = protox::compile(
+        ["leash/v1/authorizer.proto", "leash/v1/admin.proto"],
+        ["proto"],
+    )?;
     // Server reflection serves this descriptor set.
     std::fs::write(out_dir.join("leash_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()

@@ -1,4 +1,5 @@
-//! `leash check`: one decision from a running sidecar, printed for people.
+//! `leash check` and `leash status`: one decision, or the reload status, from
+//! a running sidecar, printed for people.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -7,8 +8,9 @@ use cedar_policy::EntityUid;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::config::CheckArgs;
+use crate::config::{CheckArgs, StatusArgs};
 use crate::proto::v1 as pb;
+use crate::proto::v1::admin_client::AdminClient;
 use crate::proto::v1::authorizer_client::AuthorizerClient;
 
 #[derive(Debug, thiserror::Error)]
@@ -185,4 +187,134 @@ pub fn render(args: &CheckArgs, response: &pb::IsAuthorizedResponse) -> String {
         response.policy_version, response.request_id
     ));
     out
+}
+
+/// Asks a running sidecar for its `Admin/Status`.
+pub async fn status(args: &StatusArgs) -> Result<pb::StatusResponse, CheckError> {
+    let channel = match &args.uds {
+        Some(path) => channel_uds(path.clone()).await?,
+        None => channel_tcp(&args.addr).await?,
+    };
+    AdminClient::new(channel)
+        .status(pb::StatusRequest {})
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| CheckError::Status {
+            code: s.code(),
+            message: s.message().to_owned(),
+        })
+}
+
+/// Whether the sidecar's last reload attempt refused the files.
+pub fn last_refused(status: &pb::StatusResponse) -> bool {
+    status
+        .last_attempt
+        .as_ref()
+        .is_some_and(|a| a.result == pb::ReloadResult::Refused as i32)
+}
+
+/// The status, for people.
+pub fn render_status(status: &pb::StatusResponse) -> String {
+    let mut out = String::new();
+    match &status.serving {
+        Some(b) => {
+            out.push_str(&format!(
+                "serving   version {}  ({} policies, {} entities, {} files)\n",
+                b.version,
+                b.policy_count,
+                b.entity_count,
+                b.files.len()
+            ));
+            out.push_str(&format!("          from {}\n", b.origin));
+            out.push_str(&format!(
+                "          loaded {}\n",
+                timestamp(b.loaded_at.as_ref())
+            ));
+            for warning in &b.warnings {
+                out.push_str(&format!("          warning: {warning}\n"));
+            }
+        }
+        None => out.push_str("serving   nothing yet (no valid bundle loaded)\n"),
+    }
+    out.push_str(&format!("watch     {}\n", status.watch));
+    if let Some(c) = &status.counters {
+        out.push_str(&format!(
+            "reloads   {} loaded, {} unchanged, {} refused\n",
+            c.loaded, c.unchanged, c.refused
+        ));
+    }
+    if let Some(a) = &status.last_attempt {
+        let result = pb::ReloadResult::try_from(a.result)
+            .map(|r| r.as_str_name().trim_start_matches("RELOAD_RESULT_"))
+            .unwrap_or("UNKNOWN");
+        let trigger = pb::ReloadTrigger::try_from(a.trigger)
+            .map(|t| {
+                t.as_str_name()
+                    .trim_start_matches("RELOAD_TRIGGER_")
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_default();
+        let version = if a.version.is_empty() {
+            String::new()
+        } else {
+            format!(" version {}", a.version)
+        };
+        out.push_str(&format!(
+            "last      {result}{version} ({trigger}, {})\n",
+            timestamp(a.finished_at.as_ref())
+        ));
+        for d in &a.diagnostics {
+            for line in d.rendered.trim_end().lines() {
+                out.push_str(&format!("          {line}\n"));
+            }
+        }
+    }
+    out
+}
+
+/// The status as JSON, with the field names of the `Admin/Status` response.
+pub fn status_json(status: &pb::StatusResponse) -> String {
+    let serving = status.serving.as_ref().map(|b| {
+        serde_json::json!({
+            "version": b.version,
+            "origin": b.origin,
+            "loaded_at": timestamp(b.loaded_at.as_ref()),
+            "files": b.files,
+            "policy_count": b.policy_count,
+            "entity_count": b.entity_count,
+            "warnings": b.warnings,
+        })
+    });
+    let last_attempt = status.last_attempt.as_ref().map(|a| {
+        serde_json::json!({
+            "trigger": pb::ReloadTrigger::try_from(a.trigger).map(|t| t.as_str_name()).unwrap_or("RELOAD_TRIGGER_UNSPECIFIED"),
+            "result": pb::ReloadResult::try_from(a.result).map(|r| r.as_str_name()).unwrap_or("RELOAD_RESULT_UNSPECIFIED"),
+            "started_at": timestamp(a.started_at.as_ref()),
+            "finished_at": timestamp(a.finished_at.as_ref()),
+            "version": a.version,
+            "diagnostics": a.diagnostics.iter().map(|d| serde_json::json!({
+                "file": d.file,
+                "line": d.line,
+                "column": d.column,
+                "message": d.message,
+                "rendered": d.rendered,
+            })).collect::<Vec<_>>(),
+        })
+    });
+    let counters = status.counters.as_ref().map(
+        |c| serde_json::json!({"loaded": c.loaded, "unchanged": c.unchanged, "refused": c.refused}),
+    );
+    serde_json::json!({
+        "serving": serving,
+        "last_attempt": last_attempt,
+        "counters": counters,
+        "watch": status.watch,
+    })
+    .to_string()
+}
+
+fn timestamp(t: Option<&prost_types::Timestamp>) -> String {
+    t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| "-".to_owned())
 }

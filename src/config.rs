@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::reload::{ReloadOptions, WatchMode, DEFAULT_SETTLE};
 use crate::server::ServerOptions;
 
 /// Default TCP listen address (loopback only).
@@ -38,6 +39,9 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Ask a running sidecar for one decision (exit 0 allow, 2 deny, 1 error).
     Check(CheckArgs),
+    /// Show what a running sidecar serves and how its last reload went
+    /// (exit 0, 2 when the last change was refused, 1 error).
+    Status(StatusArgs),
     /// Measure leash against the floor (in-process decision, empty gRPC call)
     /// on this machine; `leash bench generate` writes a generated bundle.
     Bench(BenchArgs),
@@ -79,6 +83,21 @@ pub struct ServeArgs {
         default_value_t = 15.0
     )]
     pub drain_timeout: f64,
+    /// Poll the bundle directories every INTERVAL (`2s`, `500ms`) instead of
+    /// using inotify: for NFS, EFS and other file systems without events.
+    #[arg(long, env = "LEASH_WATCH_POLL", value_name = "INTERVAL")]
+    pub watch_poll: Option<String>,
+    /// Do not watch the bundle; reload only on SIGHUP.
+    #[arg(long, env = "LEASH_NO_WATCH", conflicts_with = "watch_poll")]
+    pub no_watch: bool,
+    /// Quiet time that ends a burst of file events before a reload starts.
+    #[arg(
+        long,
+        env = "LEASH_WATCH_SETTLE",
+        value_name = "DURATION",
+        default_value = "50ms"
+    )]
+    pub watch_settle: String,
     /// Log format.
     #[arg(long, env = "LEASH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -132,6 +151,19 @@ pub struct CheckArgs {
     /// Request id to send (leash makes one when absent).
     #[arg(long)]
     pub request_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Address of a running sidecar.
+    #[arg(long, env = "LEASH_ADDR", default_value = DEFAULT_LISTEN, conflicts_with = "uds")]
+    pub addr: String,
+    /// Unix socket of a running sidecar (instead of --addr).
+    #[arg(long, value_name = "PATH")]
+    pub uds: Option<PathBuf>,
+    /// Print the status as JSON (the `Admin/Status` response).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -327,16 +359,7 @@ impl BenchArgs {
     }
 }
 
-/// Where the bundle comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BundleLocation {
-    /// The example bundle compiled into the binary.
-    Embedded,
-    Dirs {
-        policies: PathBuf,
-        schemas: PathBuf,
-    },
-}
+pub use crate::bundle::BundleLocation;
 
 /// A checked `serve` configuration.
 #[derive(Debug, Clone)]
@@ -345,6 +368,7 @@ pub struct ServeConfig {
     pub tcp: Option<SocketAddr>,
     pub uds: Option<PathBuf>,
     pub options: ServerOptions,
+    pub reload: ReloadOptions,
     pub log_format: LogFormat,
     pub log: String,
 }
@@ -385,6 +409,38 @@ impl ServeArgs {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
             problems.push(format!("--log: `{}` is not a log filter: {e}", self.log));
         }
+        let watch = match (&self.watch_poll, self.no_watch) {
+            (_, true) => WatchMode::Off,
+            (None, false) => WatchMode::Events,
+            (Some(text), false) => match parse_duration(text) {
+                Ok(d) if d >= Duration::from_millis(10) => WatchMode::Poll(d),
+                Ok(_) => {
+                    problems.push(format!(
+                        "--watch-poll: `{text}` is too short; poll at most every 10ms"
+                    ));
+                    WatchMode::Events
+                }
+                Err(e) => {
+                    problems.push(format!("--watch-poll: {e}"));
+                    WatchMode::Events
+                }
+            },
+        };
+        let settle = match parse_duration(&self.watch_settle) {
+            Ok(d) if d <= MAX_SETTLE => d,
+            Ok(_) => {
+                problems.push(format!(
+                    "--watch-settle: `{}` is longer than the {}s limit",
+                    self.watch_settle,
+                    MAX_SETTLE.as_secs()
+                ));
+                DEFAULT_SETTLE
+            }
+            Err(e) => {
+                problems.push(format!("--watch-settle: {e}"));
+                DEFAULT_SETTLE
+            }
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -397,10 +453,41 @@ impl ServeArgs {
                 max_message_bytes: self.max_message_bytes,
                 drain_timeout: Duration::from_secs_f64(self.drain_timeout),
             },
+            reload: ReloadOptions { watch, settle },
             log_format: self.log_format,
             log: self.log.clone(),
         })
     }
+}
+
+/// Longest accepted `--watch-settle`: longer would make hot reload slow.
+const MAX_SETTLE: Duration = Duration::from_secs(10);
+
+/// A duration such as `250ms`, `2s`, `1.5s`, `1m`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let scale = match unit.trim() {
+        "" | "s" => 1.0,
+        "ms" => 1e-3,
+        "m" | "min" => 60.0,
+        other => {
+            return Err(format!(
+                "`{text}`: unknown unit `{other}` (use ms, s or m, e.g. `500ms`, `2s`)"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as `500ms` or `2s`"))?;
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 86_400.0 {
+        return Err(format!("`{text}` is not a sensible duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// `HOST:PORT`, `localhost:PORT` or `none`. A non-loopback address is
@@ -446,6 +533,38 @@ mod tests {
         assert_eq!(config.bundle, BundleLocation::Embedded);
         assert_eq!(config.tcp, Some("127.0.0.1:50051".parse().expect("addr")));
         assert_eq!(config.options.max_batch, 100);
+    }
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("2h")
+            .expect_err("unit")
+            .contains("unknown unit `h`"));
+        assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn watch_flags_choose_the_mode() {
+        let events = serve(&[]).resolve().expect("valid");
+        assert_eq!(events.reload.watch, WatchMode::Events);
+        assert_eq!(events.reload.settle, DEFAULT_SETTLE);
+        let poll = serve(&["--watch-poll", "2s", "--watch-settle", "10ms"])
+            .resolve()
+            .expect("valid");
+        assert_eq!(poll.reload.watch, WatchMode::Poll(Duration::from_secs(2)));
+        assert_eq!(poll.reload.settle, Duration::from_millis(10));
+        let off = serve(&["--no-watch"]).resolve().expect("valid");
+        assert_eq!(off.reload.watch, WatchMode::Off);
+        let problems = serve(&["--watch-poll", "1ms", "--watch-settle", "soon"])
+            .resolve()
+            .expect_err("refused");
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("--watch-poll:"), "{problems:?}");
+        assert!(problems[1].starts_with("--watch-settle:"), "{problems:?}");
     }
 
     #[test]

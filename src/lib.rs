@@ -37,5 +37,6 @@ pub mod check;
 pub mod config;
 pub mod engine;
 pub mod proto;
+pub mod reload;
 pub mod server;
 pub mod service;

@@ -4,15 +4,17 @@
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
 use leash::bundle::Snapshot;
 use leash::config::{
-    BenchArgs, BenchCommand, BenchFloorArgs, BundleLocation, CheckArgs, Cli, Command, GenerateArgs,
-    LogFormat, ServeArgs, ValidateArgs,
+    BenchArgs, BenchCommand, BenchFloorArgs, CheckArgs, Cli, Command, GenerateArgs, LogFormat,
+    ServeArgs, StatusArgs, ValidateArgs,
 };
 use leash::proto::v1::Decision;
+use leash::reload::Reloader;
 use leash::server::{bind_tcp, bind_uds, Server};
 use tracing::error;
 
@@ -25,6 +27,7 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Validate(args)) => validate(&args),
         Some(Command::Check(args)) => check(&args),
+        Some(Command::Status(args)) => status(&args),
         Some(Command::Bench(args)) => bench(&args),
         Some(Command::BenchFloor(args)) => bench_floor(&args),
     }
@@ -66,45 +69,58 @@ async fn serve_async(config: leash::config::ServeConfig) -> anyhow::Result<()> {
     if let Some(path) = &config.uds {
         listeners.push(bind_uds(path)?);
     }
-    let server = Server::new(config.options.clone()).await;
+    let server = Arc::new(Server::new(config.options.clone()).await);
+    let reloader = Reloader::new(server.clone(), config.bundle.clone(), config.reload);
 
     // Load off the runtime threads; serve meanwhile so that health checks
     // see NOT_SERVING rather than a refused connection.
-    let bundle = config.bundle.clone();
-    let load = tokio::task::spawn_blocking(move || match bundle {
-        BundleLocation::Embedded => Snapshot::load_embedded(),
-        BundleLocation::Dirs { policies, schemas } => Snapshot::load_dirs(&policies, &schemas),
-    });
-    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
-    let serving = server.run(listeners, async {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let serving = async {
+        let served = server.run(listeners, stop(stop_rx.clone())).await;
+        // A listener failure ends the reloader too.
+        let _ = stop_tx.send(true);
+        served
+    };
+    let working = async {
+        if let Err(bundle_error) = reloader.load_initial().await {
+            eprint!("{}", bundle_error.render());
+            let _ = stop_tx.send(true);
+            return Err(anyhow::anyhow!("{bundle_error}; not serving"));
+        }
+        let hangups = forward_hangups(reloader.clone());
         tokio::select! {
             () = shutdown_signal() => {}
-            Ok(_) = loaded_rx => {}
+            () = reloader.clone().run(stop(stop_rx.clone())) => {}
         }
-    });
-    let loading = async {
-        match load.await {
-            Ok(Ok(snapshot)) => {
-                server.publish(snapshot).await;
-                None
-            }
-            Ok(Err(bundle_error)) => {
-                eprint!("{}", bundle_error.render());
-                let err = anyhow::anyhow!("{bundle_error}; not serving");
-                let _ = loaded_tx.send(anyhow::anyhow!("bundle refused"));
-                Some(err)
-            }
-            Err(join) => {
-                let _ = loaded_tx.send(anyhow::anyhow!("loader failed"));
-                Some(anyhow::anyhow!("bundle loader failed: {join}"))
-            }
-        }
+        hangups.abort();
+        let _ = stop_tx.send(true);
+        Ok(())
     };
-    let (served, load_failure) = tokio::join!(serving, loading);
-    if let Some(err) = load_failure {
-        return Err(err);
-    }
+    let (served, worked) = tokio::join!(serving, working);
+    worked?;
     served.map_err(Into::into)
+}
+
+/// SIGHUP forces a reload, whether or not a change was seen.
+fn forward_hangups(reloader: Arc<Reloader>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut hangups = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::hangup(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGHUP; reloads come from watching only");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the policy bundle");
+            reloader.force();
+        }
+    })
 }
 
 async fn shutdown_signal() {
@@ -167,6 +183,29 @@ fn check(args: &CheckArgs) -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(2)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(args: &StatusArgs) -> ExitCode {
+    let result =
+        runtime().and_then(|rt| rt.block_on(leash::check::status(args)).map_err(Into::into));
+    match result {
+        Ok(status) => {
+            if args.json {
+                println!("{}", leash::check::status_json(&status));
+            } else {
+                print!("{}", leash::check::render_status(&status));
+            }
+            if leash::check::last_refused(&status) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
             }
         }
         Err(e) => {

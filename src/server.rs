@@ -20,7 +20,10 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::bundle::{LiveBundle, Snapshot};
+use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::authorizer_server::AuthorizerServer;
+use crate::reload::ReloadStatus;
+use crate::service::admin::AdminService;
 use crate::service::{AuthorizerService, DEFAULT_MAX_BATCH};
 
 /// The service name health checks ask about, besides "" (the whole server).
@@ -112,9 +115,11 @@ pub fn bind_uds(path: &Path) -> Result<Listener, ServeError> {
     Ok(Listener::Unix(listener, path.to_owned()))
 }
 
-/// The leash gRPC server: the `Authorizer`, `grpc.health.v1` and reflection.
+/// The leash gRPC server: the `Authorizer`, `Admin`, `grpc.health.v1` and
+/// reflection.
 pub struct Server {
     live: Arc<LiveBundle>,
+    status: Arc<ReloadStatus>,
     health: HealthReporter,
     options: ServerOptions,
 }
@@ -132,6 +137,7 @@ impl Server {
             .await;
         Self {
             live: Arc::new(LiveBundle::empty()),
+            status: Arc::new(ReloadStatus::default()),
             health,
             options,
         }
@@ -140,6 +146,11 @@ impl Server {
     /// The cell requests read their snapshot from.
     pub fn live(&self) -> Arc<LiveBundle> {
         self.live.clone()
+    }
+
+    /// Reload attempts and counters, as the `Admin/Status` RPC reports them.
+    pub fn reload_status(&self) -> Arc<ReloadStatus> {
+        self.status.clone()
     }
 
     /// Makes `snapshot` the one decisions use, and reports SERVING.
@@ -181,6 +192,7 @@ impl Server {
             self.options.max_batch,
         ))
         .max_decoding_message_size(self.options.max_message_bytes);
+        let admin = AdminServer::new(AdminService::new(self.live.clone(), self.status.clone()));
         let health = tonic_health::pb::health_server::HealthServer::new(
             HealthService::from_health_reporter(self.health.clone()),
         );
@@ -205,7 +217,8 @@ impl Server {
                 .add_service(health.clone())
                 .add_service(reflection.clone())
                 .add_service(reflection_alpha.clone())
-                .add_service(authorizer.clone());
+                .add_service(authorizer.clone())
+                .add_service(admin.clone());
             let stopped = stopped(stop_rx.clone());
             match listener {
                 Listener::Tcp(l) => {

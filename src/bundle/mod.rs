@@ -17,11 +17,10 @@ use std::time::SystemTime;
 use cedar_policy::{
     Entities, EntityUid, PolicyId, PolicySet, Schema, SchemaFragment, ValidationMode, Validator,
 };
-use sha2::{Digest, Sha256};
 
 pub use diagnostic::Diagnostic;
 pub use reserved::{LeashFields, ReservedContext, LEASH_ATTR};
-pub use sources::{BundleSources, SchemaFormat, SourceFile};
+pub use sources::{BundleSources, ReadOutcome, SchemaFormat, SourceFile, TreeStamp};
 
 /// Why a bundle was refused.
 #[derive(Debug, thiserror::Error)]
@@ -81,14 +80,35 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Reads and validates the bundle in two directories. Blocking.
+    ///
+    /// Files that change while they are read (a deploy in progress) are read
+    /// again, a few times, after a short pause.
     pub fn load_dirs(policies: &Path, schemas: &Path) -> Result<Self, BundleError> {
-        let origin = format!("{} + {}", policies.display(), schemas.display());
-        let sources =
-            BundleSources::read_dirs(policies, schemas).map_err(|diagnostics| BundleError {
-                origin,
-                diagnostics,
-            })?;
-        Self::build(&sources)
+        const ATTEMPTS: u32 = 10;
+        for attempt in 1..=ATTEMPTS {
+            match BundleSources::read_stable(policies, schemas) {
+                ReadOutcome::Read(sources) => return Self::build(&sources),
+                ReadOutcome::Unreadable {
+                    origin,
+                    diagnostics,
+                } => {
+                    return Err(BundleError {
+                        origin,
+                        diagnostics,
+                    })
+                }
+                ReadOutcome::Changing => {
+                    std::thread::sleep(std::time::Duration::from_millis(20 * u64::from(attempt)))
+                }
+            }
+        }
+        Err(BundleError {
+            origin: format!("{} + {}", policies.display(), schemas.display()),
+            diagnostics: vec![Diagnostic::plain(
+                None,
+                format!("the files kept changing while they were read ({ATTEMPTS} tries)"),
+            )],
+        })
     }
 
     /// Validates the example bundle built into the binary.
@@ -105,6 +125,17 @@ impl Snapshot {
             diagnostics,
         };
 
+        if sources.policies.is_empty() {
+            // An empty directory is far more often a broken sync or mount
+            // than a decision to deny everything; an intended deny-all bundle
+            // says so with a policy file that holds no policies.
+            diagnostics.push(Diagnostic::plain(
+                None,
+                "no policy files (`*.cedar`) in the policies directory; a bundle \
+                 with none would deny every request. To deny everything on \
+                 purpose, ship a `*.cedar` file with no policies in it (a comment)",
+            ));
+        }
         let schema_parts = parse_schema(sources, &mut diagnostics);
         let (policies, policy_origins) = parse_policies(sources, &mut diagnostics);
         let Some((schema, fragments_json)) = schema_parts else {
@@ -140,7 +171,7 @@ impl Snapshot {
 
         let actions = action_uids(&schema);
         Ok(Self {
-            version: content_hash(sources),
+            version: sources.version(),
             origin: sources.origin.clone(),
             loaded_at: SystemTime::now(),
             policies,
@@ -431,24 +462,6 @@ fn action_uids(schema: &Schema) -> HashSet<EntityUid> {
     schema.actions().cloned().collect()
 }
 
-/// SHA-256 over every file's path and contents, in load order; the first 16
-/// hex digits name the version.
-fn content_hash(sources: &BundleSources) -> String {
-    let mut hasher = Sha256::new();
-    for file in sources.files() {
-        hasher.update((file.path.len() as u64).to_le_bytes());
-        hasher.update(file.path.as_bytes());
-        hasher.update((file.text.len() as u64).to_le_bytes());
-        hasher.update(file.text.as_bytes());
-    }
-    let digest = hasher.finalize();
-    let mut version = String::with_capacity(16);
-    for byte in digest.iter().take(8) {
-        let _ = write!(version, "{byte:02x}");
-    }
-    version
-}
-
 /// The snapshot requests are decided with. Readers never wait: a reload
 /// publishes a whole new snapshot with one atomic store, and requests in
 /// flight finish on the one they started with.
@@ -470,4 +483,22 @@ impl LiveBundle {
     pub fn publish(&self, snapshot: Snapshot) {
         self.current.store(Some(std::sync::Arc::new(snapshot)));
     }
+
+    /// Publishes `snapshot` and hands back the one it replaces, so that the
+    /// caller (not a request) decides where the old one is freed.
+    pub fn replace(&self, snapshot: Snapshot) -> Option<std::sync::Arc<Snapshot>> {
+        self.current.swap(Some(std::sync::Arc::new(snapshot)))
+    }
+}
+
+/// Where a bundle comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleLocation {
+    /// The example bundle compiled into the binary.
+    Embedded,
+    /// A policies directory and a schemas directory, watched for changes.
+    Dirs {
+        policies: std::path::PathBuf,
+        schemas: std::path::PathBuf,
+    },
 }

@@ -1,7 +1,12 @@
 //! Finding a bundle's files: on disk (blocking I/O, run off the request path)
 //! or built into the binary (the example bundle).
 
+use std::fmt::Write as _;
+use std::fs::Metadata;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use super::Diagnostic;
 
@@ -52,7 +57,7 @@ impl BundleSources {
             ..Self::default()
         };
 
-        for (path, shown) in walk("policies", policies, &mut diagnostics) {
+        for (path, shown, _) in walk("policies", policies, &mut diagnostics) {
             if shown.ends_with(ENTITIES_SUFFIX) {
                 if let Some(file) = read(&path, shown, &mut diagnostics) {
                     sources.entities.push(file);
@@ -63,7 +68,7 @@ impl BundleSources {
                 }
             }
         }
-        for (path, shown) in walk("schemas", schemas, &mut diagnostics) {
+        for (path, shown, _) in walk("schemas", schemas, &mut diagnostics) {
             let format = if shown.ends_with(SCHEMA_SUFFIX) {
                 SchemaFormat::Cedar
             } else if shown.ends_with(JSON_SUFFIX) {
@@ -110,6 +115,36 @@ impl BundleSources {
         sources
     }
 
+    /// Reads the bundle as [`BundleSources::read_dirs`] does, but only
+    /// returns a set of files that did not change while it was being read.
+    ///
+    /// Each directory is resolved to its real path first, so a bundle behind
+    /// a symbolic link that is swapped (git-sync) is read from one tree. The
+    /// tree is stamped before and after reading; a difference (a file being
+    /// written, a ConfigMap `..data` swap mid-read, the two directories
+    /// resolving into different checkouts) gives [`ReadOutcome::Changing`]
+    /// instead of a mix of old and new files.
+    pub fn read_stable(policies: &Path, schemas: &Path) -> ReadOutcome {
+        let before = TreeStamp::of(policies, schemas);
+        let real_policies = std::fs::canonicalize(policies).unwrap_or_else(|_| policies.into());
+        let real_schemas = std::fs::canonicalize(schemas).unwrap_or_else(|_| schemas.into());
+        let read = Self::read_dirs(&real_policies, &real_schemas);
+        if TreeStamp::of(policies, schemas) != before {
+            return ReadOutcome::Changing;
+        }
+        let origin = format!("{} + {}", policies.display(), schemas.display());
+        match read {
+            Ok(mut sources) => {
+                sources.origin = origin;
+                ReadOutcome::Read(sources)
+            }
+            Err(diagnostics) => ReadOutcome::Unreadable {
+                origin,
+                diagnostics,
+            },
+        }
+    }
+
     /// Every file, for hashing and status.
     pub fn files(&self) -> impl Iterator<Item = &SourceFile> {
         self.policies
@@ -117,14 +152,93 @@ impl BundleSources {
             .chain(self.schemas.iter().map(|(_, f)| f))
             .chain(self.entities.iter())
     }
+
+    /// The version these files make: SHA-256 over every file's path and
+    /// contents, in load order; the first 16 hex digits. The same files give
+    /// the same version wherever and whenever they are loaded.
+    pub fn version(&self) -> String {
+        let mut hasher = Sha256::new();
+        for file in self.files() {
+            hasher.update((file.path.len() as u64).to_le_bytes());
+            hasher.update(file.path.as_bytes());
+            hasher.update((file.text.len() as u64).to_le_bytes());
+            hasher.update(file.text.as_bytes());
+        }
+        let digest = hasher.finalize();
+        let mut version = String::with_capacity(16);
+        for byte in digest.iter().take(8) {
+            let _ = write!(version, "{byte:02x}");
+        }
+        version
+    }
+}
+
+/// What [`BundleSources::read_stable`] found.
+#[derive(Debug)]
+pub enum ReadOutcome {
+    Read(BundleSources),
+    /// A directory or file could not be read.
+    Unreadable {
+        origin: String,
+        diagnostics: Vec<Diagnostic>,
+    },
+    /// The files changed while they were read; read again once they settle.
+    Changing,
+}
+
+/// A cheap summary of a bundle's directory trees without reading contents:
+/// each directory's real path, and every bundle file's path, device, inode,
+/// size, modification and change times (through symbolic links), plus any
+/// error met on the way. Equal stamps mean, for all practical purposes, the
+/// same files; polling compares stamps, and reads are checked with them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeStamp([u8; 32]);
+
+impl TreeStamp {
+    /// Stamps the trees under `policies` and `schemas`. Blocking.
+    pub fn of(policies: &Path, schemas: &Path) -> Self {
+        let mut hasher = Sha256::new();
+        for (label, root) in [("policies", policies), ("schemas", schemas)] {
+            match std::fs::canonicalize(root) {
+                Ok(real) => hasher.update(real.as_os_str().as_encoded_bytes()),
+                Err(e) => hasher.update(format!("unresolvable: {}", e.kind()).as_bytes()),
+            }
+            hasher.update([0]);
+            let mut problems = Vec::new();
+            for (_, shown, meta) in walk(label, root, &mut problems) {
+                hasher.update(shown.as_bytes());
+                hasher.update([0]);
+                for n in [
+                    meta.dev(),
+                    meta.ino(),
+                    meta.len(),
+                    meta.mtime() as u64,
+                    meta.mtime_nsec() as u64,
+                    meta.ctime() as u64,
+                    meta.ctime_nsec() as u64,
+                ] {
+                    hasher.update(n.to_le_bytes());
+                }
+            }
+            for problem in problems {
+                hasher.update(problem.message.as_bytes());
+            }
+        }
+        Self(hasher.finalize().into())
+    }
 }
 
 /// `(directory, relative path, contents)` of each example file (build.rs).
 const EMBEDDED: &[(&str, &str, &str)] = include!(concat!(env!("OUT_DIR"), "/embedded_bundle.rs"));
 
-/// All regular files under `root`, sorted, as `(path, shown)` where `shown`
-/// is `label/relative/path`.
-fn walk(label: &str, root: &Path, diagnostics: &mut Vec<Diagnostic>) -> Vec<(PathBuf, String)> {
+/// All regular files under `root` (except hidden ones), sorted, as
+/// `(path, shown, metadata)` where `shown` is `label/relative/path` and the
+/// metadata is that of the file a symbolic link leads to.
+fn walk(
+    label: &str,
+    root: &Path,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<(PathBuf, String, Metadata)> {
     let mut out = Vec::new();
     match std::fs::metadata(root) {
         Ok(meta) if meta.is_dir() => {}
@@ -190,7 +304,7 @@ fn walk(label: &str, root: &Path, diagnostics: &mut Vec<Diagnostic>) -> Vec<(Pat
                 Ok(meta) if meta.is_file() => {
                     let rel = path.strip_prefix(root).unwrap_or(&path);
                     let shown = format!("{label}/{}", rel.to_string_lossy().replace('\\', "/"));
-                    out.push((path, shown));
+                    out.push((path, shown, meta));
                 }
                 Ok(_) => {}
                 Err(err) => diagnostics.push(Diagnostic::plain(

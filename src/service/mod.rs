@@ -1,6 +1,7 @@
 //! The `leash.v1.Authorizer` gRPC service: converts requests, asks the engine,
 //! converts decisions back, and maps bad input to `INVALID_ARGUMENT`.
 
+pub mod admin;
 pub mod convert;
 
 use std::sync::Arc;

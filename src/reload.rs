@@ -1,0 +1,769 @@
+//! Hot reload: notice that the bundle's files changed, build a complete new
+//! snapshot off the request path, and publish it with one atomic store, or
+//! refuse it and keep serving the last good one.
+//!
+//! How a change travels:
+//!
+//! ```text
+//! inotify event / poll stamp differs / SIGHUP
+//!   → wake (coalesced: one pending wake-up however many events)
+//!   → settle (wait until no event for `settle`, at most `MAX_COALESCE`)
+//!   → re-arm watches (follows a swapped `..data` or git-sync symlink)
+//!   → reload thread (low priority): stable read → Snapshot::build
+//!       → same version: UNCHANGED   → invalid: REFUSED (last good serves on)
+//!       → else: one ArcSwap store, LOADED; the old snapshot is freed on the
+//!         reload thread once requests in flight let go of it
+//! ```
+//!
+//! Watches are armed *before* the files are read, so a change made while a
+//! bundle is being read or built always leads to another attempt.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use tokio::sync::{oneshot, Notify};
+use tracing::{debug, error, info, warn};
+
+use crate::bundle::{
+    BundleError, BundleLocation, BundleSources, Diagnostic, LiveBundle, ReadOutcome, Snapshot,
+    TreeStamp,
+};
+use crate::server::Server;
+
+/// Default quiet time before a burst of events is acted on.
+pub const DEFAULT_SETTLE: Duration = Duration::from_millis(50);
+
+/// A burst of events that never goes quiet is acted on after this long.
+pub const MAX_COALESCE: Duration = Duration::from_secs(1);
+
+/// Polling interval used when inotify cannot be used at all.
+pub const FALLBACK_POLL: Duration = Duration::from_secs(2);
+
+/// How long the reload thread waits for requests in flight to release a
+/// replaced snapshot before leaving the last one to free it.
+const RETIRE_WAIT: Duration = Duration::from_secs(30);
+
+/// How changes to the bundle's files are noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchMode {
+    /// File system events (inotify), falling back to polling when the
+    /// kernel refuses watches.
+    Events,
+    /// Compare a stamp of the trees every interval (NFS, EFS and other file
+    /// systems without inotify).
+    Poll(Duration),
+    /// Only SIGHUP reloads.
+    Off,
+}
+
+/// Reload settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadOptions {
+    pub watch: WatchMode,
+    /// Quiet time that ends a burst of events.
+    pub settle: Duration,
+}
+
+impl Default for ReloadOptions {
+    fn default() -> Self {
+        Self {
+            watch: WatchMode::Events,
+            settle: DEFAULT_SETTLE,
+        }
+    }
+}
+
+/// What started a reload attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Startup,
+    Watch,
+    Poll,
+    Signal,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Startup => "startup",
+            Trigger::Watch => "watch",
+            Trigger::Poll => "poll",
+            Trigger::Signal => "signal",
+        }
+    }
+}
+
+/// How a reload attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new version is served.
+    Loaded,
+    /// The files hold the version already served.
+    Unchanged,
+    /// The files are invalid; the previous version serves on.
+    Refused(Vec<Diagnostic>),
+}
+
+/// One reload attempt, for the status RPC.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub trigger: Trigger,
+    pub started_at: SystemTime,
+    pub finished_at: SystemTime,
+    /// Version of the files read, when they could be read in full.
+    pub version: Option<String>,
+    pub outcome: Outcome,
+}
+
+/// Attempts since startup, by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub loaded: u64,
+    pub unchanged: u64,
+    pub refused: u64,
+}
+
+/// Reload state shared between the reloader (writer) and the status RPC
+/// (reader). Never touched on the decision path.
+#[derive(Debug, Default)]
+pub struct ReloadStatus {
+    inner: Mutex<StatusInner>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct StatusInner {
+    watch: String,
+    last: Option<Attempt>,
+    counters: Counters,
+}
+
+/// A copy of [`ReloadStatus`] at one instant.
+#[derive(Debug, Clone)]
+pub struct StatusView {
+    /// How changes are noticed: "inotify", "poll every 2s", "off".
+    pub watch: String,
+    pub last_attempt: Option<Attempt>,
+    pub counters: Counters,
+}
+
+impl ReloadStatus {
+    pub fn view(&self) -> StatusView {
+        let inner = self.lock().clone();
+        StatusView {
+            watch: if inner.watch.is_empty() {
+                "off".to_owned()
+            } else {
+                inner.watch
+            },
+            last_attempt: inner.last,
+            counters: inner.counters,
+        }
+    }
+
+    fn set_watch(&self, watch: String) {
+        self.lock().watch = watch;
+    }
+
+    fn record(&self, attempt: Attempt) {
+        let mut inner = self.lock();
+        match attempt.outcome {
+            Outcome::Loaded => inner.counters.loaded += 1,
+            Outcome::Unchanged => inner.counters.unchanged += 1,
+            Outcome::Refused(_) => inner.counters.refused += 1,
+        }
+        inner.last = Some(attempt);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
+        // The state is plain data, valid whatever a panicking writer left.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Keeps a server's bundle in step with its files.
+pub struct Reloader {
+    server: Arc<Server>,
+    location: BundleLocation,
+    options: ReloadOptions,
+    wake: Arc<Notify>,
+    forced: AtomicBool,
+    /// Stamp of the trees taken just before the startup load, so that a
+    /// change made before the watches are armed is not missed.
+    startup_stamp: Mutex<Option<TreeStamp>>,
+}
+
+impl Reloader {
+    pub fn new(server: Arc<Server>, location: BundleLocation, options: ReloadOptions) -> Arc<Self> {
+        Arc::new(Self {
+            server,
+            location,
+            options,
+            wake: Arc::new(Notify::new()),
+            forced: AtomicBool::new(false),
+            startup_stamp: Mutex::new(None),
+        })
+    }
+
+    /// Loads the bundle for the first time and publishes it (health turns
+    /// SERVING). A refused bundle is returned as the error: leash does not
+    /// start serving without a valid one.
+    pub async fn load_initial(&self) -> Result<(), BundleError> {
+        let live = self.server.live();
+        loop {
+            let started_at = SystemTime::now();
+            let location = self.location.clone();
+            let live_for_job = live.clone();
+            let (stamp_tx, stamp_rx) = std::sync::mpsc::channel();
+            let job = on_reload_thread(move || {
+                if let BundleLocation::Dirs { policies, schemas } = &location {
+                    let _ = stamp_tx.send(TreeStamp::of(policies, schemas));
+                }
+                build(&location, &live_for_job, false)
+            })
+            .await;
+            if let Ok(stamp) = stamp_rx.try_recv() {
+                *self
+                    .startup_stamp
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(stamp);
+            }
+            match job {
+                Job::Changing => tokio::time::sleep(self.options.settle).await,
+                Job::Startup(snapshot) => {
+                    let version = snapshot.version.clone();
+                    self.server.publish(*snapshot).await;
+                    self.record(Trigger::Startup, started_at, Some(version), Outcome::Loaded);
+                    return Ok(());
+                }
+                Job::Refused { version, error } => {
+                    self.record(
+                        Trigger::Startup,
+                        started_at,
+                        version,
+                        Outcome::Refused(error.diagnostics.clone()),
+                    );
+                    return Err(error);
+                }
+                Job::Loaded { .. } | Job::Unchanged { .. } => {
+                    // `build` only installs when asked to; nothing to do.
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Asks for a reload even if no change was seen (SIGHUP).
+    pub fn force(&self) {
+        self.forced.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Watches the bundle and reloads on change until `shutdown` completes.
+    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        let dirs = match &self.location {
+            BundleLocation::Dirs { policies, schemas } => Some((policies.clone(), schemas.clone())),
+            BundleLocation::Embedded => None,
+        };
+        let mut mode = match dirs {
+            Some(_) => self.options.watch,
+            None => WatchMode::Off,
+        };
+        let mut watcher = None;
+        if let (WatchMode::Events, Some((policies, schemas))) = (mode, &dirs) {
+            match arm_watches(&[policies, schemas], self.wake.clone()) {
+                Ok(w) => watcher = Some(w),
+                Err(e) => {
+                    warn!(
+                        error = %e,
+                        poll_interval_secs = FALLBACK_POLL.as_secs_f64(),
+                        "cannot watch the bundle with inotify; polling instead"
+                    );
+                    mode = WatchMode::Poll(FALLBACK_POLL);
+                }
+            }
+        }
+        let startup_stamp = self
+            .startup_stamp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let mut poller = None;
+        if let (WatchMode::Poll(interval), Some((policies, schemas))) = (mode, &dirs) {
+            poller = Some(tokio::spawn(poll(
+                policies.clone(),
+                schemas.clone(),
+                interval,
+                startup_stamp.clone(),
+                self.wake.clone(),
+            )));
+        }
+        // Watches are armed now: anything changed since the startup load
+        // would otherwise go unnoticed until the next change.
+        if let (WatchMode::Events, Some((policies, schemas))) = (mode, &dirs) {
+            let (p, s) = (policies.clone(), schemas.clone());
+            let now = tokio::task::spawn_blocking(move || TreeStamp::of(&p, &s))
+                .await
+                .ok();
+            if now.is_none() || now != startup_stamp {
+                self.wake.notify_one();
+            }
+        }
+        let described = match (mode, &dirs) {
+            (_, None) => "off (built-in bundle)".to_owned(),
+            (WatchMode::Events, _) => "inotify".to_owned(),
+            (WatchMode::Poll(interval), _) => format!("poll every {}", human(interval)),
+            (WatchMode::Off, _) => "off (SIGHUP reloads)".to_owned(),
+        };
+        info!(watch = %described, settle_ms = self.options.settle.as_millis() as u64, "watching the policy bundle");
+        self.server.reload_status().set_watch(described);
+
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = self.wake.notified() => {}
+            }
+            // Coalesce the burst: an editor's save, a `git checkout` or a
+            // ConfigMap update is many events for one change.
+            let burst = Instant::now();
+            while burst.elapsed() < MAX_COALESCE {
+                let quiet = tokio::time::timeout(self.options.settle, self.wake.notified()).await;
+                if quiet.is_err() {
+                    break;
+                }
+            }
+            let trigger = if self.forced.swap(false, Ordering::SeqCst) {
+                Trigger::Signal
+            } else {
+                match mode {
+                    WatchMode::Poll(_) => Trigger::Poll,
+                    _ => Trigger::Watch,
+                }
+            };
+            // Re-arm before reading: the directories may now resolve to
+            // another tree (a swapped symlink, a re-created directory), and
+            // anything that changes from here on must wake us again.
+            if let (Some(_), Some((policies, schemas))) = (&watcher, &dirs) {
+                match arm_watches(&[policies, schemas], self.wake.clone()) {
+                    Ok(w) => watcher = Some(w),
+                    Err(e) => {
+                        warn!(error = %e, "cannot re-arm the watches; keeping the previous ones")
+                    }
+                }
+            }
+            self.reload(trigger).await;
+        }
+        if let Some(poller) = poller {
+            poller.abort();
+        }
+    }
+
+    /// One reload attempt: read, build, compare, publish or refuse.
+    async fn reload(&self, trigger: Trigger) {
+        let started_at = SystemTime::now();
+        let clock = Instant::now();
+        let live = self.server.live();
+        let serving = live.current().map(|s| s.version.clone());
+        let location = self.location.clone();
+        let job = on_reload_thread(move || build(&location, &live, true)).await;
+        let took_ms = clock.elapsed().as_secs_f64() * 1e3;
+        match job {
+            Job::Changing => {
+                debug!("bundle files changed while being read; reading again once they settle");
+                self.wake.notify_one();
+            }
+            Job::Loaded {
+                version,
+                policies,
+                entities,
+                files,
+                warnings,
+            } => {
+                info!(
+                    policy_version = %version,
+                    previous_version = serving.as_deref().unwrap_or("none"),
+                    trigger = trigger.as_str(),
+                    policies,
+                    entities,
+                    files,
+                    took_ms,
+                    "policy bundle reloaded"
+                );
+                for warning in warnings {
+                    warn!(warning = %warning, "policy validation warning");
+                }
+                self.record(trigger, started_at, Some(version), Outcome::Loaded);
+            }
+            Job::Unchanged { version } => {
+                debug!(policy_version = %version, trigger = trigger.as_str(), took_ms, "policy bundle unchanged");
+                self.record(trigger, started_at, Some(version), Outcome::Unchanged);
+            }
+            Job::Refused { version, error } => {
+                error!(
+                    origin = %error.origin,
+                    problems = error.diagnostics.len(),
+                    attempted_version = version.as_deref().unwrap_or("unreadable"),
+                    serving_version = serving.as_deref().unwrap_or("none"),
+                    trigger = trigger.as_str(),
+                    "policy bundle refused; the previous version keeps serving"
+                );
+                for d in &error.diagnostics {
+                    error!(
+                        file = d.file.as_deref().unwrap_or(""),
+                        line = d.line.unwrap_or(0),
+                        column = d.column.unwrap_or(0),
+                        report = %d.rendered.trim_end(),
+                        "bundle problem: {}",
+                        d.message
+                    );
+                }
+                self.record(
+                    trigger,
+                    started_at,
+                    version,
+                    Outcome::Refused(error.diagnostics),
+                );
+            }
+            Job::Startup(_) => {}
+        }
+    }
+
+    fn record(
+        &self,
+        trigger: Trigger,
+        started_at: SystemTime,
+        version: Option<String>,
+        outcome: Outcome,
+    ) {
+        self.server.reload_status().record(Attempt {
+            trigger,
+            started_at,
+            finished_at: SystemTime::now(),
+            version,
+            outcome,
+        });
+    }
+}
+
+/// What the reload thread did.
+enum Job {
+    /// Startup: the snapshot to publish (the caller sets health).
+    Startup(Box<Snapshot>),
+    Loaded {
+        version: String,
+        policies: usize,
+        entities: usize,
+        files: usize,
+        warnings: Vec<String>,
+    },
+    Unchanged {
+        version: String,
+    },
+    Refused {
+        version: Option<String>,
+        error: BundleError,
+    },
+    Changing,
+}
+
+/// Reads and builds the bundle; with `install`, publishes a new version
+/// into `live` and frees the one it replaces. Blocking: runs on the reload
+/// thread.
+fn build(location: &BundleLocation, live: &LiveBundle, install: bool) -> Job {
+    let sources = match location {
+        BundleLocation::Embedded => BundleSources::embedded(),
+        BundleLocation::Dirs { policies, schemas } => {
+            match BundleSources::read_stable(policies, schemas) {
+                ReadOutcome::Read(sources) => sources,
+                ReadOutcome::Changing => return Job::Changing,
+                ReadOutcome::Unreadable {
+                    origin,
+                    diagnostics,
+                } => {
+                    return Job::Refused {
+                        version: None,
+                        error: BundleError {
+                            origin,
+                            diagnostics,
+                        },
+                    }
+                }
+            }
+        }
+    };
+    let version = sources.version();
+    // The same files build the same snapshot: skip the work.
+    if install && live.current().is_some_and(|s| s.version == version) {
+        return Job::Unchanged { version };
+    }
+    let snapshot = match Snapshot::build(&sources) {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            return Job::Refused {
+                version: Some(version),
+                error,
+            }
+        }
+    };
+    if !install {
+        return Job::Startup(Box::new(snapshot));
+    }
+    let job = Job::Loaded {
+        version,
+        policies: snapshot.policy_count(),
+        entities: snapshot.entity_count(),
+        files: snapshot.files.len(),
+        warnings: snapshot.warnings.clone(),
+    };
+    if let Some(old) = live.replace(snapshot) {
+        retire(old);
+    }
+    job
+}
+
+/// Frees a replaced snapshot here, on the reload thread, rather than on
+/// whichever request thread happens to drop the last reference: freeing a
+/// large policy set takes long enough to show in decision latency. Requests
+/// in flight hold it for microseconds to milliseconds.
+fn retire(mut old: Arc<Snapshot>) {
+    let deadline = Instant::now() + RETIRE_WAIT;
+    loop {
+        match Arc::try_unwrap(old) {
+            Ok(snapshot) => {
+                drop(snapshot);
+                return;
+            }
+            Err(still_shared) if Instant::now() < deadline => {
+                old = still_shared;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // A request is taking very long; it frees the snapshot itself.
+            Err(_) => return,
+        }
+    }
+}
+
+/// Runs `work` on a dedicated thread at lowered CPU priority, so that a
+/// large bundle being built competes as little as possible with decisions.
+async fn on_reload_thread(work: impl FnOnce() -> Job + Send + 'static) -> Job {
+    let (tx, rx) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("leash-reload".to_owned())
+        .spawn(move || {
+            lower_thread_priority();
+            let _ = tx.send(work());
+        });
+    let refused = |message: String| Job::Refused {
+        version: None,
+        error: BundleError {
+            origin: "reload".to_owned(),
+            diagnostics: vec![Diagnostic::plain(None, message)],
+        },
+    };
+    if let Err(e) = spawned {
+        return refused(format!("cannot start the reload thread: {e}"));
+    }
+    match rx.await {
+        Ok(job) => job,
+        // The thread ended without an answer (a panic in a dependency):
+        // nothing was published, so the last good bundle serves on.
+        Err(_) => refused("the reload thread failed".to_owned()),
+    }
+}
+
+/// Nice value of the reload thread: decisions come first, yet a reload
+/// still gets a tenth of a contended core.
+const RELOAD_NICE: libc::c_int = 10;
+
+fn lower_thread_priority() {
+    // SAFETY: setpriority only reads its integer arguments. On Linux, who = 0
+    // with PRIO_PROCESS names the calling thread alone, not the process.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS as _, 0, RELOAD_NICE) };
+    if rc != 0 {
+        debug!(
+            error = %std::io::Error::last_os_error(),
+            "cannot lower the reload thread's priority"
+        );
+    }
+}
+
+/// A live inotify watcher over the bundle's directories.
+type Armed = notify::RecommendedWatcher;
+
+/// Starts watching `roots`: each recursively (through symbolic links), its
+/// parent (so a deleted or re-created directory is noticed), and the parent
+/// of every symbolic link on its path (so a swapped git-sync link is).
+fn arm_watches(roots: &[&PathBuf], wake: Arc<Notify>) -> Result<Armed, notify::Error> {
+    // Events name absolute paths; parent directories also report changes to
+    // their other entries, which must not cause reloads.
+    let absolute: Vec<PathBuf> = roots
+        .iter()
+        .map(|r| std::path::absolute(r).unwrap_or_else(|_| (*r).clone()))
+        .collect();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        match event {
+            Ok(event) if !relevant(&event.kind) || !concerns(&event.paths, &absolute) => {}
+            // Not logged one by one: a log file inside a watched directory
+            // would feed itself.
+            Ok(_) => wake.notify_one(),
+            // An error may mean lost events (queue overflow): look again.
+            Err(e) => {
+                debug!(error = %e, "file watch error; reloading to be safe");
+                wake.notify_one();
+            }
+        }
+    })?;
+    let mut points: Vec<(PathBuf, RecursiveMode)> = Vec::new();
+    for root in roots {
+        if root.is_dir() {
+            points.push(((*root).clone(), RecursiveMode::Recursive));
+        }
+        if let Some(parent) = existing_ancestor(root) {
+            points.push((parent, RecursiveMode::NonRecursive));
+        }
+        let mut prefix = PathBuf::new();
+        for component in root.components() {
+            prefix.push(component);
+            let is_link = std::fs::symlink_metadata(&prefix).is_ok_and(|m| m.is_symlink());
+            if let (true, Some(parent)) = (is_link, prefix.parent()) {
+                points.push((parent.to_path_buf(), RecursiveMode::NonRecursive));
+            }
+        }
+    }
+    let mut seen: Vec<&PathBuf> = Vec::new();
+    for (path, mode) in &points {
+        if seen.contains(&path) {
+            continue;
+        }
+        seen.push(path);
+        if let Err(e) = watcher.watch(path, *mode) {
+            match e.kind {
+                // The kernel's watch limit: polling is the only way left.
+                notify::ErrorKind::MaxFilesWatch => return Err(e),
+                // Gone between the check and the watch; the parent's watch
+                // sees it come back.
+                notify::ErrorKind::PathNotFound => {}
+                _ => warn!(path = %path.display(), error = %e, "cannot watch"),
+            }
+        }
+    }
+    Ok(watcher)
+}
+
+/// The nearest existing directory above `path`.
+fn existing_ancestor(path: &Path) -> Option<PathBuf> {
+    let mut current = path.parent();
+    while let Some(dir) = current {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        if dir.is_dir() {
+            return Some(dir.to_path_buf());
+        }
+        current = dir.parent();
+    }
+    None
+}
+
+/// Events that can mean a changed bundle. Opening and reading files (leash's
+/// own reads among them) cannot.
+fn relevant(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
+/// Whether an event on `paths` can change the bundle under `roots`: a path
+/// inside a root, or a root's own ancestor (a directory or symbolic link on
+/// the way to it). An event without paths (lost events) always can.
+fn concerns(paths: &[PathBuf], roots: &[PathBuf]) -> bool {
+    paths.is_empty()
+        || paths
+            .iter()
+            .any(|p| roots.iter().any(|r| p.starts_with(r) || r.starts_with(p)))
+}
+
+/// Stamps the trees every `interval` and wakes the reloader when the stamp
+/// differs from the previous one.
+async fn poll(
+    policies: PathBuf,
+    schemas: PathBuf,
+    interval: Duration,
+    loaded: Option<TreeStamp>,
+    wake: Arc<Notify>,
+) {
+    let stamp = |p: PathBuf, s: PathBuf| async move {
+        tokio::task::spawn_blocking(move || TreeStamp::of(&p, &s))
+            .await
+            .ok()
+    };
+    // Compared against the stamp of the files loaded at startup, so a change
+    // made in between is seen at the first tick.
+    let mut last = loaded;
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let now = stamp(policies.clone(), schemas.clone()).await;
+        if now != last {
+            last = now;
+            wake.notify_one();
+        }
+    }
+}
+
+/// `2s`, `500ms`, `1.5s` for logs and status.
+fn human(d: Duration) -> String {
+    if d.subsec_millis() == 0 && d.as_secs() > 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reading_is_not_a_change() {
+        assert!(!relevant(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!relevant(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(relevant(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(relevant(&EventKind::Any));
+    }
+
+    #[test]
+    fn only_events_on_the_way_to_or_inside_a_root_count() {
+        let roots = vec![PathBuf::from("/git/current/policies")];
+        let concerns_one = |p: &str| concerns(&[PathBuf::from(p)], &roots);
+        assert!(concerns_one("/git/current/policies/a.cedar"));
+        assert!(concerns_one("/git/current/policies/./sub/b.cedar"));
+        assert!(concerns_one("/git/current"), "the swapped link itself");
+        assert!(!concerns_one("/git/current.tmp"), "not yet the link");
+        assert!(!concerns_one("/git/current/README.md"));
+        assert!(!concerns_one("/git/current/policies-old/a.cedar"));
+        assert!(concerns(&[], &roots));
+    }
+
+    #[test]
+    fn durations_print_briefly() {
+        assert_eq!(human(Duration::from_secs(2)), "2s");
+        assert_eq!(human(Duration::from_millis(250)), "250ms");
+    }
+}
