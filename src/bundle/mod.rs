@@ -20,7 +20,9 @@ use cedar_policy::{
 
 pub use diagnostic::Diagnostic;
 pub use reserved::{LeashFields, ReservedContext, LEASH_ATTR};
-pub use sources::{BundleSources, ReadOutcome, SchemaFormat, SourceFile, TreeStamp};
+pub use sources::{
+    effective_root, BundleSources, ReadOutcome, SchemaFormat, SourceFile, TreeStamp,
+};
 
 /// Why a bundle was refused.
 #[derive(Debug, thiserror::Error)]

@@ -118,17 +118,17 @@ impl BundleSources {
     /// Reads the bundle as [`BundleSources::read_dirs`] does, but only
     /// returns a set of files that did not change while it was being read.
     ///
-    /// Each directory is resolved to its real path first, so a bundle behind
-    /// a symbolic link that is swapped (git-sync) is read from one tree. The
-    /// tree is stamped before and after reading; a difference (a file being
-    /// written, a ConfigMap `..data` swap mid-read, the two directories
-    /// resolving into different checkouts) gives [`ReadOutcome::Changing`]
-    /// instead of a mix of old and new files.
+    /// Each directory is resolved once, to one tree (see
+    /// [`effective_root`]): a git-sync link is followed to its worktree, a
+    /// ConfigMap volume is read through `..data` from the generation it names
+    /// rather than through the visible links, which the kubelet rewrites one
+    /// by one after the swap. The trees are stamped before and after reading;
+    /// a difference (a file being written, a swap mid-read, the two
+    /// directories resolving into different checkouts) gives
+    /// [`ReadOutcome::Changing`] instead of a mix of old and new files.
     pub fn read_stable(policies: &Path, schemas: &Path) -> ReadOutcome {
         let before = TreeStamp::of(policies, schemas);
-        let real_policies = std::fs::canonicalize(policies).unwrap_or_else(|_| policies.into());
-        let real_schemas = std::fs::canonicalize(schemas).unwrap_or_else(|_| schemas.into());
-        let read = Self::read_dirs(&real_policies, &real_schemas);
+        let read = Self::read_dirs(&effective_root(policies), &effective_root(schemas));
         if TreeStamp::of(policies, schemas) != before {
             return ReadOutcome::Changing;
         }
@@ -186,8 +186,23 @@ pub enum ReadOutcome {
     Changing,
 }
 
+/// The directory a bundle directory is read from: the real path of
+/// `dir/..data` when `dir` is a Kubernetes ConfigMap (or Secret, or
+/// projected) volume, whose `..data` link names the current generation as a
+/// whole; otherwise the real path of `dir` itself. Unresolvable paths are
+/// returned as given, for the reader to report.
+pub fn effective_root(dir: &Path) -> PathBuf {
+    let data = dir.join("..data");
+    if data.is_dir() {
+        if let Ok(real) = std::fs::canonicalize(&data) {
+            return real;
+        }
+    }
+    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
 /// A cheap summary of a bundle's directory trees without reading contents:
-/// each directory's real path, and every bundle file's path, device, inode,
+/// each directory's [`effective_root`], and every bundle file's path, device, inode,
 /// size, modification and change times (through symbolic links), plus any
 /// error met on the way. Equal stamps mean, for all practical purposes, the
 /// same files; polling compares stamps, and reads are checked with them.
@@ -199,13 +214,11 @@ impl TreeStamp {
     pub fn of(policies: &Path, schemas: &Path) -> Self {
         let mut hasher = Sha256::new();
         for (label, root) in [("policies", policies), ("schemas", schemas)] {
-            match std::fs::canonicalize(root) {
-                Ok(real) => hasher.update(real.as_os_str().as_encoded_bytes()),
-                Err(e) => hasher.update(format!("unresolvable: {}", e.kind()).as_bytes()),
-            }
+            let effective = effective_root(root);
+            hasher.update(effective.as_os_str().as_encoded_bytes());
             hasher.update([0]);
             let mut problems = Vec::new();
-            for (_, shown, meta) in walk(label, root, &mut problems) {
+            for (_, shown, meta) in walk(label, &effective, &mut problems) {
                 hasher.update(shown.as_bytes());
                 hasher.update([0]);
                 for n in [

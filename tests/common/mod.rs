@@ -173,3 +173,146 @@ pub fn name(decision: i32) -> &'static str {
         _ => "UNSPECIFIED",
     }
 }
+
+/// A real server that loads its bundle from directories and hot-reloads it,
+/// as `leash serve --policies --schemas` does.
+pub struct ReloadingServer {
+    pub server: Arc<Server>,
+    pub addr: SocketAddr,
+    pub client: AuthorizerClient<Channel>,
+    pub admin: leash::proto::v1::admin_client::AdminClient<Channel>,
+    stop: tokio::sync::watch::Sender<bool>,
+    serving: Option<JoinHandle<Result<(), leash::server::ServeError>>>,
+    reloading: Option<JoinHandle<()>>,
+}
+
+/// Bound on every wait for the server to catch up with the files.
+pub const RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl ReloadingServer {
+    pub async fn start(
+        policies: &Path,
+        schemas: &Path,
+        options: leash::reload::ReloadOptions,
+    ) -> Self {
+        let tcp = bind_tcp("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind tcp");
+        let addr = match &tcp {
+            leash::server::Listener::Tcp(l) => l.local_addr().expect("local addr"),
+            leash::server::Listener::Unix(..) => unreachable!(),
+        };
+        let server = Arc::new(Server::new(ServerOptions::default()).await);
+        let reloader = leash::reload::Reloader::new(
+            server.clone(),
+            leash::bundle::BundleLocation::Dirs {
+                policies: policies.to_owned(),
+                schemas: schemas.to_owned(),
+            },
+            options,
+        );
+        reloader.load_initial().await.expect("initial bundle loads");
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let running = server.clone();
+        let stop_serving = wait(stopped.clone());
+        let serving = tokio::spawn(async move { running.run(vec![tcp], stop_serving).await });
+        let reloading = tokio::spawn(reloader.run(wait(stopped)));
+        let channel = leash::check::channel_tcp(&addr.to_string())
+            .await
+            .expect("connect");
+        Self {
+            server,
+            addr,
+            client: AuthorizerClient::new(channel.clone()),
+            admin: leash::proto::v1::admin_client::AdminClient::new(channel),
+            stop,
+            serving: Some(serving),
+            reloading: Some(reloading),
+        }
+    }
+
+    pub async fn status(&self) -> pb::StatusResponse {
+        self.admin
+            .clone()
+            .status(pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+    }
+
+    pub async fn serving_version(&self) -> String {
+        self.status()
+            .await
+            .serving
+            .map(|b| b.version)
+            .unwrap_or_default()
+    }
+
+    /// Polls Status until `done` holds (bounded by [`RELOAD_WAIT`]).
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        mut done: impl FnMut(&pb::StatusResponse) -> bool,
+    ) -> pb::StatusResponse {
+        let deadline = tokio::time::Instant::now() + RELOAD_WAIT;
+        loop {
+            let status = self.status().await;
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; last status: {status:#?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until `version` is served.
+    pub async fn wait_version(&self, version: &str) -> pb::StatusResponse {
+        self.wait_until(&format!("version {version}"), |s| {
+            s.serving.as_ref().is_some_and(|b| b.version == version)
+        })
+        .await
+    }
+
+    /// Waits until more than `before` attempts were refused; returns the
+    /// status with the refusal.
+    pub async fn wait_refused(&self, before: u64) -> pb::StatusResponse {
+        self.wait_until("a refused reload", |s| {
+            s.counters.as_ref().is_some_and(|c| c.refused > before)
+        })
+        .await
+    }
+
+    pub async fn decide(
+        &self,
+        req: pb::IsAuthorizedRequest,
+    ) -> Result<pb::IsAuthorizedResponse, tonic::Status> {
+        self.client
+            .clone()
+            .is_authorized(req)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.serving.take() {
+            task.await.expect("server task").expect("served cleanly");
+        }
+        if let Some(task) = self.reloading.take() {
+            task.await.expect("reloader task");
+        }
+    }
+}
+
+/// The version a bundle directory pair holds, as leash computes it.
+pub fn version_of(policies: &Path, schemas: &Path) -> String {
+    leash::bundle::BundleSources::read_dirs(policies, schemas)
+        .expect("bundle readable")
+        .version()
+}

@@ -1,0 +1,791 @@
+//! Hot reload against real files: a real server watches a bundle in a temp
+//! dir while the tests change it the ways deploy tools do (in-place edits,
+//! rename-over, ConfigMap `..data` swaps, git-sync link swaps), and checks
+//! which version is served and what it decides.
+
+mod common;
+
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{request, version_of, ReloadingServer, ALLOW, DENY, RELOAD_WAIT};
+use leash::proto::v1 as pb;
+use leash::reload::{ReloadOptions, WatchMode};
+
+const SCHEMA_DOC: &str = "entity Agent;\nentity Doc;\n\
+    action \"read\", \"write\" appliesTo { principal: [Agent], resource: [Doc] };\n";
+/// The same schema with `Doc` renamed: the old policies do not validate
+/// against it, and the new ones do not validate against the old schema.
+const SCHEMA_DOCUMENT: &str = "entity Agent;\nentity Document;\n\
+    action \"read\", \"write\" appliesTo { principal: [Agent], resource: [Document] };\n";
+const READ: &str =
+    "@id(\"bot-reads\")\npermit (principal == Agent::\"bot\", action == Action::\"read\", resource is Doc);\n";
+const WRITE: &str =
+    "@id(\"bot-writes\")\npermit (principal == Agent::\"bot\", action == Action::\"write\", resource is Doc);\n";
+const READ_DOCUMENT: &str = "@id(\"bot-reads\")\n\
+    permit (principal == Agent::\"bot\", action == Action::\"read\", resource is Document);\n";
+
+/// A bundle in a temp dir: `policies/` and `schemas/`.
+struct Bundle {
+    dir: tempfile::TempDir,
+}
+
+impl Bundle {
+    fn new(files: &[(&str, &str)]) -> Self {
+        let bundle = Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        std::fs::create_dir_all(bundle.path("policies")).expect("mkdir");
+        std::fs::create_dir_all(bundle.path("schemas")).expect("mkdir");
+        for (rel, text) in files {
+            bundle.write(rel, text);
+        }
+        bundle
+    }
+
+    /// `policies/read.cedar` allowing reads, and the `Doc` schema.
+    fn reads() -> Self {
+        Self::new(&[
+            ("policies/access.cedar", READ),
+            ("schemas/docs.cedarschema", SCHEMA_DOC),
+        ])
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn policies(&self) -> PathBuf {
+        self.path("policies")
+    }
+
+    fn schemas(&self) -> PathBuf {
+        self.path("schemas")
+    }
+
+    /// Writes in place (truncate, then write), as `echo >` and many editors do.
+    fn write(&self, rel: &str, text: &str) {
+        let path = self.path(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(path, text).expect("write");
+    }
+
+    /// Writes a hidden temporary file and renames it over `rel`, as editors
+    /// and `git checkout` do.
+    fn replace(&self, rel: &str, text: &str) {
+        let path = self.path(rel);
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp",
+            path.file_name().expect("name").to_string_lossy()
+        ));
+        std::fs::write(&tmp, text).expect("write tmp");
+        std::fs::rename(&tmp, &path).expect("rename over");
+    }
+
+    fn version(&self) -> String {
+        version_of(&self.policies(), &self.schemas())
+    }
+
+    async fn serve(&self, options: ReloadOptions) -> ReloadingServer {
+        ReloadingServer::start(&self.policies(), &self.schemas(), options).await
+    }
+}
+
+/// Watching with the default settle time. In-place writes are truncate then
+/// write; the settle time is what keeps the empty file between the two from
+/// being read, so it is not shortened here.
+fn fast() -> ReloadOptions {
+    ReloadOptions::default()
+}
+
+fn bot(action: &str, resource: &str) -> pb::IsAuthorizedRequest {
+    request(
+        "Agent::\"bot\"",
+        None,
+        &format!("Action::\"{action}\""),
+        resource,
+    )
+}
+
+/// (decision, version) of `action` on `resource` by the bot.
+async fn decide(server: &ReloadingServer, action: &str, resource: &str) -> (i32, String) {
+    let resp = server.decide(bot(action, resource)).await.expect("decided");
+    (resp.decision, resp.policy_version)
+}
+
+fn last_result(status: &pb::StatusResponse) -> pb::ReloadResult {
+    status
+        .last_attempt
+        .as_ref()
+        .and_then(|a| pb::ReloadResult::try_from(a.result).ok())
+        .unwrap_or(pb::ReloadResult::Unspecified)
+}
+
+fn refused_count(status: &pb::StatusResponse) -> u64 {
+    status.counters.as_ref().map_or(0, |c| c.refused)
+}
+
+#[tokio::test]
+async fn an_edit_in_place_is_served() {
+    let bundle = Bundle::reads();
+    let v1 = bundle.version();
+    let server = bundle.serve(fast()).await;
+    assert_eq!(
+        decide(&server, "read", "Doc::\"d1\"").await,
+        (ALLOW, v1.clone())
+    );
+
+    bundle.write("policies/access.cedar", WRITE);
+    let v2 = bundle.version();
+    assert_ne!(v1, v2);
+    let status = server.wait_version(&v2).await;
+    assert_eq!(last_result(&status), pb::ReloadResult::Loaded);
+    let attempt = status.last_attempt.expect("attempt");
+    assert_eq!(attempt.trigger, pb::ReloadTrigger::Watch as i32);
+    assert_eq!(attempt.version, v2);
+    assert_eq!(
+        decide(&server, "read", "Doc::\"d1\"").await,
+        (DENY, v2.clone())
+    );
+    assert_eq!(decide(&server, "write", "Doc::\"d1\"").await, (ALLOW, v2));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rename_over_is_served() {
+    let bundle = Bundle::reads();
+    let server = bundle.serve(fast()).await;
+    bundle.replace("policies/access.cedar", WRITE);
+    let v2 = bundle.version();
+    server.wait_version(&v2).await;
+    assert_eq!(decide(&server, "write", "Doc::\"d1\"").await, (ALLOW, v2));
+    server.shutdown().await;
+}
+
+/// Kubernetes' ConfigMap volume layout: `..<timestamp>/` holds the files,
+/// `..data` links to it, and each visible name links through `..data`. An
+/// update writes a new timestamped directory, swaps `..data` atomically by
+/// renaming a new link over it, fixes the visible links and deletes the old
+/// directory.
+struct ConfigMap {
+    root: PathBuf,
+    generation: u32,
+}
+
+impl ConfigMap {
+    fn create(root: &Path, files: &[(&str, &str)]) -> Self {
+        std::fs::create_dir_all(root).expect("mkdir");
+        let mut map = Self {
+            root: root.to_owned(),
+            generation: 0,
+        };
+        map.update(files);
+        map
+    }
+
+    fn update(&mut self, files: &[(&str, &str)]) {
+        let old = self.data_dir();
+        self.generation += 1;
+        let new = self.data_dir();
+        std::fs::create_dir(self.root.join(&new)).expect("mkdir data");
+        for (name, text) in files {
+            std::fs::write(self.root.join(&new).join(name), text).expect("write");
+        }
+        let tmp = self.root.join("..data_tmp");
+        symlink(&new, &tmp).expect("link");
+        std::fs::rename(&tmp, self.root.join("..data")).expect("swap ..data");
+        // Visible links: add the new names, drop the names that are gone.
+        for entry in std::fs::read_dir(&self.root).expect("list") {
+            let entry = entry.expect("entry");
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') && !files.iter().any(|(n, _)| *n == name) {
+                std::fs::remove_file(entry.path()).expect("unlink");
+            }
+        }
+        for (name, _) in files {
+            let visible = self.root.join(name);
+            if std::fs::symlink_metadata(&visible).is_err() {
+                symlink(format!("..data/{name}"), &visible).expect("visible link");
+            }
+        }
+        if self.generation > 1 {
+            std::fs::remove_dir_all(self.root.join(old)).expect("remove old data");
+        }
+    }
+
+    fn data_dir(&self) -> String {
+        format!("..2026_11_23_10_00_00.{:04}", self.generation)
+    }
+}
+
+#[tokio::test]
+async fn a_configmap_data_swap_is_served_once_without_duplicates() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = (dir.path().join("policies"), dir.path().join("schemas"));
+    let mut policy_map = ConfigMap::create(&policies, &[("access.cedar", READ)]);
+    ConfigMap::create(&schemas, &[("docs.cedarschema", SCHEMA_DOC)]);
+    let v1 = version_of(&policies, &schemas);
+    let server = ReloadingServer::start(&policies, &schemas, fast()).await;
+    let status = server.status().await;
+    let files = status.serving.expect("serving").files;
+    assert_eq!(
+        files,
+        vec!["policies/access.cedar", "schemas/docs.cedarschema"],
+        "each file once: nothing read through `..data` or the timestamped directory"
+    );
+
+    // A key is renamed and another added in one update.
+    policy_map.update(&[("writes.cedar", WRITE), ("reads.cedar", READ)]);
+    let v2 = version_of(&policies, &schemas);
+    assert_ne!(v1, v2);
+    let status = server.wait_version(&v2).await;
+    assert_eq!(
+        status.serving.expect("serving").files,
+        vec![
+            "policies/reads.cedar",
+            "policies/writes.cedar",
+            "schemas/docs.cedarschema"
+        ]
+    );
+    assert_eq!(
+        decide(&server, "write", "Doc::\"d1\"").await,
+        (ALLOW, v2.clone())
+    );
+    assert_eq!(decide(&server, "read", "Doc::\"d1\"").await, (ALLOW, v2));
+
+    // A second swap, after the first generation's directory is gone.
+    policy_map.update(&[("writes.cedar", WRITE)]);
+    let v3 = version_of(&policies, &schemas);
+    let status = server.wait_version(&v3).await;
+    assert_eq!(decide(&server, "read", "Doc::\"d1\"").await, (DENY, v3));
+    assert_eq!(
+        refused_count(&status),
+        0,
+        "read through `..data`, never a half-updated set of visible links"
+    );
+    server.shutdown().await;
+}
+
+/// git-sync's layout: `root/current` is a symbolic link to a worktree,
+/// replaced atomically by a link to a new worktree on every sync. leash is
+/// pointed at `root/current/policies` and `root/current/schemas`.
+#[tokio::test]
+async fn a_git_sync_link_swap_changing_schema_and_policies_together_is_served() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let checkout = |sha: &str, schema: &str, policy: &str| {
+        let tree = root.path().join(".worktrees").join(sha);
+        std::fs::create_dir_all(tree.join("policies/agents")).expect("mkdir");
+        std::fs::create_dir_all(tree.join("schemas")).expect("mkdir");
+        std::fs::write(tree.join("schemas/docs.cedarschema"), schema).expect("write");
+        std::fs::write(tree.join("policies/agents/bot.cedar"), policy).expect("write");
+        let tmp = root.path().join("current.tmp");
+        symlink(Path::new(".worktrees").join(sha), &tmp).expect("link");
+        std::fs::rename(&tmp, root.path().join("current")).expect("swap link");
+    };
+    checkout("aaaa", SCHEMA_DOC, READ);
+    let policies = root.path().join("current/policies");
+    let schemas = root.path().join("current/schemas");
+    let v1 = version_of(&policies, &schemas);
+    let server = ReloadingServer::start(&policies, &schemas, fast()).await;
+    assert_eq!(decide(&server, "read", "Doc::\"d1\"").await, (ALLOW, v1));
+
+    // One commit renames `Doc` in the schema and in the policies: neither
+    // half validates with the other half's old version.
+    checkout("bbbb", SCHEMA_DOCUMENT, READ_DOCUMENT);
+    std::fs::remove_dir_all(root.path().join(".worktrees/aaaa")).expect("remove old worktree");
+    let v2 = version_of(&policies, &schemas);
+    let status = server.wait_version(&v2).await;
+    assert_eq!(last_result(&status), pb::ReloadResult::Loaded);
+    assert_eq!(
+        refused_count(&status),
+        0,
+        "no half-old, half-new refusal: {status:#?}"
+    );
+    assert_eq!(
+        decide(&server, "read", "Document::\"d1\"").await,
+        (ALLOW, v2.clone())
+    );
+    // `Doc` no longer exists: an unknown entity type is bad input.
+    let err = server
+        .decide(bot("read", "Doc::\"d1\""))
+        .await
+        .expect_err("Doc is gone from the schema");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    // The watches follow the link: a file added inside the new worktree
+    // (not by a swap) is seen too.
+    std::fs::write(
+        policies.join("agents/deny.cedar"),
+        "@id(\"locked\")\nforbid (principal, action, resource == Document::\"locked\");\n",
+    )
+    .expect("write");
+    let v2b = version_of(&policies, &schemas);
+    server.wait_version(&v2b).await;
+    assert_eq!(
+        decide(&server, "read", "Document::\"locked\"").await,
+        (DENY, v2b)
+    );
+
+    // And back again, to a third worktree.
+    checkout("cccc", SCHEMA_DOC, WRITE);
+    let v3 = version_of(&policies, &schemas);
+    server.wait_version(&v3).await;
+    assert_eq!(decide(&server, "write", "Doc::\"d1\"").await, (ALLOW, v3));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn new_and_deleted_subdirectories_are_followed() {
+    let bundle = Bundle::reads();
+    let server = bundle.serve(fast()).await;
+
+    bundle.write("policies/teams/billing/writes.cedar", WRITE);
+    let with_team = bundle.version();
+    server.wait_version(&with_team).await;
+    assert_eq!(
+        decide(&server, "write", "Doc::\"d1\"").await,
+        (ALLOW, with_team)
+    );
+
+    // A file added later to the new directory is seen too: it is watched.
+    bundle.write(
+        "policies/teams/billing/more.cedar",
+        "@id(\"more\")\nforbid (principal, action == Action::\"write\", resource == Doc::\"locked\");\n",
+    );
+    let with_more = bundle.version();
+    server.wait_version(&with_more).await;
+    assert_eq!(
+        decide(&server, "write", "Doc::\"locked\"").await,
+        (DENY, with_more)
+    );
+
+    std::fs::remove_dir_all(bundle.path("policies/teams")).expect("rm -r");
+    let without = bundle.version();
+    server.wait_version(&without).await;
+    assert_eq!(
+        decide(&server, "write", "Doc::\"d1\"").await,
+        (DENY, without)
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn deleting_every_policy_file_is_refused_and_the_last_bundle_serves_on() {
+    let bundle = Bundle::reads();
+    let v1 = bundle.version();
+    let server = bundle.serve(fast()).await;
+    let before = refused_count(&server.status().await);
+
+    std::fs::remove_file(bundle.path("policies/access.cedar")).expect("rm");
+    let status = server.wait_refused(before).await;
+    let attempt = status.last_attempt.expect("attempt");
+    assert_eq!(attempt.result, pb::ReloadResult::Refused as i32);
+    assert!(
+        attempt.diagnostics[0].message.contains("no policy files"),
+        "{attempt:#?}"
+    );
+    assert_eq!(status.serving.expect("serving").version, v1);
+    assert_eq!(decide(&server, "read", "Doc::\"d1\"").await, (ALLOW, v1));
+
+    // Deny-all on purpose: a policy file with no policies.
+    bundle.write("policies/none.cedar", "// Everything is denied for now.\n");
+    let deny_all = bundle.version();
+    server.wait_version(&deny_all).await;
+    assert_eq!(
+        decide(&server, "read", "Doc::\"d1\"").await,
+        (DENY, deny_all)
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_deleted_and_recreated_policies_directory_is_followed() {
+    let bundle = Bundle::reads();
+    let v1 = bundle.version();
+    let server = bundle.serve(fast()).await;
+    let before = refused_count(&server.status().await);
+
+    std::fs::remove_dir_all(bundle.policies()).expect("rm -r policies");
+    let status = server.wait_refused(before).await;
+    let attempt = status.last_attempt.expect("attempt");
+    assert!(
+        attempt.diagnostics[0]
+            .message
+            .contains("cannot open policies directory"),
+        "{attempt:#?}"
+    );
+    assert_eq!(decide(&server, "read", "Doc::\"d1\"").await, (ALLOW, v1));
+
+    bundle.write("policies/access.cedar", WRITE);
+    let v2 = bundle.version();
+    server.wait_version(&v2).await;
+    assert_eq!(decide(&server, "write", "Doc::\"d1\"").await, (ALLOW, v2));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_changes_keep_the_last_good_bundle_and_are_reported() {
+    let bundle = Bundle::reads();
+    let v1 = bundle.version();
+    let server = bundle.serve(fast()).await;
+
+    // Each bad change is refused with a located diagnostic while v1 serves.
+    let cases: [(&str, &str, &str, &str); 4] = [
+        (
+            "half-written file",
+            "policies/access.cedar",
+            "@id(\"bot-reads\")\npermit (principal == Agent::\"bot\", act",
+            "policies/access.cedar",
+        ),
+        (
+            "schema violation",
+            "policies/access.cedar",
+            "@id(\"bot-reads\")\npermit (principal, action == Action::\"delete\", resource);\n",
+            "policies/access.cedar",
+        ),
+        (
+            "duplicate id",
+            "policies/copy.cedar",
+            READ,
+            "policies/copy.cedar",
+        ),
+        (
+            "invalid schema",
+            "schemas/docs.cedarschema",
+            "entity Agent;\nentity Doc;\naction \"read\" appliesTo { principal: [Agent], resource: [Nope] };\n",
+            "",
+        ),
+    ];
+    for (what, rel, text, blamed) in cases {
+        let before = refused_count(&server.status().await);
+        let original = std::fs::read_to_string(bundle.path(rel)).ok();
+        bundle.write(rel, text);
+        let status = server.wait_refused(before).await;
+        let attempt = status.last_attempt.expect("attempt");
+        assert!(!attempt.diagnostics.is_empty(), "{what}: {attempt:#?}");
+        if !blamed.is_empty() {
+            assert!(
+                attempt.diagnostics.iter().any(|d| d.file == blamed),
+                "{what}: no diagnostic names {blamed}: {attempt:#?}"
+            );
+        }
+        assert_eq!(
+            status.serving.expect("serving").version,
+            v1,
+            "{what}: the last good bundle serves on"
+        );
+        assert_eq!(
+            decide(&server, "read", "Doc::\"d1\"").await,
+            (ALLOW, v1.clone()),
+            "{what}"
+        );
+        // Undo; the files are v1 again (nothing to load).
+        match original {
+            Some(text) => bundle.write(rel, &text),
+            None => std::fs::remove_file(bundle.path(rel)).expect("rm"),
+        }
+        server
+            .wait_until(&format!("{what} undone"), |s| {
+                last_result(s) == pb::ReloadResult::Unchanged
+            })
+            .await;
+    }
+
+    // The half-written file is diagnosed with its line and column.
+    let before = refused_count(&server.status().await);
+    bundle.write(
+        "policies/access.cedar",
+        "@id(\"bot-reads\")\npermit (principal == Agent::\"bot\", act",
+    );
+    let status = server.wait_refused(before).await;
+    let d = &status.last_attempt.expect("attempt").diagnostics[0];
+    assert_eq!(
+        (d.file.as_str(), d.line),
+        ("policies/access.cedar", 2),
+        "{d:#?}"
+    );
+    assert!(d.column > 0 && !d.rendered.is_empty(), "{d:#?}");
+
+    // An unreadable file (a dangling link) is refused too.
+    std::fs::remove_file(bundle.path("policies/access.cedar")).expect("rm");
+    let before = refused_count(&server.status().await);
+    symlink("missing.cedar", bundle.path("policies/access.cedar")).expect("link");
+    let status = server.wait_refused(before).await;
+    let attempt = status.last_attempt.expect("attempt");
+    assert!(
+        attempt.diagnostics[0].message.contains("cannot read"),
+        "{attempt:#?}"
+    );
+    assert_eq!(decide(&server, "read", "Doc::\"d1\"").await.1, v1);
+
+    // Fixing the file loads it.
+    std::fs::remove_file(bundle.path("policies/access.cedar")).expect("rm");
+    bundle.write("policies/access.cedar", WRITE);
+    let v2 = bundle.version();
+    let status = server.wait_version(&v2).await;
+    assert_eq!(last_result(&status), pb::ReloadResult::Loaded);
+    assert!(refused_count(&status) >= 6, "{status:#?}");
+    server.shutdown().await;
+}
+
+/// Schema and policies rewritten in place one after the other, as a
+/// non-atomic deploy would: only the old or the new version is ever served,
+/// and the new one loads.
+#[tokio::test]
+async fn schema_and_policies_changed_in_place_together_load_as_one() {
+    let bundle = Bundle::reads();
+    let v1 = bundle.version();
+    // A generous settle time: the two writes must land in one burst.
+    let server = Arc::new(
+        bundle
+            .serve(ReloadOptions {
+                watch: WatchMode::Events,
+                settle: Duration::from_millis(200),
+            })
+            .await,
+    );
+
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (server, seen, stop) = (server.clone(), seen.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let version = server.serving_version().await;
+                seen.lock().expect("lock").insert(version);
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    bundle.write("policies/access.cedar", READ_DOCUMENT);
+    bundle.write("schemas/docs.cedarschema", SCHEMA_DOCUMENT);
+    let v2 = bundle.version();
+    server.wait_version(&v2).await;
+    stop.store(true, Ordering::SeqCst);
+    watcher.await.expect("watcher");
+    let seen = seen.lock().expect("lock").clone();
+    let expected: std::collections::BTreeSet<String> = [v1, v2.clone()].into();
+    assert!(
+        seen.is_subset(&expected),
+        "served {seen:?}, expected only {expected:?}"
+    );
+    assert_eq!(
+        decide(&server, "read", "Document::\"d1\"").await,
+        (ALLOW, v2)
+    );
+    match Arc::try_unwrap(server) {
+        Ok(server) => server.shutdown().await,
+        Err(_) => panic!("server still shared"),
+    }
+}
+
+/// Clients decide continuously while the bundle flips between two versions
+/// 100 times: no RPC fails, and every decision is the one its reported
+/// version gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_never_fail_or_tear_while_the_bundle_flips() {
+    let bundle = Bundle::reads();
+    let reads = bundle.version();
+    bundle.write("policies/access.cedar", WRITE);
+    let writes = bundle.version();
+    bundle.write("policies/access.cedar", READ);
+    let server = Arc::new(
+        bundle
+            .serve(ReloadOptions {
+                watch: WatchMode::Events,
+                settle: Duration::from_millis(2),
+            })
+            .await,
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (answered, errors, torn) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let seen_writes = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (server, stop, answered, errors, torn, seen_writes) = (
+            server.clone(),
+            stop.clone(),
+            answered.clone(),
+            errors.clone(),
+            torn.clone(),
+            seen_writes.clone(),
+        );
+        let (reads, writes) = (reads.clone(), writes.clone());
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                match server.decide(bot("read", "Doc::\"d1\"")).await {
+                    Ok(resp) => {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                        let expected = if resp.policy_version == reads {
+                            ALLOW
+                        } else if resp.policy_version == writes {
+                            seen_writes.fetch_add(1, Ordering::Relaxed);
+                            DENY
+                        } else {
+                            // A version that is neither: torn or unknown.
+                            -1
+                        };
+                        if resp.decision != expected {
+                            torn.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+
+    for flip in 0..100 {
+        let (text, version) = if flip % 2 == 0 {
+            (WRITE, &writes)
+        } else {
+            (READ, &reads)
+        };
+        bundle.replace("policies/access.cedar", text);
+        server.wait_version(version).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for client in clients {
+        client.await.expect("client");
+    }
+    let status = server.status().await;
+    let counters = status.counters.expect("counters");
+    assert_eq!(errors.load(Ordering::SeqCst), 0, "RPC errors");
+    assert_eq!(
+        torn.load(Ordering::SeqCst),
+        0,
+        "decisions not matching their version"
+    );
+    assert!(answered.load(Ordering::SeqCst) > 0);
+    assert!(
+        seen_writes.load(Ordering::SeqCst) > 0,
+        "clients saw only one version"
+    );
+    assert!(counters.loaded >= 101, "{counters:?}");
+    assert_eq!(counters.refused, 0, "{counters:?}");
+    match Arc::try_unwrap(server) {
+        Ok(server) => server.shutdown().await,
+        Err(_) => panic!("server still shared"),
+    }
+}
+
+#[tokio::test]
+async fn polling_notices_changes_without_inotify() {
+    let bundle = Bundle::reads();
+    let server = bundle
+        .serve(ReloadOptions {
+            watch: WatchMode::Poll(Duration::from_millis(20)),
+            settle: Duration::from_millis(1),
+        })
+        .await;
+    assert_eq!(server.status().await.watch, "poll every 20ms");
+    bundle.write("policies/access.cedar", WRITE);
+    let v2 = bundle.version();
+    let status = server.wait_version(&v2).await;
+    assert_eq!(
+        status.last_attempt.expect("attempt").trigger,
+        pb::ReloadTrigger::Poll as i32
+    );
+    bundle.replace("policies/access.cedar", READ);
+    let v3 = bundle.version();
+    server.wait_version(&v3).await;
+    assert_eq!(decide(&server, "read", "Doc::\"d1\"").await, (ALLOW, v3));
+    server.shutdown().await;
+}
+
+/// The binary, with watching off: SIGHUP reloads, and `leash status` shows
+/// the served version and a refused change (exit 2).
+#[test]
+fn sighup_reloads_and_leash_status_reports() {
+    let bundle = Bundle::reads();
+    let v1 = bundle.version();
+    let socket = bundle.dir.path().join("leash.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(["serve", "--listen", "none", "--no-watch", "--uds"])
+        .arg(&socket)
+        .arg("--policies")
+        .arg(bundle.policies())
+        .arg("--schemas")
+        .arg(bundle.schemas())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starts");
+    let status = |json: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leash"));
+        cmd.args(["status", "--uds"]).arg(&socket);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().expect("leash status runs")
+    };
+    let wait = |what: &str, done: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = std::time::Instant::now() + RELOAD_WAIT;
+        loop {
+            let out = status(true);
+            if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                if done(&json) {
+                    return json;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let hangup = |pid: u32| {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success());
+    };
+
+    let json = wait("the first load", &|j| {
+        j["serving"]["version"] == v1.as_str()
+    });
+    assert_eq!(json["watch"], "off (SIGHUP reloads)");
+
+    bundle.write("policies/access.cedar", WRITE);
+    let v2 = bundle.version();
+    hangup(child.id());
+    let json = wait("the reload", &|j| j["serving"]["version"] == v2.as_str());
+    assert_eq!(json["last_attempt"]["trigger"], "RELOAD_TRIGGER_SIGNAL");
+    let out = status(false);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("serving   version {v2}")), "{text}");
+
+    bundle.write("policies/access.cedar", "permit (principal, act");
+    hangup(child.id());
+    wait("the refusal", &|j| {
+        j["last_attempt"]["result"] == "RELOAD_RESULT_REFUSED"
+    });
+    let out = status(false);
+    assert_eq!(out.status.code(), Some(2), "a refused change exits 2");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("policies/access.cedar:1:"), "{text}");
+    assert!(text.contains(&format!("serving   version {v2}")), "{text}");
+
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    assert_eq!(child.wait().expect("exits").code(), Some(0));
+}
