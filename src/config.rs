@@ -214,6 +214,15 @@ pub struct BenchArgs {
     /// Seed of the workload generator.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Hot reload: changes timed from file write to first decision on the
+    /// new version; 0 skips the reload phase [default: 50; quick: 5].
+    #[arg(long, value_name = "N")]
+    pub reload_changes: Option<usize>,
+    /// Hot reload: policies in the generated bundle whose reloads decisions
+    /// are measured against, or `main` for the main bundle
+    /// [default: 10000; quick: main].
+    #[arg(long, value_name = "N|main")]
+    pub reload_policies: Option<String>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -330,6 +339,21 @@ impl BenchArgs {
                 })
                 .collect(),
         };
+        let reload_changes = self.reload_changes.unwrap_or(if quick { 5 } else { 50 });
+        let reload_policies = match self.reload_policies.as_deref() {
+            None if quick => None,
+            None => Some(10_000),
+            Some(v) if v.eq_ignore_ascii_case("main") => None,
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if n >= MIN_POLICIES => Some(n),
+                _ => {
+                    problems.push(format!(
+                        "--reload-policies: `{v}` is not a policy count of at least {MIN_POLICIES} (or `main`)"
+                    ));
+                    None
+                }
+            },
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -355,6 +379,8 @@ impl BenchArgs {
             scale,
             scale_timing,
             server_exe,
+            reload_changes,
+            reload_policies,
         })
     }
 }

@@ -44,7 +44,8 @@ impl ServerProcess {
         Memory::of(self.child.id())
     }
 
-    fn tail(&self) -> String {
+    /// The last lines the process wrote to stderr.
+    pub fn tail(&self) -> String {
         self.stderr_tail
             .lock()
             .map(|lines| lines.join("\n"))

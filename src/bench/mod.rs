@@ -19,6 +19,7 @@
 pub mod child;
 pub mod driver;
 pub mod mix;
+pub mod reload;
 pub mod report;
 pub mod workload;
 
@@ -80,6 +81,11 @@ pub struct BenchOptions {
     pub scale_timing: Timing,
     /// The `leash` executable to start as the sidecar and the floor.
     pub server_exe: PathBuf,
+    /// Changes timed from file write to decision (0 skips the reload phase).
+    pub reload_changes: usize,
+    /// Generated bundle size for decisions under reload; `None` uses the
+    /// main bundle.
+    pub reload_policies: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -551,6 +557,28 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
     drop(leash);
     drop(floor);
 
+    // Hot reload, on its own sidecars watching copies of the bundle.
+    let reload = if options.reload_changes > 0 {
+        Some(
+            reload::measure(
+                &options.server_exe,
+                scratch.path(),
+                reload::ReloadPlan {
+                    changes: options.reload_changes,
+                    under_reload_policies: options.reload_policies,
+                    timing: options.timing,
+                    seed: options.seed,
+                },
+                &prepared.sources,
+                snapshot.policy_count(),
+                json_requests.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+
     // The policy-scale curve, on generated bundles.
     let mut scale = Vec::new();
     for &policies in &options.scale {
@@ -582,6 +610,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         batch,
         sidecar_memory_loaded: memory_loaded,
         sidecar_memory_after: memory_after,
+        reload,
         scale,
         ratios,
     })

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::child::Memory;
 use super::driver::Stats;
+use super::reload::ReloadReport;
 use super::workload::{RequestForms, WorkloadShape};
 use super::{BenchOptions, Transport};
 use crate::engine;
@@ -33,6 +34,8 @@ pub struct Report {
     pub sidecar_memory_loaded: Option<Memory>,
     /// The sidecar's memory after the sweep (`peak_rss_kib` is its high-water mark).
     pub sidecar_memory_after: Option<Memory>,
+    /// Hot reload: write → decision latency, decisions during a reload.
+    pub reload: Option<ReloadReport>,
     pub scale: Vec<ScalePoint>,
     pub ratios: Ratios,
 }
@@ -475,6 +478,40 @@ fn render_into(r: &Report, out: &mut String) -> std::fmt::Result {
         mib(r.sidecar_memory_after, false),
         mib(r.sidecar_memory_after, true)
     )?;
+
+    if let Some(reload) = &r.reload {
+        let w = &reload.write_to_decision;
+        writeln!(
+            out,
+            "\nhot reload ({} policies): file renamed into place → first decision on the new version, {} changes",
+            reload.policies, reload.changes
+        )?;
+        writeln!(
+            out,
+            "  p50 {:>10}  p99 {:>10}  max {:>10}",
+            duration(w.p50_ns as f64),
+            duration(w.p99_ns as f64),
+            duration(w.max_ns as f64)
+        )?;
+        let u = &reload.under_reload;
+        writeln!(
+            out,
+            "decisions while a {}-policy bundle reloads back to back (Unix socket, one in flight; {} reloads completed)",
+            u.policies, u.reloads_completed
+        )?;
+        for (label, s) in [("at rest", &u.steady), ("reloading", &u.reloading)] {
+            writeln!(
+                out,
+                "  {:<9} p50 {:>10}  p99 {:>10}  p99.9 {:>10}  {:>10}",
+                label,
+                duration(s.p50_ns as f64),
+                duration(s.p99_ns as f64),
+                duration(s.p999_ns as f64),
+                rate(s.per_sec)
+            )?;
+        }
+        writeln!(out, "  p99 reloading ÷ at rest: {:.2}", u.p99_ratio)?;
+    }
 
     if !r.scale.is_empty() {
         writeln!(
