@@ -29,8 +29,8 @@ use tokio::sync::{oneshot, Notify};
 use tracing::{debug, error, info, warn};
 
 use crate::bundle::{
-    BundleError, BundleLocation, BundleSources, Diagnostic, LiveBundle, ReadOutcome, Snapshot,
-    TreeStamp,
+    BuildCache, BundleError, BundleLocation, BundleSources, Diagnostic, LiveBundle, ReadOutcome,
+    Snapshot, TreeStamp,
 };
 use crate::server::Server;
 
@@ -194,6 +194,8 @@ pub struct Reloader {
     /// Stamp of the trees taken just before the startup load, so that a
     /// change made before the watches are armed is not missed.
     startup_stamp: Mutex<Option<TreeStamp>>,
+    /// What each build leaves for the next; used by the reload thread only.
+    cache: Arc<Mutex<BuildCache>>,
 }
 
 impl Reloader {
@@ -205,6 +207,7 @@ impl Reloader {
             wake: Arc::new(Notify::new()),
             forced: AtomicBool::new(false),
             startup_stamp: Mutex::new(None),
+            cache: Arc::new(Mutex::new(BuildCache::default())),
         })
     }
 
@@ -217,12 +220,13 @@ impl Reloader {
             let started_at = SystemTime::now();
             let location = self.location.clone();
             let live_for_job = live.clone();
+            let cache = self.cache.clone();
             let (stamp_tx, stamp_rx) = std::sync::mpsc::channel();
             let job = on_reload_thread(move || {
                 if let BundleLocation::Dirs { policies, schemas } = &location {
                     let _ = stamp_tx.send(TreeStamp::of(policies, schemas));
                 }
-                build(&location, &live_for_job, false)
+                build(&location, &live_for_job, &cache, false)
             })
             .await;
             if let Ok(stamp) = stamp_rx.try_recv() {
@@ -369,7 +373,8 @@ impl Reloader {
         let live = self.server.live();
         let serving = live.current().map(|s| s.version.clone());
         let location = self.location.clone();
-        let job = on_reload_thread(move || build(&location, &live, true)).await;
+        let cache = self.cache.clone();
+        let job = on_reload_thread(move || build(&location, &live, &cache, true)).await;
         let took_ms = clock.elapsed().as_secs_f64() * 1e3;
         match job {
             Job::Changing => {
@@ -473,7 +478,12 @@ enum Job {
 /// Reads and builds the bundle; with `install`, publishes a new version
 /// into `live` and frees the one it replaces. Blocking: runs on the reload
 /// thread.
-fn build(location: &BundleLocation, live: &LiveBundle, install: bool) -> Job {
+fn build(
+    location: &BundleLocation,
+    live: &LiveBundle,
+    cache: &Mutex<BuildCache>,
+    install: bool,
+) -> Job {
     let sources = match location {
         BundleLocation::Embedded => BundleSources::embedded(),
         BundleLocation::Dirs { policies, schemas } => {
@@ -500,7 +510,20 @@ fn build(location: &BundleLocation, live: &LiveBundle, install: bool) -> Job {
     if install && live.current().is_some_and(|s| s.version == version) {
         return Job::Unchanged { version };
     }
-    let snapshot = match Snapshot::build(&sources) {
+    let built = {
+        let mut cache = match cache.lock() {
+            Ok(cache) => cache,
+            // A build panicked half-way: start from nothing rather than trust
+            // what it left.
+            Err(poisoned) => {
+                let mut cache = poisoned.into_inner();
+                *cache = BuildCache::default();
+                cache
+            }
+        };
+        Snapshot::build_cached(&sources, &mut cache)
+    };
+    let snapshot = match built {
         Ok(snapshot) => snapshot,
         Err(error) => {
             return Job::Refused {

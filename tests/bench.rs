@@ -60,6 +60,8 @@ fn quick_mode_completes_with_sane_figures() {
         "against the empty floor call",
         "BatchIsAuthorized over the Unix socket",
         "policy-scale curve",
+        "hot reload (200 policies)",
+        "p99 reloading ÷ at rest",
         "share its cores",
         "ratios: tcp_vs_floor",
     ] {
@@ -108,6 +110,20 @@ fn quick_mode_completes_with_sane_figures() {
         assert_sane_stats("batch", batch);
         assert!(batch["decisions_per_sec"].as_f64().unwrap_or(0.0) > 0.0);
     }
+
+    // Quick mode: five policy changes timed to the first decision on each
+    // new version, then decisions at rest and during schema reloads of the
+    // same bundle.
+    let reload = &report["reload"];
+    assert_eq!(reload["changes"], 5, "{reload}");
+    assert_eq!(reload["policies"], 200, "{reload}");
+    assert_sane_stats("write to decision", &reload["write_to_decision"]);
+    assert_eq!(reload["write_to_decision"]["calls"], 5, "{reload}");
+    let under = &reload["under_reload"];
+    assert_eq!(under["policies"], 200, "{under}");
+    assert_sane_stats("at rest", &under["steady"]);
+    assert_sane_stats("reloading", &under["reloading"]);
+    assert!(under["p99_ratio"].as_f64().unwrap_or(0.0) > 0.0, "{under}");
     let rss = report["sidecar_memory_loaded"]["rss_kib"]
         .as_u64()
         .unwrap_or(0);

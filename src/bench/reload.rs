@@ -2,9 +2,11 @@
 //! made with it, and what a reload in progress does to decision latency.
 //!
 //! Both run against a real `leash serve` child watching a copy of the bundle
-//! in the scratch directory (never the user's own files). A change is one
-//! file renamed over `policies/zz-leash-bench-reload.cedar` holding only a
-//! comment: a new version, the same decisions.
+//! in the scratch directory (never the user's own files). Changes are
+//! renamed into place and hold only comments: a new version, the same
+//! decisions. Write → decision times a one-file policy change (the common
+//! case: leash validates only that file); the under-reload run changes the
+//! schema, which makes every policy be validated again (the costliest case).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,11 +41,13 @@ pub struct ReloadReport {
     pub under_reload: UnderReload,
 }
 
-/// Decision latency while the sidecar rebuilds its bundle back to back,
-/// against the same sidecar at rest.
+/// Decision latency while the sidecar rebuilds its bundle back to back
+/// (schema changes: full validation), against the same sidecar at rest.
 #[derive(Debug, Clone, Serialize)]
 pub struct UnderReload {
     pub policies: usize,
+    /// One schema change at rest: file renamed into place → served.
+    pub schema_reload_ms: f64,
     /// IsAuthorized over the Unix socket, one in flight, no reload running.
     pub steady: Stats,
     /// The same while reloads run one after another.
@@ -91,7 +95,7 @@ pub async fn measure(
         time_changes(&leash, &dir, &base, plan.changes, requests.clone()).await?;
 
     let under_reload = match plan.under_reload_policies {
-        None => under_reload(&leash, &dir, &base, plan.timing, requests, policies).await?,
+        None => under_reload(&leash, &dir, plan.timing, requests, policies).await?,
         Some(n) => {
             drop(leash);
             let big = scratch.join(format!("reload-{n}"));
@@ -115,8 +119,7 @@ pub async fn measure(
             ));
             leash = spawn_in(exe, &big)?;
             child::wait_serving(&mut leash, CHANGE_TIMEOUT).await?;
-            let base = read_back(&big)?;
-            under_reload(&leash, &big, &base, plan.timing, requests, n).await?
+            under_reload(&leash, &big, plan.timing, requests, n).await?
         }
     };
     drop(leash);
@@ -164,23 +167,50 @@ fn read_back(dir: &Path) -> Result<BundleSources, BenchError> {
     })
 }
 
+/// What a change touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// A comment-only policy file: the typical one-file policy change.
+    Policy,
+    /// A comment appended to the first schema file: a schema change, which
+    /// makes leash validate every policy again (the most expensive reload).
+    Schema,
+}
+
 /// Renames change `n` into place and returns the version it makes.
-fn apply_change(dir: &Path, base: &BundleSources, n: u64) -> Result<String, BenchError> {
-    let text = format!("// leash bench: reload {n}\n");
+fn apply_change(
+    dir: &Path,
+    base: &BundleSources,
+    n: u64,
+    change: Change,
+) -> Result<String, BenchError> {
     let mut next = base.clone();
-    next.policies.retain(|f| f.path != CHANGE_FILE);
-    let at = next
-        .policies
-        .partition_point(|f| f.path.as_str() < CHANGE_FILE);
-    next.policies.insert(
-        at,
-        SourceFile {
-            path: CHANGE_FILE.to_owned(),
-            text: text.clone(),
-        },
-    );
-    let target = dir.join(CHANGE_FILE);
-    let tmp = dir.join("policies/.zz-leash-bench-reload.tmp");
+    let (rel, text) = match change {
+        Change::Policy => {
+            let text = format!("// leash bench: reload {n}\n");
+            next.policies.retain(|f| f.path != CHANGE_FILE);
+            let at = next
+                .policies
+                .partition_point(|f| f.path.as_str() < CHANGE_FILE);
+            next.policies.insert(
+                at,
+                SourceFile {
+                    path: CHANGE_FILE.to_owned(),
+                    text: text.clone(),
+                },
+            );
+            (CHANGE_FILE.to_owned(), text)
+        }
+        Change::Schema => {
+            let Some((_, schema)) = next.schemas.first_mut() else {
+                return Err(BenchError::Task("the bundle has no schema file".to_owned()));
+            };
+            schema.text = format!("{}\n// leash bench: reload {n}\n", schema.text);
+            (schema.path.clone(), schema.text.clone())
+        }
+    };
+    let target = dir.join(&rel);
+    let tmp = target.with_file_name(".leash-bench-reload.tmp");
     std::fs::write(&tmp, text)
         .and_then(|()| std::fs::rename(&tmp, &target))
         .map_err(|source| BenchError::Io {
@@ -204,7 +234,7 @@ async fn time_changes(
     let mut k = 0usize;
     let began = Instant::now();
     for n in 0..changes {
-        let version = apply_change(dir, base, n as u64)?;
+        let version = apply_change(dir, base, n as u64, Change::Policy)?;
         let written = Instant::now();
         loop {
             let response = client
@@ -236,51 +266,38 @@ async fn time_changes(
 async fn under_reload(
     leash: &ServerProcess,
     dir: &Path,
-    base: &BundleSources,
     timing: Timing,
     requests: Arc<Vec<pb::IsAuthorizedRequest>>,
     policies: usize,
 ) -> Result<UnderReload, BenchError> {
     let steady = leash_run(leash, Transport::Uds, 1, timing, requests.clone()).await?;
+    let admin = AdminClient::new(connect_uds(&leash.uds).await?);
+    // The files as they are now (earlier changes included).
+    let base = &read_back(dir)?;
+
+    // One schema reload at rest sets how long the loaded run lasts: at least
+    // two reloads' worth, so that it covers whole reloads, start to end.
+    let before = served(&admin).await?;
+    let began = Instant::now();
+    let version = apply_change(dir, base, 999_999, Change::Schema)?;
+    wait_served(&admin, &before, &version, &AtomicBool::new(false)).await?;
+    let mut before = version;
+    let schema_reload = began.elapsed();
 
     let stop = Arc::new(AtomicBool::new(false));
     let reloads = Arc::new(AtomicU64::new(0));
-    let admin = AdminClient::new(connect_uds(&leash.uds).await?);
     let reloader = {
         let (stop, reloads, dir, base) =
             (stop.clone(), reloads.clone(), dir.to_owned(), base.clone());
         tokio::spawn(async move {
             let mut n = 1_000_000u64;
             while !stop.load(Ordering::SeqCst) {
-                let version = apply_change(&dir, &base, n)?;
+                let version = apply_change(&dir, &base, n, Change::Schema)?;
                 n += 1;
-                let written = Instant::now();
-                loop {
-                    let served = admin
-                        .clone()
-                        .status(pb::StatusRequest {})
-                        .await
-                        .map_err(|status| BenchError::Rpc {
-                            what: "Admin/Status".to_owned(),
-                            status,
-                        })?
-                        .into_inner()
-                        .serving
-                        .map(|b| b.version);
-                    if served.as_deref() == Some(version.as_str()) {
-                        reloads.fetch_add(1, Ordering::SeqCst);
-                        break;
-                    }
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    if written.elapsed() > CHANGE_TIMEOUT {
-                        return Err(BenchError::Task(format!(
-                            "reload to version {version} did not finish"
-                        )));
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                if wait_served(&admin, &before, &version, &stop).await? {
+                    reloads.fetch_add(1, Ordering::SeqCst);
                 }
+                before = version;
             }
             Ok::<_, BenchError>(())
         })
@@ -292,7 +309,7 @@ async fn under_reload(
         1,
         Timing {
             warmup: timing.warmup.max(Duration::from_millis(100)),
-            measure: timing.measure,
+            measure: timing.measure.max(schema_reload * 2),
         },
         requests,
     )
@@ -305,9 +322,60 @@ async fn under_reload(
     let reloading = reloading?;
     Ok(UnderReload {
         policies,
+        schema_reload_ms: schema_reload.as_secs_f64() * 1e3,
         p99_ratio: reloading.p99_ns as f64 / steady.p99_ns.max(1) as f64,
         steady,
         reloading,
         reloads_completed: completed,
     })
+}
+
+/// The version a sidecar serves.
+async fn served(admin: &AdminClient<tonic::transport::Channel>) -> Result<String, BenchError> {
+    Ok(admin
+        .clone()
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(|status| BenchError::Rpc {
+            what: "Admin/Status".to_owned(),
+            status,
+        })?
+        .into_inner()
+        .serving
+        .map(|b| b.version)
+        .unwrap_or_default())
+}
+
+/// Polls `Admin/Status` until `version` is served (true), or `stop` is set
+/// (false). `before` is the version served before the change: any third
+/// version means the expected one was computed wrong, which is an error
+/// rather than a long wait.
+async fn wait_served(
+    admin: &AdminClient<tonic::transport::Channel>,
+    before: &str,
+    version: &str,
+    stop: &AtomicBool,
+) -> Result<bool, BenchError> {
+    let began = Instant::now();
+    loop {
+        let served = served(admin).await?;
+        if served == version {
+            return Ok(true);
+        }
+        if served != before {
+            return Err(BenchError::Task(format!(
+                "the sidecar loaded version {served}, not the expected {version}"
+            )));
+        }
+        if stop.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        if began.elapsed() > CHANGE_TIMEOUT {
+            return Err(BenchError::Task(format!(
+                "the reload to version {version} did not finish within {} s",
+                CHANGE_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

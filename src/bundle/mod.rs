@@ -17,6 +17,7 @@ use std::time::SystemTime;
 use cedar_policy::{
     Entities, EntityUid, PolicyId, PolicySet, Schema, SchemaFragment, ValidationMode, Validator,
 };
+use sha2::Digest as _;
 
 pub use diagnostic::Diagnostic;
 pub use reserved::{LeashFields, ReservedContext, LEASH_ATTR};
@@ -121,6 +122,19 @@ impl Snapshot {
     /// Parses and validates `sources` as a whole. Every problem is collected
     /// before the bundle is refused, so one run shows them all.
     pub fn build(sources: &BundleSources) -> Result<Self, BundleError> {
+        Self::build_cached(sources, &mut BuildCache::default())
+    }
+
+    /// [`Snapshot::build`], reusing what `cache` kept from the builds before:
+    /// with the same schema, a policy file already validated is not
+    /// validated again, and unchanged entity files are not parsed again. The
+    /// result is exactly that of a fresh build (Cedar validates each policy
+    /// on its own against the schema); a one-file change to a large bundle
+    /// then costs the parse and validation of that file.
+    pub fn build_cached(
+        sources: &BundleSources,
+        cache: &mut BuildCache,
+    ) -> Result<Self, BundleError> {
         let mut diagnostics = Vec::new();
         let refuse = |diagnostics| BundleError {
             origin: sources.origin.clone(),
@@ -139,10 +153,12 @@ impl Snapshot {
             ));
         }
         let schema_parts = parse_schema(sources, &mut diagnostics);
-        let (policies, policy_origins) = parse_policies(sources, &mut diagnostics);
+        let (policies, policy_origins) =
+            parse_policies(sources, &mut cache.parsed, &mut diagnostics);
         let Some((schema, fragments_json)) = schema_parts else {
             return Err(refuse(diagnostics));
         };
+        cache.use_schema(file_key_all(sources.schemas.iter().map(|(_, f)| f)));
 
         let reserved = match ReservedContext::scan(&fragments_json) {
             Ok(reserved) => reserved,
@@ -152,17 +168,26 @@ impl Snapshot {
             }
         };
 
-        let mut warnings = Vec::new();
-        let validation = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
-        for err in validation.validation_errors() {
-            let id = err.policy_id().to_string();
-            diagnostics.push(located(sources, &policy_origins, &id, err));
-        }
-        for warning in validation.validation_warnings() {
-            warnings.push(diagnostic::full_message(warning));
-        }
+        let warnings = validate(
+            sources,
+            &schema,
+            &policies,
+            &policy_origins,
+            cache,
+            &mut diagnostics,
+        );
 
-        let entities = parse_entities(sources, &schema, &mut diagnostics);
+        let entity_key = file_key_all(sources.entities.iter());
+        let entities = match &cache.entities {
+            Some((key, entities)) if *key == entity_key => Some(entities.clone()),
+            _ => {
+                let parsed = parse_entities(sources, &schema, &mut diagnostics);
+                if let Some(entities) = &parsed {
+                    cache.entities = Some((entity_key, entities.clone()));
+                }
+                parsed
+            }
+        };
 
         if !diagnostics.is_empty() {
             return Err(refuse(diagnostics));
@@ -196,6 +221,134 @@ impl Snapshot {
     pub fn entity_count(&self) -> usize {
         self.entities.iter().count()
     }
+}
+
+/// What one build leaves for the next (see [`Snapshot::build_cached`]).
+/// Entries of files that are gone are dropped at each build.
+#[derive(Debug, Default)]
+pub struct BuildCache {
+    /// The schema files the entries below were checked against.
+    schema: Option<FileKey>,
+    /// Policy files (path and contents) that validated without errors
+    /// against `schema`, with their warnings.
+    validated: HashMap<FileKey, Vec<String>>,
+    /// Entity data built against `schema` from the entity files with this key.
+    entities: Option<(FileKey, Entities)>,
+    /// Parsed policy files, by contents (parsing needs no schema).
+    parsed: HashMap<FileKey, PolicySet>,
+}
+
+impl BuildCache {
+    /// Forgets everything checked against another schema.
+    fn use_schema(&mut self, key: FileKey) {
+        if self.schema != Some(key) {
+            self.validated.clear();
+            self.entities = None;
+            self.schema = Some(key);
+        }
+    }
+}
+
+/// SHA-256 of files' paths and contents.
+type FileKey = [u8; 32];
+
+fn file_key_all<'a>(files: impl Iterator<Item = &'a SourceFile>) -> FileKey {
+    let mut hasher = sha2::Sha256::new();
+    for file in files {
+        sha2::Digest::update(&mut hasher, (file.path.len() as u64).to_le_bytes());
+        sha2::Digest::update(&mut hasher, file.path.as_bytes());
+        sha2::Digest::update(&mut hasher, (file.text.len() as u64).to_le_bytes());
+        sha2::Digest::update(&mut hasher, file.text.as_bytes());
+    }
+    sha2::Digest::finalize(hasher).into()
+}
+
+fn text_key(text: &str) -> FileKey {
+    sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(
+        text.as_bytes(),
+    ))
+    .into()
+}
+
+/// Validates the policies of every file not already known to be valid
+/// against this schema; reports errors as diagnostics and returns the
+/// warnings of every file, in file order.
+fn validate(
+    sources: &BundleSources,
+    schema: &Schema,
+    policies: &PolicySet,
+    origins: &BTreeMap<String, PolicyOrigin>,
+    cache: &mut BuildCache,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<String> {
+    let keys: HashMap<&str, FileKey> = sources
+        .policies
+        .iter()
+        .map(|f| (f.path.as_str(), file_key_all(std::iter::once(f))))
+        .collect();
+    let known = |file: &str| {
+        keys.get(file)
+            .is_some_and(|k| cache.validated.contains_key(k))
+    };
+
+    let mut subset = PolicySet::new();
+    for (id, origin) in origins {
+        if known(&origin.file) {
+            continue;
+        }
+        let pid = PolicyId::new(id);
+        // Both adds succeed: the ids are unique in `policies` already.
+        if let Some(p) = policies.policy(&pid) {
+            let _ = subset.add(p.clone());
+        } else if let Some(t) = policies.template(&pid) {
+            let _ = subset.add_template(t.clone());
+        }
+    }
+    let mut fresh_warnings: HashMap<String, Vec<String>> = HashMap::new();
+    let mut failed: HashSet<String> = HashSet::new();
+    if !subset.is_empty() {
+        let result = Validator::new(schema.clone()).validate(&subset, ValidationMode::Strict);
+        for err in result.validation_errors() {
+            let id = err.policy_id().to_string();
+            if let Some(origin) = origins.get(&id) {
+                failed.insert(origin.file.clone());
+            }
+            diagnostics.push(located(sources, origins, &id, err));
+        }
+        for warning in result.validation_warnings() {
+            let file = origins
+                .get(&warning.policy_id().to_string())
+                .map(|o| o.file.clone())
+                .unwrap_or_default();
+            fresh_warnings
+                .entry(file)
+                .or_default()
+                .push(diagnostic::full_message(warning));
+        }
+    }
+
+    let mut warnings = Vec::new();
+    for file in &sources.policies {
+        let Some(key) = keys.get(file.path.as_str()) else {
+            continue;
+        };
+        if let Some(cached) = cache.validated.get(key) {
+            warnings.extend(cached.iter().cloned());
+            continue;
+        }
+        let found = fresh_warnings.remove(&file.path).unwrap_or_default();
+        warnings.extend(found.iter().cloned());
+        if !failed.contains(&file.path) {
+            cache.validated.insert(*key, found);
+        }
+    }
+    // Warnings not traced to a file (none are expected) are kept, not lost.
+    for (_, rest) in fresh_warnings {
+        warnings.extend(rest);
+    }
+    let current: HashSet<&FileKey> = keys.values().collect();
+    cache.validated.retain(|k, _| current.contains(k));
+    warnings
 }
 
 /// The message of a Cedar error with its causes, for callers and logs.
@@ -293,13 +446,24 @@ fn parse_schema(
 /// `file#position` id, and reports duplicate ids.
 fn parse_policies(
     sources: &BundleSources,
+    parsed_cache: &mut HashMap<FileKey, PolicySet>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> (PolicySet, BTreeMap<String, PolicyOrigin>) {
     let mut set = PolicySet::new();
     let mut origins: BTreeMap<String, PolicyOrigin> = BTreeMap::new();
+    let mut seen: HashSet<FileKey> = HashSet::new();
     for file in &sources.policies {
-        let parsed = match PolicySet::from_str(&file.text) {
-            Ok(parsed) => parsed,
+        let key = text_key(&file.text);
+        seen.insert(key);
+        let parsed = match parsed_cache.get(&key) {
+            Some(cached) => Ok(cached.clone()),
+            None => PolicySet::from_str(&file.text),
+        };
+        let parsed = match parsed {
+            Ok(parsed) => {
+                parsed_cache.entry(key).or_insert_with(|| parsed.clone());
+                parsed
+            }
             Err(errors) => {
                 diagnostics.push(Diagnostic::from_miette(&file.path, &file.text, &errors));
                 if let Some(related) = miette::Diagnostic::related(&errors) {
@@ -369,6 +533,7 @@ fn parse_policies(
             );
         }
     }
+    parsed_cache.retain(|k, _| seen.contains(k));
     (set, origins)
 }
 
@@ -503,4 +668,114 @@ pub enum BundleLocation {
         policies: std::path::PathBuf,
         schemas: std::path::PathBuf,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(base: &BundleSources, path: &str, text: &str) -> BundleSources {
+        let mut next = base.clone();
+        let file = SourceFile {
+            path: path.to_owned(),
+            text: text.to_owned(),
+        };
+        if path.starts_with("schemas/") {
+            next.schemas.retain(|(_, f)| f.path != path);
+            next.schemas.push((SchemaFormat::Cedar, file));
+        } else if path.ends_with(".entities.json") {
+            next.entities.retain(|f| f.path != path);
+            next.entities.push(file);
+        } else {
+            next.policies.retain(|f| f.path != path);
+            next.policies.push(file);
+        }
+        next
+    }
+
+    /// A cached build gives exactly what a fresh build gives, through
+    /// added, changed, broken and fixed policy files, schema and entity
+    /// changes, and back.
+    #[test]
+    fn cached_builds_equal_fresh_builds() {
+        let base = BundleSources::embedded();
+        let schema_path = base.schemas[0].1.path.clone();
+        let schema_text = base.schemas[0].1.text.clone();
+        let entity_path = base.entities[0].path.clone();
+        let entity_text = base.entities[0].text.clone();
+        let impossible = "@id(\"never\")\nforbid (principal, action, resource) when { false };\n";
+        let uses_extra = "permit (principal is Extra, action, resource);\n";
+        let variants = vec![
+            base.clone(),
+            with(&base, "policies/zz-extra.cedar", impossible),
+            with(
+                &base,
+                "policies/zz-extra.cedar",
+                "permit (principal, action == Action::\"no-such-action\", resource);\n",
+            ),
+            with(&base, "policies/zz-extra.cedar", "// nothing\n"),
+            with(
+                &base,
+                &schema_path,
+                &format!("{schema_text}\nentity Extra;\n"),
+            ),
+            with(
+                &with(
+                    &base,
+                    &schema_path,
+                    &format!("{schema_text}\nentity Extra;\n"),
+                ),
+                "policies/zz-extra.cedar",
+                impossible,
+            ),
+            // Valid only with the schema that declares `Extra`: a cache kept
+            // across the schema change would wrongly pass it below.
+            with(
+                &with(
+                    &base,
+                    &schema_path,
+                    &format!("{schema_text}\nentity Extra;\n"),
+                ),
+                "policies/zz-extra.cedar",
+                uses_extra,
+            ),
+            with(&base, "policies/zz-extra.cedar", uses_extra),
+            with(&base, &entity_path, &entity_text.replacen('[', "[ ", 1)),
+            with(&base, &entity_path, "[{\"uid\": 1}]"),
+            base.clone(),
+        ];
+        let mut cache = BuildCache::default();
+        let (mut warned, mut refused) = (0, 0);
+        // Twice over, so that the second pass meets a warm cache.
+        for (i, sources) in variants.iter().chain(variants.iter()).enumerate() {
+            let fresh = Snapshot::build(sources);
+            let cached = Snapshot::build_cached(sources, &mut cache);
+            match (fresh, cached) {
+                (Ok(a), Ok(b)) => {
+                    warned += usize::from(!a.warnings.is_empty());
+                    assert_eq!(a.version, b.version, "variant {i}");
+                    assert_eq!(a.warnings, b.warnings, "variant {i}");
+                    assert_eq!(a.policy_origins, b.policy_origins, "variant {i}");
+                    assert_eq!(a.entity_count(), b.entity_count(), "variant {i}");
+                    assert_eq!(a.files, b.files, "variant {i}");
+                    assert_eq!(a.policies.to_cedar(), b.policies.to_cedar(), "variant {i}");
+                }
+                (Err(a), Err(b)) => {
+                    refused += 1;
+                    assert_eq!(a.diagnostics, b.diagnostics, "variant {i}");
+                }
+                (a, b) => panic!(
+                    "variant {i}: fresh {:?} but cached {:?}",
+                    a.map(|s| s.version),
+                    b.map(|s| s.version)
+                ),
+            }
+        }
+        assert!(!cache.validated.is_empty(), "the cache was used");
+        assert_eq!(
+            (warned, refused),
+            (6, 6),
+            "the variants cover warnings and refusals"
+        );
+    }
 }
