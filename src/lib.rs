@@ -13,16 +13,24 @@
 //! proto (generated)  →  service (proto ↔ domain, errors → gRPC status)
 //!                    →  engine  (pure, synchronous: delegation and decision)
 //!                    →  bundle  (immutable Snapshot: loaded, validated, published)
+//!
+//! files → reload (watch, coalesce, build off the request path) → bundle → one ArcSwap store
 //! ```
 //!
 //! - [`proto`]: the generated `leash.v1` types, client and server traits.
 //! - [`service`]: the `Authorizer` gRPC service; converts typed and JSON inputs
-//!   into Cedar values and maps [`engine::RequestError`] to `INVALID_ARGUMENT`.
+//!   into Cedar values and maps [`engine::RequestError`] to `INVALID_ARGUMENT`;
+//!   `service::admin` answers `Admin/Status` (what is served, the last reload).
 //! - [`engine`]: decides a request against a [`bundle::Snapshot`]: both sides of
 //!   a delegated request, the trusted `context.leash` record, fail-closed rules.
 //! - [`bundle`]: finds, parses and validates a bundle; every problem becomes a
 //!   [`bundle::Diagnostic`] with file:line:column; a valid bundle becomes a
-//!   [`bundle::Snapshot`] with a content-hash version.
+//!   [`bundle::Snapshot`] with a content-hash version. Reads are stable (a tree
+//!   changing mid-read is read again; ConfigMap volumes through `..data`), and
+//!   a [`bundle::BuildCache`] lets a rebuild validate only changed files.
+//! - [`reload`]: hot reload: inotify (or polling) over the bundle directories,
+//!   bursts coalesced, snapshots built on a low-priority thread and published
+//!   with one store; invalid changes refused with the last good one serving.
 //! - [`server`]: listeners (loopback TCP, Unix socket 0600), health, reflection,
 //!   graceful drain; takes already-bound listeners so tests bind port 0.
 //! - [`config`]: the command line and `LEASH_*` environment of the binary.

@@ -85,12 +85,15 @@ async fn serve_async(config: leash::config::ServeConfig) -> anyhow::Result<()> {
         served
     };
     let working = async {
+        // Handled from the start: SIGHUP's default action is to end the
+        // process, which a reload request during a long first load must not.
+        let hangups = forward_hangups(reloader.clone());
         if let Err(bundle_error) = reloader.load_initial().await {
+            hangups.abort();
             eprint!("{}", bundle_error.render());
             let _ = stop_tx.send(true);
             return Err(anyhow::anyhow!("{bundle_error}; not serving"));
         }
-        let hangups = forward_hangups(reloader.clone());
         tokio::select! {
             () = shutdown_signal() => {}
             () = reloader.clone().run(stop(stop_rx.clone())) => {}
@@ -106,10 +109,10 @@ async fn serve_async(config: leash::config::ServeConfig) -> anyhow::Result<()> {
 
 /// SIGHUP forces a reload, whether or not a change was seen.
 fn forward_hangups(reloader: Arc<Reloader>) -> tokio::task::JoinHandle<()> {
+    // Registered before returning, so no SIGHUP after this call is missed.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     tokio::spawn(async move {
-        let mut hangups = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::hangup(),
-        ) {
+        let mut hangups = match hangups {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot handle SIGHUP; reloads come from watching only");

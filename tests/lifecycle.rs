@@ -80,12 +80,22 @@ async fn reflection_lists_the_services() {
         .connect()
         .await
         .expect("connect");
-    let request = ServerReflectionRequest {
+    let ask = |message| ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+        message_request: Some(message),
     };
+    let requests = vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(
+            "leash.v1.Admin".to_owned(),
+        )),
+        // Admin/Status uses Timestamp: a client must be able to resolve it.
+        ask(MessageRequest::FileByFilename(
+            "google/protobuf/timestamp.proto".to_owned(),
+        )),
+    ];
     let mut stream = ServerReflectionClient::new(channel)
-        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .server_reflection_info(tokio_stream::iter(requests))
         .await
         .expect("reflection")
         .into_inner();
@@ -94,14 +104,22 @@ async fn reflection_lists_the_services() {
         panic!("unexpected reply {reply:?}");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"leash.v1.Authorizer".to_owned()),
-        "{names:?}"
-    );
-    assert!(
-        names.contains(&"grpc.health.v1.Health".to_owned()),
-        "{names:?}"
-    );
+    for service in [
+        "leash.v1.Authorizer",
+        "leash.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&service.to_owned()), "{service}: {names:?}");
+    }
+    for what in ["leash.v1.Admin", "google/protobuf/timestamp.proto"] {
+        let reply = stream.message().await.expect("reply").expect("a message");
+        match reply.message_response {
+            Some(MessageResponse::FileDescriptorResponse(files)) => {
+                assert!(!files.file_descriptor_proto.is_empty(), "{what}")
+            }
+            other => panic!("{what}: unexpected reply {other:?}"),
+        }
+    }
 }
 
 // Multi-threaded: the test blocks on a child process while the in-process
