@@ -168,7 +168,7 @@ impl Snapshot {
             }
         };
 
-        let warnings = validate(
+        let (warnings, clean) = validate(
             sources,
             &schema,
             &policies,
@@ -195,6 +195,10 @@ impl Snapshot {
         let Some(entities) = entities else {
             return Err(refuse(diagnostics));
         };
+        // Only a bundle that loaded vouches for its files: in a refused one,
+        // a policy may have been left out of validation (a duplicate id, an
+        // empty `@id`) while the rest of its file passed.
+        cache.validated.extend(clean);
 
         let actions = action_uids(&schema);
         Ok(Self {
@@ -271,8 +275,9 @@ fn text_key(text: &str) -> FileKey {
 }
 
 /// Validates the policies of every file not already known to be valid
-/// against this schema; reports errors as diagnostics and returns the
-/// warnings of every file, in file order.
+/// against this schema; reports errors as diagnostics. Returns the warnings
+/// of every file, in file order, and the files validated here without
+/// errors (for the cache, once the whole bundle has loaded).
 fn validate(
     sources: &BundleSources,
     schema: &Schema,
@@ -280,7 +285,7 @@ fn validate(
     origins: &BTreeMap<String, PolicyOrigin>,
     cache: &mut BuildCache,
     diagnostics: &mut Vec<Diagnostic>,
-) -> Vec<String> {
+) -> (Vec<String>, Vec<(FileKey, Vec<String>)>) {
     let keys: HashMap<&str, FileKey> = sources
         .policies
         .iter()
@@ -328,6 +333,7 @@ fn validate(
     }
 
     let mut warnings = Vec::new();
+    let mut clean = Vec::new();
     for file in &sources.policies {
         let Some(key) = keys.get(file.path.as_str()) else {
             continue;
@@ -339,7 +345,7 @@ fn validate(
         let found = fresh_warnings.remove(&file.path).unwrap_or_default();
         warnings.extend(found.iter().cloned());
         if !failed.contains(&file.path) {
-            cache.validated.insert(*key, found);
+            clean.push((*key, found));
         }
     }
     // Warnings not traced to a file (none are expected) are kept, not lost.
@@ -348,7 +354,7 @@ fn validate(
     }
     let current: HashSet<&FileKey> = keys.values().collect();
     cache.validated.retain(|k, _| current.contains(k));
-    warnings
+    (warnings, clean)
 }
 
 /// The message of a Cedar error with its causes, for callers and logs.
@@ -740,6 +746,19 @@ mod tests {
                 uses_extra,
             ),
             with(&base, "policies/zz-extra.cedar", uses_extra),
+            // `b` repeats `a`'s id and is invalid: refused for the
+            // duplicate, so `b` was never validated; once `a` is renamed,
+            // `b` must be validated (and refused), not taken from the cache.
+            with(
+                &with(&base, "policies/zz-a.cedar", "@id(\"dup\")\npermit (principal, action, resource) when { false };\n"),
+                "policies/zz-b.cedar",
+                "@id(\"dup\")\npermit (principal, action == Action::\"no-such-action\", resource);\n",
+            ),
+            with(
+                &with(&base, "policies/zz-a.cedar", "@id(\"renamed\")\npermit (principal, action, resource) when { false };\n"),
+                "policies/zz-b.cedar",
+                "@id(\"dup\")\npermit (principal, action == Action::\"no-such-action\", resource);\n",
+            ),
             with(&base, &entity_path, &entity_text.replacen('[', "[ ", 1)),
             with(&base, &entity_path, "[{\"uid\": 1}]"),
             base.clone(),
@@ -774,7 +793,7 @@ mod tests {
         assert!(!cache.validated.is_empty(), "the cache was used");
         assert_eq!(
             (warned, refused),
-            (6, 6),
+            (6, 10),
             "the variants cover warnings and refusals"
         );
     }
