@@ -51,7 +51,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     init_logging(config.log_format, &config.log);
-    let result = runtime().and_then(|rt| rt.block_on(serve_async(config)));
+    let result = runtime().and_then(|rt| {
+        let served = rt.block_on(serve_async(config));
+        // A blocking task may still be stamping a hung network file system;
+        // exiting must not wait for it.
+        rt.shutdown_timeout(std::time::Duration::from_secs(1));
+        served
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

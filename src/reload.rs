@@ -18,6 +18,7 @@
 //! Watches are armed *before* the files are read, so a change made while a
 //! bundle is being read or built always leads to another attempt.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -39,6 +40,12 @@ pub const DEFAULT_SETTLE: Duration = Duration::from_millis(50);
 
 /// A burst of events that never goes quiet is acted on after this long.
 pub const MAX_COALESCE: Duration = Duration::from_secs(1);
+
+/// Longest wait for bundle files open for writing to be closed.
+pub const MAX_OPEN_WRITE: Duration = Duration::from_secs(10);
+
+/// First pause before reading again files that changed while being read.
+const MIN_RETRY: Duration = Duration::from_millis(10);
 
 /// Polling interval used when inotify cannot be used at all.
 pub const FALLBACK_POLL: Duration = Duration::from_secs(2);
@@ -196,6 +203,45 @@ pub struct Reloader {
     startup_stamp: Mutex<Option<TreeStamp>>,
     /// What each build leaves for the next; used by the reload thread only.
     cache: Arc<Mutex<BuildCache>>,
+    /// Bundle files written to and not yet closed, from inotify events: a
+    /// truncated file mid-write must not be read as the new bundle.
+    writing: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+/// How the bundle is being watched right now.
+struct Watch {
+    mode: WatchMode,
+    watcher: Option<Armed>,
+    poller: Option<AbortOnDrop>,
+}
+
+impl Watch {
+    fn start_polling(
+        &mut self,
+        policies: &Path,
+        schemas: &Path,
+        interval: Duration,
+        loaded: Option<TreeStamp>,
+        wake: &Arc<Notify>,
+    ) {
+        self.poller = Some(AbortOnDrop(tokio::spawn(poll(
+            policies.to_owned(),
+            schemas.to_owned(),
+            interval,
+            loaded,
+            wake.clone(),
+        ))));
+    }
+}
+
+/// A task that ends with its owner (a return, or shutdown dropping the
+/// future), so the poller never outlives the reloader.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Reloader {
@@ -208,6 +254,7 @@ impl Reloader {
             forced: AtomicBool::new(false),
             startup_stamp: Mutex::new(None),
             cache: Arc::new(Mutex::new(BuildCache::default())),
+            writing: Arc::new(Mutex::new(HashSet::new())),
         })
     }
 
@@ -268,82 +315,66 @@ impl Reloader {
 
     /// Watches the bundle and reloads on change until `shutdown` completes.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = &mut shutdown => {}
+            () = self.clone().watch_and_reload() => {}
+        }
+    }
+
+    async fn watch_and_reload(self: Arc<Self>) {
         let dirs = match &self.location {
             BundleLocation::Dirs { policies, schemas } => Some((policies.clone(), schemas.clone())),
             BundleLocation::Embedded => None,
         };
-        let mut mode = match dirs {
-            Some(_) => self.options.watch,
-            None => WatchMode::Off,
-        };
-        let mut watcher = None;
-        if let (WatchMode::Events, Some((policies, schemas))) = (mode, &dirs) {
-            match arm_watches(&[policies, schemas], self.wake.clone()) {
-                Ok(w) => watcher = Some(w),
-                Err(e) => {
-                    warn!(
-                        error = %e,
-                        poll_interval_secs = FALLBACK_POLL.as_secs_f64(),
-                        "cannot watch the bundle with inotify; polling instead"
-                    );
-                    mode = WatchMode::Poll(FALLBACK_POLL);
-                }
-            }
-        }
         let startup_stamp = self
             .startup_stamp
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let mut poller = None;
-        if let (WatchMode::Poll(interval), Some((policies, schemas))) = (mode, &dirs) {
-            poller = Some(tokio::spawn(poll(
-                policies.clone(),
-                schemas.clone(),
-                interval,
-                startup_stamp.clone(),
-                self.wake.clone(),
-            )));
-        }
-        // Watches are armed now: anything changed since the startup load
-        // would otherwise go unnoticed until the next change.
-        if let (WatchMode::Events, Some((policies, schemas))) = (mode, &dirs) {
-            let (p, s) = (policies.clone(), schemas.clone());
-            let now = tokio::task::spawn_blocking(move || TreeStamp::of(&p, &s))
-                .await
-                .ok();
-            if now.is_none() || now != startup_stamp {
-                self.wake.notify_one();
-            }
-        }
-        let described = match (mode, &dirs) {
-            (_, None) => "off (built-in bundle)".to_owned(),
-            (WatchMode::Events, _) => "inotify".to_owned(),
-            (WatchMode::Poll(interval), _) => format!("poll every {}", human(interval)),
-            (WatchMode::Off, _) => "off (SIGHUP reloads)".to_owned(),
+        let mut watch = Watch {
+            mode: match dirs {
+                Some(_) => self.options.watch,
+                None => WatchMode::Off,
+            },
+            watcher: None,
+            poller: None,
         };
-        info!(watch = %described, settle_ms = self.options.settle.as_millis() as u64, "watching the policy bundle");
-        self.server.reload_status().set_watch(described);
-
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                () = self.wake.notified() => {}
+        if let Some((policies, schemas)) = &dirs {
+            if watch.mode == WatchMode::Events {
+                self.arm(&mut watch, policies, schemas).await;
             }
-            // Coalesce the burst: an editor's save, a `git checkout` or a
-            // ConfigMap update is many events for one change.
-            let burst = Instant::now();
-            while burst.elapsed() < MAX_COALESCE {
-                let quiet = tokio::time::timeout(self.options.settle, self.wake.notified()).await;
-                if quiet.is_err() {
-                    break;
+            if let WatchMode::Poll(interval) = watch.mode {
+                watch.start_polling(
+                    policies,
+                    schemas,
+                    interval,
+                    startup_stamp.clone(),
+                    &self.wake,
+                );
+            }
+            // Watching now: a change made since the startup load would
+            // otherwise go unnoticed until the next one.
+            if watch.mode == WatchMode::Events {
+                let (p, s) = (policies.clone(), schemas.clone());
+                let now = tokio::task::spawn_blocking(move || TreeStamp::of(&p, &s))
+                    .await
+                    .ok();
+                if now.is_none() || now != startup_stamp {
+                    self.wake.notify_one();
                 }
             }
+        }
+        self.describe(&watch, dirs.is_some());
+
+        let mut unstable = 0u32;
+        loop {
+            self.wake.notified().await;
+            self.settle().await;
             let trigger = if self.forced.swap(false, Ordering::SeqCst) {
                 Trigger::Signal
             } else {
-                match mode {
+                match watch.mode {
                     WatchMode::Poll(_) => Trigger::Poll,
                     _ => Trigger::Watch,
                 }
@@ -351,23 +382,109 @@ impl Reloader {
             // Re-arm before reading: the directories may now resolve to
             // another tree (a swapped symlink, a re-created directory), and
             // anything that changes from here on must wake us again.
-            if let (Some(_), Some((policies, schemas))) = (&watcher, &dirs) {
-                match arm_watches(&[policies, schemas], self.wake.clone()) {
-                    Ok(w) => watcher = Some(w),
-                    Err(e) => {
-                        warn!(error = %e, "cannot re-arm the watches; keeping the previous ones")
-                    }
-                }
+            if let (WatchMode::Events, Some((policies, schemas))) = (watch.mode, &dirs) {
+                self.arm(&mut watch, policies, schemas).await;
+                self.describe(&watch, true);
             }
-            self.reload(trigger).await;
-        }
-        if let Some(poller) = poller {
-            poller.abort();
+            if self.reload(trigger).await {
+                unstable = 0;
+            } else {
+                // The files changed while being read: try again after a
+                // pause that grows, so a tree that never settles cannot
+                // keep the reload thread busy.
+                unstable = unstable.saturating_add(1);
+                let pause = MIN_RETRY
+                    .saturating_mul(1 << unstable.min(7))
+                    .min(MAX_COALESCE);
+                tokio::time::sleep(pause).await;
+                self.wake.notify_one();
+            }
         }
     }
 
-    /// One reload attempt: read, build, compare, publish or refuse.
-    async fn reload(&self, trigger: Trigger) {
+    /// (Re-)arms the inotify watches; on failure (the kernel's watch limit)
+    /// falls back to polling rather than keep watches on a stale tree.
+    async fn arm(&self, watch: &mut Watch, policies: &Path, schemas: &Path) {
+        let (p, s, wake, writing) = (
+            policies.to_owned(),
+            schemas.to_owned(),
+            self.wake.clone(),
+            self.writing.clone(),
+        );
+        // Walking the trees is blocking work.
+        let armed = tokio::task::spawn_blocking(move || arm_watches(&[&p, &s], wake, writing))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|armed| armed.map_err(|e| e.to_string()));
+        match armed {
+            Ok(watcher) => watch.watcher = Some(watcher),
+            Err(e) => {
+                warn!(
+                    error = %e,
+                    poll_interval_secs = FALLBACK_POLL.as_secs_f64(),
+                    "cannot watch the bundle with inotify; polling instead"
+                );
+                watch.watcher = None;
+                watch.mode = WatchMode::Poll(FALLBACK_POLL);
+                watch.start_polling(policies, schemas, FALLBACK_POLL, None, &self.wake);
+                // Whatever changed while the watches were failing.
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    fn describe(&self, watch: &Watch, has_dirs: bool) {
+        let described = match (watch.mode, has_dirs) {
+            (_, false) => "off (built-in bundle)".to_owned(),
+            (WatchMode::Events, _) => "inotify".to_owned(),
+            (WatchMode::Poll(interval), _) => format!("poll every {}", human(interval)),
+            (WatchMode::Off, _) => "off (SIGHUP reloads)".to_owned(),
+        };
+        let status = self.server.reload_status();
+        if status.view().watch != described {
+            info!(watch = %described, settle_ms = self.options.settle.as_millis() as u64, "watching the policy bundle");
+            status.set_watch(described);
+        }
+    }
+
+    /// Waits for a burst of events to end: no event for `settle`, and no
+    /// bundle file left open for writing (bounded by `MAX_OPEN_WRITE`); a
+    /// burst that never goes quiet ends after `MAX_COALESCE`.
+    async fn settle(&self) {
+        let burst = Instant::now();
+        loop {
+            let quiet = tokio::time::timeout(self.options.settle, self.wake.notified())
+                .await
+                .is_err();
+            let open = {
+                let writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+                (!writing.is_empty()).then(|| writing.len())
+            };
+            match open {
+                None if quiet || burst.elapsed() >= MAX_COALESCE => return,
+                None => {}
+                Some(files) if burst.elapsed() >= MAX_OPEN_WRITE => {
+                    warn!(
+                        files,
+                        waited_secs = MAX_OPEN_WRITE.as_secs(),
+                        "bundle files are still open for writing; reading them anyway"
+                    );
+                    self.writing
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clear();
+                    return;
+                }
+                // A writer is mid-file (truncated, not yet closed): its
+                // close event wakes us.
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// One reload attempt: read, build, compare, publish or refuse. False
+    /// when the files changed while being read (nothing was decided).
+    async fn reload(&self, trigger: Trigger) -> bool {
         let started_at = SystemTime::now();
         let clock = Instant::now();
         let live = self.server.live();
@@ -379,7 +496,7 @@ impl Reloader {
         match job {
             Job::Changing => {
                 debug!("bundle files changed while being read; reading again once they settle");
-                self.wake.notify_one();
+                return false;
             }
             Job::Loaded {
                 version,
@@ -435,6 +552,7 @@ impl Reloader {
             }
             Job::Startup(_) => {}
         }
+        true
     }
 
     fn record(
@@ -617,10 +735,20 @@ fn lower_thread_priority() {
 /// A live inotify watcher over the bundle's directories.
 type Armed = notify::RecommendedWatcher;
 
-/// Starts watching `roots`: each recursively (through symbolic links), its
-/// parent (so a deleted or re-created directory is noticed), and the parent
-/// of every symbolic link on its path (so a swapped git-sync link is).
-fn arm_watches(roots: &[&PathBuf], wake: Arc<Notify>) -> Result<Armed, notify::Error> {
+/// Most directories watched under one bundle directory (a bound on a
+/// symbolic-link loop).
+const MAX_WATCHED_DIRS: usize = 10_000;
+
+/// Starts watching `roots`: every directory under each (through symbolic
+/// links, each watched on its own so one vanishing mid-walk does not leave
+/// its siblings unwatched), each root's parent (a deleted or re-created
+/// directory), and the parent of every symbolic link on a root's path (a
+/// swapped git-sync link). Fails only when the kernel refuses watches.
+fn arm_watches(
+    roots: &[&PathBuf],
+    wake: Arc<Notify>,
+    writing: Arc<Mutex<HashSet<PathBuf>>>,
+) -> Result<Armed, notify::Error> {
     // Events name absolute paths; parent directories also report changes to
     // their other entries, which must not cause reloads.
     let absolute: Vec<PathBuf> = roots
@@ -629,10 +757,15 @@ fn arm_watches(roots: &[&PathBuf], wake: Arc<Notify>) -> Result<Armed, notify::E
         .collect();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         match event {
-            Ok(event) if !relevant(&event.kind) || !concerns(&event.paths, &absolute) => {}
-            // Not logged one by one: a log file inside a watched directory
-            // would feed itself.
-            Ok(_) => wake.notify_one(),
+            Ok(event) if !concerns(&event.paths, &absolute) => {}
+            Ok(event) => {
+                track_writes(&event, &writing);
+                // Not logged one by one: a log file inside a watched
+                // directory would feed itself.
+                if relevant(&event.kind) {
+                    wake.notify_one();
+                }
+            }
             // An error may mean lost events (queue overflow): look again.
             Err(e) => {
                 debug!(error = %e, "file watch error; reloading to be safe");
@@ -640,41 +773,91 @@ fn arm_watches(roots: &[&PathBuf], wake: Arc<Notify>) -> Result<Armed, notify::E
             }
         }
     })?;
-    let mut points: Vec<(PathBuf, RecursiveMode)> = Vec::new();
+    let mut points: Vec<PathBuf> = Vec::new();
     for root in roots {
-        if root.is_dir() {
-            points.push(((*root).clone(), RecursiveMode::Recursive));
+        let mut stack = vec![(*root).clone()];
+        let mut dirs = 0usize;
+        while let Some(dir) = stack.pop() {
+            if !dir.is_dir() || dirs >= MAX_WATCHED_DIRS {
+                continue;
+            }
+            dirs += 1;
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    if path.is_dir() {
+                        stack.push(path);
+                    }
+                }
+            }
+            points.push(dir);
         }
         if let Some(parent) = existing_ancestor(root) {
-            points.push((parent, RecursiveMode::NonRecursive));
+            points.push(parent);
         }
         let mut prefix = PathBuf::new();
         for component in root.components() {
             prefix.push(component);
             let is_link = std::fs::symlink_metadata(&prefix).is_ok_and(|m| m.is_symlink());
             if let (true, Some(parent)) = (is_link, prefix.parent()) {
-                points.push((parent.to_path_buf(), RecursiveMode::NonRecursive));
+                points.push(parent.to_path_buf());
             }
         }
     }
-    let mut seen: Vec<&PathBuf> = Vec::new();
-    for (path, mode) in &points {
-        if seen.contains(&path) {
+    let mut seen: HashSet<&PathBuf> = HashSet::new();
+    for path in &points {
+        if !seen.insert(path) {
             continue;
         }
-        seen.push(path);
-        if let Err(e) = watcher.watch(path, *mode) {
+        if let Err(e) = watcher.watch(path, RecursiveMode::NonRecursive) {
             match e.kind {
                 // The kernel's watch limit: polling is the only way left.
                 notify::ErrorKind::MaxFilesWatch => return Err(e),
-                // Gone between the check and the watch; the parent's watch
-                // sees it come back.
+                // Gone between the walk and the watch: its parent's watch
+                // has seen that, and the next attempt re-arms.
                 notify::ErrorKind::PathNotFound => {}
                 _ => warn!(path = %path.display(), error = %e, "cannot watch"),
             }
         }
     }
     Ok(watcher)
+}
+
+/// Keeps `writing` up to date: a bundle file created or modified is open for
+/// writing until its close-after-write (or its removal or renaming away).
+fn track_writes(event: &notify::Event, writing: &Mutex<HashSet<PathBuf>>) {
+    use notify::event::{CreateKind, ModifyKind, RenameMode};
+    let bundle_files = event.paths.iter().filter(|p| is_bundle_name(p));
+    let mut writing = writing.lock().unwrap_or_else(PoisonError::into_inner);
+    match event.kind {
+        EventKind::Modify(ModifyKind::Data(_)) => writing.extend(bundle_files.cloned()),
+        // A new regular file is written next; a new symbolic link (a
+        // ConfigMap's visible names) is complete as created.
+        EventKind::Create(CreateKind::File) => writing.extend(
+            bundle_files
+                .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file()))
+                .cloned(),
+        ),
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Remove(_)
+        | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
+            for path in bundle_files {
+                writing.remove(path);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Whether a file name is one a bundle reads (hidden temporary files of
+/// atomic writers are not: they are closed before being renamed).
+fn is_bundle_name(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    !name.starts_with('.')
+        && (name.ends_with(".cedar") || name.ends_with(".cedarschema") || name.ends_with(".json"))
 }
 
 /// The nearest existing directory above `path`.
@@ -714,8 +897,8 @@ fn concerns(paths: &[PathBuf], roots: &[PathBuf]) -> bool {
             .any(|p| roots.iter().any(|r| p.starts_with(r) || r.starts_with(p)))
 }
 
-/// Stamps the trees every `interval` and wakes the reloader when the stamp
-/// differs from the previous one.
+/// Stamps the trees every `interval` and wakes the reloader once a changed
+/// stamp has held still for an interval.
 async fn poll(
     policies: PathBuf,
     schemas: PathBuf,
@@ -731,6 +914,10 @@ async fn poll(
     // Compared against the stamp of the files loaded at startup, so a change
     // made in between is seen at the first tick.
     let mut last = loaded;
+    // A change is acted on once the stamp has stayed the same for one more
+    // interval: a file being written when the stamp is taken (polling sees
+    // no close events) is not read half-written.
+    let mut changed = false;
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
@@ -739,6 +926,9 @@ async fn poll(
         let now = stamp(policies.clone(), schemas.clone()).await;
         if now != last {
             last = now;
+            changed = true;
+        } else if changed {
+            changed = false;
             wake.notify_one();
         }
     }

@@ -412,14 +412,19 @@ async fn a_deleted_and_recreated_policies_directory_is_followed() {
     let before = refused_count(&server.status().await);
 
     std::fs::remove_dir_all(bundle.policies()).expect("rm -r policies");
-    let status = server.wait_refused(before).await;
-    let attempt = status.last_attempt.expect("attempt");
-    assert!(
-        attempt.diagnostics[0]
-            .message
-            .contains("cannot open policies directory"),
-        "{attempt:#?}"
-    );
+    // Waits for the refusal that names the missing directory (a read between
+    // the file's removal and the directory's is refused too, for having no
+    // policy files).
+    server
+        .wait_until("the missing directory to be reported", |s| {
+            refused_count(s) > before
+                && s.last_attempt.as_ref().is_some_and(|a| {
+                    a.diagnostics
+                        .iter()
+                        .any(|d| d.message.contains("cannot open policies directory"))
+                })
+        })
+        .await;
     assert_eq!(decide(&server, "read", "Doc::\"d1\"").await, (ALLOW, v1));
 
     bundle.write("policies/access.cedar", WRITE);
@@ -535,21 +540,14 @@ async fn invalid_changes_keep_the_last_good_bundle_and_are_reported() {
 }
 
 /// Schema and policies rewritten in place one after the other, as a
-/// non-atomic deploy would: only the old or the new version is ever served,
-/// and the new one loads.
+/// non-atomic deploy would. The half-way state (new policies, old schema) is
+/// itself a valid bundle, so serving it would go unnoticed by validation:
+/// only the old and the new version may ever be served.
 #[tokio::test]
 async fn schema_and_policies_changed_in_place_together_load_as_one() {
     let bundle = Bundle::reads();
     let v1 = bundle.version();
-    // A generous settle time: the two writes must land in one burst.
-    let server = Arc::new(
-        bundle
-            .serve(ReloadOptions {
-                watch: WatchMode::Events,
-                settle: Duration::from_millis(200),
-            })
-            .await,
-    );
+    let server = Arc::new(bundle.serve(fast()).await);
 
     let seen = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -559,13 +557,18 @@ async fn schema_and_policies_changed_in_place_together_load_as_one() {
             while !stop.load(Ordering::SeqCst) {
                 let version = server.serving_version().await;
                 seen.lock().expect("lock").insert(version);
-                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         })
     };
-    bundle.write("policies/access.cedar", READ_DOCUMENT);
-    bundle.write("schemas/docs.cedarschema", SCHEMA_DOCUMENT);
+    bundle.write("policies/access.cedar", WRITE);
+    let half_way = bundle.version();
+    bundle.write(
+        "schemas/docs.cedarschema",
+        &format!("{SCHEMA_DOC}// v2: the same types, documented\n"),
+    );
     let v2 = bundle.version();
+    assert_ne!(half_way, v2);
     server.wait_version(&v2).await;
     stop.store(true, Ordering::SeqCst);
     watcher.await.expect("watcher");
@@ -573,12 +576,9 @@ async fn schema_and_policies_changed_in_place_together_load_as_one() {
     let expected: std::collections::BTreeSet<String> = [v1, v2.clone()].into();
     assert!(
         seen.is_subset(&expected),
-        "served {seen:?}, expected only {expected:?}"
+        "served {seen:?}, expected only {expected:?} (half-way: {half_way})"
     );
-    assert_eq!(
-        decide(&server, "read", "Document::\"d1\"").await,
-        (ALLOW, v2)
-    );
+    assert_eq!(decide(&server, "write", "Doc::\"d1\"").await, (ALLOW, v2));
     match Arc::try_unwrap(server) {
         Ok(server) => server.shutdown().await,
         Err(_) => panic!("server still shared"),
@@ -713,16 +713,26 @@ fn sighup_reloads_and_leash_status_reports() {
     let bundle = Bundle::reads();
     let v1 = bundle.version();
     let socket = bundle.dir.path().join("leash.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_leash"))
-        .args(["serve", "--listen", "none", "--no-watch", "--uds"])
-        .arg(&socket)
-        .arg("--policies")
-        .arg(bundle.policies())
-        .arg("--schemas")
-        .arg(bundle.schemas())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starts");
+    // Killed when the test ends, even by a failed assertion.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_leash"))
+            .args(["serve", "--listen", "none", "--no-watch", "--uds"])
+            .arg(&socket)
+            .arg("--policies")
+            .arg(bundle.policies())
+            .arg("--schemas")
+            .arg(bundle.schemas())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starts"),
+    );
     let status = |json: bool| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_leash"));
         cmd.args(["status", "--uds"]).arg(&socket);
@@ -763,7 +773,7 @@ fn sighup_reloads_and_leash_status_reports() {
 
     bundle.write("policies/access.cedar", WRITE);
     let v2 = bundle.version();
-    hangup(child.id());
+    hangup(child.0.id());
     let json = wait("the reload", &|j| j["serving"]["version"] == v2.as_str());
     assert_eq!(json["last_attempt"]["trigger"], "RELOAD_TRIGGER_SIGNAL");
     let out = status(false);
@@ -772,7 +782,7 @@ fn sighup_reloads_and_leash_status_reports() {
     assert!(text.contains(&format!("serving   version {v2}")), "{text}");
 
     bundle.write("policies/access.cedar", "permit (principal, act");
-    hangup(child.id());
+    hangup(child.0.id());
     wait("the refusal", &|j| {
         j["last_attempt"]["result"] == "RELOAD_RESULT_REFUSED"
     });
@@ -783,9 +793,57 @@ fn sighup_reloads_and_leash_status_reports() {
     assert!(text.contains(&format!("serving   version {v2}")), "{text}");
 
     assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .expect("kill")
         .success());
-    assert_eq!(child.wait().expect("exits").code(), Some(0));
+    assert_eq!(child.0.wait().expect("exits").code(), Some(0));
+}
+
+/// A writer that truncates a policy file and pauses (far longer than the
+/// settle time) before writing the rest: the empty file in between is a
+/// valid deny-all bundle, and must not be served. leash waits for the
+/// file's close.
+#[tokio::test]
+async fn a_slow_writer_mid_file_is_not_read_half_written() {
+    use std::io::Write as _;
+    let bundle = Bundle::reads();
+    let v1 = bundle.version();
+    let server = Arc::new(bundle.serve(fast()).await);
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (server, seen, stop) = (server.clone(), seen.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let version = server.serving_version().await;
+                seen.lock().expect("lock").insert(version);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+
+    let path = bundle.path("policies/access.cedar");
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::create(&path).expect("truncate");
+        // The stall of a slow copy: the stimulus, not a wait for a result.
+        std::thread::sleep(Duration::from_millis(600));
+        file.write_all(WRITE.as_bytes()).expect("write");
+        file.sync_all().expect("sync");
+    });
+    writer.await.expect("writer");
+    let v2 = bundle.version();
+    server.wait_version(&v2).await;
+    stop.store(true, Ordering::SeqCst);
+    watcher.await.expect("watcher");
+    let seen = seen.lock().expect("lock").clone();
+    let expected: std::collections::BTreeSet<String> = [v1, v2].into();
+    assert!(
+        seen.is_subset(&expected),
+        "served {seen:?}: the truncated file was read"
+    );
+    match Arc::try_unwrap(server) {
+        Ok(server) => server.shutdown().await,
+        Err(_) => panic!("server still shared"),
+    }
 }

@@ -186,6 +186,14 @@ pub enum ReadOutcome {
     Changing,
 }
 
+/// Whether `read_dirs` reads this file (`shown` is `label/relative/path`).
+fn is_bundle_file(label: &str, shown: &str) -> bool {
+    match label {
+        "policies" => shown.ends_with(ENTITIES_SUFFIX) || shown.ends_with(POLICY_SUFFIX),
+        _ => shown.ends_with(SCHEMA_SUFFIX) || shown.ends_with(JSON_SUFFIX),
+    }
+}
+
 /// The directory a bundle directory is read from: the real path of
 /// `dir/..data` when `dir` is a Kubernetes ConfigMap (or Secret, or
 /// projected) volume, whose `..data` link names the current generation as a
@@ -218,7 +226,13 @@ impl TreeStamp {
             hasher.update(effective.as_os_str().as_encoded_bytes());
             hasher.update([0]);
             let mut problems = Vec::new();
-            for (_, shown, meta) in walk(label, &effective, &mut problems) {
+            let files = walk(label, &effective, &mut problems);
+            // Only the files a bundle reads: a log or notes file changing
+            // beside the policies is not a change of the bundle.
+            for (_, shown, meta) in files
+                .iter()
+                .filter(|(_, shown, _)| is_bundle_file(label, shown))
+            {
                 hasher.update(shown.as_bytes());
                 hasher.update([0]);
                 for n in [
