@@ -47,6 +47,10 @@ pub const MAX_OPEN_WRITE: Duration = Duration::from_secs(10);
 /// First pause before reading again files that changed while being read.
 const MIN_RETRY: Duration = Duration::from_millis(10);
 
+/// Reads of a bundle that keeps changing before startup gives up (about a
+/// minute with the pauses between them).
+const STARTUP_TRIES: u32 = 60;
+
 /// Polling interval used when inotify cannot be used at all.
 pub const FALLBACK_POLL: Duration = Duration::from_secs(2);
 
@@ -263,6 +267,7 @@ impl Reloader {
     /// start serving without a valid one.
     pub async fn load_initial(&self) -> Result<(), BundleError> {
         let live = self.server.live();
+        let mut tries = 0u32;
         loop {
             let started_at = SystemTime::now();
             let location = self.location.clone();
@@ -283,7 +288,26 @@ impl Reloader {
                     .unwrap_or_else(PoisonError::into_inner) = Some(stamp);
             }
             match job {
-                Job::Changing => tokio::time::sleep(self.options.settle).await,
+                Job::Changing if tries < STARTUP_TRIES => {
+                    tries += 1;
+                    let pause = MIN_RETRY
+                        .saturating_mul(1 << tries.min(7))
+                        .clamp(self.options.settle, MAX_COALESCE);
+                    tokio::time::sleep(pause).await;
+                }
+                Job::Changing => {
+                    return Err(BundleError {
+                        origin: self.location.describe(),
+                        diagnostics: vec![Diagnostic::plain(
+                            None,
+                            format!(
+                                "the bundle's files kept changing while they were read \
+                                 ({STARTUP_TRIES} tries); is something writing into the \
+                                 bundle directories?"
+                            ),
+                        )],
+                    })
+                }
                 Job::Startup(snapshot) => {
                     let version = snapshot.version.clone();
                     self.server.publish(*snapshot).await;

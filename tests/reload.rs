@@ -847,3 +847,39 @@ async fn a_slow_writer_mid_file_is_not_read_half_written() {
         Err(_) => panic!("server still shared"),
     }
 }
+
+/// A ConfigMap mounted as a subdirectory of the policies directory (one
+/// team's policies) is read through its own `..data` too.
+#[tokio::test]
+async fn a_configmap_mounted_in_a_subdirectory_is_read_through_its_data_link() {
+    let bundle = Bundle::reads();
+    let mut team = ConfigMap::create(&bundle.path("policies/team"), &[("writes.cedar", WRITE)]);
+    let v1 = bundle.version();
+    let server = bundle.serve(fast()).await;
+    let files = server.status().await.serving.expect("serving").files;
+    assert_eq!(
+        files,
+        vec![
+            "policies/access.cedar",
+            "policies/team/writes.cedar",
+            "schemas/docs.cedarschema"
+        ]
+    );
+    assert_eq!(decide(&server, "write", "Doc::\"d1\"").await, (ALLOW, v1));
+
+    team.update(&[
+        ("writes.cedar", WRITE),
+        (
+            "locked.cedar",
+            "@id(\"locked\")\nforbid (principal, action, resource == Doc::\"locked\");\n",
+        ),
+    ]);
+    let v2 = bundle.version();
+    let status = server.wait_version(&v2).await;
+    assert_eq!(
+        decide(&server, "write", "Doc::\"locked\"").await,
+        (DENY, v2)
+    );
+    assert_eq!(refused_count(&status), 0, "{status:#?}");
+    server.shutdown().await;
+}

@@ -676,6 +676,18 @@ pub enum BundleLocation {
     },
 }
 
+impl BundleLocation {
+    /// For messages: the directories, or "built-in example bundle".
+    pub fn describe(&self) -> String {
+        match self {
+            BundleLocation::Embedded => "built-in example bundle".to_owned(),
+            BundleLocation::Dirs { policies, schemas } => {
+                format!("{} + {}", policies.display(), schemas.display())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -284,10 +284,13 @@ fn walk(
             return out;
         }
     }
-    let mut stack = vec![root.to_path_buf()];
+    // (directory to list, its path relative to `root` as shown). A
+    // subdirectory that is itself a ConfigMap volume is listed through its
+    // `..data`, like the root (see `effective_root`).
+    let mut stack = vec![(root.to_path_buf(), String::new())];
     // Bounded so that a symlink loop cannot walk forever.
     let mut budget = 100_000usize;
-    while let Some(dir) = stack.pop() {
+    while let Some((dir, rel_dir)) = stack.pop() {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(err) => {
@@ -320,18 +323,18 @@ fn walk(
                     continue;
                 }
             };
-            if entry.file_name().to_string_lossy().starts_with('.') {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
                 continue;
             }
             let path = entry.path();
+            let rel = format!("{rel_dir}{name}");
             // `metadata` follows symbolic links, as ConfigMap and git-sync
             // layouts need.
             match std::fs::metadata(&path) {
-                Ok(meta) if meta.is_dir() => stack.push(path),
+                Ok(meta) if meta.is_dir() => stack.push((effective_root(&path), format!("{rel}/"))),
                 Ok(meta) if meta.is_file() => {
-                    let rel = path.strip_prefix(root).unwrap_or(&path);
-                    let shown = format!("{label}/{}", rel.to_string_lossy().replace('\\', "/"));
-                    out.push((path, shown, meta));
+                    out.push((path, format!("{label}/{rel}"), meta));
                 }
                 Ok(_) => {}
                 Err(err) => diagnostics.push(Diagnostic::plain(
