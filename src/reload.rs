@@ -163,7 +163,10 @@ pub struct StatusView {
 
 impl ReloadStatus {
     pub fn view(&self) -> StatusView {
-        let inner = self.lock().clone();
+        Self::view_of(self.lock().clone())
+    }
+
+    fn view_of(inner: StatusInner) -> StatusView {
         StatusView {
             watch: if inner.watch.is_empty() {
                 "off".to_owned()
@@ -173,6 +176,29 @@ impl ReloadStatus {
             last_attempt: inner.last,
             counters: inner.counters,
         }
+    }
+
+    /// Publishes `snapshot` and records the attempt that loaded it as one
+    /// step for [`ReloadStatus::view_with`]: a status never shows the new
+    /// version with the previous attempt. Returns the replaced snapshot.
+    pub fn install(
+        &self,
+        live: &LiveBundle,
+        snapshot: Snapshot,
+        attempt: Attempt,
+    ) -> Option<Arc<Snapshot>> {
+        let mut inner = self.lock();
+        let old = live.replace(snapshot);
+        inner.counters.loaded += 1;
+        inner.last = Some(attempt);
+        old
+    }
+
+    /// The served snapshot and the status, read together (see `install`).
+    pub fn view_with(&self, live: &LiveBundle) -> (Option<Arc<Snapshot>>, StatusView) {
+        let inner = self.lock();
+        let serving = live.current();
+        (serving, Self::view_of(inner.clone()))
     }
 
     fn set_watch(&self, watch: String) {
@@ -202,9 +228,10 @@ pub struct Reloader {
     options: ReloadOptions,
     wake: Arc<Notify>,
     forced: AtomicBool,
-    /// Stamp of the trees taken just before the startup load, so that a
-    /// change made before the watches are armed is not missed.
-    startup_stamp: Mutex<Option<TreeStamp>>,
+    /// Watches armed by [`Reloader::load_initial`] before it reads the
+    /// files (so nothing written during or after that read goes unseen),
+    /// handed to [`Reloader::run`].
+    armed: Mutex<Option<Watch>>,
     /// What each build leaves for the next; used by the reload thread only.
     cache: Arc<Mutex<BuildCache>>,
     /// Bundle files written to and not yet closed, from inotify events: a
@@ -256,7 +283,7 @@ impl Reloader {
             options,
             wake: Arc::new(Notify::new()),
             forced: AtomicBool::new(false),
-            startup_stamp: Mutex::new(None),
+            armed: Mutex::new(None),
             cache: Arc::new(Mutex::new(BuildCache::default())),
             writing: Arc::new(Mutex::new(HashSet::new())),
         })
@@ -266,6 +293,8 @@ impl Reloader {
     /// SERVING). A refused bundle is returned as the error: leash does not
     /// start serving without a valid one.
     pub async fn load_initial(&self) -> Result<(), BundleError> {
+        let watch = self.start_watching().await;
+        *self.armed.lock().unwrap_or_else(PoisonError::into_inner) = Some(watch);
         let live = self.server.live();
         let mut tries = 0u32;
         loop {
@@ -273,20 +302,7 @@ impl Reloader {
             let location = self.location.clone();
             let live_for_job = live.clone();
             let cache = self.cache.clone();
-            let (stamp_tx, stamp_rx) = std::sync::mpsc::channel();
-            let job = on_reload_thread(move || {
-                if let BundleLocation::Dirs { policies, schemas } = &location {
-                    let _ = stamp_tx.send(TreeStamp::of(policies, schemas));
-                }
-                build(&location, &live_for_job, &cache, false)
-            })
-            .await;
-            if let Ok(stamp) = stamp_rx.try_recv() {
-                *self
-                    .startup_stamp
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(stamp);
-            }
+            let job = on_reload_thread(move || build(&location, &live_for_job, &cache, None)).await;
             match job {
                 Job::Changing if tries < STARTUP_TRIES => {
                     tries += 1;
@@ -309,9 +325,18 @@ impl Reloader {
                     })
                 }
                 Job::Startup(snapshot) => {
-                    let version = snapshot.version.clone();
-                    self.server.publish(*snapshot).await;
-                    self.record(Trigger::Startup, started_at, Some(version), Outcome::Loaded);
+                    self.server.announce(&snapshot);
+                    let attempt = Attempt {
+                        trigger: Trigger::Startup,
+                        started_at,
+                        finished_at: SystemTime::now(),
+                        version: Some(snapshot.version.clone()),
+                        outcome: Outcome::Loaded,
+                    };
+                    let status = self.server.reload_status();
+                    // Nothing was served before: nothing to free.
+                    drop(status.install(&live, *snapshot, attempt));
+                    self.server.mark_serving().await;
                     return Ok(());
                 }
                 Job::Refused { version, error } => {
@@ -351,44 +376,15 @@ impl Reloader {
             BundleLocation::Dirs { policies, schemas } => Some((policies.clone(), schemas.clone())),
             BundleLocation::Embedded => None,
         };
-        let startup_stamp = self
-            .startup_stamp
+        let armed = self
+            .armed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let mut watch = Watch {
-            mode: match dirs {
-                Some(_) => self.options.watch,
-                None => WatchMode::Off,
-            },
-            watcher: None,
-            poller: None,
+        let mut watch = match armed {
+            Some(watch) => watch,
+            None => self.start_watching().await,
         };
-        if let Some((policies, schemas)) = &dirs {
-            if watch.mode == WatchMode::Events {
-                self.arm(&mut watch, policies, schemas).await;
-            }
-            if let WatchMode::Poll(interval) = watch.mode {
-                watch.start_polling(
-                    policies,
-                    schemas,
-                    interval,
-                    startup_stamp.clone(),
-                    &self.wake,
-                );
-            }
-            // Watching now: a change made since the startup load would
-            // otherwise go unnoticed until the next one.
-            if watch.mode == WatchMode::Events {
-                let (p, s) = (policies.clone(), schemas.clone());
-                let now = tokio::task::spawn_blocking(move || TreeStamp::of(&p, &s))
-                    .await
-                    .ok();
-                if now.is_none() || now != startup_stamp {
-                    self.wake.notify_one();
-                }
-            }
-        }
         self.describe(&watch, dirs.is_some());
 
         let mut unstable = 0u32;
@@ -424,6 +420,32 @@ impl Reloader {
                 self.wake.notify_one();
             }
         }
+    }
+
+    /// Starts noticing changes as configured: inotify watches, or a poller
+    /// comparing against the trees as they are now.
+    async fn start_watching(&self) -> Watch {
+        let mut watch = Watch {
+            mode: match self.location {
+                BundleLocation::Dirs { .. } => self.options.watch,
+                BundleLocation::Embedded => WatchMode::Off,
+            },
+            watcher: None,
+            poller: None,
+        };
+        if let BundleLocation::Dirs { policies, schemas } = &self.location {
+            if watch.mode == WatchMode::Events {
+                self.arm(&mut watch, policies, schemas).await;
+            }
+            if let (WatchMode::Poll(interval), None) = (watch.mode, &watch.poller) {
+                let (p, s) = (policies.clone(), schemas.clone());
+                let now = tokio::task::spawn_blocking(move || TreeStamp::of(&p, &s))
+                    .await
+                    .ok();
+                watch.start_polling(policies, schemas, interval, now, &self.wake);
+            }
+        }
+        watch
     }
 
     /// (Re-)arms the inotify watches; on failure (the kernel's watch limit)
@@ -515,7 +537,16 @@ impl Reloader {
         let serving = live.current().map(|s| s.version.clone());
         let location = self.location.clone();
         let cache = self.cache.clone();
-        let job = on_reload_thread(move || build(&location, &live, &cache, true)).await;
+        let status = self.server.reload_status();
+        let job = on_reload_thread(move || {
+            build(
+                &location,
+                &live,
+                &cache,
+                Some((&status, trigger, started_at)),
+            )
+        })
+        .await;
         let took_ms = clock.elapsed().as_secs_f64() * 1e3;
         match job {
             Job::Changing => {
@@ -542,7 +573,6 @@ impl Reloader {
                 for warning in warnings {
                     warn!(warning = %warning, "policy validation warning");
                 }
-                self.record(trigger, started_at, Some(version), Outcome::Loaded);
             }
             Job::Unchanged { version } => {
                 debug!(policy_version = %version, trigger = trigger.as_str(), took_ms, "policy bundle unchanged");
@@ -617,14 +647,14 @@ enum Job {
     Changing,
 }
 
-/// Reads and builds the bundle; with `install`, publishes a new version
-/// into `live` and frees the one it replaces. Blocking: runs on the reload
-/// thread.
+/// Reads and builds the bundle. With `install` (a reload), publishes a new
+/// version into `live`, recording the attempt in the same step, and frees
+/// the snapshot it replaces. Blocking: runs on the reload thread.
 fn build(
     location: &BundleLocation,
     live: &LiveBundle,
     cache: &Mutex<BuildCache>,
-    install: bool,
+    install: Option<(&ReloadStatus, Trigger, SystemTime)>,
 ) -> Job {
     let sources = match location {
         BundleLocation::Embedded => BundleSources::embedded(),
@@ -649,7 +679,7 @@ fn build(
     };
     let version = sources.version();
     // The same files build the same snapshot: skip the work.
-    if install && live.current().is_some_and(|s| s.version == version) {
+    if install.is_some() && live.current().is_some_and(|s| s.version == version) {
         return Job::Unchanged { version };
     }
     let built = {
@@ -674,17 +704,24 @@ fn build(
             }
         }
     };
-    if !install {
+    let Some((status, trigger, started_at)) = install else {
         return Job::Startup(Box::new(snapshot));
-    }
+    };
     let job = Job::Loaded {
-        version,
+        version: version.clone(),
         policies: snapshot.policy_count(),
         entities: snapshot.entity_count(),
         files: snapshot.files.len(),
         warnings: snapshot.warnings.clone(),
     };
-    if let Some(old) = live.replace(snapshot) {
+    let attempt = Attempt {
+        trigger,
+        started_at,
+        finished_at: SystemTime::now(),
+        version: Some(version),
+        outcome: Outcome::Loaded,
+    };
+    if let Some(old) = status.install(live, snapshot, attempt) {
         retire(old);
     }
     job

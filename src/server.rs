@@ -155,6 +155,13 @@ impl Server {
 
     /// Makes `snapshot` the one decisions use, and reports SERVING.
     pub async fn publish(&self, snapshot: Snapshot) {
+        self.announce(&snapshot);
+        self.live.publish(snapshot);
+        self.mark_serving().await;
+    }
+
+    /// Logs a bundle about to be served (its version, size, warnings).
+    pub fn announce(&self, snapshot: &Snapshot) {
         info!(
             policy_version = %snapshot.version,
             origin = %snapshot.origin,
@@ -166,7 +173,10 @@ impl Server {
         for warning in &snapshot.warnings {
             warn!(warning = %warning, "policy validation warning");
         }
-        self.live.publish(snapshot);
+    }
+
+    /// Reports SERVING on `grpc.health.v1` (a bundle is loaded).
+    pub async fn mark_serving(&self) {
         self.set_health(ServingStatus::Serving).await;
     }
 

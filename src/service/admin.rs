@@ -27,7 +27,10 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let serving = self.live.current().map(|s| pb::BundleInfo {
+        // Read together, so the version served and the attempt that loaded
+        // it always agree.
+        let (current, view) = self.status.view_with(&self.live);
+        let serving = current.map(|s| pb::BundleInfo {
             version: s.version.clone(),
             origin: s.origin.clone(),
             loaded_at: Some(s.loaded_at.into()),
@@ -36,7 +39,6 @@ impl pb::admin_server::Admin for AdminService {
             entity_count: saturate(s.entity_count()),
             warnings: s.warnings.clone(),
         });
-        let view = self.status.view();
         Ok(Response::new(pb::StatusResponse {
             serving,
             last_attempt: view.last_attempt.as_ref().map(attempt),
