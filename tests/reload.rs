@@ -539,6 +539,33 @@ async fn invalid_changes_keep_the_last_good_bundle_and_are_reported() {
     server.shutdown().await;
 }
 
+/// Every version Status reports while a test changes files.
+struct Served {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<std::collections::BTreeSet<String>>,
+}
+
+impl Served {
+    fn record(server: &Arc<ReloadingServer>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (server, flag) = (server.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut seen = std::collections::BTreeSet::new();
+            while !flag.load(Ordering::SeqCst) {
+                seen.insert(server.serving_version().await);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            seen
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> std::collections::BTreeSet<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("recorder")
+    }
+}
+
 /// Schema and policies rewritten in place one after the other, as a
 /// non-atomic deploy would. The half-way state (new policies, old schema) is
 /// itself a valid bundle, so serving it would go unnoticed by validation:
@@ -549,18 +576,7 @@ async fn schema_and_policies_changed_in_place_together_load_as_one() {
     let v1 = bundle.version();
     let server = Arc::new(bundle.serve(fast()).await);
 
-    let seen = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (server, seen, stop) = (server.clone(), seen.clone(), stop.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let version = server.serving_version().await;
-                seen.lock().expect("lock").insert(version);
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-    };
+    let served = Served::record(&server);
     bundle.write("policies/access.cedar", WRITE);
     let half_way = bundle.version();
     bundle.write(
@@ -570,9 +586,7 @@ async fn schema_and_policies_changed_in_place_together_load_as_one() {
     let v2 = bundle.version();
     assert_ne!(half_way, v2);
     server.wait_version(&v2).await;
-    stop.store(true, Ordering::SeqCst);
-    watcher.await.expect("watcher");
-    let seen = seen.lock().expect("lock").clone();
+    let seen = served.stop().await;
     let expected: std::collections::BTreeSet<String> = [v1, v2.clone()].into();
     assert!(
         seen.is_subset(&expected),
@@ -810,18 +824,7 @@ async fn a_slow_writer_mid_file_is_not_read_half_written() {
     let bundle = Bundle::reads();
     let v1 = bundle.version();
     let server = Arc::new(bundle.serve(fast()).await);
-    let seen = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (server, seen, stop) = (server.clone(), seen.clone(), stop.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let version = server.serving_version().await;
-                seen.lock().expect("lock").insert(version);
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-    };
+    let served = Served::record(&server);
 
     let path = bundle.path("policies/access.cedar");
     let writer = tokio::task::spawn_blocking(move || {
@@ -834,9 +837,7 @@ async fn a_slow_writer_mid_file_is_not_read_half_written() {
     writer.await.expect("writer");
     let v2 = bundle.version();
     server.wait_version(&v2).await;
-    stop.store(true, Ordering::SeqCst);
-    watcher.await.expect("watcher");
-    let seen = seen.lock().expect("lock").clone();
+    let seen = served.stop().await;
     let expected: std::collections::BTreeSet<String> = [v1, v2].into();
     assert!(
         seen.is_subset(&expected),
