@@ -559,6 +559,7 @@ impl Reloader {
                 entities,
                 files,
                 warnings,
+                ..
             } => {
                 info!(
                     policy_version = %version,
@@ -631,6 +632,8 @@ enum Job {
     /// Startup: the snapshot to publish (the caller sets health).
     Startup(Box<Snapshot>),
     Loaded {
+        /// The snapshot this one replaced, for the reload thread to free.
+        replaced: Option<Arc<Snapshot>>,
         version: String,
         policies: usize,
         entities: usize,
@@ -707,7 +710,8 @@ fn build(
     let Some((status, trigger, started_at)) = install else {
         return Job::Startup(Box::new(snapshot));
     };
-    let job = Job::Loaded {
+    let mut job = Job::Loaded {
+        replaced: None,
         version: version.clone(),
         policies: snapshot.policy_count(),
         entities: snapshot.entity_count(),
@@ -721,8 +725,9 @@ fn build(
         version: Some(version),
         outcome: Outcome::Loaded,
     };
-    if let Some(old) = status.install(live, snapshot, attempt) {
-        retire(old);
+    if let Job::Loaded { replaced, .. } = &mut job {
+        // Freed by the reload thread once the result is sent.
+        *replaced = status.install(live, snapshot, attempt);
     }
     job
 }
@@ -757,7 +762,17 @@ async fn on_reload_thread(work: impl FnOnce() -> Job + Send + 'static) -> Job {
         .name("leash-reload".to_owned())
         .spawn(move || {
             lower_thread_priority();
-            let _ = tx.send(work());
+            let mut job = work();
+            let replaced = match &mut job {
+                Job::Loaded { replaced, .. } => replaced.take(),
+                _ => None,
+            };
+            let _ = tx.send(job);
+            // The next reload need not wait for requests still holding the
+            // replaced snapshot: it is freed after answering.
+            if let Some(old) = replaced {
+                retire(old);
+            }
         });
     let refused = |message: String| Job::Refused {
         version: None,
