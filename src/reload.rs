@@ -297,18 +297,29 @@ impl Reloader {
         *self.armed.lock().unwrap_or_else(PoisonError::into_inner) = Some(watch);
         let live = self.server.live();
         let mut tries = 0u32;
+        let began = Instant::now();
         loop {
             let started_at = SystemTime::now();
             let location = self.location.clone();
             let live_for_job = live.clone();
-            let cache = self.cache.clone();
-            let job = on_reload_thread(move || build(&location, &live_for_job, &cache, None)).await;
+            let (cache, writing) = (self.cache.clone(), self.writing.clone());
+            let job =
+                on_reload_thread(move || build(&location, &live_for_job, &cache, &writing, None))
+                    .await;
             match job {
                 Job::Changing if tries < STARTUP_TRIES => {
                     tries += 1;
+                    if began.elapsed() >= MAX_OPEN_WRITE {
+                        // A file held open that long is not a deploy in
+                        // progress; read it as it is (as `settle` does).
+                        self.writing
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .clear();
+                    }
                     let pause = MIN_RETRY
                         .saturating_mul(1 << tries.min(7))
-                        .clamp(self.options.settle, MAX_COALESCE);
+                        .clamp(self.options.settle.min(MAX_COALESCE), MAX_COALESCE);
                     tokio::time::sleep(pause).await;
                 }
                 Job::Changing => {
@@ -499,7 +510,18 @@ impl Reloader {
     async fn settle(&self) {
         let burst = Instant::now();
         loop {
-            let quiet = tokio::time::timeout(self.options.settle, self.wake.notified())
+            let open_before = !self
+                .writing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty();
+            // With a writer mid-file, never spin: wait at least MIN_RETRY.
+            let wait = if open_before {
+                self.options.settle.max(MIN_RETRY)
+            } else {
+                self.options.settle
+            };
+            let quiet = tokio::time::timeout(wait, self.wake.notified())
                 .await
                 .is_err();
             let open = {
@@ -536,13 +558,14 @@ impl Reloader {
         let live = self.server.live();
         let serving = live.current().map(|s| s.version.clone());
         let location = self.location.clone();
-        let cache = self.cache.clone();
+        let (cache, writing) = (self.cache.clone(), self.writing.clone());
         let status = self.server.reload_status();
         let job = on_reload_thread(move || {
             build(
                 &location,
                 &live,
                 &cache,
+                &writing,
                 Some((&status, trigger, started_at)),
             )
         })
@@ -657,12 +680,23 @@ fn build(
     location: &BundleLocation,
     live: &LiveBundle,
     cache: &Mutex<BuildCache>,
+    writing: &Mutex<HashSet<PathBuf>>,
     install: Option<(&ReloadStatus, Trigger, SystemTime)>,
 ) -> Job {
     let sources = match location {
         BundleLocation::Embedded => BundleSources::embedded(),
         BundleLocation::Dirs { policies, schemas } => {
             match BundleSources::read_stable(policies, schemas) {
+                // A file was opened for writing during the read (its stamp
+                // may not show it yet): what was read may be cut short.
+                ReadOutcome::Read(_)
+                    if !writing
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .is_empty() =>
+                {
+                    return Job::Changing
+                }
                 ReadOutcome::Read(sources) => sources,
                 ReadOutcome::Changing => return Job::Changing,
                 ReadOutcome::Unreadable {
@@ -863,6 +897,11 @@ fn arm_watches(
                     let path = entry.path();
                     if path.is_dir() {
                         stack.push(path);
+                    } else if entry.file_type().is_ok_and(|t| t.is_symlink()) && path.is_file() {
+                        // A linked file's target may live outside every
+                        // watched directory: watch it through the link
+                        // (inotify follows it), named by the link's path.
+                        points.push(path);
                     }
                 }
             }

@@ -884,3 +884,30 @@ async fn a_configmap_mounted_in_a_subdirectory_is_read_through_its_data_link() {
     assert_eq!(refused_count(&status), 0, "{status:#?}");
     server.shutdown().await;
 }
+
+/// A policy file that is a symbolic link to a file outside the bundle
+/// directories: editing the target in place is seen through the link.
+#[tokio::test]
+async fn an_edit_to_a_linked_file_outside_the_bundle_is_served() {
+    let bundle = Bundle::reads();
+    bundle.write("shared/common.cedar", WRITE);
+    symlink(
+        bundle.path("shared/common.cedar"),
+        bundle.path("policies/common.cedar"),
+    )
+    .expect("link");
+    let server = bundle.serve(fast()).await;
+    assert_eq!(
+        decide(&server, "write", "Doc::\"d1\"").await,
+        (ALLOW, bundle.version())
+    );
+
+    bundle.write(
+        "shared/common.cedar",
+        "@id(\"locked\")\nforbid (principal, action, resource == Doc::\"locked\");\n",
+    );
+    let v2 = bundle.version();
+    server.wait_version(&v2).await;
+    assert_eq!(decide(&server, "write", "Doc::\"d1\"").await, (DENY, v2));
+    server.shutdown().await;
+}
