@@ -294,6 +294,9 @@ impl Reloader {
     /// start serving without a valid one.
     pub async fn load_initial(&self) -> Result<(), BundleError> {
         let watch = self.start_watching().await;
+        // Described before anything is served, so a status never shows a
+        // bundle without how it is watched.
+        self.describe(&watch, matches!(self.location, BundleLocation::Dirs { .. }));
         *self.armed.lock().unwrap_or_else(PoisonError::into_inner) = Some(watch);
         let live = self.server.live();
         let mut tries = 0u32;
