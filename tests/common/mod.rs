@@ -31,6 +31,30 @@ pub fn plain_snapshot() -> Snapshot {
     .expect("plain bundle loads")
 }
 
+/// A TCP listener on a free loopback port, and its address.
+pub async fn bind_loopback() -> (leash::server::Listener, SocketAddr) {
+    let tcp = bind_tcp("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind tcp");
+    let addr = match &tcp {
+        leash::server::Listener::Tcp(l) => l.local_addr().expect("local addr"),
+        leash::server::Listener::Unix(..) => unreachable!(),
+    };
+    (tcp, addr)
+}
+
+/// One IsAuthorized call.
+pub async fn decide_with(
+    client: &AuthorizerClient<Channel>,
+    req: pb::IsAuthorizedRequest,
+) -> Result<pb::IsAuthorizedResponse, tonic::Status> {
+    client
+        .clone()
+        .is_authorized(req)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 pub struct TestServer {
     pub server: Arc<Server>,
     pub addr: SocketAddr,
@@ -55,13 +79,7 @@ impl TestServer {
     /// NOT_SERVING until the test publishes one).
     pub async fn start(snapshot: Option<Snapshot>, options: ServerOptions, with_uds: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let tcp = bind_tcp("127.0.0.1:0".parse().expect("addr"))
-            .await
-            .expect("bind tcp");
-        let addr = match &tcp {
-            leash::server::Listener::Tcp(l) => l.local_addr().expect("local addr"),
-            leash::server::Listener::Unix(..) => unreachable!(),
-        };
+        let (tcp, addr) = bind_loopback().await;
         let mut listeners = vec![tcp];
         let uds = if with_uds {
             let path = dir.path().join("leash.sock");
@@ -113,11 +131,7 @@ impl TestServer {
         &self,
         req: pb::IsAuthorizedRequest,
     ) -> Result<pb::IsAuthorizedResponse, tonic::Status> {
-        self.client
-            .clone()
-            .is_authorized(req)
-            .await
-            .map(tonic::Response::into_inner)
+        decide_with(&self.client, req).await
     }
 }
 
@@ -195,13 +209,7 @@ impl ReloadingServer {
         schemas: &Path,
         options: leash::reload::ReloadOptions,
     ) -> Self {
-        let tcp = bind_tcp("127.0.0.1:0".parse().expect("addr"))
-            .await
-            .expect("bind tcp");
-        let addr = match &tcp {
-            leash::server::Listener::Tcp(l) => l.local_addr().expect("local addr"),
-            leash::server::Listener::Unix(..) => unreachable!(),
-        };
+        let (tcp, addr) = bind_loopback().await;
         let server = Arc::new(Server::new(ServerOptions::default()).await);
         let reloader = leash::reload::Reloader::new(
             server.clone(),
@@ -292,11 +300,7 @@ impl ReloadingServer {
         &self,
         req: pb::IsAuthorizedRequest,
     ) -> Result<pb::IsAuthorizedResponse, tonic::Status> {
-        self.client
-            .clone()
-            .is_authorized(req)
-            .await
-            .map(tonic::Response::into_inner)
+        decide_with(&self.client, req).await
     }
 
     pub async fn shutdown(mut self) {
