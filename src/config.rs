@@ -10,9 +10,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::reload::{ReloadOptions, WatchMode, DEFAULT_SETTLE};
 use crate::server::ServerOptions;
+use crate::telemetry::{BatchOptions, Protocol, SamplerChoice, TelemetryOptions, TraceOptions};
 
 /// Default TCP listen address (loopback only).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// Default admin HTTP address (loopback only): OpenTelemetry's
+/// conventional Prometheus port.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -98,18 +103,307 @@ pub struct ServeArgs {
         default_value = "50ms"
     )]
     pub watch_settle: String,
-    /// Log format.
-    #[arg(long, env = "LEASH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    /// Log format: `json` (one object per line), `text`, or `auto`: text on
+    /// a terminal, JSON otherwise (in a container).
+    #[arg(long, env = "LEASH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
-    /// Log filter: a level (`info`, `debug`) or per-module directives.
-    #[arg(long, env = "LEASH_LOG", value_name = "FILTER", default_value = "info")]
-    pub log: String,
+    /// Log filter: a level (`info`, `debug`) or per-module directives
+    /// (`leash=debug,info`); falls back to RUST_LOG, then `info`.
+    #[arg(long, env = "LEASH_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+    /// Admin HTTP listener: `/metrics`, `/healthz`, `/readyz`. `none` turns
+    /// it, and metrics, off.
+    #[arg(long, env = "LEASH_ADMIN_LISTEN", value_name = "HOST:PORT", default_value = DEFAULT_ADMIN_LISTEN)]
+    pub admin_listen: String,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    Auto,
     Text,
     Json,
+}
+
+/// OpenTelemetry settings: each flag reads the standard `OTEL_*` variable.
+/// Spans are exported only when an endpoint is set.
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryArgs {
+    /// OTLP collector base URL (`http://collector:4318`); with
+    /// http/protobuf, `/v1/traces` is appended.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP URL for spans, used as given (overrides --otlp-endpoint).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", value_name = "URL")]
+    pub otlp_traces_endpoint: Option<String>,
+    /// OTLP transport: `http/protobuf` (default) or `grpc`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_name = "PROTOCOL")]
+    pub otlp_protocol: Option<String>,
+    /// OTLP transport for spans (overrides --otlp-protocol).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", value_name = "PROTOCOL")]
+    pub otlp_traces_protocol: Option<String>,
+    /// Longest one export request may take, in milliseconds (or `2s`).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TIMEOUT", value_name = "MS", default_value = "10000")]
+    pub otlp_timeout: String,
+    /// `service.name` of leash's spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "NAME", default_value = "leash")]
+    pub otel_service_name: String,
+    /// More resource attributes: `key=value,key2=value2` (values may be
+    /// percent-encoded).
+    #[arg(long, env = "OTEL_RESOURCE_ATTRIBUTES", value_name = "KEY=VALUE,...")]
+    pub otel_resource_attributes: Option<String>,
+    /// Sampler: parentbased_always_on (default: follow the caller's
+    /// decision, sample all without one), always_on, always_off,
+    /// traceidratio, parentbased_always_off, parentbased_traceidratio.
+    #[arg(
+        long,
+        env = "OTEL_TRACES_SAMPLER",
+        value_name = "SAMPLER",
+        default_value = "parentbased_always_on"
+    )]
+    pub otel_traces_sampler: String,
+    /// The sampler's ratio (0 to 1) for the *traceidratio samplers.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", value_name = "RATIO")]
+    pub otel_traces_sampler_arg: Option<String>,
+    /// `otlp` (default) or `none`.
+    #[arg(long, env = "OTEL_TRACES_EXPORTER", value_name = "EXPORTER", default_value = "otlp")]
+    pub otel_traces_exporter: String,
+    /// Turn span export off whatever else is set.
+    #[arg(long, env = "OTEL_SDK_DISABLED")]
+    pub otel_sdk_disabled: bool,
+    /// Spans held while the collector is busy; beyond, spans are dropped
+    /// (and counted), never waited for.
+    #[arg(long, env = "OTEL_BSP_MAX_QUEUE_SIZE", value_name = "N", default_value_t = 2048)]
+    pub otel_bsp_max_queue_size: usize,
+    /// Longest a span waits before its batch is sent, in milliseconds.
+    #[arg(long, env = "OTEL_BSP_SCHEDULE_DELAY", value_name = "MS", default_value = "5000")]
+    pub otel_bsp_schedule_delay: String,
+    /// Spans per export request.
+    #[arg(long, env = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", value_name = "N", default_value_t = 512)]
+    pub otel_bsp_max_export_batch_size: usize,
+    /// Longest one batch may take to export, retries included, in milliseconds.
+    #[arg(long, env = "OTEL_BSP_EXPORT_TIMEOUT", value_name = "MS", default_value = "30000")]
+    pub otel_bsp_export_timeout: String,
+    /// Context attributes recorded on spans (`leash.context.<key>`);
+    /// none by default, as context values may be personal data.
+    #[arg(long, env = "LEASH_TRACE_CONTEXT_KEYS", value_name = "KEY,...", value_delimiter = ',')]
+    pub trace_context_keys: Vec<String>,
+    /// Baggage entries recorded on spans (`leash.baggage.<key>`).
+    #[arg(long, env = "LEASH_TRACE_BAGGAGE_KEYS", value_name = "KEY,...", value_delimiter = ',')]
+    pub trace_baggage_keys: Vec<String>,
+}
+
+impl TelemetryArgs {
+    /// Checks every value; problems are appended to `problems`.
+    pub fn resolve(&self, metrics: bool, problems: &mut Vec<String>) -> TelemetryOptions {
+        let keys = |flag: &str, values: &[String], problems: &mut Vec<String>| -> Vec<String> {
+            let mut keys = Vec::new();
+            for v in values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()) {
+                if v.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+                    keys.push(v.to_owned());
+                } else {
+                    problems.push(format!(
+                        "{flag}: `{v}` is not a key (letters, digits, `_`, `-`, `.`)"
+                    ));
+                }
+            }
+            keys
+        };
+        let context_keys = keys("--trace-context-keys", &self.trace_context_keys, problems);
+        let baggage_keys = keys("--trace-baggage-keys", &self.trace_baggage_keys, problems);
+        TelemetryOptions {
+            traces: self.traces(problems),
+            metrics,
+            context_keys,
+            baggage_keys,
+        }
+    }
+
+    fn traces(&self, problems: &mut Vec<String>) -> Option<TraceOptions> {
+        match self.otel_traces_exporter.trim() {
+            "otlp" => {}
+            "none" => return None,
+            other => {
+                problems.push(format!(
+                    "--otel-traces-exporter: `{other}` is not supported (use `otlp` or `none`)"
+                ));
+                return None;
+            }
+        }
+        let traces_endpoint = given(&self.otlp_traces_endpoint);
+        let base_endpoint = given(&self.otlp_endpoint);
+        if self.otel_sdk_disabled || (traces_endpoint.is_none() && base_endpoint.is_none()) {
+            return None;
+        }
+        let first = problems.len();
+        let protocol_text = given(&self.otlp_traces_protocol)
+            .or(given(&self.otlp_protocol))
+            .unwrap_or("http/protobuf");
+        let protocol = match protocol_text {
+            "http/protobuf" => Protocol::HttpProtobuf,
+            "grpc" => Protocol::Grpc,
+            other => {
+                problems.push(format!(
+                    "--otlp-protocol: `{other}` is not supported (use `http/protobuf` or `grpc`)"
+                ));
+                Protocol::HttpProtobuf
+            }
+        };
+        // The specification's rule: a signal's own endpoint is used as
+        // given; the base endpoint gets the signal's path over HTTP.
+        let (flag, endpoint) = match (traces_endpoint, base_endpoint) {
+            (Some(url), _) => ("--otlp-traces-endpoint", url.to_owned()),
+            (None, Some(base)) if protocol == Protocol::HttpProtobuf => (
+                "--otlp-endpoint",
+                format!("{}/v1/traces", base.trim_end_matches('/')),
+            ),
+            (None, Some(base)) => ("--otlp-endpoint", base.to_owned()),
+            (None, None) => return None,
+        };
+        if let Err(problem) = check_endpoint(&endpoint) {
+            problems.push(format!("{flag}: {problem}"));
+        }
+        let millis = |flag: &str, text: &str, problems: &mut Vec<String>| match parse_millis(text) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                problems.push(format!("{flag}: must be more than 0"));
+                Duration::from_secs(1)
+            }
+            Err(e) => {
+                problems.push(format!("{flag}: {e}"));
+                Duration::from_secs(1)
+            }
+        };
+        let timeout = millis("--otlp-timeout", &self.otlp_timeout, problems);
+        let schedule_delay = millis(
+            "--otel-bsp-schedule-delay",
+            &self.otel_bsp_schedule_delay,
+            problems,
+        );
+        let export_timeout = millis(
+            "--otel-bsp-export-timeout",
+            &self.otel_bsp_export_timeout,
+            problems,
+        );
+        if self.otel_bsp_max_queue_size == 0 || self.otel_bsp_max_queue_size > 1 << 20 {
+            problems.push("--otel-bsp-max-queue-size: must be between 1 and 1048576".to_owned());
+        }
+        if self.otel_bsp_max_export_batch_size == 0
+            || self.otel_bsp_max_export_batch_size > self.otel_bsp_max_queue_size
+        {
+            problems.push(format!(
+                "--otel-bsp-max-export-batch-size: must be between 1 and the queue size ({})",
+                self.otel_bsp_max_queue_size
+            ));
+        }
+        let sampler = match SamplerChoice::parse(
+            &self.otel_traces_sampler,
+            self.otel_traces_sampler_arg.as_deref(),
+        ) {
+            Ok(sampler) => sampler,
+            Err(e) => {
+                problems.push(format!("--otel-traces-sampler: {e}"));
+                SamplerChoice::ParentBasedAlwaysOn
+            }
+        };
+        let resource = match self.otel_resource_attributes.as_deref() {
+            None => Vec::new(),
+            Some(text) => parse_resource_attributes(text).unwrap_or_else(|e| {
+                problems.push(format!("--otel-resource-attributes: {e}"));
+                Vec::new()
+            }),
+        };
+        if self.otel_service_name.trim().is_empty() {
+            problems.push("--otel-service-name: must not be empty".to_owned());
+        }
+        if problems.len() > first {
+            return None;
+        }
+        Some(TraceOptions {
+            endpoint,
+            protocol,
+            timeout,
+            batch: BatchOptions {
+                max_queue: self.otel_bsp_max_queue_size,
+                schedule_delay,
+                max_batch: self.otel_bsp_max_export_batch_size,
+                export_timeout,
+            },
+            sampler,
+            service_name: self.otel_service_name.trim().to_owned(),
+            resource,
+        })
+    }
+}
+
+/// A flag's value, if given and not blank.
+fn given(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// An OTLP endpoint leash can reach: `http://host:port[/path]`.
+fn check_endpoint(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Err(format!(
+            "`{url}`: TLS to the collector is not supported; export over plain HTTP to a \
+             collector in the pod or on the node (which may forward over TLS)"
+        ));
+    }
+    let uri: tonic::codegen::http::Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(format!(
+            "`{url}` is not an http:// URL with a host, such as `http://localhost:4318`"
+        ));
+    }
+    Ok(())
+}
+
+/// OpenTelemetry's durations: a bare number is milliseconds; `2s`, `500ms`
+/// are accepted too.
+pub fn parse_millis(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    match trimmed.parse::<u64>() {
+        Ok(ms) => Ok(Duration::from_millis(ms)),
+        Err(_) => parse_duration(trimmed),
+    }
+}
+
+/// `key=value,key2=value2`, values percent-decoded (W3C baggage format).
+pub fn parse_resource_attributes(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut attributes = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(format!("`{item}` is not `key=value`"));
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(format!("`{item}` has an empty key"));
+        }
+        let value = percent_decode(value.trim())
+            .ok_or_else(|| format!("`{item}`: the value is not valid percent-encoded UTF-8"))?;
+        attributes.push((key.to_owned(), value));
+    }
+    Ok(attributes)
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 #[derive(Debug, Clone, Args)]
@@ -393,6 +687,8 @@ pub struct ServeConfig {
     pub bundle: BundleLocation,
     pub tcp: Option<SocketAddr>,
     pub uds: Option<PathBuf>,
+    /// The admin HTTP listener; `None` with `--admin-listen none`.
+    pub admin: Option<SocketAddr>,
     pub options: ServerOptions,
     pub reload: ReloadOptions,
     pub log_format: LogFormat,
@@ -432,9 +728,28 @@ impl ServeArgs {
                 self.drain_timeout
             ));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
-            problems.push(format!("--log: `{}` is not a log filter: {e}", self.log));
+        let log = self
+            .log
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .filter(|l| !l.trim().is_empty())
+            .unwrap_or_else(|| "info".to_owned());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
+            problems.push(format!("--log: `{log}` is not a log filter: {e}"));
         }
+        let admin = match parse_listen_flag(
+            "--admin-listen",
+            DEFAULT_ADMIN_LISTEN,
+            &self.admin_listen,
+            self.allow_non_loopback,
+        ) {
+            Ok(addr) => addr,
+            Err(problem) => {
+                problems.push(problem);
+                None
+            }
+        };
+        let telemetry = self.telemetry.resolve(admin.is_some(), &mut problems);
         let watch = match (&self.watch_poll, self.no_watch) {
             (_, true) => WatchMode::Off,
             (None, false) => WatchMode::Events,
@@ -474,14 +789,16 @@ impl ServeArgs {
             bundle,
             tcp,
             uds: self.uds.clone(),
+            admin,
             options: ServerOptions {
                 max_batch: self.max_batch,
                 max_message_bytes: self.max_message_bytes,
                 drain_timeout: Duration::from_secs_f64(self.drain_timeout),
+                telemetry,
             },
             reload: ReloadOptions { watch, settle },
             log_format: self.log_format,
-            log: self.log.clone(),
+            log,
         })
     }
 }
@@ -519,6 +836,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// `HOST:PORT`, `localhost:PORT` or `none`. A non-loopback address is
 /// refused unless explicitly allowed: a sidecar serves its own pod.
 pub fn parse_listen(value: &str, allow_non_loopback: bool) -> Result<Option<SocketAddr>, String> {
+    parse_listen_flag("--listen", DEFAULT_LISTEN, value, allow_non_loopback)
+}
+
+fn parse_listen_flag(
+    flag: &str,
+    example: &str,
+    value: &str,
+    allow_non_loopback: bool,
+) -> Result<Option<SocketAddr>, String> {
     if value.eq_ignore_ascii_case("none") {
         return Ok(None);
     }
@@ -526,14 +852,14 @@ pub fn parse_listen(value: &str, allow_non_loopback: bool) -> Result<Option<Sock
         Some(port) => port
             .parse::<u16>()
             .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p))
-            .map_err(|_| format!("--listen: `{value}` has no valid port")),
+            .map_err(|_| format!("{flag}: `{value}` has no valid port")),
         None => value.parse::<SocketAddr>().map_err(|_| {
-            format!("--listen: `{value}` is not an address such as `127.0.0.1:50051`, `[::1]:50051` or `none`")
+            format!("{flag}: `{value}` is not an address such as `{example}`, `[::1]:{}` or `none`", example.rsplit(':').next().unwrap_or("0"))
         }),
     }?;
     if !addr.ip().is_loopback() && !allow_non_loopback {
         return Err(format!(
-            "--listen: `{addr}` is not a loopback address; a sidecar serves its own pod \
+            "{flag}: `{addr}` is not a loopback address; a sidecar serves its own pod \
              (pass --allow-non-loopback to serve other hosts)"
         ));
     }

@@ -109,6 +109,35 @@ pub struct Decision {
     pub on_behalf_of: Option<SideDecision>,
 }
 
+impl Decision {
+    /// Why a request was denied, side by side, for logs: `agent: forbidden
+    /// by deny-payments; on_behalf_of: no permit matched`. Names policies,
+    /// never values. Empty for an allow.
+    pub fn deny_reason(&self) -> String {
+        if self.allowed {
+            return String::new();
+        }
+        let mut parts = Vec::with_capacity(2);
+        for (name, side) in std::iter::once(("agent", &self.agent))
+            .chain(self.on_behalf_of.as_ref().map(|s| ("on_behalf_of", s)))
+        {
+            if side.allowed {
+                continue;
+            }
+            let why = if !side.errors.is_empty() {
+                let ids: Vec<&str> = side.errors.iter().map(|e| e.policy_id.as_str()).collect();
+                format!("evaluation errors in {}", ids.join(","))
+            } else if !side.determining.is_empty() {
+                format!("forbidden by {}", side.determining.join(","))
+            } else {
+                "no permit matched".to_owned()
+            };
+            parts.push(format!("{name}: {why}"));
+        }
+        parts.join("; ")
+    }
+}
+
 /// The trusted time given to policies, as a Cedar `datetime` literal
 /// (RFC 3339, UTC, milliseconds).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -48,3 +48,4 @@ pub mod proto;
 pub mod reload;
 pub mod server;
 pub mod service;
+pub mod telemetry;

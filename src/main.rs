@@ -15,7 +15,7 @@ use leash::config::{
 };
 use leash::proto::v1::Decision;
 use leash::reload::Reloader;
-use leash::server::{bind_tcp, bind_uds, Server};
+use leash::server::{bind_admin, bind_tcp, bind_uds, Server};
 use tracing::error;
 
 const EXIT_USAGE: u8 = 64;
@@ -75,7 +75,10 @@ async fn serve_async(config: leash::config::ServeConfig) -> anyhow::Result<()> {
     if let Some(path) = &config.uds {
         listeners.push(bind_uds(path)?);
     }
-    let server = Arc::new(Server::new(config.options.clone()).await);
+    if let Some(addr) = config.admin {
+        listeners.push(bind_admin(addr).await?);
+    }
+    let server = Arc::new(Server::new(config.options.clone()).await?);
     let reloader = Reloader::new(server.clone(), config.bundle.clone(), config.reload);
 
     // Load off the runtime threads; serve meanwhile so that health checks
@@ -151,13 +154,15 @@ async fn shutdown_signal() {
 fn init_logging(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(terminal)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Auto if terminal => builder.init(),
+        LogFormat::Json | LogFormat::Auto => builder.json().flatten_event(true).init(),
     }
 }
 

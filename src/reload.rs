@@ -149,6 +149,8 @@ pub struct ReloadStatus {
 struct StatusInner {
     watch: String,
     last: Option<Attempt>,
+    /// When the files were last read and accepted (loaded or unchanged).
+    last_success: Option<SystemTime>,
     counters: Counters,
 }
 
@@ -158,6 +160,9 @@ pub struct StatusView {
     /// How changes are noticed: "inotify", "poll every 2s", "off".
     pub watch: String,
     pub last_attempt: Option<Attempt>,
+    /// When the files were last read and accepted: loaded, or found
+    /// unchanged. `None` until the first load through the reloader.
+    pub last_success: Option<SystemTime>,
     pub counters: Counters,
 }
 
@@ -174,6 +179,7 @@ impl ReloadStatus {
                 inner.watch
             },
             last_attempt: inner.last,
+            last_success: inner.last_success,
             counters: inner.counters,
         }
     }
@@ -190,6 +196,7 @@ impl ReloadStatus {
         let mut inner = self.lock();
         let old = live.replace(snapshot);
         inner.counters.loaded += 1;
+        inner.last_success = Some(attempt.finished_at);
         inner.last = Some(attempt);
         old
     }
@@ -211,6 +218,9 @@ impl ReloadStatus {
             Outcome::Loaded => inner.counters.loaded += 1,
             Outcome::Unchanged => inner.counters.unchanged += 1,
             Outcome::Refused(_) => inner.counters.refused += 1,
+        }
+        if matches!(attempt.outcome, Outcome::Loaded | Outcome::Unchanged) {
+            inner.last_success = Some(attempt.finished_at);
         }
         inner.last = Some(attempt);
     }

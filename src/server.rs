@@ -7,7 +7,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
@@ -25,6 +28,9 @@ use crate::proto::v1::authorizer_server::AuthorizerServer;
 use crate::reload::ReloadStatus;
 use crate::service::admin::AdminService;
 use crate::service::{AuthorizerService, DEFAULT_MAX_BATCH};
+use crate::telemetry::admin_http::{self, AdminState};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::{Telemetry, TelemetryError, TelemetryOptions};
 
 /// The service name health checks ask about, besides "" (the whole server).
 pub const AUTHORIZER_SERVICE: &str = "leash.v1.Authorizer";
@@ -38,7 +44,12 @@ pub struct ServerOptions {
     pub max_message_bytes: usize,
     /// How long in-flight requests may take to finish after shutdown begins.
     pub drain_timeout: Duration,
+    /// Spans, metrics and their settings.
+    pub telemetry: TelemetryOptions,
 }
+
+/// Longest wait for the last spans to reach the collector at shutdown.
+pub const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Default for ServerOptions {
     fn default() -> Self {
@@ -46,6 +57,7 @@ impl Default for ServerOptions {
             max_batch: DEFAULT_MAX_BATCH,
             max_message_bytes: 4 * 1024 * 1024,
             drain_timeout: Duration::from_secs(15),
+            telemetry: TelemetryOptions::default(),
         }
     }
 }
@@ -56,6 +68,8 @@ pub enum Listener {
     Tcp(TcpListener),
     /// A Unix socket and its path, removed again at shutdown.
     Unix(UnixListener, PathBuf),
+    /// The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
+    Admin(TcpListener),
 }
 
 impl Listener {
@@ -67,6 +81,10 @@ impl Listener {
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "tcp (address unknown)".to_owned()),
             Listener::Unix(_, path) => format!("unix:{}", path.display()),
+            Listener::Admin(l) => l
+                .local_addr()
+                .map(|a| format!("http://{a} (admin)"))
+                .unwrap_or_else(|_| "admin http (address unknown)".to_owned()),
         }
     }
 }
@@ -85,6 +103,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("a listener task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// Binds a TCP listener (port 0 picks a free port).
@@ -92,6 +112,14 @@ pub async fn bind_tcp(addr: SocketAddr) -> Result<Listener, ServeError> {
     TcpListener::bind(addr)
         .await
         .map(Listener::Tcp)
+        .map_err(|source| ServeError::BindTcp { addr, source })
+}
+
+/// Binds the admin HTTP listener (port 0 picks a free port).
+pub async fn bind_admin(addr: SocketAddr) -> Result<Listener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map(Listener::Admin)
         .map_err(|source| ServeError::BindTcp { addr, source })
 }
 
@@ -122,12 +150,17 @@ pub struct Server {
     status: Arc<ReloadStatus>,
     health: HealthReporter,
     options: ServerOptions,
+    /// Spans, metrics and decision logs.
+    telemetry: Arc<Telemetry>,
+    /// Set when shutdown begins, for `/readyz`.
+    draining: Arc<AtomicBool>,
 }
 
 impl Server {
     /// A server with no bundle yet: health says NOT_SERVING and decisions
-    /// are `UNAVAILABLE` until [`Server::publish`].
-    pub async fn new(options: ServerOptions) -> Self {
+    /// are `UNAVAILABLE` until [`Server::publish`]. Starts span export (on
+    /// the current runtime) when configured.
+    pub async fn new(options: ServerOptions) -> Result<Self, ServeError> {
         let health = HealthReporter::new();
         health
             .set_service_status("", ServingStatus::NotServing)
@@ -135,12 +168,22 @@ impl Server {
         health
             .set_service_status(AUTHORIZER_SERVICE, ServingStatus::NotServing)
             .await;
-        Self {
-            live: Arc::new(LiveBundle::empty()),
-            status: Arc::new(ReloadStatus::default()),
+        let live = Arc::new(LiveBundle::empty());
+        let status = Arc::new(ReloadStatus::default());
+        let telemetry = Telemetry::start(&options.telemetry, live.clone(), status.clone())?;
+        Ok(Self {
+            live,
+            status,
             health,
             options,
-        }
+            telemetry: Arc::new(telemetry),
+            draining: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The server's telemetry (metrics registry, span queue).
+    pub fn telemetry(&self) -> Arc<Telemetry> {
+        self.telemetry.clone()
     }
 
     /// The cell requests read their snapshot from.
@@ -189,9 +232,11 @@ impl Server {
 
     /// Serves on every listener until `shutdown` completes, then drains.
     ///
-    /// Shutdown sequence: health turns NOT_SERVING (so probes and load
-    /// balancers stop sending), listeners stop accepting, requests in flight
-    /// finish (bounded by `drain_timeout`), Unix socket files are removed.
+    /// Shutdown sequence: health and `/readyz` turn NOT_SERVING (so probes
+    /// and load balancers stop sending), listeners stop accepting, requests
+    /// in flight finish (bounded by `drain_timeout`), Unix socket files are
+    /// removed, queued spans are exported (bounded by [`SPAN_FLUSH_TIMEOUT`]),
+    /// and the admin listener closes last so metrics can be read throughout.
     pub async fn run(
         &self,
         listeners: Vec<Listener>,
@@ -200,6 +245,7 @@ impl Server {
         let authorizer = AuthorizerServer::new(AuthorizerService::new(
             self.live.clone(),
             self.options.max_batch,
+            self.telemetry.clone(),
         ))
         .max_decoding_message_size(self.options.max_message_bytes);
         let admin = AdminServer::new(AdminService::new(self.live.clone(), self.status.clone()));
@@ -216,11 +262,25 @@ impl Server {
             .build_v1alpha()?;
 
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        let mut admin_tasks = JoinSet::new();
         let mut socket_paths = Vec::new();
+        let metrics_layer = GrpcMetricsLayer(self.telemetry.metrics());
         for listener in listeners {
             info!(address = %listener.describe(), "listening");
+            if let Listener::Admin(l) = listener {
+                let state = AdminState {
+                    metrics: self.telemetry.metrics(),
+                    live: self.live.clone(),
+                    draining: self.draining.clone(),
+                };
+                admin_tasks.spawn(admin_http::serve(l, state, stopped(admin_stop_rx.clone())));
+                continue;
+            }
             let router = tonic::transport::Server::builder()
+                // Outermost, so it sees the status code clients see.
+                .layer(metrics_layer.clone())
                 .layer(tower::util::MapResponseLayer::new(
                     oversize_is_resource_exhausted as fn(HttpResponse) -> HttpResponse,
                 ))
@@ -246,6 +306,7 @@ impl Server {
                         router.serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped),
                     );
                 }
+                Listener::Admin(_) => {}
             }
         }
 
@@ -257,6 +318,7 @@ impl Server {
             }
         }
 
+        self.draining.store(true, Ordering::SeqCst);
         self.set_health(ServingStatus::NotServing).await;
         let _ = stop_tx.send(true);
         let drained = tokio::time::timeout(self.options.drain_timeout, async {
@@ -277,6 +339,9 @@ impl Server {
         for path in socket_paths {
             let _ = std::fs::remove_file(path);
         }
+        self.telemetry.shutdown(SPAN_FLUSH_TIMEOUT).await;
+        let _ = admin_stop_tx.send(true);
+        while admin_tasks.join_next().await.is_some() {}
         info!("stopped");
         match failure {
             Some(Err(e)) => Err(e),
@@ -319,4 +384,82 @@ fn oversize_is_resource_exhausted(mut response: HttpResponse) -> HttpResponse {
 async fn stopped(mut rx: watch::Receiver<bool>) {
     // An error means the sender is gone, which also means stop.
     let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Counts every answered gRPC call by method and status code. A unary
+/// call's status is in the response headers when it failed (tonic answers
+/// errors "trailers-only") and absent when it succeeded.
+#[derive(Debug, Clone)]
+struct GrpcMetricsLayer(Option<Arc<Metrics>>);
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct GrpcMetrics<S> {
+    inner: S,
+    metrics: Option<Arc<Metrics>>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<tonic::codegen::http::Request<B>> for GrpcMetrics<S>
+where
+    S: tower::Service<tonic::codegen::http::Request<B>, Response = HttpResponse>,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<HttpResponse, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
+        let method = method_label(request.uri().path());
+        let answer = self.inner.call(request);
+        let Some(metrics) = self.metrics.clone() else {
+            return Box::pin(answer);
+        };
+        Box::pin(async move {
+            let response = answer.await?;
+            let code = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok())
+                .map_or(tonic::Code::Ok, tonic::Code::from_i32);
+            metrics.grpc_request(method, code);
+            Ok(response)
+        })
+    }
+}
+
+/// The methods leash serves, by name; anything else is `other`, so unknown
+/// paths cannot create series.
+fn method_label(path: &str) -> &'static str {
+    const METHODS: [&str; 7] = [
+        "leash.v1.Authorizer/IsAuthorized",
+        "leash.v1.Authorizer/BatchIsAuthorized",
+        "leash.v1.Admin/Status",
+        "grpc.health.v1.Health/Check",
+        "grpc.health.v1.Health/Watch",
+        "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ];
+    let name = path.strip_prefix('/').unwrap_or(path);
+    METHODS
+        .iter()
+        .find(|m| **m == name)
+        .copied()
+        .unwrap_or("other")
 }

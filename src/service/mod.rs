@@ -1,17 +1,19 @@
 //! The `leash.v1.Authorizer` gRPC service: converts requests, asks the engine,
-//! converts decisions back, and maps bad input to `INVALID_ARGUMENT`.
+//! converts decisions back, maps bad input to `INVALID_ARGUMENT`, and hands
+//! every decision to telemetry.
 
 pub mod admin;
 pub mod convert;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tonic::{Request, Response, Status};
-use tracing::{debug, info};
 
 use crate::bundle::{LiveBundle, Snapshot};
 use crate::engine::{self, Decision, PolicyError, RequestError, RequestTime, SideDecision};
 use crate::proto::v1 as pb;
+use crate::telemetry::{BatchCounts, DecisionView, Rpc, RpcScope, Telemetry};
 
 /// Default largest batch of `BatchIsAuthorized`.
 pub const DEFAULT_MAX_BATCH: usize = 100;
@@ -23,17 +25,59 @@ pub struct AuthorizerService {
     live: Arc<LiveBundle>,
     /// Largest accepted batch; a larger one is refused whole.
     max_batch: usize,
+    /// Where every decision is reported: span, metrics, log line.
+    telemetry: Arc<Telemetry>,
 }
 
 impl AuthorizerService {
-    pub fn new(live: Arc<LiveBundle>, max_batch: usize) -> Self {
-        Self { live, max_batch }
+    pub fn new(live: Arc<LiveBundle>, max_batch: usize, telemetry: Arc<Telemetry>) -> Self {
+        Self {
+            live,
+            max_batch,
+            telemetry,
+        }
     }
 
-    fn snapshot(&self) -> Result<Arc<Snapshot>, Status> {
-        self.live
-            .current()
-            .ok_or_else(|| Status::unavailable("no valid policy bundle is loaded yet"))
+    fn snapshot(&self, scope: &RpcScope) -> Result<Arc<Snapshot>, Status> {
+        self.live.current().ok_or_else(|| {
+            let status = Status::unavailable("no valid policy bundle is loaded yet");
+            self.telemetry.refused(scope, &status);
+            status
+        })
+    }
+
+    /// Decides one request and reports it; `item` is its index in a batch.
+    fn decide(
+        &self,
+        scope: &RpcScope,
+        item: Option<usize>,
+        snapshot: &Snapshot,
+        req: &pb::IsAuthorizedRequest,
+        now: &RequestTime,
+    ) -> (String, Result<Decision, RequestError>) {
+        let started = if item.is_some() { Instant::now() } else { scope.started() };
+        let request_id = request_id(&req.request_id);
+        let converted = convert::request(req);
+        let (parsed, result) = match converted {
+            Ok(r) => {
+                let decided = engine::decide(snapshot, &r, now);
+                (Some(r), decided)
+            }
+            Err(e) => (None, Err(e)),
+        };
+        self.telemetry.decision(
+            scope,
+            item,
+            &DecisionView {
+                request_id: &request_id,
+                wire: req,
+                request: parsed.as_ref(),
+                result: &result,
+                snapshot,
+                started,
+            },
+        );
+        (request_id, result)
     }
 }
 
@@ -43,12 +87,12 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
         &self,
         request: Request<pb::IsAuthorizedRequest>,
     ) -> Result<Response<pb::IsAuthorizedResponse>, Status> {
-        let snapshot = self.snapshot()?;
+        let scope = self.telemetry.start_rpc(request.metadata(), Rpc::IsAuthorized);
+        let snapshot = self.snapshot(&scope)?;
         let now = RequestTime::now();
-        let req = request.get_ref();
-        let request_id = request_id(&req.request_id);
-        match decide(&snapshot, req, &now, &request_id) {
-            Ok(response) => Ok(Response::new(response)),
+        let (request_id, result) = self.decide(&scope, None, &snapshot, request.get_ref(), &now);
+        match result {
+            Ok(decision) => Ok(Response::new(response(&request_id, &decision, &snapshot.version))),
             Err(err) => Err(Status::invalid_argument(err.to_string())),
         }
     }
@@ -57,26 +101,34 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
         &self,
         request: Request<pb::BatchIsAuthorizedRequest>,
     ) -> Result<Response<pb::BatchIsAuthorizedResponse>, Status> {
+        let scope = self
+            .telemetry
+            .start_rpc(request.metadata(), Rpc::BatchIsAuthorized);
         let requests = &request.get_ref().requests;
         if requests.len() > self.max_batch {
-            return Err(Status::invalid_argument(format!(
+            let status = Status::invalid_argument(format!(
                 "requests: a batch of {} exceeds the maximum of {} (--max-batch)",
                 requests.len(),
                 self.max_batch
-            )));
+            ));
+            self.telemetry.refused(&scope, &status);
+            return Err(status);
         }
         // One snapshot and one clock reading for the whole batch.
-        let snapshot = self.snapshot()?;
+        let snapshot = self.snapshot(&scope)?;
         let now = RequestTime::now();
+        let mut counts = BatchCounts::default();
         let results = requests
             .iter()
             .enumerate()
             .map(|(i, req)| {
-                let request_id = request_id(&req.request_id);
-                decide(&snapshot, req, &now, &request_id).unwrap_or_else(|err| {
+                let (request_id, result) = self.decide(&scope, Some(i), &snapshot, req, &now);
+                counts.add(&result);
+                match result {
+                    Ok(decision) => response(&request_id, &decision, &snapshot.version),
                     // Fail closed: an item that cannot be decided is a DENY
                     // that says why.
-                    pb::IsAuthorizedResponse {
+                    Err(err) => pb::IsAuthorizedResponse {
                         request_id,
                         decision: pb::Decision::Deny as i32,
                         policy_version: snapshot.version.clone(),
@@ -85,10 +137,11 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
                             message: format!("requests[{i}].{err}"),
                         }),
                         ..Default::default()
-                    }
-                })
+                    },
+                }
             })
             .collect();
+        self.telemetry.batch(&scope, requests.len(), counts);
         Ok(Response::new(pb::BatchIsAuthorizedResponse {
             results,
             policy_version: snapshot.version.clone(),
@@ -101,60 +154,6 @@ fn request_id(given: &str) -> String {
         uuid::Uuid::new_v4().to_string()
     } else {
         given.to_owned()
-    }
-}
-
-fn decide(
-    snapshot: &Snapshot,
-    req: &pb::IsAuthorizedRequest,
-    now: &RequestTime,
-    request_id: &str,
-) -> Result<pb::IsAuthorizedResponse, RequestError> {
-    let result =
-        convert::request(req).and_then(|r| engine::decide(snapshot, &r, now).map(|d| (r, d)));
-    match result {
-        Ok((r, decision)) => {
-            log_decision(request_id, &r, &decision, &snapshot.version);
-            Ok(response(request_id, &decision, &snapshot.version))
-        }
-        Err(err) => {
-            // The problem text may quote context values, so it is only
-            // logged at debug level.
-            info!(request_id, field = %err.field, policy_version = %snapshot.version, "invalid request");
-            debug!(request_id, problem = %err.problem, "invalid request detail");
-            Err(err)
-        }
-    }
-}
-
-fn log_decision(request_id: &str, r: &engine::AuthzRequest, d: &Decision, version: &str) {
-    let user = r.on_behalf_of.as_ref().map(ToString::to_string);
-    let determining = d.determining.join(",");
-    if d.allowed {
-        debug!(
-            request_id,
-            agent = %r.agent,
-            on_behalf_of = user.as_deref(),
-            action = %r.action,
-            resource = %r.resource,
-            decision = "allow",
-            determining_policies = %determining,
-            policy_version = version,
-            "decision"
-        );
-    } else {
-        info!(
-            request_id,
-            agent = %r.agent,
-            on_behalf_of = user.as_deref(),
-            action = %r.action,
-            resource = %r.resource,
-            decision = "deny",
-            determining_policies = %determining,
-            errors = d.errors.len(),
-            policy_version = version,
-            "decision"
-        );
     }
 }
 

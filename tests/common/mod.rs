@@ -38,7 +38,7 @@ pub async fn bind_loopback() -> (leash::server::Listener, SocketAddr) {
         .expect("bind tcp");
     let addr = match &tcp {
         leash::server::Listener::Tcp(l) => l.local_addr().expect("local addr"),
-        leash::server::Listener::Unix(..) => unreachable!(),
+        _ => unreachable!(),
     };
     (tcp, addr)
 }
@@ -88,7 +88,7 @@ impl TestServer {
         } else {
             None
         };
-        let server = Arc::new(Server::new(options).await);
+        let server = Arc::new(Server::new(options).await.expect("server starts"));
         if let Some(snapshot) = snapshot {
             server.publish(snapshot).await;
         }
@@ -210,7 +210,7 @@ impl ReloadingServer {
         options: leash::reload::ReloadOptions,
     ) -> Self {
         let (tcp, addr) = bind_loopback().await;
-        let server = Arc::new(Server::new(ServerOptions::default()).await);
+        let server = Arc::new(Server::new(ServerOptions::default()).await.expect("server starts"));
         let reloader = leash::reload::Reloader::new(
             server.clone(),
             leash::bundle::BundleLocation::Dirs {
