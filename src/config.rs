@@ -36,6 +36,8 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Parsed once at startup; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve IsAuthorized over gRPC (the default).
@@ -141,13 +143,27 @@ pub struct TelemetryArgs {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_name = "PROTOCOL")]
     pub otlp_protocol: Option<String>,
     /// OTLP transport for spans (overrides --otlp-protocol).
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", value_name = "PROTOCOL")]
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        value_name = "PROTOCOL"
+    )]
     pub otlp_traces_protocol: Option<String>,
     /// Longest one export request may take, in milliseconds (or `2s`).
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_TIMEOUT", value_name = "MS", default_value = "10000")]
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_TIMEOUT",
+        value_name = "MS",
+        default_value = "10000"
+    )]
     pub otlp_timeout: String,
     /// `service.name` of leash's spans.
-    #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "NAME", default_value = "leash")]
+    #[arg(
+        long,
+        env = "OTEL_SERVICE_NAME",
+        value_name = "NAME",
+        default_value = "leash"
+    )]
     pub otel_service_name: String,
     /// More resource attributes: `key=value,key2=value2` (values may be
     /// percent-encoded).
@@ -167,30 +183,65 @@ pub struct TelemetryArgs {
     #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", value_name = "RATIO")]
     pub otel_traces_sampler_arg: Option<String>,
     /// `otlp` (default) or `none`.
-    #[arg(long, env = "OTEL_TRACES_EXPORTER", value_name = "EXPORTER", default_value = "otlp")]
+    #[arg(
+        long,
+        env = "OTEL_TRACES_EXPORTER",
+        value_name = "EXPORTER",
+        default_value = "otlp"
+    )]
     pub otel_traces_exporter: String,
     /// Turn span export off whatever else is set.
     #[arg(long, env = "OTEL_SDK_DISABLED")]
     pub otel_sdk_disabled: bool,
     /// Spans held while the collector is busy; beyond, spans are dropped
     /// (and counted), never waited for.
-    #[arg(long, env = "OTEL_BSP_MAX_QUEUE_SIZE", value_name = "N", default_value_t = 2048)]
+    #[arg(
+        long,
+        env = "OTEL_BSP_MAX_QUEUE_SIZE",
+        value_name = "N",
+        default_value_t = 2048
+    )]
     pub otel_bsp_max_queue_size: usize,
     /// Longest a span waits before its batch is sent, in milliseconds.
-    #[arg(long, env = "OTEL_BSP_SCHEDULE_DELAY", value_name = "MS", default_value = "5000")]
+    #[arg(
+        long,
+        env = "OTEL_BSP_SCHEDULE_DELAY",
+        value_name = "MS",
+        default_value = "5000"
+    )]
     pub otel_bsp_schedule_delay: String,
     /// Spans per export request.
-    #[arg(long, env = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", value_name = "N", default_value_t = 512)]
+    #[arg(
+        long,
+        env = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        value_name = "N",
+        default_value_t = 512
+    )]
     pub otel_bsp_max_export_batch_size: usize,
     /// Longest one batch may take to export, retries included, in milliseconds.
-    #[arg(long, env = "OTEL_BSP_EXPORT_TIMEOUT", value_name = "MS", default_value = "30000")]
+    #[arg(
+        long,
+        env = "OTEL_BSP_EXPORT_TIMEOUT",
+        value_name = "MS",
+        default_value = "30000"
+    )]
     pub otel_bsp_export_timeout: String,
     /// Context attributes recorded on spans (`leash.context.<key>`);
     /// none by default, as context values may be personal data.
-    #[arg(long, env = "LEASH_TRACE_CONTEXT_KEYS", value_name = "KEY,...", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "LEASH_TRACE_CONTEXT_KEYS",
+        value_name = "KEY,...",
+        value_delimiter = ','
+    )]
     pub trace_context_keys: Vec<String>,
     /// Baggage entries recorded on spans (`leash.baggage.<key>`).
-    #[arg(long, env = "LEASH_TRACE_BAGGAGE_KEYS", value_name = "KEY,...", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "LEASH_TRACE_BAGGAGE_KEYS",
+        value_name = "KEY,...",
+        value_delimiter = ','
+    )]
     pub trace_baggage_keys: Vec<String>,
 }
 
@@ -200,7 +251,9 @@ impl TelemetryArgs {
         let keys = |flag: &str, values: &[String], problems: &mut Vec<String>| -> Vec<String> {
             let mut keys = Vec::new();
             for v in values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()) {
-                if v.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+                if v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+                {
                     keys.push(v.to_owned());
                 } else {
                     problems.push(format!(
@@ -854,7 +907,10 @@ fn parse_listen_flag(
             .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p))
             .map_err(|_| format!("{flag}: `{value}` has no valid port")),
         None => value.parse::<SocketAddr>().map_err(|_| {
-            format!("{flag}: `{value}` is not an address such as `{example}`, `[::1]:{}` or `none`", example.rsplit(':').next().unwrap_or("0"))
+            format!(
+                "{flag}: `{value}` is not an address such as `{example}`, `[::1]:{}` or `none`",
+                example.rsplit(':').next().unwrap_or("0")
+            )
         }),
     }?;
     if !addr.ip().is_loopback() && !allow_non_loopback {

@@ -48,7 +48,8 @@ pub struct ServerOptions {
     pub telemetry: TelemetryOptions,
 }
 
-/// Longest wait for the last spans to reach the collector at shutdown.
+/// Longest wait for the last spans to reach the collector at shutdown
+/// (also bounded by the drain timeout).
 pub const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Default for ServerOptions {
@@ -235,7 +236,8 @@ impl Server {
     /// Shutdown sequence: health and `/readyz` turn NOT_SERVING (so probes
     /// and load balancers stop sending), listeners stop accepting, requests
     /// in flight finish (bounded by `drain_timeout`), Unix socket files are
-    /// removed, queued spans are exported (bounded by [`SPAN_FLUSH_TIMEOUT`]),
+    /// removed, queued spans are exported (bounded by [`SPAN_FLUSH_TIMEOUT`]
+    /// and the drain timeout),
     /// and the admin listener closes last so metrics can be read throughout.
     pub async fn run(
         &self,
@@ -339,7 +341,9 @@ impl Server {
         for path in socket_paths {
             let _ = std::fs::remove_file(path);
         }
-        self.telemetry.shutdown(SPAN_FLUSH_TIMEOUT).await;
+        self.telemetry
+            .shutdown(SPAN_FLUSH_TIMEOUT.min(self.options.drain_timeout))
+            .await;
         let _ = admin_stop_tx.send(true);
         while admin_tasks.join_next().await.is_some() {}
         info!("stopped");

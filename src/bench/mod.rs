@@ -17,6 +17,7 @@
 //! are taken minutes apart at most, mean more than absolute figures.
 
 pub mod child;
+pub mod collector;
 pub mod driver;
 pub mod mix;
 pub mod reload;

@@ -55,7 +55,11 @@ impl AuthorizerService {
         req: &pb::IsAuthorizedRequest,
         now: &RequestTime,
     ) -> (String, Result<Decision, RequestError>) {
-        let started = if item.is_some() { Instant::now() } else { scope.started() };
+        let started = if item.is_some() {
+            Instant::now()
+        } else {
+            scope.started()
+        };
         let request_id = request_id(&req.request_id);
         let converted = convert::request(req);
         let (parsed, result) = match converted {
@@ -87,12 +91,18 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
         &self,
         request: Request<pb::IsAuthorizedRequest>,
     ) -> Result<Response<pb::IsAuthorizedResponse>, Status> {
-        let scope = self.telemetry.start_rpc(request.metadata(), Rpc::IsAuthorized);
+        let scope = self
+            .telemetry
+            .start_rpc(request.metadata(), Rpc::IsAuthorized);
         let snapshot = self.snapshot(&scope)?;
         let now = RequestTime::now();
         let (request_id, result) = self.decide(&scope, None, &snapshot, request.get_ref(), &now);
         match result {
-            Ok(decision) => Ok(Response::new(response(&request_id, &decision, &snapshot.version))),
+            Ok(decision) => Ok(Response::new(response(
+                &request_id,
+                &decision,
+                &snapshot.version,
+            ))),
             Err(err) => Err(Status::invalid_argument(err.to_string())),
         }
     }

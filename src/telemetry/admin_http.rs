@@ -116,10 +116,9 @@ fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
     match metrics.encode() {
         Ok(body) => {
             let mut response = Response::new(Full::new(Bytes::from(body)));
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static(METRICS_CONTENT_TYPE),
-            );
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
             response
         }
         Err(_) => text(

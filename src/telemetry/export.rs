@@ -101,7 +101,13 @@ impl SpanQueue {
     {
         let (spans, rx) = mpsc::channel(options.max_queue.max(1));
         let (commands, command_rx) = mpsc::unbounded_channel();
-        tokio::spawn(export_loop(exporter, options, rx, command_rx, counters.clone()));
+        tokio::spawn(export_loop(
+            exporter,
+            options,
+            rx,
+            command_rx,
+            counters.clone(),
+        ));
         Self {
             spans,
             commands,
@@ -142,7 +148,9 @@ impl SpanProcessor for SpanQueue {
                     .fetch_add(1, Ordering::Relaxed);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.counters.dropped_shutdown.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .dropped_shutdown
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }

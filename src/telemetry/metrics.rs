@@ -40,8 +40,8 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 /// Decision latency buckets, in seconds: 25 µs to 2.5 s.
 const LATENCY_BUCKETS: [f64; 16] = [
-    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5,
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5,
 ];
 
 /// Batch size buckets: up to the largest `--max-batch` anyone should need.
@@ -97,11 +97,7 @@ pub struct Metrics {
 impl Metrics {
     /// Metrics over the served bundle (`live`), the reload history (`status`)
     /// and, when traces are exported, the span counters.
-    pub fn new(
-        live: Arc<LiveBundle>,
-        status: Arc<ReloadStatus>,
-        spans: Arc<SpanCounters>,
-    ) -> Self {
+    pub fn new(live: Arc<LiveBundle>, status: Arc<ReloadStatus>, spans: Arc<SpanCounters>) -> Self {
         let mut registry = Registry::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
@@ -345,7 +341,8 @@ impl Collector for StateCollector {
             ("shutdown", &self.spans.dropped_shutdown),
         ] {
             let labels = [("reason", reason)];
-            ConstCounter::new(count.load(Ordering::Relaxed)).encode(dropped.encode_family(&labels)?)?;
+            ConstCounter::new(count.load(Ordering::Relaxed))
+                .encode(dropped.encode_family(&labels)?)?;
         }
         Ok(())
     }

@@ -45,7 +45,7 @@ use crate::proto::v1 as pb;
 use crate::reload::ReloadStatus;
 
 /// Telemetry settings of a server.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct TelemetryOptions {
     /// Where and how spans are exported; `None`: no spans.
     pub traces: Option<TraceOptions>,
@@ -58,6 +58,18 @@ pub struct TelemetryOptions {
     pub context_keys: Vec<String>,
     /// Baggage entries recorded on spans as `leash.baggage.<key>`.
     pub baggage_keys: Vec<String>,
+}
+
+impl Default for TelemetryOptions {
+    /// Metrics on, no spans, no context or baggage values.
+    fn default() -> Self {
+        Self {
+            traces: None,
+            metrics: true,
+            context_keys: Vec::new(),
+            baggage_keys: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,10 +227,7 @@ impl Telemetry {
                 if span.is_recording() {
                     span.set_attributes(self.attributes(view, outcome));
                     if let Err(e) = &view.result {
-                        span.set_status(SpanStatus::error(format!(
-                            "invalid request: {}",
-                            e.field
-                        )));
+                        span.set_status(SpanStatus::error(format!("invalid request: {}", e.field)));
                     }
                 }
             }
@@ -264,10 +273,7 @@ impl Telemetry {
     pub fn refused(&self, scope: &RpcScope, status: &tonic::Status) {
         let span = scope.cx.span();
         if scope.traced && span.is_recording() {
-            span.set_attribute(KeyValue::new(
-                "rpc.grpc.status_code",
-                status.code() as i64,
-            ));
+            span.set_attribute(KeyValue::new("rpc.grpc.status_code", status.code() as i64));
             span.set_status(SpanStatus::error(status.message().to_owned()));
         }
         debug!(
@@ -302,7 +308,10 @@ impl Telemetry {
 
     fn attributes(&self, view: &DecisionView<'_>, outcome: Outcome) -> Vec<KeyValue> {
         let mut a = Vec::with_capacity(16);
-        a.push(KeyValue::new("leash.request_id", view.request_id.to_owned()));
+        a.push(KeyValue::new(
+            "leash.request_id",
+            view.request_id.to_owned(),
+        ));
         a.push(KeyValue::new("leash.decision", outcome.as_str()));
         a.push(KeyValue::new(
             "leash.policy_version",
@@ -347,24 +356,35 @@ impl Telemetry {
         }
         // Read from the wire form, so both context inputs are rendered the
         // same way: as Cedar JSON.
-        let json;
-        let lookup: Box<dyn Fn(&str) -> Option<String>> = match &wire.context_input {
+        let parsed;
+        let fields = match &wire.context_input {
             None => return,
             Some(C::ContextJson(text)) => {
-                json = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+                parsed = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
                     .unwrap_or_default();
-                Box::new(|key| json.get(key).map(|v| v.to_string()))
+                ContextFields::Json(&parsed)
             }
-            Some(C::Context(record)) => {
-                Box::new(|key| record.fields.get(key).map(|v| wire_json(v).to_string()))
-            }
+            Some(C::Context(record)) => ContextFields::Typed(record),
         };
         for key in &self.context_keys {
-            if let Some(value) = lookup(key) {
+            let value = match fields {
+                ContextFields::Json(map) => map.get(key).map(|v| v.to_string()),
+                ContextFields::Typed(record) => {
+                    record.fields.get(key).map(|v| wire_json(v).to_string())
+                }
+            };
+            if let Some(value) = value {
                 a.push(KeyValue::new(format!("leash.context.{key}"), value));
             }
         }
     }
+}
+
+/// The context of a request, in either wire form.
+#[derive(Clone, Copy)]
+enum ContextFields<'a> {
+    Json(&'a serde_json::Map<String, serde_json::Value>),
+    Typed(&'a pb::Record),
 }
 
 /// A typed wire value as Cedar JSON, for recording configured context keys.

@@ -82,9 +82,9 @@ impl SamplerChoice {
             "parentbased_traceidratio" => SamplerChoice::ParentBasedTraceIdRatio(ratio()?),
             other => {
                 return Err(format!(
-                    "`{other}` is not a sampler leash supports (always_on, always_off, traceidratio, \
+                "`{other}` is not a sampler leash supports (always_on, always_off, traceidratio, \
                      parentbased_always_on, parentbased_always_off, parentbased_traceidratio)"
-                ))
+            ))
             }
         })
     }

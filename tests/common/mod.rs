@@ -43,6 +43,53 @@ pub async fn bind_loopback() -> (leash::server::Listener, SocketAddr) {
     (tcp, addr)
 }
 
+/// The admin HTTP listener on a free loopback port, and its address.
+pub async fn bind_admin_loopback() -> (leash::server::Listener, SocketAddr) {
+    let admin = leash::server::bind_admin("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind admin");
+    let addr = match &admin {
+        leash::server::Listener::Admin(l) => l.local_addr().expect("local addr"),
+        _ => unreachable!(),
+    };
+    (admin, addr)
+}
+
+/// One plain HTTP/1.1 request to the admin listener: (status, body).
+pub async fn http_get(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect admin");
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: leash\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8(raw).expect("utf-8 answer");
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one series in a `/metrics` text, e.g.
+/// `leash_decisions_total{decision="allow",action="tickets:read"}`;
+/// 0 when the series is absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(series)?;
+            rest.strip_prefix(' ')?.trim().parse::<f64>().ok()
+        })
+        .unwrap_or(0.0)
+}
+
 /// One IsAuthorized call.
 pub async fn decide_with(
     client: &AuthorizerClient<Channel>,
@@ -58,6 +105,8 @@ pub async fn decide_with(
 pub struct TestServer {
     pub server: Arc<Server>,
     pub addr: SocketAddr,
+    /// The admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
     pub uds: Option<PathBuf>,
     pub client: AuthorizerClient<Channel>,
     stop: Option<oneshot::Sender<()>>,
@@ -80,7 +129,8 @@ impl TestServer {
     pub async fn start(snapshot: Option<Snapshot>, options: ServerOptions, with_uds: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let (tcp, addr) = bind_loopback().await;
-        let mut listeners = vec![tcp];
+        let (admin, admin_addr) = bind_admin_loopback().await;
+        let mut listeners = vec![tcp, admin];
         let uds = if with_uds {
             let path = dir.path().join("leash.sock");
             listeners.push(bind_uds(&path).expect("bind uds"));
@@ -107,6 +157,7 @@ impl TestServer {
         Self {
             server,
             addr,
+            admin_addr,
             uds,
             client,
             stop: Some(stop),
@@ -193,6 +244,8 @@ pub fn name(decision: i32) -> &'static str {
 pub struct ReloadingServer {
     pub server: Arc<Server>,
     pub addr: SocketAddr,
+    /// The admin HTTP listener.
+    pub admin_addr: SocketAddr,
     pub client: AuthorizerClient<Channel>,
     pub admin: leash::proto::v1::admin_client::AdminClient<Channel>,
     stop: tokio::sync::watch::Sender<bool>,
@@ -210,7 +263,11 @@ impl ReloadingServer {
         options: leash::reload::ReloadOptions,
     ) -> Self {
         let (tcp, addr) = bind_loopback().await;
-        let server = Arc::new(Server::new(ServerOptions::default()).await.expect("server starts"));
+        let server = Arc::new(
+            Server::new(ServerOptions::default())
+                .await
+                .expect("server starts"),
+        );
         let reloader = leash::reload::Reloader::new(
             server.clone(),
             leash::bundle::BundleLocation::Dirs {
@@ -226,7 +283,9 @@ impl ReloadingServer {
         };
         let running = server.clone();
         let stop_serving = wait(stopped.clone());
-        let serving = tokio::spawn(async move { running.run(vec![tcp], stop_serving).await });
+        let (admin_listener, admin_addr) = bind_admin_loopback().await;
+        let serving =
+            tokio::spawn(async move { running.run(vec![tcp, admin_listener], stop_serving).await });
         let reloading = tokio::spawn(reloader.run(wait(stopped)));
         let channel = leash::check::channel_tcp(&addr.to_string())
             .await
@@ -234,6 +293,7 @@ impl ReloadingServer {
         Self {
             server,
             addr,
+            admin_addr,
             client: AuthorizerClient::new(channel.clone()),
             admin: leash::proto::v1::admin_client::AdminClient::new(channel),
             stop,
