@@ -565,6 +565,10 @@ pub struct BenchArgs {
     /// new version; 0 skips the reload phase [default: 50; quick: 5].
     #[arg(long, value_name = "N")]
     pub reload_changes: Option<usize>,
+    /// Telemetry cost: interleaved rounds of off / metrics / traces runs;
+    /// 0 skips the phase [default: 3; quick: 1].
+    #[arg(long, value_name = "N")]
+    pub telemetry_rounds: Option<usize>,
     /// Hot reload: policies in the generated bundle whose reloads decisions
     /// are measured against, or `main` for the main bundle
     /// [default: 10000; quick: main].
@@ -728,6 +732,7 @@ impl BenchArgs {
             server_exe,
             reload_changes,
             reload_policies,
+            telemetry_rounds: self.telemetry_rounds.unwrap_or(if quick { 1 } else { 3 }),
         })
     }
 }

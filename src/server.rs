@@ -92,10 +92,12 @@ impl Listener {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot bind `{addr}`: {source}")]
-    BindTcp { addr: SocketAddr, source: io::Error },
-    #[error("cannot bind Unix socket `{}`: {source}", path.display())]
-    BindUnix { path: PathBuf, source: io::Error },
+    // `error`, not `source`: the cause is in the message already, and
+    // would otherwise be printed twice in an error chain.
+    #[error("cannot bind `{addr}`: {error}")]
+    BindTcp { addr: SocketAddr, error: io::Error },
+    #[error("cannot bind Unix socket `{}`: {error}", path.display())]
+    BindUnix { path: PathBuf, error: io::Error },
     #[error("`{}` exists and is not a socket; refusing to replace it", .0.display())]
     NotASocket(PathBuf),
     #[error("gRPC reflection: {0}")]
@@ -113,7 +115,7 @@ pub async fn bind_tcp(addr: SocketAddr) -> Result<Listener, ServeError> {
     TcpListener::bind(addr)
         .await
         .map(Listener::Tcp)
-        .map_err(|source| ServeError::BindTcp { addr, source })
+        .map_err(|error| ServeError::BindTcp { addr, error })
 }
 
 /// Binds the admin HTTP listener (port 0 picks a free port).
@@ -121,15 +123,15 @@ pub async fn bind_admin(addr: SocketAddr) -> Result<Listener, ServeError> {
     TcpListener::bind(addr)
         .await
         .map(Listener::Admin)
-        .map_err(|source| ServeError::BindTcp { addr, source })
+        .map_err(|error| ServeError::BindTcp { addr, error })
 }
 
 /// Binds a Unix socket readable and writable by this user only (0600).
 /// A stale socket from an earlier run is replaced; any other file is not.
 pub fn bind_uds(path: &Path) -> Result<Listener, ServeError> {
-    let unix_err = |source| ServeError::BindUnix {
+    let unix_err = |error| ServeError::BindUnix {
         path: path.to_owned(),
-        source,
+        error,
     };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(unix_err)?,

@@ -64,6 +64,7 @@ fn quick_mode_completes_with_sane_figures() {
         "p99 reloading ÷ at rest",
         "share its cores",
         "ratios: tcp_vs_floor",
+        "telemetry cost (Unix socket, 16 in flight, median of 1 interleaved rounds",
     ] {
         assert!(table.contains(heading), "`{heading}` missing:\n{table}");
     }
@@ -124,6 +125,37 @@ fn quick_mode_completes_with_sane_figures() {
     assert_sane_stats("at rest", &under["steady"]);
     assert_sane_stats("reloading", &under["reloading"]);
     assert!(under["p99_ratio"].as_f64().unwrap_or(0.0) > 0.0, "{under}");
+    // Telemetry: every mode ran, and spans arrived exactly when a working
+    // collector was configured. (A stuck collector drops spans only once
+    // the queue fills, which a quick run may not reach.)
+    let telemetry = report["telemetry"]["runs"]
+        .as_array()
+        .expect("telemetry runs");
+    let modes: Vec<&str> = telemetry
+        .iter()
+        .filter_map(|r| r["mode"].as_str())
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            "off",
+            "metrics",
+            "traces-grpc",
+            "traces-http",
+            "traces-stuck"
+        ]
+    );
+    for run in telemetry {
+        let mode = run["mode"].as_str().unwrap_or("?");
+        assert_sane_stats(mode, &run["stats"]);
+        let received = run["spans_received"].as_u64().unwrap_or(0);
+        let calls = run["stats"]["calls"].as_u64().unwrap_or(0);
+        match mode {
+            // Every measured call made a span (warm-up calls did too).
+            "traces-grpc" | "traces-http" => assert!(received >= calls, "{run}"),
+            _ => assert_eq!(received, 0, "{run}"),
+        }
+    }
     let rss = report["sidecar_memory_loaded"]["rss_kib"]
         .as_u64()
         .unwrap_or(0);

@@ -387,6 +387,8 @@ fn serve_exits_non_zero_on_an_invalid_bundle_and_bad_flags() {
             "serve",
             "--listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
             "--policies",
             "policies",
             "--schemas",
@@ -411,6 +413,10 @@ fn serve_with_no_flags_serves_the_example_until_sigterm() {
     // Port 0 so parallel runs do not collide; the bound address is logged.
     let mut child = Command::new(env!("CARGO_BIN_EXE_leash"))
         .env("LEASH_LISTEN", "127.0.0.1:0")
+        .env("LEASH_ADMIN_LISTEN", "127.0.0.1:0")
+        .env_remove("LEASH_LOG_FORMAT")
+        .env_remove("LEASH_LOG")
+        .env_remove("RUST_LOG")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("starts");
@@ -421,40 +427,75 @@ fn serve_with_no_flags_serves_the_example_until_sigterm() {
             let _ = tx.send(line);
         }
     });
-    let mut addr = None;
-    let mut loaded = false;
-    while addr.is_none() || !loaded {
+    // Not a terminal: the log is JSON, one object per line.
+    let next_line = || {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("server logs in time");
-        if let Some(rest) = line.split("address=").nth(1) {
-            addr = rest.split_whitespace().next().map(str::to_owned);
+        serde_json::from_str::<serde_json::Value>(&line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"))
+    };
+    let mut addr = None;
+    let mut loaded = false;
+    while addr.is_none() || !loaded {
+        let line = next_line();
+        if line["message"] == "listening" {
+            let address = line["address"].as_str().expect("address").to_owned();
+            if !address.starts_with("http://") {
+                addr = Some(address);
+            }
         }
-        loaded |= line.contains("policy bundle loaded") && line.contains("built-in example bundle");
+        loaded |= line["message"] == "policy bundle loaded"
+            && line["origin"] == "built-in example bundle";
     }
     let addr = addr.expect("address logged");
-    let out = Command::new(env!("CARGO_BIN_EXE_leash"))
-        .args([
-            "check",
-            "--addr",
-            &addr,
-            "--agent",
-            "Agent::\"onboarding-agent\"",
-            "--user",
-            "User::\"carol\"",
-            "--action",
-            "Action::\"kb:write\"",
-            "--resource",
-            "KbArticle::\"refund-runbook\"",
-        ])
-        .output()
-        .expect("runs");
+    let check = |action: &str, resource: &str| {
+        Command::new(env!("CARGO_BIN_EXE_leash"))
+            .args([
+                "check",
+                "--addr",
+                &addr,
+                "--agent",
+                "Agent::\"onboarding-agent\"",
+                "--user",
+                "User::\"carol\"",
+                "--action",
+                action,
+                "--resource",
+                resource,
+            ])
+            .output()
+            .expect("runs")
+    };
+    let out = check("Action::\"kb:write\"", "KbArticle::\"refund-runbook\"");
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // A deny is one info line with its reasons, naming policies.
+    let out = check("Action::\"secrets:read\"", "SystemResource::\"vault\"");
+    assert_eq!(out.status.code(), Some(2));
+    let deny = loop {
+        let line = next_line();
+        if line["message"] == "decision" {
+            break line;
+        }
+    };
+    assert_eq!(deny["level"], "INFO");
+    assert_eq!(deny["decision"], "deny");
+    assert_eq!(deny["agent"], "Agent::\"onboarding-agent\"");
+    assert_eq!(deny["on_behalf_of"], "User::\"carol\"");
+    assert_eq!(deny["action"], "Action::\"secrets:read\"");
+    assert_eq!(deny["determining_policies"], "baseline-never-by-default");
+    assert!(
+        deny["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("forbidden by baseline-never-by-default")),
+        "{deny}"
+    );
+    assert!(deny["request_id"].as_str().is_some_and(|id| !id.is_empty()));
 
     let pid = child.id().to_string();
     assert!(Command::new("kill")

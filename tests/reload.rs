@@ -737,7 +737,15 @@ fn sighup_reloads_and_leash_status_reports() {
     }
     let mut child = Child(
         Command::new(env!("CARGO_BIN_EXE_leash"))
-            .args(["serve", "--listen", "none", "--no-watch", "--uds"])
+            .args([
+                "serve",
+                "--listen",
+                "none",
+                "--admin-listen",
+                "none",
+                "--no-watch",
+                "--uds",
+            ])
             .arg(&socket)
             .arg("--policies")
             .arg(bundle.policies())

@@ -32,9 +32,16 @@ pub struct ServerProcess {
     pub uds: PathBuf,
     /// The last lines the process wrote to stderr, for error reports.
     stderr_tail: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The admin HTTP address, once the process has logged it.
+    admin: std::sync::Arc<std::sync::Mutex<Option<SocketAddr>>>,
 }
 
 impl ServerProcess {
+    /// The admin HTTP listener's address, if it has one and logged it.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.lock().ok().and_then(|a| *a)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -62,6 +69,28 @@ impl ServerProcess {
             }),
             _ => Ok(()),
         }
+    }
+}
+
+impl ServerProcess {
+    /// Stops the process as SIGTERM does in production (drain, flush
+    /// spans, exit), waiting up to `limit`; killed if it takes longer.
+    pub async fn terminate(mut self, limit: Duration) {
+        let Ok(pid) = libc::pid_t::try_from(self.child.id()) else {
+            return;
+        };
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Drop kills it.
     }
 }
 
@@ -99,10 +128,14 @@ impl Memory {
 /// Starts `leash serve` on the bundle in `policies`/`schemas` (or the
 /// built-in example), on loopback port 0 and a Unix socket in `dir`.
 /// Returns once the listeners are bound; [`wait_serving`] waits for the bundle.
+///
+/// `extra` flags are passed on; unless they set `--admin-listen`, the admin
+/// listener (and so metrics, as in production) is on, on a free port.
 pub fn spawn_leash(
     exe: &Path,
     bundle: Option<(&Path, &Path)>,
     dir: &Path,
+    extra: &[String],
 ) -> Result<ServerProcess, BenchError> {
     let uds = dir.join("leash.sock");
     let mut cmd = Command::new(exe);
@@ -110,6 +143,10 @@ pub fn spawn_leash(
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .arg("--uds")
         .arg(&uds);
+    if !extra.iter().any(|a| a == "--admin-listen") {
+        cmd.args(["--admin-listen", "127.0.0.1:0"]);
+    }
+    cmd.args(extra);
     if let Some((policies, schemas)) = bundle {
         cmd.arg("--policies")
             .arg(policies)
@@ -118,11 +155,40 @@ pub fn spawn_leash(
     }
     // The bench decides the logging: the sidecar's own defaults, not
     // whatever the calling shell exported.
-    for var in ["LEASH_LOG", "LEASH_LOG_FORMAT", "LEASH_LISTEN", "LEASH_UDS"] {
+    for var in CONTROLLED_ENV {
         cmd.env_remove(var);
     }
     spawn(cmd, "leash", uds, false)
 }
+
+/// Variables of the calling shell the bench must not pass to the sidecar:
+/// it decides logging, listeners and telemetry itself.
+const CONTROLLED_ENV: [&str; 24] = [
+    "LEASH_LOG",
+    "LEASH_LOG_FORMAT",
+    "LEASH_LISTEN",
+    "LEASH_UDS",
+    "LEASH_ADMIN_LISTEN",
+    "LEASH_TRACE_CONTEXT_KEYS",
+    "LEASH_TRACE_BAGGAGE_KEYS",
+    "RUST_LOG",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_SDK_DISABLED",
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+    "OTEL_BSP_EXPORT_TIMEOUT",
+];
 
 /// Starts `leash bench-floor` on loopback port 0 and a Unix socket in `dir`.
 pub fn spawn_floor(exe: &Path, dir: &Path) -> Result<ServerProcess, BenchError> {
@@ -150,13 +216,14 @@ fn spawn(
     let stdin = child.stdin.take();
     let stderr = child.stderr.take();
     let tail = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let admin = std::sync::Arc::new(std::sync::Mutex::new(None));
     let (tx, rx) = mpsc::channel::<SocketAddr>();
     if let Some(stderr) = stderr {
-        let tail = tail.clone();
+        let (tail, admin) = (tail.clone(), admin.clone());
         // Drains stderr for the life of the process (a full pipe would
-        // block the server), picks out the TCP address it bound, and keeps
+        // block the server), picks out the addresses it bound, and keeps
         // the last lines for error reports.
-        std::thread::spawn(move || drain(stderr, &tx, &tail));
+        std::thread::spawn(move || drain(stderr, &tx, &tail, &admin));
     }
     let mut process = ServerProcess {
         name,
@@ -165,6 +232,7 @@ fn spawn(
         tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
         uds,
         stderr_tail: tail,
+        admin,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -194,11 +262,24 @@ fn spawn(
     }
 }
 
-fn drain(stderr: impl Read, tx: &mpsc::Sender<SocketAddr>, tail: &std::sync::Mutex<Vec<String>>) {
+fn drain(
+    stderr: impl Read,
+    tx: &mpsc::Sender<SocketAddr>,
+    tail: &std::sync::Mutex<Vec<String>>,
+    admin: &std::sync::Mutex<Option<SocketAddr>>,
+) {
     for line in BufReader::new(stderr).lines() {
         let Ok(line) = line else { break };
-        if let Some(addr) = listening_address(&line) {
-            let _ = tx.send(addr);
+        match listening_address(&line) {
+            Some(Listening::Grpc(addr)) => {
+                let _ = tx.send(addr);
+            }
+            Some(Listening::Admin(addr)) => {
+                if let Ok(mut admin) = admin.lock() {
+                    *admin = Some(addr);
+                }
+            }
+            None => {}
         }
         if let Ok(mut tail) = tail.lock() {
             if tail.len() >= 40 {
@@ -209,14 +290,65 @@ fn drain(stderr: impl Read, tx: &mpsc::Sender<SocketAddr>, tail: &std::sync::Mut
     }
 }
 
-/// The TCP address in a `listening` log line (JSON, as both servers are
-/// started with JSON logs).
-fn listening_address(line: &str) -> Option<SocketAddr> {
+enum Listening {
+    Grpc(SocketAddr),
+    Admin(SocketAddr),
+}
+
+/// The address in a `listening` log line (JSON, as both servers are
+/// started with JSON logs): gRPC TCP, or the admin listener
+/// (`http://ADDR (admin)`).
+fn listening_address(line: &str) -> Option<Listening> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
     if value.get("message")?.as_str()? != "listening" {
         return None;
     }
-    value.get("address")?.as_str()?.parse().ok()
+    let address = value.get("address")?.as_str()?;
+    match address.strip_prefix("http://") {
+        Some(rest) => rest
+            .strip_suffix(" (admin)")?
+            .parse()
+            .ok()
+            .map(Listening::Admin),
+        None => address.parse().ok().map(Listening::Grpc),
+    }
+}
+
+/// One HTTP/1.1 GET (or other `method`) to an admin listener:
+/// (status code, body).
+pub async fn http_get(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: leash\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status line in the answer"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of one series in a `/metrics` text, e.g.
+/// `leash_spans_dropped_total{reason="queue_full"}`; 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(series)?;
+            rest.strip_prefix(' ')?.trim().parse::<f64>().ok()
+        })
+        .unwrap_or(0.0)
 }
 
 /// Waits until the server's health says SERVING (its bundle is loaded),

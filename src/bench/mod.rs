@@ -10,6 +10,7 @@
 //!   `BatchIsAuthorized`;
 //! - pairwise ratios (floor and leash measured back to back at each point),
 //!   the sidecar's resident memory and the bundle's load time;
+//! - hot reload (write → decision) and telemetry's cost (metrics, spans);
 //! - a policy-scale curve over generated bundles (10 … 100,000 policies).
 //!
 //! Client, floor and sidecar share the machine, as an agent and its sidecar
@@ -22,6 +23,7 @@ pub mod driver;
 pub mod mix;
 pub mod reload;
 pub mod report;
+pub mod telemetry;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
@@ -87,6 +89,8 @@ pub struct BenchOptions {
     /// Generated bundle size for decisions under reload; `None` uses the
     /// main bundle.
     pub reload_policies: Option<usize>,
+    /// Interleaved rounds of the telemetry-cost phase (0 skips it).
+    pub telemetry_rounds: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -476,7 +480,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         .dirs
         .as_ref()
         .map(|(p, s)| (p.as_path(), s.as_path()));
-    let mut leash = child::spawn_leash(&options.server_exe, dirs, scratch.path())?;
+    let mut leash = child::spawn_leash(&options.server_exe, dirs, scratch.path(), &[])?;
     let ready = child::wait_serving(&mut leash, Duration::from_secs(600)).await?;
     let memory_loaded = leash.memory();
     check_sidecar(&leash, &prepared.requests, &expected).await?;
@@ -558,6 +562,23 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
     drop(leash);
     drop(floor);
 
+    // Telemetry's cost, on sidecars of its own.
+    let telemetry = if options.telemetry_rounds > 0 {
+        Some(
+            telemetry::measure(
+                &options.server_exe,
+                scratch.path(),
+                dirs,
+                options.telemetry_rounds,
+                options.timing,
+                json_requests.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+
     // Hot reload, on its own sidecars watching copies of the bundle.
     let reload = if options.reload_changes > 0 {
         Some(
@@ -612,6 +633,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         sidecar_memory_loaded: memory_loaded,
         sidecar_memory_after: memory_after,
         reload,
+        telemetry,
         scale,
         ratios,
     })
@@ -652,6 +674,7 @@ async fn scale_point(
         &options.server_exe,
         Some((&dir.join("policies"), &dir.join("schemas"))),
         scratch,
+        &[],
     )?;
     let ready = child::wait_serving(&mut leash, Duration::from_secs(900)).await?;
     let memory = leash.memory();

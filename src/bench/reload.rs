@@ -138,6 +138,7 @@ fn spawn_in(exe: &Path, dir: &Path) -> Result<ServerProcess, BenchError> {
         exe,
         Some((&dir.join("policies"), &dir.join("schemas"))),
         dir,
+        &[],
     )
 }
 

@@ -36,6 +36,8 @@ pub struct Report {
     pub sidecar_memory_after: Option<Memory>,
     /// Hot reload: write → decision latency, decisions during a reload.
     pub reload: Option<ReloadReport>,
+    /// Throughput with metrics and spans on and off.
+    pub telemetry: Option<super::telemetry::TelemetryReport>,
     pub scale: Vec<ScalePoint>,
     pub ratios: Ratios,
 }
@@ -329,7 +331,7 @@ pub fn duration(ns: f64) -> String {
     }
 }
 
-fn rate(per_sec: f64) -> String {
+pub(crate) fn rate(per_sec: f64) -> String {
     if per_sec >= 1e6 {
         format!("{:.2}M/s", per_sec / 1e6)
     } else if per_sec >= 1e3 {
@@ -516,6 +518,10 @@ fn render_into(r: &Report, out: &mut String) -> std::fmt::Result {
             u.p99_ratio,
             duration(u.schema_reload_ms * 1e6)
         )?;
+    }
+
+    if let Some(telemetry) = &r.telemetry {
+        super::telemetry::render_into(telemetry, out)?;
     }
 
     if !r.scale.is_empty() {

@@ -57,38 +57,13 @@ pub async fn bind_admin_loopback() -> (leash::server::Listener, SocketAddr) {
 
 /// One plain HTTP/1.1 request to the admin listener: (status, body).
 pub async fn http_get(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    leash::bench::child::http_get(addr, method, path)
         .await
-        .expect("connect admin");
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: leash\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("send");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read");
-    let text = String::from_utf8(raw).expect("utf-8 answer");
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+        .expect("admin listener answers")
 }
 
-/// The value of one series in a `/metrics` text, e.g.
-/// `leash_decisions_total{decision="allow",action="tickets:read"}`;
-/// 0 when the series is absent.
-pub fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            let rest = line.strip_prefix(series)?;
-            rest.strip_prefix(' ')?.trim().parse::<f64>().ok()
-        })
-        .unwrap_or(0.0)
-}
+#[allow(unused_imports)]
+pub use leash::bench::child::metric;
 
 /// One IsAuthorized call.
 pub async fn decide_with(
