@@ -15,9 +15,11 @@ use crate::telemetry::{BatchOptions, Protocol, SamplerChoice, TelemetryOptions, 
 /// Default TCP listen address (loopback only).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 
-/// Default admin HTTP address (loopback only): OpenTelemetry's
-/// conventional Prometheus port.
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+/// Default admin HTTP address (loopback only). The pod's containers share
+/// one network namespace, so the port stays clear of those an agent's own
+/// container is likely to use (8080, 9090, and 9464, OpenTelemetry's
+/// Prometheus exporter).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9557";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -129,7 +131,9 @@ pub enum LogFormat {
 }
 
 /// OpenTelemetry settings: each flag reads the standard `OTEL_*` variable.
-/// Spans are exported only when an endpoint is set.
+/// Spans are exported only when an endpoint is set. As the specification
+/// asks, an empty variable counts as unset; defaults are applied in
+/// [`TelemetryArgs::resolve`].
 #[derive(Debug, Clone, Args)]
 pub struct TelemetryArgs {
     /// OTLP collector base URL (`http://collector:4318`); with
@@ -149,83 +153,54 @@ pub struct TelemetryArgs {
         value_name = "PROTOCOL"
     )]
     pub otlp_traces_protocol: Option<String>,
-    /// Longest one export request may take, in milliseconds (or `2s`).
-    #[arg(
-        long,
-        env = "OTEL_EXPORTER_OTLP_TIMEOUT",
-        value_name = "MS",
-        default_value = "10000"
-    )]
-    pub otlp_timeout: String,
-    /// `service.name` of leash's spans.
-    #[arg(
-        long,
-        env = "OTEL_SERVICE_NAME",
-        value_name = "NAME",
-        default_value = "leash"
-    )]
-    pub otel_service_name: String,
+    /// Longest one export request may take, in milliseconds (or `2s`)
+    /// [default: 10000].
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TIMEOUT", value_name = "MS")]
+    pub otlp_timeout: Option<String>,
+    /// `service.name` of leash's spans [default: `service.name` of the
+    /// resource attributes, else `leash`].
+    #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "NAME")]
+    pub otel_service_name: Option<String>,
     /// More resource attributes: `key=value,key2=value2` (values may be
     /// percent-encoded).
     #[arg(long, env = "OTEL_RESOURCE_ATTRIBUTES", value_name = "KEY=VALUE,...")]
     pub otel_resource_attributes: Option<String>,
-    /// Sampler: parentbased_always_on (default: follow the caller's
+    /// Sampler: parentbased_always_on (the default: follow the caller's
     /// decision, sample all without one), always_on, always_off,
     /// traceidratio, parentbased_always_off, parentbased_traceidratio.
-    #[arg(
-        long,
-        env = "OTEL_TRACES_SAMPLER",
-        value_name = "SAMPLER",
-        default_value = "parentbased_always_on"
-    )]
-    pub otel_traces_sampler: String,
+    #[arg(long, env = "OTEL_TRACES_SAMPLER", value_name = "SAMPLER")]
+    pub otel_traces_sampler: Option<String>,
     /// The sampler's ratio (0 to 1) for the *traceidratio samplers.
     #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", value_name = "RATIO")]
     pub otel_traces_sampler_arg: Option<String>,
-    /// `otlp` (default) or `none`.
+    /// `otlp` (the default) or `none`; a list such as `otlp,console` is
+    /// read for `otlp`, and exporters leash lacks are ignored with a warning.
+    #[arg(long, env = "OTEL_TRACES_EXPORTER", value_name = "EXPORTER")]
+    pub otel_traces_exporter: Option<String>,
+    /// Turn span export off whatever else is set (`true`, any case).
     #[arg(
         long,
-        env = "OTEL_TRACES_EXPORTER",
-        value_name = "EXPORTER",
-        default_value = "otlp"
+        env = "OTEL_SDK_DISABLED",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
     )]
-    pub otel_traces_exporter: String,
-    /// Turn span export off whatever else is set.
-    #[arg(long, env = "OTEL_SDK_DISABLED")]
-    pub otel_sdk_disabled: bool,
+    pub otel_sdk_disabled: Option<String>,
     /// Spans held while the collector is busy; beyond, spans are dropped
-    /// (and counted), never waited for.
-    #[arg(
-        long,
-        env = "OTEL_BSP_MAX_QUEUE_SIZE",
-        value_name = "N",
-        default_value_t = 2048
-    )]
-    pub otel_bsp_max_queue_size: usize,
-    /// Longest a span waits before its batch is sent, in milliseconds.
-    #[arg(
-        long,
-        env = "OTEL_BSP_SCHEDULE_DELAY",
-        value_name = "MS",
-        default_value = "5000"
-    )]
-    pub otel_bsp_schedule_delay: String,
-    /// Spans per export request.
-    #[arg(
-        long,
-        env = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
-        value_name = "N",
-        default_value_t = 512
-    )]
-    pub otel_bsp_max_export_batch_size: usize,
-    /// Longest one batch may take to export, retries included, in milliseconds.
-    #[arg(
-        long,
-        env = "OTEL_BSP_EXPORT_TIMEOUT",
-        value_name = "MS",
-        default_value = "30000"
-    )]
-    pub otel_bsp_export_timeout: String,
+    /// (and counted), never waited for [default: 2048].
+    #[arg(long, env = "OTEL_BSP_MAX_QUEUE_SIZE", value_name = "N")]
+    pub otel_bsp_max_queue_size: Option<String>,
+    /// Longest a span waits before its batch is sent, in milliseconds
+    /// [default: 5000].
+    #[arg(long, env = "OTEL_BSP_SCHEDULE_DELAY", value_name = "MS")]
+    pub otel_bsp_schedule_delay: Option<String>,
+    /// Spans per export request; at most the queue size [default: 512].
+    #[arg(long, env = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", value_name = "N")]
+    pub otel_bsp_max_export_batch_size: Option<String>,
+    /// Longest one batch may take to export, retries included, in
+    /// milliseconds [default: 30000].
+    #[arg(long, env = "OTEL_BSP_EXPORT_TIMEOUT", value_name = "MS")]
+    pub otel_bsp_export_timeout: Option<String>,
     /// Context attributes recorded on spans (`leash.context.<key>`);
     /// none by default, as context values may be personal data.
     #[arg(
@@ -246,8 +221,14 @@ pub struct TelemetryArgs {
 }
 
 impl TelemetryArgs {
-    /// Checks every value; problems are appended to `problems`.
-    pub fn resolve(&self, metrics: bool, problems: &mut Vec<String>) -> TelemetryOptions {
+    /// Checks every value; problems are appended to `problems`, things
+    /// worth a warning (but not a refusal) to `warnings`.
+    pub fn resolve(
+        &self,
+        metrics: bool,
+        problems: &mut Vec<String>,
+        warnings: &mut Vec<String>,
+    ) -> TelemetryOptions {
         let keys = |flag: &str, values: &[String], problems: &mut Vec<String>| -> Vec<String> {
             let mut keys = Vec::new();
             for v in values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()) {
@@ -266,93 +247,150 @@ impl TelemetryArgs {
         let context_keys = keys("--trace-context-keys", &self.trace_context_keys, problems);
         let baggage_keys = keys("--trace-baggage-keys", &self.trace_baggage_keys, problems);
         TelemetryOptions {
-            traces: self.traces(problems),
+            traces: self.traces(problems, warnings),
             metrics,
             context_keys,
             baggage_keys,
         }
     }
 
-    fn traces(&self, problems: &mut Vec<String>) -> Option<TraceOptions> {
-        match self.otel_traces_exporter.trim() {
-            "otlp" => {}
-            "none" => return None,
-            other => {
-                problems.push(format!(
-                    "--otel-traces-exporter: `{other}` is not supported (use `otlp` or `none`)"
+    fn exporting(&self, warnings: &mut Vec<String>) -> bool {
+        if let Some(value) = given(&self.otel_sdk_disabled) {
+            if value.eq_ignore_ascii_case("true") {
+                return false;
+            }
+            if !value.eq_ignore_ascii_case("false") {
+                warnings.push(format!(
+                    "--otel-sdk-disabled: `{value}` is neither `true` nor `false`; read as false"
                 ));
-                return None;
             }
         }
+        let Some(list) = given(&self.otel_traces_exporter) else {
+            return true;
+        };
+        let names: Vec<&str> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        if names.contains(&"none") {
+            return false;
+        }
+        for name in names.iter().filter(|n| **n != "otlp") {
+            warnings.push(format!(
+                "--otel-traces-exporter: `{name}` is not an exporter leash has; ignored"
+            ));
+        }
+        names.contains(&"otlp") || names.is_empty()
+    }
+
+    fn traces(
+        &self,
+        problems: &mut Vec<String>,
+        warnings: &mut Vec<String>,
+    ) -> Option<TraceOptions> {
         let traces_endpoint = given(&self.otlp_traces_endpoint);
         let base_endpoint = given(&self.otlp_endpoint);
-        if self.otel_sdk_disabled || (traces_endpoint.is_none() && base_endpoint.is_none()) {
+        if !self.exporting(warnings) || (traces_endpoint.is_none() && base_endpoint.is_none()) {
             return None;
         }
         let first = problems.len();
-        let protocol_text = given(&self.otlp_traces_protocol)
-            .or(given(&self.otlp_protocol))
-            .unwrap_or("http/protobuf");
+        let (protocol_flag, protocol_text) = match (
+            given(&self.otlp_traces_protocol),
+            given(&self.otlp_protocol),
+        ) {
+            (Some(p), _) => ("--otlp-traces-protocol", p),
+            (None, Some(p)) => ("--otlp-protocol", p),
+            (None, None) => ("--otlp-protocol", "http/protobuf"),
+        };
         let protocol = match protocol_text {
             "http/protobuf" => Protocol::HttpProtobuf,
             "grpc" => Protocol::Grpc,
             other => {
                 problems.push(format!(
-                    "--otlp-protocol: `{other}` is not supported (use `http/protobuf` or `grpc`)"
+                    "{protocol_flag}: `{other}` is not supported (use `http/protobuf` or `grpc`)"
                 ));
                 Protocol::HttpProtobuf
             }
         };
         // The specification's rule: a signal's own endpoint is used as
         // given; the base endpoint gets the signal's path over HTTP.
-        let (flag, endpoint) = match (traces_endpoint, base_endpoint) {
-            (Some(url), _) => ("--otlp-traces-endpoint", url.to_owned()),
+        let (flag, given_url, endpoint) = match (traces_endpoint, base_endpoint) {
+            (Some(url), _) => ("--otlp-traces-endpoint", url, url.to_owned()),
             (None, Some(base)) if protocol == Protocol::HttpProtobuf => (
                 "--otlp-endpoint",
+                base,
                 format!("{}/v1/traces", base.trim_end_matches('/')),
             ),
-            (None, Some(base)) => ("--otlp-endpoint", base.to_owned()),
+            (None, Some(base)) => ("--otlp-endpoint", base, base.to_owned()),
             (None, None) => return None,
         };
-        if let Err(problem) = check_endpoint(&endpoint) {
+        if let Err(problem) = check_endpoint(given_url) {
             problems.push(format!("{flag}: {problem}"));
         }
-        let millis = |flag: &str, text: &str, problems: &mut Vec<String>| match parse_millis(text) {
-            Ok(d) if !d.is_zero() => d,
-            Ok(_) => {
-                problems.push(format!("{flag}: must be more than 0"));
-                Duration::from_secs(1)
-            }
-            Err(e) => {
-                problems.push(format!("{flag}: {e}"));
-                Duration::from_secs(1)
-            }
-        };
-        let timeout = millis("--otlp-timeout", &self.otlp_timeout, problems);
+        let millis =
+            |flag: &str, value: &Option<String>, default: u64, problems: &mut Vec<String>| {
+                let Some(text) = given(value) else {
+                    return Duration::from_millis(default);
+                };
+                match parse_millis(text) {
+                    Ok(d) if !d.is_zero() => d,
+                    Ok(_) => {
+                        problems.push(format!("{flag}: must be more than 0"));
+                        Duration::from_millis(default)
+                    }
+                    Err(e) => {
+                        problems.push(format!("{flag}: {e}"));
+                        Duration::from_millis(default)
+                    }
+                }
+            };
+        let count =
+            |flag: &str, value: &Option<String>, default: usize, problems: &mut Vec<String>| {
+                let Some(text) = given(value) else {
+                    return default;
+                };
+                match text.parse::<usize>() {
+                    Ok(n) if (1..=1 << 20).contains(&n) => n,
+                    _ => {
+                        problems.push(format!(
+                            "{flag}: `{text}` is not a number from 1 to 1048576"
+                        ));
+                        default
+                    }
+                }
+            };
+        let defaults = BatchOptions::default();
+        let timeout = millis("--otlp-timeout", &self.otlp_timeout, 10_000, problems);
         let schedule_delay = millis(
             "--otel-bsp-schedule-delay",
             &self.otel_bsp_schedule_delay,
+            5_000,
             problems,
         );
         let export_timeout = millis(
             "--otel-bsp-export-timeout",
             &self.otel_bsp_export_timeout,
+            30_000,
             problems,
         );
-        if self.otel_bsp_max_queue_size == 0 || self.otel_bsp_max_queue_size > 1 << 20 {
-            problems.push("--otel-bsp-max-queue-size: must be between 1 and 1048576".to_owned());
-        }
-        if self.otel_bsp_max_export_batch_size == 0
-            || self.otel_bsp_max_export_batch_size > self.otel_bsp_max_queue_size
-        {
-            problems.push(format!(
-                "--otel-bsp-max-export-batch-size: must be between 1 and the queue size ({})",
-                self.otel_bsp_max_queue_size
-            ));
-        }
+        let max_queue = count(
+            "--otel-bsp-max-queue-size",
+            &self.otel_bsp_max_queue_size,
+            defaults.max_queue,
+            problems,
+        );
+        // The specification: a batch larger than the queue is the queue.
+        let max_batch = count(
+            "--otel-bsp-max-export-batch-size",
+            &self.otel_bsp_max_export_batch_size,
+            defaults.max_batch,
+            problems,
+        )
+        .min(max_queue);
         let sampler = match SamplerChoice::parse(
-            &self.otel_traces_sampler,
-            self.otel_traces_sampler_arg.as_deref(),
+            given(&self.otel_traces_sampler).unwrap_or("parentbased_always_on"),
+            given(&self.otel_traces_sampler_arg),
         ) {
             Ok(sampler) => sampler,
             Err(e) => {
@@ -360,16 +398,24 @@ impl TelemetryArgs {
                 SamplerChoice::ParentBasedAlwaysOn
             }
         };
-        let resource = match self.otel_resource_attributes.as_deref() {
+        let resource = match given(&self.otel_resource_attributes) {
             None => Vec::new(),
             Some(text) => parse_resource_attributes(text).unwrap_or_else(|e| {
                 problems.push(format!("--otel-resource-attributes: {e}"));
                 Vec::new()
             }),
         };
-        if self.otel_service_name.trim().is_empty() {
-            problems.push("--otel-service-name: must not be empty".to_owned());
-        }
+        // The specification's order: OTEL_SERVICE_NAME, then `service.name`
+        // of the resource attributes, then the product's own name.
+        let service_name = given(&self.otel_service_name)
+            .map(str::to_owned)
+            .or_else(|| {
+                resource
+                    .iter()
+                    .find(|(k, _)| k == "service.name")
+                    .map(|(_, v)| v.clone())
+            })
+            .unwrap_or_else(|| "leash".to_owned());
         if problems.len() > first {
             return None;
         }
@@ -378,13 +424,13 @@ impl TelemetryArgs {
             protocol,
             timeout,
             batch: BatchOptions {
-                max_queue: self.otel_bsp_max_queue_size,
+                max_queue,
                 schedule_delay,
-                max_batch: self.otel_bsp_max_export_batch_size,
+                max_batch,
                 export_timeout,
             },
             sampler,
-            service_name: self.otel_service_name.trim().to_owned(),
+            service_name,
             resource,
         })
     }
@@ -403,15 +449,13 @@ fn check_endpoint(url: &str) -> Result<(), String> {
              collector in the pod or on the node (which may forward over TLS)"
         ));
     }
-    let uri: tonic::codegen::http::Uri = url
-        .parse()
-        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
-        return Err(format!(
+    let uri = url.parse::<tonic::codegen::http::Uri>().ok();
+    match uri {
+        Some(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => Ok(()),
+        _ => Err(format!(
             "`{url}` is not an http:// URL with a host, such as `http://localhost:4318`"
-        ));
+        )),
     }
-    Ok(())
 }
 
 /// OpenTelemetry's durations: a bare number is milliseconds; `2s`, `500ms`
@@ -751,6 +795,8 @@ pub struct ServeConfig {
     pub reload: ReloadOptions,
     pub log_format: LogFormat,
     pub log: String,
+    /// Values that were read but deserve a warning once logging is up.
+    pub warnings: Vec<String>,
 }
 
 impl ServeArgs {
@@ -786,14 +832,18 @@ impl ServeArgs {
                 self.drain_timeout
             ));
         }
-        let log = self
-            .log
-            .clone()
-            .or_else(|| std::env::var("RUST_LOG").ok())
-            .filter(|l| !l.trim().is_empty())
-            .unwrap_or_else(|| "info".to_owned());
+        let (log_source, log) = match (
+            self.log.clone().filter(|l| !l.trim().is_empty()),
+            std::env::var("RUST_LOG")
+                .ok()
+                .filter(|l| !l.trim().is_empty()),
+        ) {
+            (Some(log), _) => ("--log", log),
+            (None, Some(log)) => ("RUST_LOG", log),
+            (None, None) => ("--log", "info".to_owned()),
+        };
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
-            problems.push(format!("--log: `{log}` is not a log filter: {e}"));
+            problems.push(format!("{log_source}: `{log}` is not a log filter: {e}"));
         }
         let admin = match parse_listen_flag(
             "--admin-listen",
@@ -807,7 +857,10 @@ impl ServeArgs {
                 None
             }
         };
-        let telemetry = self.telemetry.resolve(admin.is_some(), &mut problems);
+        let mut warnings = Vec::new();
+        let telemetry = self
+            .telemetry
+            .resolve(admin.is_some(), &mut problems, &mut warnings);
         let watch = match (&self.watch_poll, self.no_watch) {
             (_, true) => WatchMode::Off,
             (None, false) => WatchMode::Events,
@@ -857,6 +910,7 @@ impl ServeArgs {
             reload: ReloadOptions { watch, settle },
             log_format: self.log_format,
             log,
+            warnings,
         })
     }
 }
@@ -1028,5 +1082,235 @@ mod tests {
             Ok(Some("[::1]:9".parse().expect("addr")))
         );
         assert!(parse_listen("nonsense", false).is_err());
+    }
+
+    fn traces(args: &[&str]) -> Result<Option<TraceOptions>, Vec<String>> {
+        serve(args).resolve().map(|c| c.options.telemetry.traces)
+    }
+
+    #[test]
+    fn spans_are_off_without_an_endpoint_and_metrics_follow_the_admin_listener() {
+        let config = serve(&[]).resolve().expect("valid");
+        assert_eq!(config.options.telemetry.traces, None);
+        assert!(config.options.telemetry.metrics);
+        assert_eq!(config.admin, Some("127.0.0.1:9557".parse().expect("addr")));
+        let off = serve(&["--admin-listen", "none"]).resolve().expect("valid");
+        assert_eq!(off.admin, None);
+        assert!(!off.options.telemetry.metrics);
+        let problems = serve(&["--admin-listen", "0.0.0.0:9557"])
+            .resolve()
+            .expect_err("refused");
+        assert_eq!(
+            problems,
+            vec![
+                "--admin-listen: `0.0.0.0:9557` is not a loopback address; a sidecar serves its own pod \
+                 (pass --allow-non-loopback to serve other hosts)"
+                    .to_owned()
+            ]
+        );
+    }
+
+    #[test]
+    fn otlp_endpoints_follow_the_specification() {
+        // The base endpoint gets the signal path over HTTP, not over gRPC.
+        let http = traces(&["--otlp-endpoint", "http://collector:4318/"])
+            .expect("valid")
+            .expect("on");
+        assert_eq!(http.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(http.protocol, Protocol::HttpProtobuf);
+        let grpc = traces(&[
+            "--otlp-endpoint",
+            "http://collector:4317",
+            "--otlp-protocol",
+            "grpc",
+        ])
+        .expect("valid")
+        .expect("on");
+        assert_eq!(grpc.endpoint, "http://collector:4317");
+        assert_eq!(grpc.protocol, Protocol::Grpc);
+        // The signal's own endpoint and protocol win, and are used as given.
+        let own = traces(&[
+            "--otlp-endpoint",
+            "http://base:4317",
+            "--otlp-protocol",
+            "grpc",
+            "--otlp-traces-endpoint",
+            "http://traces:4318/custom",
+            "--otlp-traces-protocol",
+            "http/protobuf",
+        ])
+        .expect("valid")
+        .expect("on");
+        assert_eq!(own.endpoint, "http://traces:4318/custom");
+        assert_eq!(own.protocol, Protocol::HttpProtobuf);
+        // Defaults are the specification's.
+        assert_eq!(own.timeout, Duration::from_secs(10));
+        assert_eq!(own.batch, BatchOptions::default());
+        assert_eq!(own.sampler, SamplerChoice::ParentBasedAlwaysOn);
+        assert_eq!(own.service_name, "leash");
+        // Turned off whatever the endpoint.
+        let none = [
+            "--otlp-endpoint",
+            "http://c:4318",
+            "--otel-traces-exporter",
+            "none",
+        ];
+        assert_eq!(traces(&none).expect("valid"), None);
+        let disabled = ["--otlp-endpoint", "http://c:4318", "--otel-sdk-disabled"];
+        assert_eq!(traces(&disabled).expect("valid"), None);
+    }
+
+    #[test]
+    fn otel_values_are_read_as_the_specification_says() {
+        let resolve = |args: &[&str]| {
+            let mut argv = vec!["--otlp-endpoint", "http://c:4318"];
+            argv.extend_from_slice(args);
+            serve(&argv).resolve().expect("valid")
+        };
+        // Booleans are `true` in any case; anything else is false, with a
+        // warning unless it is `false`.
+        assert_eq!(
+            resolve(&["--otel-sdk-disabled", "TRUE"])
+                .options
+                .telemetry
+                .traces,
+            None
+        );
+        let one = resolve(&["--otel-sdk-disabled", "1"]);
+        assert!(one.options.telemetry.traces.is_some());
+        assert_eq!(one.warnings.len(), 1, "{:?}", one.warnings);
+        // Empty values are unset: the defaults apply.
+        let empty = resolve(&[
+            "--otel-sdk-disabled=",
+            "--otel-traces-sampler=",
+            "--otlp-protocol=",
+            "--otel-bsp-max-queue-size=",
+        ]);
+        let trace = empty.options.telemetry.traces.expect("on");
+        assert_eq!(trace.sampler, SamplerChoice::ParentBasedAlwaysOn);
+        assert_eq!(trace.protocol, Protocol::HttpProtobuf);
+        assert!(empty.warnings.is_empty(), "{:?}", empty.warnings);
+        // An exporter list is read for `otlp`; unknown exporters warn.
+        let list = resolve(&["--otel-traces-exporter", "otlp,console"]);
+        assert!(list.options.telemetry.traces.is_some());
+        assert_eq!(list.warnings.len(), 1, "{:?}", list.warnings);
+        // A batch larger than the queue is the queue.
+        let clamped = resolve(&[
+            "--otel-bsp-max-queue-size",
+            "10",
+            "--otel-bsp-max-export-batch-size",
+            "20",
+        ]);
+        let batch = clamped.options.telemetry.traces.expect("on").batch;
+        assert_eq!((batch.max_queue, batch.max_batch), (10, 10));
+        // service.name: the flag, then the resource attributes, then leash.
+        let from_resource = resolve(&[
+            "--otel-resource-attributes",
+            "service.name=billing-agent-authz",
+        ]);
+        assert_eq!(
+            from_resource
+                .options
+                .telemetry
+                .traces
+                .expect("on")
+                .service_name,
+            "billing-agent-authz"
+        );
+        let flag = resolve(&[
+            "--otel-service-name",
+            "authz",
+            "--otel-resource-attributes",
+            "service.name=x",
+        ]);
+        assert_eq!(
+            flag.options.telemetry.traces.expect("on").service_name,
+            "authz"
+        );
+    }
+
+    #[test]
+    fn bad_telemetry_values_are_named() {
+        let problems = traces(&[
+            "--otlp-endpoint",
+            "https://collector:4318",
+            "--otlp-protocol",
+            "http/json",
+            "--otlp-timeout",
+            "soon",
+            "--otel-traces-sampler",
+            "traceidratio",
+            "--otel-traces-sampler-arg",
+            "1.5",
+            "--otel-resource-attributes",
+            "team",
+            "--trace-context-keys",
+            "amount cents",
+        ])
+        .expect_err("refused");
+        let starts: Vec<&str> = problems
+            .iter()
+            .map(|p| p.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            starts,
+            [
+                "--trace-context-keys",
+                "--otlp-protocol",
+                "--otlp-endpoint",
+                "--otlp-timeout",
+                "--otel-traces-sampler",
+                "--otel-resource-attributes",
+            ],
+            "{problems:#?}"
+        );
+        assert!(
+            problems[2].contains("TLS to the collector is not supported"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[4].contains("`1.5` is not a sampling ratio"),
+            "{problems:?}"
+        );
+        assert!(
+            traces(&["--otlp-endpoint", "collector:4318"]).expect_err("no scheme")[0]
+                .contains("is not an http:// URL")
+        );
+    }
+
+    #[test]
+    fn samplers_and_resource_attributes_parse() {
+        assert_eq!(
+            SamplerChoice::parse("parentbased_traceidratio", Some("0.25")),
+            Ok(SamplerChoice::ParentBasedTraceIdRatio(0.25))
+        );
+        assert_eq!(
+            SamplerChoice::parse("traceidratio", None),
+            Ok(SamplerChoice::TraceIdRatio(1.0))
+        );
+        assert!(SamplerChoice::parse("jaeger_remote", None)
+            .expect_err("unsupported")
+            .contains("not a sampler leash supports"));
+        assert_eq!(
+            parse_resource_attributes("k8s.pod.name=agent-1, team=a%20b%2Cc,,"),
+            Ok(vec![
+                ("k8s.pod.name".to_owned(), "agent-1".to_owned()),
+                ("team".to_owned(), "a b,c".to_owned()),
+            ])
+        );
+        assert!(parse_resource_attributes("x=%zz").is_err());
+        assert_eq!(parse_millis("250"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_millis("2s"), Ok(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn the_log_filter_falls_back_to_rust_log_then_info() {
+        let given = serve(&["--log", "leash=debug"]).resolve().expect("valid");
+        assert_eq!(given.log, "leash=debug");
+        // RUST_LOG is read only when --log/LEASH_LOG is absent; the test
+        // process does not set it, so the default is info.
+        if std::env::var_os("RUST_LOG").is_none() && std::env::var_os("LEASH_LOG").is_none() {
+            assert_eq!(serve(&[]).resolve().expect("valid").log, "info");
+        }
     }
 }

@@ -16,7 +16,9 @@ use leash::config::{
 use leash::proto::v1::Decision;
 use leash::reload::Reloader;
 use leash::server::{bind_admin, bind_tcp, bind_uds, Server};
+use leash::telemetry::log_writer::{FlushOnExit, QueuedStderr};
 use tracing::error;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 const EXIT_USAGE: u8 = 64;
 
@@ -50,7 +52,11 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_logging(config.log_format, &config.log);
+    // Held to the end of `serve`: dropping it writes out queued log lines.
+    let _logs = init_logging(config.log_format, &config.log);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let result = runtime().and_then(|rt| {
         let served = rt.block_on(serve_async(config));
         // A blocking task may still be stamping a hung network file system;
@@ -151,19 +157,29 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_logging(format: LogFormat, filter: &str) {
+/// Logs go to stderr through a queue, so a slow log reader never holds up a
+/// decision (see `telemetry::log_writer`).
+fn init_logging(format: LogFormat, filter: &str) -> Option<FlushOnExit> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let terminal = std::io::stderr().is_terminal();
+    let (writer, flush) = match QueuedStderr::start() {
+        Ok((writer, flush)) => (BoxMakeWriter::new(writer), Some(flush)),
+        Err(e) => {
+            eprintln!("warning: cannot start the log writer thread ({e}); logging directly");
+            (BoxMakeWriter::new(std::io::stderr), None)
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(terminal)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Auto if terminal => builder.init(),
         LogFormat::Json | LogFormat::Auto => builder.json().flatten_event(true).init(),
     }
+    flush
 }
 
 fn validate(args: &ValidateArgs) -> ExitCode {

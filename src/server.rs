@@ -283,7 +283,9 @@ impl Server {
                 continue;
             }
             let router = tonic::transport::Server::builder()
-                // Outermost, so it sees the status code clients see.
+                // Outside the size-limit fix, so it counts the corrected
+                // code. (tonic's own deadline handling sits further out; a
+                // call it cuts short is counted as CANCELLED.)
                 .layer(metrics_layer.clone())
                 .layer(tower::util::MapResponseLayer::new(
                     oversize_is_resource_exhausted as fn(HttpResponse) -> HttpResponse,
@@ -437,16 +439,43 @@ where
             return Box::pin(answer);
         };
         Box::pin(async move {
-            let response = answer.await?;
-            let code = response
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i32>().ok())
-                .map_or(tonic::Code::Ok, tonic::Code::from_i32);
-            metrics.grpc_request(method, code);
-            Ok(response)
+            // A call whose client gave up (deadline, reset) is dropped
+            // unanswered; the guard counts it.
+            let mut pending = Unanswered {
+                metrics,
+                method,
+                answered: false,
+            };
+            let answered = answer.await;
+            let code = match &answered {
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from_i32),
+                Err(_) => tonic::Code::Internal,
+            };
+            pending.answered = true;
+            pending.metrics.grpc_request(method, code);
+            answered
         })
+    }
+}
+
+/// Counts a call as CANCELLED if it is dropped before its answer.
+struct Unanswered {
+    metrics: Arc<Metrics>,
+    method: &'static str,
+    answered: bool,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.metrics
+                .grpc_request(self.method, tonic::Code::Cancelled);
+        }
     }
 }
 

@@ -165,6 +165,7 @@ async fn a_decision_is_a_span_in_the_callers_trace() {
         ),
         ("rpc.system", "grpc".to_owned()),
         ("rpc.method", "IsAuthorized".to_owned()),
+        ("rpc.grpc.status_code", "0".to_owned()),
     ] {
         assert_eq!(s.attribute(key), Some(want), "attribute {key}");
     }
@@ -281,9 +282,9 @@ async fn a_batch_is_a_span_with_one_child_per_item_over_http() {
         Some("action")
     );
     assert_eq!(
-        items[2].span.status.as_ref().map(|s| s.code),
-        Some(2),
-        "STATUS_CODE_ERROR"
+        items[2].span.status.as_ref().map_or(0, |s| s.code),
+        0,
+        "the caller's mistake leaves the status unset (RPC conventions)"
     );
     server.shutdown().await;
 }
@@ -349,10 +350,47 @@ async fn configured_context_and_baggage_keys_are_recorded_and_sampling_follows_t
 }
 
 #[tokio::test]
+async fn queued_spans_are_sent_at_shutdown() {
+    let collector = SpanCollector::start(true).await.expect("collector");
+    let mut options = traced(collector.grpc_endpoint(), Protocol::Grpc);
+    // Nothing would leave for a minute on its own.
+    if let Some(trace) = options.telemetry.traces.as_mut() {
+        trace.batch.schedule_delay = Duration::from_secs(60);
+    }
+    let server = TestServer::start(Some(example_snapshot()), options, false).await;
+    for _ in 0..3 {
+        server
+            .decide(example(
+                "support-bot",
+                Some("omar"),
+                "tickets:read",
+                "Ticket::\"T-1\"",
+            ))
+            .await
+            .expect("decides");
+    }
+    assert_eq!(
+        collector.span_count(),
+        0,
+        "nothing is sent before the schedule delay"
+    );
+    server.shutdown().await;
+    assert_eq!(
+        collector.wait_for(3, SPAN_WAIT).await,
+        3,
+        "flushed on shutdown"
+    );
+}
+
+#[tokio::test]
 async fn decisions_go_on_when_the_collector_is_absent() {
-    // A port nothing listens on: every export fails at once.
-    let (listener, addr) = bind_loopback().await;
-    drop(listener);
+    // A port bound but not listening: every connection is refused, and no
+    // other test can take the port meanwhile.
+    let reserved = tokio::net::TcpSocket::new_v4().expect("socket");
+    reserved
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let addr = reserved.local_addr().expect("addr");
     let server = TestServer::start(
         Some(example_snapshot()),
         traced(format!("http://{addr}"), Protocol::Grpc),
@@ -510,7 +548,7 @@ async fn metrics_move_with_decisions_and_readiness_follows_the_bundle() {
 
     let (code, text) = http_get(admin, "GET", "/metrics").await;
     assert_eq!(code, 200);
-    let m = |series: &str| metric(&text, series) - metric(&before, series);
+    let m = |series: &str| metric(&text, series) - metric_or_zero(&before, series);
     assert_eq!(
         m("leash_decisions_total{decision=\"allow\",action=\"tickets:read\"}"),
         4.0
@@ -547,6 +585,9 @@ async fn metrics_move_with_decisions_and_readiness_follows_the_bundle() {
         "{text}"
     );
     assert!(metric(&text, "leash_seconds_since_last_successful_reload") >= 0.0);
+    // Logging is not set up in tests; the series is there all the same.
+    metric(&text, "leash_log_lines_dropped_total");
+    metric(&text, "leash_spans_dropped_total{reason=\"queue_full\"}");
     assert!(text.contains("# TYPE leash_seconds_since_last_successful_reload gauge"));
     assert!(
         text.ends_with("# EOF\n"),
@@ -586,6 +627,12 @@ async fn reload_metrics_follow_refused_and_loaded_bundles() {
     )
     .await;
     let scrape = || http_get(server.admin_addr, "GET", "/metrics");
+    // Whole files renamed into place, so no reload sees half a file.
+    let replace = |text: &str| {
+        let staged = dir.path().join("p.cedar.staged");
+        std::fs::write(&staged, text).expect("write");
+        std::fs::rename(&staged, policies.join("p.cedar")).expect("rename");
+    };
     let (_, text) = scrape().await;
     assert_eq!(
         metric(&text, "leash_reloads_total{result=\"loaded\"}"),
@@ -614,11 +661,7 @@ async fn reload_metrics_follow_refused_and_loaded_bundles() {
         "a refused change leaves the last good bundle serving, and leash ready"
     );
 
-    std::fs::write(
-        policies.join("p.cedar"),
-        "@id(\"p2\") permit(principal, action, resource);",
-    )
-    .expect("write");
+    replace("@id(\"p2\") permit(principal, action, resource);");
     let version = version_of(&policies, &schemas);
     server.wait_version(&version).await;
     let (_, text) = scrape().await;

@@ -341,14 +341,12 @@ pub async fn http_get(
 }
 
 /// The value of one series in a `/metrics` text, e.g.
-/// `leash_spans_dropped_total{reason="queue_full"}`; 0 when absent.
-pub fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            let rest = line.strip_prefix(series)?;
-            rest.strip_prefix(' ')?.trim().parse::<f64>().ok()
-        })
-        .unwrap_or(0.0)
+/// `leash_spans_dropped_total{reason="queue_full"}`; `None` when absent.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        rest.strip_prefix(' ')?.trim().parse::<f64>().ok()
+    })
 }
 
 /// Waits until the server's health says SERVING (its bundle is loaded),

@@ -186,7 +186,8 @@ async fn spans_dropped(leash: &ServerProcess) -> u64 {
                 child::metric(
                     &text,
                     &format!("leash_spans_dropped_total{{reason=\"{reason}\"}}"),
-                ) as u64
+                )
+                .unwrap_or(0.0) as u64
             })
             .sum(),
         _ => 0,

@@ -121,9 +121,17 @@ impl SpanQueue {
     }
 
     /// Exports what is queued and stops; returns false if `timeout` passed
-    /// first (the spans still queued are then lost).
+    /// first. The spans still queued then are lost, and counted as dropped
+    /// at shutdown (a batch stuck in its export is not: it may yet arrive).
     pub async fn shutdown(&self, timeout: Duration) -> bool {
-        self.ask(Command::Shutdown, timeout).await
+        let done = self.ask(Command::Shutdown, timeout).await;
+        if !done {
+            let queued = self.spans.max_capacity() - self.spans.capacity();
+            self.counters
+                .dropped_shutdown
+                .fetch_add(queued as u64, Ordering::Relaxed);
+        }
+        done
     }
 
     async fn ask(&self, command: fn(oneshot::Sender<()>) -> Command, timeout: Duration) -> bool {

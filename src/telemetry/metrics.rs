@@ -212,9 +212,9 @@ impl Metrics {
 /// `Action::"tickets:read"` → `tickets:read`; an action of a namespace keeps
 /// it: `Billing::Action::"refund"` → `Billing::Action::refund`.
 pub fn action_label(uid: &EntityUid) -> String {
-    let type_name = uid.type_name().to_string();
+    let type_name = uid.type_name();
     let id = uid.id().unescaped();
-    if type_name == "Action" {
+    if type_name.basename() == "Action" && type_name.namespace_components().next().is_none() {
         id.to_owned()
     } else {
         format!("{type_name}::{id}")
@@ -344,6 +344,13 @@ impl Collector for StateCollector {
             ConstCounter::new(count.load(Ordering::Relaxed))
                 .encode(dropped.encode_family(&labels)?)?;
         }
+        ConstCounter::new(super::log_writer::dropped_lines())
+            .encode(encoder.encode_descriptor(
+            "leash_log_lines_dropped",
+            "Log lines dropped because stderr could not keep up (decisions never wait for logs).",
+            None,
+            MetricType::Counter,
+        )?)?;
         Ok(())
     }
 }

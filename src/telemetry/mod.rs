@@ -19,6 +19,7 @@
 
 pub mod admin_http;
 pub mod export;
+pub mod log_writer;
 pub mod metrics;
 pub mod trace;
 
@@ -216,8 +217,7 @@ impl Telemetry {
             let action = view.request.map(|r| &r.action);
             metrics.decision(outcome, action, view.snapshot, elapsed);
         }
-        let trace_id = scope.trace_id();
-        log_decision(view, outcome, trace_id.as_deref());
+        log_decision(view, outcome, scope);
         if !scope.traced {
             return;
         }
@@ -225,10 +225,16 @@ impl Telemetry {
             (None, _) => {
                 let span = scope.cx.span();
                 if span.is_recording() {
-                    span.set_attributes(self.attributes(view, outcome));
-                    if let Err(e) = &view.result {
-                        span.set_status(SpanStatus::error(format!("invalid request: {}", e.field)));
-                    }
+                    let mut attributes = self.attributes(view, outcome);
+                    // OK, or INVALID_ARGUMENT: the caller's mistake, which by
+                    // the RPC conventions leaves the span status unset.
+                    let code = if view.result.is_ok() {
+                        tonic::Code::Ok
+                    } else {
+                        tonic::Code::InvalidArgument
+                    };
+                    attributes.push(KeyValue::new("rpc.grpc.status_code", code as i64));
+                    span.set_attributes(attributes);
                 }
             }
             (Some(index), Some(traces)) => {
@@ -241,12 +247,13 @@ impl Telemetry {
                     .tracer
                     .span_builder("leash.decision")
                     .with_kind(SpanKind::Internal)
-                    .with_start_time(std::time::SystemTime::now() - elapsed)
+                    .with_start_time(
+                        std::time::SystemTime::now()
+                            .checked_sub(elapsed)
+                            .unwrap_or_else(std::time::SystemTime::now),
+                    )
                     .with_attributes(attributes)
                     .start_with_context(&traces.tracer, &scope.cx);
-                if let Err(e) = &view.result {
-                    span.set_status(SpanStatus::error(format!("invalid request: {}", e.field)));
-                }
                 span.end();
             }
             (Some(_), None) => {}
@@ -261,6 +268,7 @@ impl Telemetry {
         let span = scope.cx.span();
         if scope.traced && span.is_recording() {
             span.set_attributes([
+                KeyValue::new("rpc.grpc.status_code", tonic::Code::Ok as i64),
                 KeyValue::new("leash.batch.size", size as i64),
                 KeyValue::new("leash.batch.allowed", counts.allowed as i64),
                 KeyValue::new("leash.batch.denied", counts.denied as i64),
@@ -274,7 +282,11 @@ impl Telemetry {
         let span = scope.cx.span();
         if scope.traced && span.is_recording() {
             span.set_attribute(KeyValue::new("rpc.grpc.status_code", status.code() as i64));
-            span.set_status(SpanStatus::error(status.message().to_owned()));
+            // The RPC conventions: a server span is an error only for codes
+            // that are the server's fault, not for the caller's mistakes.
+            if server_fault(status.code()) {
+                span.set_status(SpanStatus::error(status.message().to_owned()));
+            }
         }
         debug!(
             rpc = scope.rpc.method(),
@@ -408,6 +420,19 @@ fn wire_json(v: &pb::Value) -> serde_json::Value {
     }
 }
 
+fn server_fault(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    )
+}
+
 fn side_attributes(prefix: &str, side: &SideDecision, a: &mut Vec<KeyValue>) {
     a.push(KeyValue::new(
         format!("{prefix}.decision"),
@@ -500,7 +525,13 @@ pub struct DecisionView<'a> {
 
 /// One line per decision: DENY and invalid requests at info, ALLOW at
 /// debug. Never context values.
-fn log_decision(view: &DecisionView<'_>, outcome: Outcome, trace_id: Option<&str>) {
+fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
+    // The fields cost allocations; an ALLOW is only logged at debug.
+    if outcome == Outcome::Allow && !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let trace_id = scope.trace_id();
+    let trace_id = trace_id.as_deref();
     let agent = view.request.map(|r| r.agent.to_string());
     let user = view
         .request

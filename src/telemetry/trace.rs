@@ -160,7 +160,9 @@ impl Traces {
             .iter()
             .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
             .collect();
-        attributes.push(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+        if !options.resource.iter().any(|(k, _)| k == "service.version") {
+            attributes.push(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+        }
         let resource = Resource::builder_empty()
             .with_detector(Box::new(TelemetryResourceDetector))
             .with_attributes(attributes)

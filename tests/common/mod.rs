@@ -62,8 +62,17 @@ pub async fn http_get(addr: SocketAddr, method: &str, path: &str) -> (u16, Strin
         .expect("admin listener answers")
 }
 
-#[allow(unused_imports)]
-pub use leash::bench::child::metric;
+/// The value of a series that must be present in a `/metrics` text.
+pub fn metric(text: &str, series: &str) -> f64 {
+    leash::bench::child::metric(text, series)
+        .unwrap_or_else(|| panic!("series `{series}` missing from:\n{text}"))
+}
+
+/// The value of a series, 0 when it has not been created yet (a labelled
+/// counter appears on first use).
+pub fn metric_or_zero(text: &str, series: &str) -> f64 {
+    leash::bench::child::metric(text, series).unwrap_or(0.0)
+}
 
 /// One IsAuthorized call.
 pub async fn decide_with(

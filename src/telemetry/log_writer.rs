@@ -1,0 +1,159 @@
+//! stderr that never holds up a decision.
+//!
+//! A deny is logged on the decision path. Writing to stderr directly would
+//! block the runtime thread whenever the reader (the container runtime's
+//! log shim) falls behind, and a burst of denies (an agent under prompt
+//! injection) would then stall every decision. So log lines go into a
+//! bounded queue that one thread writes out; when the queue is full a line
+//! is dropped and counted (`leash_log_lines_dropped_total`), never waited
+//! for. Records that must not be lost belong in the audit trail, not here.
+
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+/// Lines that fit in the queue; beyond, lines are dropped.
+pub const QUEUE_LINES: usize = 8192;
+
+/// How long exit waits for queued lines to be written.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Log lines dropped because stderr could not keep up, since start.
+pub fn dropped_lines() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+enum Message {
+    Line(Vec<u8>),
+    /// Everything before this is written; answer.
+    Flush(SyncSender<()>),
+}
+
+/// The `MakeWriter` for the log subscriber.
+#[derive(Debug, Clone)]
+pub struct QueuedStderr {
+    queue: SyncSender<Message>,
+}
+
+/// Held by `main` until exit: dropping it writes out what is queued.
+#[derive(Debug)]
+pub struct FlushOnExit {
+    queue: SyncSender<Message>,
+}
+
+impl QueuedStderr {
+    /// Starts the writer thread.
+    pub fn start() -> std::io::Result<(Self, FlushOnExit)> {
+        let (queue, lines) = mpsc::sync_channel(QUEUE_LINES);
+        std::thread::Builder::new()
+            .name("leash-log".to_owned())
+            .spawn(move || write_lines(&lines))?;
+        Ok((
+            Self {
+                queue: queue.clone(),
+            },
+            FlushOnExit { queue },
+        ))
+    }
+}
+
+fn write_lines(lines: &Receiver<Message>) {
+    let stderr = std::io::stderr();
+    for message in lines {
+        match message {
+            // Nothing to do if stderr is gone: there is nowhere to say so.
+            Message::Line(line) => {
+                let _ = stderr.lock().write_all(&line);
+            }
+            Message::Flush(done) => {
+                let _ = stderr.lock().flush();
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+impl Drop for FlushOnExit {
+    fn drop(&mut self) {
+        let (done, written) = mpsc::sync_channel(1);
+        let deadline = Instant::now() + FLUSH_TIMEOUT;
+        let mut flush = Message::Flush(done);
+        // The queue may be full; keep trying until the deadline.
+        loop {
+            match self.queue.try_send(flush) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    flush = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = written.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// One log event: buffered, then queued whole when the subscriber is done
+/// with it, so lines never interleave.
+pub struct QueuedLine<'a> {
+    queue: &'a SyncSender<Message>,
+    line: Vec<u8>,
+}
+
+impl std::io::Write for QueuedLine<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for QueuedLine<'_> {
+    fn drop(&mut self) {
+        if self.line.is_empty() {
+            return;
+        }
+        let line = std::mem::take(&mut self.line);
+        if self.queue.try_send(Message::Line(line)).is_err() {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for QueuedStderr {
+    type Writer = QueuedLine<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        QueuedLine {
+            queue: &self.queue,
+            line: Vec::with_capacity(256),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        // A queue nobody reads: the second line cannot wait for room.
+        let (queue, _lines) = mpsc::sync_channel(1);
+        let before = dropped_lines();
+        for _ in 0..3 {
+            let mut line = QueuedLine {
+                queue: &queue,
+                line: Vec::new(),
+            };
+            line.write_all(b"{\"message\":\"decision\"}\n")
+                .expect("buffered");
+        }
+        assert_eq!(dropped_lines() - before, 2);
+    }
+}
