@@ -333,8 +333,24 @@ async fn leash_run(
     timing: Timing,
     requests: Arc<Vec<pb::IsAuthorizedRequest>>,
 ) -> Result<Stats, BenchError> {
+    leash_run_counted(process, transport, concurrency, timing, requests)
+        .await
+        .map(|(stats, _)| stats)
+}
+
+/// [`leash_run`], also returning every call made, warm-up included.
+async fn leash_run_counted(
+    process: &ServerProcess,
+    transport: Transport,
+    concurrency: usize,
+    timing: Timing,
+    requests: Arc<Vec<pb::IsAuthorizedRequest>>,
+) -> Result<(Stats, u64), BenchError> {
     let client = AuthorizerClient::new(channel(process, transport).await?);
-    driver::drive(concurrency, timing, MIN_CALLS, move |i| {
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = calls.clone();
+    let stats = driver::drive(concurrency, timing, MIN_CALLS, move |i| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut client = client.clone();
         let request = requests[i % requests.len()].clone();
         async move {
@@ -350,7 +366,8 @@ async fn leash_run(
             Ok(())
         }
     })
-    .await
+    .await?;
+    Ok((stats, calls.load(std::sync::atomic::Ordering::Relaxed)))
 }
 
 async fn batch_run(

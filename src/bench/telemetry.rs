@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::child::{self, ServerProcess};
 use super::collector::SpanCollector;
 use super::driver::{Stats, Timing};
-use super::{leash_run, progress, BenchError, Transport};
+use super::{leash_run_counted, progress, BenchError, Transport};
 use crate::proto::v1 as pb;
 
 /// In-flight requests of every run: enough to keep both cores busy.
@@ -32,6 +32,10 @@ pub struct TelemetryRun {
     pub stats: Stats,
     /// Throughput as a share of `off` (1.0 = no cost).
     pub vs_off: f64,
+    /// The sidecar's own CPU time per decision (user + system, all its
+    /// threads, over every call of the median round): what telemetry costs
+    /// leash itself, apart from the client and collector on the same cores.
+    pub sidecar_cpu_us_per_decision: f64,
     /// Spans the collector received during the mode's rounds.
     pub spans_received: u64,
     /// Spans the sidecar reported dropped (`leash_spans_dropped_total`).
@@ -96,7 +100,7 @@ pub async fn measure(
         .map_err(io("starting the stuck span collector"))?;
     stuck.hang();
 
-    let mut samples: Vec<Vec<Stats>> = vec![Vec::new(); Mode::ALL.len()];
+    let mut samples: Vec<Vec<(Stats, f64)>> = vec![Vec::new(); Mode::ALL.len()];
     let mut received = vec![0u64; Mode::ALL.len()];
     let mut dropped = vec![0u64; Mode::ALL.len()];
     for round in 0..rounds {
@@ -112,8 +116,16 @@ pub async fn measure(
             let mut leash = child::spawn_leash(exe, dirs, &dir, &extra)?;
             child::wait_serving(&mut leash, Duration::from_secs(600)).await?;
             let before = collector.span_count();
-            let stats =
-                leash_run(&leash, Transport::Uds, IN_FLIGHT, timing, requests.clone()).await?;
+            let cpu_before = leash.cpu_time();
+            let (stats, calls) =
+                leash_run_counted(&leash, Transport::Uds, IN_FLIGHT, timing, requests.clone())
+                    .await?;
+            let cpu_us = match (cpu_before, leash.cpu_time()) {
+                (Some(a), Some(b)) if calls > 0 => {
+                    b.saturating_sub(a).as_secs_f64() * 1e6 / calls as f64
+                }
+                _ => 0.0,
+            };
             dropped[i] += spans_dropped(&leash).await;
             // SIGTERM: the sidecar drains and flushes its span queue.
             leash.terminate(Duration::from_secs(30)).await;
@@ -124,24 +136,29 @@ pub async fn measure(
                     .await;
             }
             received[i] += collector.span_count() - before;
-            samples[i].push(stats);
+            samples[i].push((stats, cpu_us));
         }
     }
-    let medians: Vec<Stats> = samples
+    // The median round by throughput, and the median CPU cost on its own.
+    let medians: Vec<(Stats, f64)> = samples
         .into_iter()
         .map(|mut runs| {
-            runs.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
-            runs.swap_remove(runs.len() / 2)
+            let mut cpu: Vec<f64> = runs.iter().map(|(_, c)| *c).collect();
+            cpu.sort_by(f64::total_cmp);
+            let cpu = cpu.get(cpu.len() / 2).copied().unwrap_or(0.0);
+            runs.sort_by(|a, b| a.0.per_sec.total_cmp(&b.0.per_sec));
+            (runs.swap_remove(runs.len() / 2).0, cpu)
         })
         .collect();
-    let off = medians.first().map_or(0.0, |s| s.per_sec);
+    let off = medians.first().map_or(0.0, |(s, _)| s.per_sec);
     let runs = Mode::ALL
         .into_iter()
         .zip(medians)
         .enumerate()
-        .map(|(i, (mode, stats))| TelemetryRun {
+        .map(|(i, (mode, (stats, cpu)))| TelemetryRun {
             mode: mode.name(),
             vs_off: if off > 0.0 { stats.per_sec / off } else { 0.0 },
+            sidecar_cpu_us_per_decision: cpu,
             stats,
             spans_received: received[i],
             spans_dropped: dropped[i],
@@ -204,18 +221,19 @@ pub fn render_into(t: &TelemetryReport, out: &mut String) -> std::fmt::Result {
     )?;
     writeln!(
         out,
-        "  {:<13} {:>10} {:>7} {:>10} {:>10} {:>14} {:>13}",
-        "mode", "rate", "vs off", "p50", "p99", "spans received", "spans dropped"
+        "  {:<13} {:>10} {:>7} {:>10} {:>10} {:>13} {:>14} {:>13}",
+        "mode", "rate", "vs off", "p50", "p99", "sidecar CPU", "spans received", "spans dropped"
     )?;
     for run in &t.runs {
         writeln!(
             out,
-            "  {:<13} {:>10} {:>6.0}% {:>10} {:>10} {:>14} {:>13}",
+            "  {:<13} {:>10} {:>6.0}% {:>10} {:>10} {:>8.1} µs/d {:>14} {:>13}",
             run.mode,
             super::report::rate(run.stats.per_sec),
             run.vs_off * 100.0,
             super::report::duration(run.stats.p50_ns as f64),
             super::report::duration(run.stats.p99_ns as f64),
+            run.sidecar_cpu_us_per_decision,
             run.spans_received,
             run.spans_dropped
         )?;

@@ -349,9 +349,9 @@ impl Telemetry {
                     string_array(&d.determining),
                 ));
                 a.push(KeyValue::new("leash.error_count", d.errors.len() as i64));
-                side_attributes("leash.agent", &d.agent, &mut a);
+                side_attributes(&AGENT_KEYS, &d.agent, &mut a);
                 if let Some(user) = &d.on_behalf_of {
-                    side_attributes("leash.on_behalf_of", user, &mut a);
+                    side_attributes(&USER_KEYS, user, &mut a);
                 }
             }
             Err(e) => {
@@ -433,21 +433,30 @@ fn server_fault(code: tonic::Code) -> bool {
     )
 }
 
-fn side_attributes(prefix: &str, side: &SideDecision, a: &mut Vec<KeyValue>) {
+/// Attribute names of one side: decision, determining policies, errors.
+type SideKeys = [&'static str; 3];
+
+const AGENT_KEYS: SideKeys = [
+    "leash.agent.decision",
+    "leash.agent.determining_policies",
+    "leash.agent.error_policies",
+];
+const USER_KEYS: SideKeys = [
+    "leash.on_behalf_of.decision",
+    "leash.on_behalf_of.determining_policies",
+    "leash.on_behalf_of.error_policies",
+];
+
+fn side_attributes(keys: &SideKeys, side: &SideDecision, a: &mut Vec<KeyValue>) {
+    let [decision, determining, errors] = *keys;
     a.push(KeyValue::new(
-        format!("{prefix}.decision"),
+        decision,
         if side.allowed { "allow" } else { "deny" },
     ));
-    a.push(KeyValue::new(
-        format!("{prefix}.determining_policies"),
-        string_array(&side.determining),
-    ));
+    a.push(KeyValue::new(determining, string_array(&side.determining)));
     if !side.errors.is_empty() {
         let ids: Vec<String> = side.errors.iter().map(|e| e.policy_id.clone()).collect();
-        a.push(KeyValue::new(
-            format!("{prefix}.error_policies"),
-            string_array(&ids),
-        ));
+        a.push(KeyValue::new(errors, string_array(&ids)));
     }
 }
 
