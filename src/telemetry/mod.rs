@@ -107,7 +107,6 @@ impl Rpc {
 pub struct Telemetry {
     metrics: Option<Arc<Metrics>>,
     traces: Option<trace::Traces>,
-    spans: Arc<SpanCounters>,
     propagator: TextMapCompositePropagator,
     context_keys: Vec<String>,
     baggage_keys: Vec<String>,
@@ -131,7 +130,6 @@ impl Telemetry {
         Ok(Self {
             metrics,
             traces,
-            spans,
             propagator: TextMapCompositePropagator::new(vec![
                 Box::new(TraceContextPropagator::new()),
                 Box::new(BaggagePropagator::new()),
@@ -141,24 +139,9 @@ impl Telemetry {
         })
     }
 
-    /// No spans, no metrics: decisions are only logged.
-    pub fn disabled() -> Self {
-        Self {
-            metrics: None,
-            traces: None,
-            spans: Arc::new(SpanCounters::default()),
-            propagator: TextMapCompositePropagator::new(Vec::new()),
-            context_keys: Vec::new(),
-            baggage_keys: Vec::new(),
-        }
-    }
-
+    /// The metrics registry, when metrics are on.
     pub fn metrics(&self) -> Option<Arc<Metrics>> {
         self.metrics.clone()
-    }
-
-    pub fn span_counters(&self) -> Arc<SpanCounters> {
-        self.spans.clone()
     }
 
     /// Opens the span of one RPC, parented by the caller's trace context.
