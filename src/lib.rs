@@ -15,6 +15,8 @@
 //!                    →  bundle  (immutable Snapshot: loaded, validated, published)
 //!
 //! files → reload (watch, coalesce, build off the request path) → bundle → one ArcSwap store
+//!
+//! each decision → telemetry (span in the caller's trace, metrics, deny log line)
 //! ```
 //!
 //! - [`proto`]: the generated `leash.v1` types, client and server traits.
@@ -31,13 +33,20 @@
 //! - [`reload`]: hot reload: inotify (or polling) over the bundle directories,
 //!   bursts coalesced, snapshots built on a low-priority thread and published
 //!   with one store; invalid changes refused with the last good one serving.
-//! - [`server`]: listeners (loopback TCP, Unix socket 0600), health, reflection,
-//!   graceful drain; takes already-bound listeners so tests bind port 0.
+//! - [`telemetry`]: one OpenTelemetry span per decision, parented by the
+//!   caller's `traceparent` and exported over OTLP through a bounded queue
+//!   that drops (and counts) rather than waits; Prometheus metrics and
+//!   `/healthz`, `/readyz` on the admin HTTP listener; deny log lines, written
+//!   to stderr through a queue so a slow log reader never holds up a decision.
+//! - [`server`]: listeners (loopback TCP, Unix socket 0600, admin HTTP),
+//!   health, reflection, gRPC status metrics, graceful drain; takes
+//!   already-bound listeners so tests bind port 0.
 //! - [`config`]: the command line and `LEASH_*` environment of the binary.
 //! - [`check`]: the client behind `leash check`.
 //! - [`bench`]: `leash bench`, the benchmark harness: a workload generator,
 //!   in-process timing, and a real sidecar child process measured against an
-//!   empty gRPC floor over the same transport.
+//!   empty gRPC floor over the same transport; an OTLP span collector for
+//!   measuring (and testing) tracing.
 
 pub mod bench;
 pub mod bundle;
