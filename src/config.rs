@@ -15,6 +15,10 @@ use crate::telemetry::{BatchOptions, Protocol, SamplerChoice, TelemetryOptions, 
 /// Default TCP listen address (loopback only).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 
+/// Default audit trail: a file in the working directory (`serve` in a
+/// container should point it at a volume, or at `-`).
+pub const DEFAULT_AUDIT_LOG: &str = "leash-audit.log";
+
 /// Default admin HTTP address (loopback only). The pod's containers share
 /// one network namespace, so the port stays clear of those an agent's own
 /// container is likely to use (8080, 9090, and 9464, OpenTelemetry's
@@ -51,6 +55,8 @@ pub enum Command {
     /// Show what a running sidecar serves and how its last reload went
     /// (exit 0, 2 when the last change was refused, 1 error).
     Status(StatusArgs),
+    /// Audit trail tools: `leash audit verify FILE...`.
+    Audit(AuditArgs),
     /// Measure leash against the floor (in-process decision, empty gRPC call)
     /// on this machine; `leash bench generate` writes a generated bundle.
     Bench(BenchArgs),
@@ -115,12 +121,42 @@ pub struct ServeArgs {
     /// (`leash=debug,info`); falls back to RUST_LOG, then `info`.
     #[arg(long, env = "LEASH_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+    /// The audit trail: a file, `-` for stdout, or `none`.
+    #[arg(long, env = "LEASH_AUDIT_LOG", value_name = "PATH|-|none", default_value = DEFAULT_AUDIT_LOG)]
+    pub audit_log: String,
+    /// `disk`: a decision is answered once its record is written and synced;
+    /// `queued`: once it is queued for the writer (faster; a crash may lose
+    /// the last batch).
+    #[arg(long, env = "LEASH_AUDIT_SYNC", value_enum, default_value_t = AuditSync::Disk)]
+    pub audit_sync: AuditSync,
+    /// Rotate the audit file when it reaches this many bytes.
+    #[arg(long, env = "LEASH_AUDIT_MAX_BYTES", value_name = "BYTES", default_value_t = 100 * 1024 * 1024)]
+    pub audit_max_bytes: u64,
+    /// Answer decisions even when their records cannot be written (logged
+    /// loudly). By default leash fails closed: such decisions are DENY.
+    #[arg(long, env = "LEASH_AUDIT_FAIL_OPEN")]
+    pub audit_fail_open: bool,
+    /// Context attributes recorded in clear; others are redacted.
+    #[arg(long, env = "LEASH_AUDIT_CONTEXT_KEYS", value_name = "KEY,...", value_delimiter = ',')]
+    pub audit_context_keys: Vec<String>,
+    /// Context attributes recorded as HMAC-SHA256 with --audit-hash-key-file.
+    #[arg(long, env = "LEASH_AUDIT_HASH_CONTEXT_KEYS", value_name = "KEY,...", value_delimiter = ',', requires = "audit_hash_key_file")]
+    pub audit_hash_context_keys: Vec<String>,
+    /// File holding the key of those hashes (at least 16 bytes).
+    #[arg(long, env = "LEASH_AUDIT_HASH_KEY_FILE", value_name = "PATH")]
+    pub audit_hash_key_file: Option<PathBuf>,
     /// Admin HTTP listener: `/metrics`, `/healthz`, `/readyz`. `none` turns
     /// it, and metrics, off.
     #[arg(long, env = "LEASH_ADMIN_LISTEN", value_name = "HOST:PORT", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: String,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuditSync {
+    Disk,
+    Queued,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -545,6 +581,25 @@ pub struct CheckArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub command: AuditCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum AuditCommand {
+    /// Check a trail's hash chain: exit 0 intact, 1 broken (the first bad
+    /// record is named), 2 intact but ending in a partial record (a crash
+    /// mid-write).
+    Verify {
+        /// The trail's files in chain order: rotated files oldest first
+        /// (`audit.log.*` sorts so), then the active one.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
     /// Address of a running sidecar.
     #[arg(long, env = "LEASH_ADDR", default_value = DEFAULT_LISTEN, conflicts_with = "uds")]
@@ -857,6 +912,7 @@ impl ServeArgs {
                 None
             }
         };
+        let audit = self.audit_options(&mut problems);
         let mut warnings = Vec::new();
         let telemetry = self
             .telemetry
@@ -906,12 +962,70 @@ impl ServeArgs {
                 max_message_bytes: self.max_message_bytes,
                 drain_timeout: Duration::from_secs_f64(self.drain_timeout),
                 telemetry,
+                audit,
             },
             reload: ReloadOptions { watch, settle },
             log_format: self.log_format,
             log,
             warnings,
         })
+    }
+}
+
+impl ServeArgs {
+    fn audit_options(&self, problems: &mut Vec<String>) -> crate::audit::AuditOptions {
+        use crate::audit::{AuditOptions, AuditTarget, SyncMode};
+        let target = match self.audit_log.trim() {
+            "" => {
+                problems.push("--audit-log: give a path, `-` for stdout, or `none`".to_owned());
+                AuditTarget::Off
+            }
+            "none" => AuditTarget::Off,
+            "-" => AuditTarget::Stdout,
+            path => AuditTarget::File(PathBuf::from(path)),
+        };
+        if self.audit_max_bytes < 4096 {
+            problems.push("--audit-max-bytes: must be at least 4096".to_owned());
+        }
+        let hash_key = match &self.audit_hash_key_file {
+            None => Vec::new(),
+            Some(path) => match std::fs::read(path) {
+                Ok(key) if key.len() >= 16 => key,
+                Ok(_) => {
+                    problems.push(format!(
+                        "--audit-hash-key-file: `{}` holds fewer than 16 bytes",
+                        path.display()
+                    ));
+                    Vec::new()
+                }
+                Err(e) => {
+                    problems.push(format!(
+                        "--audit-hash-key-file: cannot read `{}`: {e}",
+                        path.display()
+                    ));
+                    Vec::new()
+                }
+            },
+        };
+        let keys = |values: &[String]| -> Vec<String> {
+            values
+                .iter()
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .collect()
+        };
+        AuditOptions {
+            target,
+            sync: match self.audit_sync {
+                AuditSync::Disk => SyncMode::Disk,
+                AuditSync::Queued => SyncMode::Queued,
+            },
+            max_file_bytes: self.audit_max_bytes,
+            fail_open: self.audit_fail_open,
+            context_keys: keys(&self.audit_context_keys),
+            hash_context_keys: keys(&self.audit_hash_context_keys),
+            hash_key,
+        }
     }
 }
 

@@ -48,6 +48,7 @@
 //!   empty gRPC floor over the same transport; an OTLP span collector for
 //!   measuring (and testing) tracing.
 
+pub mod audit;
 pub mod bench;
 pub mod bundle;
 pub mod check;

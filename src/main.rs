@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use leash::bundle::Snapshot;
 use leash::config::{
-    BenchArgs, BenchCommand, BenchFloorArgs, CheckArgs, Cli, Command, GenerateArgs, LogFormat,
+    AuditArgs, AuditCommand, BenchArgs, BenchCommand, BenchFloorArgs, CheckArgs, Cli, Command, GenerateArgs, LogFormat,
     ServeArgs, StatusArgs, ValidateArgs,
 };
 use leash::proto::v1::Decision;
@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         Some(Command::Validate(args)) => validate(&args),
         Some(Command::Check(args)) => check(&args),
         Some(Command::Status(args)) => status(&args),
+        Some(Command::Audit(args)) => audit(&args),
         Some(Command::Bench(args)) => bench(&args),
         Some(Command::BenchFloor(args)) => bench_floor(&args),
     }
@@ -180,6 +181,70 @@ fn init_logging(format: LogFormat, filter: &str) -> Option<FlushOnExit> {
         LogFormat::Json | LogFormat::Auto => builder.json().flatten_event(true).init(),
     }
     flush
+}
+
+fn audit(args: &AuditArgs) -> ExitCode {
+    use leash::audit::chain::{verify, Verdict};
+    let AuditCommand::Verify { files } = &args.command;
+    match verify(files) {
+        Ok(Verdict::Intact(summary)) => {
+            println!(
+                "audit trail intact: {} records{}",
+                summary.records,
+                describe(&summary)
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(Verdict::TornTail {
+            summary,
+            file,
+            after_seq,
+        }) => {
+            println!(
+                "audit trail intact: {} records{}",
+                summary.records,
+                describe(&summary)
+            );
+            println!(
+                "note: `{}` ends in a partial record after seq {}: a write cut short by a crash, \
+                 not tampering (that decision was not answered in the disk sync mode)",
+                file.display(),
+                after_seq.map_or_else(|| "(none)".to_owned(), |s| s.to_string())
+            );
+            ExitCode::from(2)
+        }
+        Ok(Verdict::Broken {
+            file,
+            line,
+            seq,
+            problem,
+        }) => {
+            println!(
+                "audit trail BROKEN at `{}` line {line}{}: {problem}",
+                file.display(),
+                seq.map_or_else(String::new, |s| format!(" (seq {s})"))
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn describe(summary: &leash::audit::chain::Summary) -> String {
+    match (summary.first_seq, summary.last_seq, &summary.last_hash) {
+        (Some(first), Some(last), Some(hash)) => format!(
+            ", seq {first} to {last}{}; head {hash}",
+            if summary.starts_mid_chain {
+                " (the trail's start is not among these files; the first link was taken on trust)"
+            } else {
+                ""
+            }
+        ),
+        _ => String::new(),
+    }
 }
 
 fn validate(args: &ValidateArgs) -> ExitCode {

@@ -22,6 +22,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+use crate::audit::{Audit, AuditError, AuditOptions};
 use crate::bundle::{LiveBundle, Snapshot};
 use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::authorizer_server::AuthorizerServer;
@@ -46,7 +47,12 @@ pub struct ServerOptions {
     pub drain_timeout: Duration,
     /// Spans, metrics and their settings.
     pub telemetry: TelemetryOptions,
+    /// The audit trail (off by default in the library; `serve` turns it on).
+    pub audit: AuditOptions,
 }
+
+/// Longest wait for the audit writer to write what is queued at shutdown.
+pub const AUDIT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest wait for the last spans to reach the collector at shutdown
 /// (also bounded by the drain timeout).
@@ -59,6 +65,7 @@ impl Default for ServerOptions {
             max_message_bytes: 4 * 1024 * 1024,
             drain_timeout: Duration::from_secs(15),
             telemetry: TelemetryOptions::default(),
+            audit: AuditOptions::default(),
         }
     }
 }
@@ -108,6 +115,8 @@ pub enum ServeError {
     Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
 }
 
 /// Binds a TCP listener (port 0 picks a free port).
@@ -155,6 +164,8 @@ pub struct Server {
     options: ServerOptions,
     /// Spans, metrics and decision logs.
     telemetry: Arc<Telemetry>,
+    /// The audit trail every decision is recorded in before it is answered.
+    audit: Arc<Audit>,
     /// Set when shutdown begins, for `/readyz`.
     draining: Arc<AtomicBool>,
 }
@@ -173,13 +184,20 @@ impl Server {
             .await;
         let live = Arc::new(LiveBundle::empty());
         let status = Arc::new(ReloadStatus::default());
-        let telemetry = Telemetry::start(&options.telemetry, live.clone(), status.clone())?;
+        let audit = Arc::new(Audit::start(&options.audit)?);
+        let telemetry = Telemetry::start(
+            &options.telemetry,
+            live.clone(),
+            status.clone(),
+            audit.enabled().then(|| audit.status()),
+        )?;
         Ok(Self {
             live,
             status,
             health,
             options,
             telemetry: Arc::new(telemetry),
+            audit,
             draining: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -221,9 +239,30 @@ impl Server {
         }
     }
 
-    /// Reports SERVING on `grpc.health.v1` (a bundle is loaded).
+    /// Reports SERVING on `grpc.health.v1` (a bundle is loaded), unless the
+    /// audit trail cannot be written (and leash fails closed).
     pub async fn mark_serving(&self) {
-        self.set_health(ServingStatus::Serving).await;
+        self.refresh_health().await;
+    }
+
+    /// Health from the state: SERVING when a bundle is loaded, the audit
+    /// trail is writable (or fail-open was chosen) and leash is not draining.
+    async fn refresh_health(&self) {
+        let audit_ok = !self.audit.enabled() || self.audit.fail_open() || self.audit.status().available();
+        let serving = self.live.current().is_some()
+            && audit_ok
+            && !self.draining.load(Ordering::SeqCst);
+        self.set_health(if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        })
+        .await;
+    }
+
+    /// The audit trail's state (for tests and metrics).
+    pub fn audit(&self) -> Arc<Audit> {
+        self.audit.clone()
     }
 
     async fn set_health(&self, status: ServingStatus) {
@@ -250,6 +289,7 @@ impl Server {
             self.live.clone(),
             self.options.max_batch,
             self.telemetry.clone(),
+            self.audit.clone(),
         ))
         .max_decoding_message_size(self.options.max_message_bytes);
         let admin = AdminServer::new(AdminService::new(self.live.clone(), self.status.clone()));
@@ -278,6 +318,8 @@ impl Server {
                     metrics: self.telemetry.metrics(),
                     live: self.live.clone(),
                     draining: self.draining.clone(),
+                    audit: (self.audit.enabled() && !self.audit.fail_open())
+                        .then(|| self.audit.status()),
                 };
                 admin_tasks.spawn(admin_http::serve(l, state, stopped(admin_stop_rx.clone())));
                 continue;
@@ -316,11 +358,24 @@ impl Server {
             }
         }
 
+        // Health follows the audit trail's availability while serving.
+        let mut audit_changes = self.audit.status().subscribe();
         let mut failure = None;
-        tokio::select! {
-            () = shutdown => info!("shutdown requested; draining"),
-            Some(ended) = tasks.join_next() => {
-                failure = Some(flatten(ended));
+        let shutdown = std::pin::pin!(shutdown);
+        let mut shutdown = shutdown;
+        loop {
+            tokio::select! {
+                () = &mut shutdown => {
+                    info!("shutdown requested; draining");
+                    break;
+                }
+                Some(ended) = tasks.join_next() => {
+                    failure = Some(flatten(ended));
+                    break;
+                }
+                Ok(()) = audit_changes.changed(), if self.audit.enabled() => {
+                    self.refresh_health().await;
+                }
             }
         }
 
@@ -345,6 +400,10 @@ impl Server {
         for path in socket_paths {
             let _ = std::fs::remove_file(path);
         }
+        // Every answered decision's record is already written (or queued,
+        // in the queued mode); let the writer finish the queue.
+        let audit = self.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.shutdown(AUDIT_CLOSE_TIMEOUT)).await;
         self.telemetry
             .shutdown(SPAN_FLUSH_TIMEOUT.min(self.options.drain_timeout))
             .await;

@@ -1,6 +1,7 @@
 //! The `leash.v1.Authorizer` gRPC service: converts requests, asks the engine,
-//! converts decisions back, maps bad input to `INVALID_ARGUMENT`, and hands
-//! every decision to telemetry.
+//! records every decision in the audit trail before answering it, converts
+//! decisions back, maps bad input to `INVALID_ARGUMENT`, and hands every
+//! decision to telemetry.
 
 pub mod admin;
 pub mod convert;
@@ -10,8 +11,11 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
+use crate::audit::{self, Audit};
 use crate::bundle::{LiveBundle, Snapshot};
-use crate::engine::{self, Decision, PolicyError, RequestError, RequestTime, SideDecision};
+use crate::engine::{
+    self, AuthzRequest, Decision, PolicyError, RequestError, RequestTime, SideDecision,
+};
 use crate::proto::v1 as pb;
 use crate::telemetry::{BatchCounts, DecisionView, Rpc, RpcScope, Telemetry};
 
@@ -27,14 +31,30 @@ pub struct AuthorizerService {
     max_batch: usize,
     /// Where every decision is reported: span, metrics, log line.
     telemetry: Arc<Telemetry>,
+    /// Where every decision is recorded before it is answered.
+    audit: Arc<Audit>,
+}
+
+/// One request, decided but not yet recorded or answered.
+struct Decided {
+    request_id: String,
+    parsed: Option<AuthzRequest>,
+    result: Result<Decision, RequestError>,
+    started: Instant,
 }
 
 impl AuthorizerService {
-    pub fn new(live: Arc<LiveBundle>, max_batch: usize, telemetry: Arc<Telemetry>) -> Self {
+    pub fn new(
+        live: Arc<LiveBundle>,
+        max_batch: usize,
+        telemetry: Arc<Telemetry>,
+        audit: Arc<Audit>,
+    ) -> Self {
         Self {
             live,
             max_batch,
             telemetry,
+            audit,
         }
     }
 
@@ -46,42 +66,123 @@ impl AuthorizerService {
         })
     }
 
-    /// Decides one request and reports it; `item` is its index in a batch.
     fn decide(
-        &self,
-        scope: &RpcScope,
-        item: Option<usize>,
         snapshot: &Snapshot,
         req: &pb::IsAuthorizedRequest,
         now: &RequestTime,
-    ) -> (String, Result<Decision, RequestError>) {
-        let started = if item.is_some() {
-            Instant::now()
-        } else {
-            scope.started()
-        };
+        started: Instant,
+    ) -> Decided {
         let request_id = request_id(&req.request_id);
-        let converted = convert::request(req);
-        let (parsed, result) = match converted {
+        let (parsed, result) = match convert::request(req) {
             Ok(r) => {
                 let decided = engine::decide(snapshot, &r, now);
                 (Some(r), decided)
             }
             Err(e) => (None, Err(e)),
         };
+        Decided {
+            request_id,
+            parsed,
+            result,
+            started,
+        }
+    }
+
+    /// Records the decisions before they are answered. `Some(error)` when
+    /// they could not be recorded and leash fails closed.
+    async fn record(
+        &self,
+        scope: &RpcScope,
+        caller: &str,
+        snapshot: &Snapshot,
+        items: &[(&pb::IsAuthorizedRequest, &Decided)],
+    ) -> Option<String> {
+        if !self.audit.enabled() {
+            return None;
+        }
+        let trace_id = scope.trace_id();
+        let records = items
+            .iter()
+            .map(|(wire, d)| {
+                self.audit.record(&audit::Entry {
+                    request_id: &d.request_id,
+                    trace_id: trace_id.as_deref(),
+                    caller,
+                    wire,
+                    request: d.parsed.as_ref(),
+                    result: &d.result,
+                    policy_version: &snapshot.version,
+                    latency_us: u64::try_from(d.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                })
+            })
+            .collect();
+        match self.audit.append(records).await {
+            Ok(()) => None,
+            Err(e) if self.audit.fail_open() => {
+                tracing::error!(
+                    error = %e,
+                    "audit trail unavailable; answering anyway (--audit-fail-open): these decisions are not recorded"
+                );
+                None
+            }
+            Err(e) => Some(e),
+        }
+    }
+
+    fn report(
+        &self,
+        scope: &RpcScope,
+        item: Option<usize>,
+        wire: &pb::IsAuthorizedRequest,
+        d: &Decided,
+        snapshot: &Snapshot,
+        audit_error: Option<&str>,
+    ) {
         self.telemetry.decision(
             scope,
             item,
             &DecisionView {
-                request_id: &request_id,
-                wire: req,
-                request: parsed.as_ref(),
-                result: &result,
+                request_id: &d.request_id,
+                wire,
+                request: d.parsed.as_ref(),
+                result: &d.result,
                 snapshot,
-                started,
+                started: d.started,
+                audit_error,
             },
         );
-        (request_id, result)
+    }
+}
+
+/// Who called, for the audit trail: `tcp:ADDR` or `unix:pid=P,uid=U`.
+fn caller<T>(request: &Request<T>) -> String {
+    if let Some(addr) = request.remote_addr() {
+        return format!("tcp:{addr}");
+    }
+    match request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+    {
+        Some(cred) => match cred.pid() {
+            Some(pid) => format!("unix:pid={pid},uid={}", cred.uid()),
+            None => format!("unix:uid={}", cred.uid()),
+        },
+        None => "unknown".to_owned(),
+    }
+}
+
+/// The answer for a decision that could not be recorded: DENY, saying why.
+fn unrecorded(request_id: &str, version: &str, error: &str) -> pb::IsAuthorizedResponse {
+    pb::IsAuthorizedResponse {
+        request_id: request_id.to_owned(),
+        decision: pb::Decision::Deny as i32,
+        policy_version: version.to_owned(),
+        error: Some(pb::RequestError {
+            code: tonic::Code::Unavailable as i32,
+            message: format!("audit trail unavailable, so the decision is DENY: {error}"),
+        }),
+        ..Default::default()
     }
 }
 
@@ -96,14 +197,24 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
             .start_rpc(request.metadata(), Rpc::IsAuthorized);
         let snapshot = self.snapshot(&scope)?;
         let now = RequestTime::now();
-        let (request_id, result) = self.decide(&scope, None, &snapshot, request.get_ref(), &now);
-        match result {
-            Ok(decision) => Ok(Response::new(response(
-                &request_id,
-                &decision,
+        let wire = request.get_ref();
+        let d = Self::decide(&snapshot, wire, &now, scope.started());
+        let audit_error = self
+            .record(&scope, &caller(&request), &snapshot, &[(wire, &d)])
+            .await;
+        self.report(&scope, None, wire, &d, &snapshot, audit_error.as_deref());
+        match (&d.result, audit_error) {
+            (Err(err), _) => Err(Status::invalid_argument(err.to_string())),
+            (Ok(_), Some(e)) => Ok(Response::new(unrecorded(
+                &d.request_id,
+                &snapshot.version,
+                &e,
+            ))),
+            (Ok(decision), None) => Ok(Response::new(response(
+                &d.request_id,
+                decision,
                 &snapshot.version,
             ))),
-            Err(err) => Err(Status::invalid_argument(err.to_string())),
         }
     }
 
@@ -127,19 +238,29 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
         // One snapshot and one clock reading for the whole batch.
         let snapshot = self.snapshot(&scope)?;
         let now = RequestTime::now();
+        let decided: Vec<Decided> = requests
+            .iter()
+            .map(|req| Self::decide(&snapshot, req, &now, Instant::now()))
+            .collect();
+        // One group of records, written together.
+        let items: Vec<(&pb::IsAuthorizedRequest, &Decided)> =
+            requests.iter().zip(decided.iter()).collect();
+        let audit_error = self
+            .record(&scope, &caller(&request), &snapshot, &items)
+            .await;
         let mut counts = BatchCounts::default();
         let results = requests
             .iter()
+            .zip(decided)
             .enumerate()
-            .map(|(i, req)| {
-                let (request_id, result) = self.decide(&scope, Some(i), &snapshot, req, &now);
-                counts.add(&result);
-                match result {
-                    Ok(decision) => response(&request_id, &decision, &snapshot.version),
+            .map(|(i, (wire, d))| {
+                self.report(&scope, Some(i), wire, &d, &snapshot, audit_error.as_deref());
+                counts.add(&d.result);
+                match (d.result, &audit_error) {
                     // Fail closed: an item that cannot be decided is a DENY
                     // that says why.
-                    Err(err) => pb::IsAuthorizedResponse {
-                        request_id,
+                    (Err(err), _) => pb::IsAuthorizedResponse {
+                        request_id: d.request_id,
                         decision: pb::Decision::Deny as i32,
                         policy_version: snapshot.version.clone(),
                         error: Some(pb::RequestError {
@@ -148,6 +269,8 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
                         }),
                         ..Default::default()
                     },
+                    (Ok(_), Some(e)) => unrecorded(&d.request_id, &snapshot.version, e),
+                    (Ok(decision), None) => response(&d.request_id, &decision, &snapshot.version),
                 }
             })
             .collect();

@@ -35,6 +35,9 @@ pub struct AdminState {
     pub live: Arc<LiveBundle>,
     /// Set when shutdown begins: readiness turns 503 while requests drain.
     pub draining: Arc<AtomicBool>,
+    /// The audit trail, when leash fails closed on it: unwritable is not
+    /// ready.
+    pub audit: Option<Arc<crate::audit::AuditStatus>>,
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` completes;
@@ -133,6 +136,15 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: shutting down\n".to_owned(),
+        );
+    }
+    if let Some(audit) = state.audit.as_ref().filter(|a| !a.available()) {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: the audit trail cannot be written ({}); decisions are DENY\n",
+                audit.last_error().unwrap_or_default()
+            ),
         );
     }
     match state.live.current() {

@@ -23,6 +23,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tracing::warn;
 
 use super::export::SpanCounters;
+use crate::audit::AuditStatus;
 use crate::bundle::{LiveBundle, Snapshot};
 use crate::reload::ReloadStatus;
 
@@ -95,9 +96,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Metrics over the served bundle (`live`), the reload history (`status`)
-    /// and, when traces are exported, the span counters.
-    pub fn new(live: Arc<LiveBundle>, status: Arc<ReloadStatus>, spans: Arc<SpanCounters>) -> Self {
+    /// Metrics over the served bundle (`live`), the reload history
+    /// (`status`), the span counters and, when it is on, the audit trail.
+    pub fn new(
+        live: Arc<LiveBundle>,
+        status: Arc<ReloadStatus>,
+        spans: Arc<SpanCounters>,
+        audit: Option<Arc<AuditStatus>>,
+    ) -> Self {
         let mut registry = Registry::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
@@ -128,6 +134,7 @@ impl Metrics {
             live,
             status,
             spans,
+            audit,
         }));
         Self {
             registry,
@@ -251,6 +258,8 @@ struct StateCollector {
     live: Arc<LiveBundle>,
     status: Arc<ReloadStatus>,
     spans: Arc<SpanCounters>,
+    /// `None` when the audit trail is off.
+    audit: Option<Arc<AuditStatus>>,
 }
 
 impl Collector for StateCollector {
@@ -343,6 +352,34 @@ impl Collector for StateCollector {
             let labels = [("reason", reason)];
             ConstCounter::new(count.load(Ordering::Relaxed))
                 .encode(dropped.encode_family(&labels)?)?;
+        }
+        if let Some(audit) = &self.audit {
+            ConstGauge::new(i64::from(audit.available())).encode(encoder.encode_descriptor(
+                "leash_audit_available",
+                "1 while audit records can be written; 0 while they cannot (decisions are DENY unless fail-open).",
+                None,
+                MetricType::Gauge,
+            )?)?;
+            ConstCounter::new(audit.records()).encode(encoder.encode_descriptor(
+                "leash_audit_records",
+                "Audit records written (and synced, for a file).",
+                None,
+                MetricType::Counter,
+            )?)?;
+            ConstCounter::new(audit.write_errors()).encode(encoder.encode_descriptor(
+                "leash_audit_write_errors",
+                "Batches of audit records that could not be written.",
+                None,
+                MetricType::Counter,
+            )?)?;
+            ConstGauge::new(i64::try_from(audit.next_seq()).unwrap_or(i64::MAX)).encode(
+                encoder.encode_descriptor(
+                    "leash_audit_next_seq",
+                    "The seq the next audit record gets (records in the chain so far).",
+                    None,
+                    MetricType::Gauge,
+                )?,
+            )?;
         }
         ConstCounter::new(super::log_writer::dropped_lines())
             .encode(encoder.encode_descriptor(

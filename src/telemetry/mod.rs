@@ -118,6 +118,7 @@ impl Telemetry {
         options: &TelemetryOptions,
         live: Arc<LiveBundle>,
         status: Arc<ReloadStatus>,
+        audit: Option<Arc<crate::audit::AuditStatus>>,
     ) -> Result<Self, TelemetryError> {
         let spans = Arc::new(SpanCounters::default());
         let traces = match &options.traces {
@@ -126,7 +127,7 @@ impl Telemetry {
         };
         let metrics = options
             .metrics
-            .then(|| Arc::new(Metrics::new(live, status, spans.clone())));
+            .then(|| Arc::new(Metrics::new(live, status, spans.clone(), audit)));
         Ok(Self {
             metrics,
             traces,
@@ -192,6 +193,7 @@ impl Telemetry {
     pub fn decision(&self, scope: &RpcScope, item: Option<usize>, view: &DecisionView<'_>) {
         let elapsed = view.started.elapsed();
         let outcome = match &view.result {
+            Ok(_) if view.audit_error.is_some() => Outcome::Deny,
             Ok(d) if d.allowed => Outcome::Allow,
             Ok(_) => Outcome::Deny,
             Err(_) => Outcome::Invalid,
@@ -325,6 +327,9 @@ impl Telemetry {
             a.push(KeyValue::new("leash.resource", r.resource.to_string()));
             self.context_attributes(view.wire, &mut a);
         }
+        if let Some(e) = view.audit_error {
+            a.push(KeyValue::new("leash.audit.error", e.to_owned()));
+        }
         match &view.result {
             Ok(d) => {
                 a.push(KeyValue::new(
@@ -383,7 +388,7 @@ enum ContextFields<'a> {
 }
 
 /// A typed wire value as Cedar JSON, for recording configured context keys.
-fn wire_json(v: &pb::Value) -> serde_json::Value {
+pub fn wire_json(v: &pb::Value) -> serde_json::Value {
     use pb::value::Kind;
     use serde_json::{json, Value as J};
     match &v.kind {
@@ -513,6 +518,9 @@ pub struct DecisionView<'a> {
     pub snapshot: &'a Snapshot,
     /// When deciding this request began.
     pub started: Instant,
+    /// Set when the decision could not be recorded in the audit trail and
+    /// was answered DENY for that reason.
+    pub audit_error: Option<&'a str>,
 }
 
 /// One line per decision: DENY and invalid requests at info, ALLOW at
@@ -553,7 +561,10 @@ fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
             action = action.as_deref(),
             resource = resource.as_deref(),
             decision = "deny",
-            reason = %d.deny_reason(),
+            reason = %view.audit_error.map_or_else(
+                || d.deny_reason(),
+                |e| format!("audit trail unavailable: {e}")
+            ),
             determining_policies = %d.determining.join(","),
             error_policies = %d.errors.iter().map(|e| e.policy_id.as_str()).collect::<Vec<_>>().join(","),
             policy_version = version,

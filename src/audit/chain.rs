@@ -1,0 +1,264 @@
+//! The hash chain: how a record is sealed, and how a trail is verified.
+//!
+//! A record is one JSON object per line. Sealing adds `seq` (one more than
+//! the previous record's), `prev_hash` (the previous record's `hash`; 64
+//! zeros for the first record of a trail) and `hash`: the SHA-256, in hex,
+//! of the record's canonical encoding without `hash` — keys sorted at every
+//! level, no whitespace, strings escaped as JSON does. Verification
+//! recomputes every hash and follows the links, so an edited, deleted,
+//! inserted or reordered record breaks the chain at the first one touched.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+use sha2::{Digest as _, Sha256};
+
+/// `prev_hash` of the first record of a trail.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The chain's head: the next record's `seq` and `prev_hash`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub next_seq: u64,
+    pub prev_hash: String,
+}
+
+impl Head {
+    pub fn genesis() -> Self {
+        Self {
+            next_seq: 0,
+            prev_hash: GENESIS.to_owned(),
+        }
+    }
+}
+
+/// Seals `record` as the next link after `head`: returns its line (with the
+/// final newline) and advances `head`.
+pub fn seal(mut record: Map<String, Value>, head: &mut Head) -> String {
+    record.insert("seq".to_owned(), Value::from(head.next_seq));
+    record.insert(
+        "prev_hash".to_owned(),
+        Value::String(head.prev_hash.clone()),
+    );
+    record.remove("hash");
+    let hash = digest(&record);
+    record.insert("hash".to_owned(), Value::String(hash.clone()));
+    let mut line = String::with_capacity(512);
+    canonical(&Value::Object(record), &mut line);
+    line.push('\n');
+    head.next_seq += 1;
+    head.prev_hash = hash;
+    line
+}
+
+/// SHA-256 (hex) of the canonical encoding of `record` without `hash`.
+fn digest(record: &Map<String, Value>) -> String {
+    let mut text = String::with_capacity(512);
+    canonical_object(record.iter().filter(|(k, _)| *k != "hash"), &mut text);
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+/// JSON with object keys sorted at every level and no whitespace.
+fn canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => canonical_object(map.iter(), out),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(item, out);
+            }
+            out.push(']');
+        }
+        // Scalars: serde_json's own encoding (it cannot fail for a Value).
+        scalar => out.push_str(&serde_json::to_string(scalar).unwrap_or_default()),
+    }
+}
+
+fn canonical_object<'a>(entries: impl Iterator<Item = (&'a String, &'a Value)>, out: &mut String) {
+    let mut entries: Vec<(&String, &Value)> = entries.collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    out.push('{');
+    for (i, (key, value)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(key).unwrap_or_default());
+        out.push(':');
+        canonical(value, out);
+    }
+    out.push('}');
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The outcome of verifying a trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every record verifies.
+    Intact(Summary),
+    /// Every record verifies, but a file ends in a partial line: a crash
+    /// in the middle of a write, not an edit.
+    TornTail {
+        summary: Summary,
+        file: PathBuf,
+        /// The last complete record before the partial line.
+        after_seq: Option<u64>,
+    },
+    /// The chain is broken at this record.
+    Broken {
+        file: PathBuf,
+        line: usize,
+        /// The record's own `seq`, when it has one.
+        seq: Option<u64>,
+        problem: String,
+    },
+}
+
+/// What an intact trail holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub records: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    /// The head: publish it elsewhere to anchor the trail.
+    pub last_hash: Option<String>,
+    /// The first record continues a chain whose start is not in the files
+    /// (older files were removed): its `prev_hash` was taken on trust.
+    pub starts_mid_chain: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read `{}`: {source}", path.display())]
+pub struct VerifyError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
+/// Verifies `files` as one trail, in the order given (rotated files
+/// first, oldest first, then the active one).
+pub fn verify(files: &[PathBuf]) -> Result<Verdict, VerifyError> {
+    let mut head: Option<Head> = None;
+    let mut summary = Summary {
+        records: 0,
+        first_seq: None,
+        last_seq: None,
+        last_hash: None,
+        starts_mid_chain: false,
+    };
+    for (file_index, path) in files.iter().enumerate() {
+        let text = read(path)?;
+        for (index, raw) in text.split_inclusive('\n').enumerate() {
+            let line_no = index + 1;
+            let Some(line) = raw.strip_suffix('\n') else {
+                // A partial line is always the last piece of a file: a
+                // write cut short by a crash. In the newest file that is
+                // the trail's end; in an older one, the writer set the file
+                // aside at restart and the next file continues the chain.
+                if file_index + 1 == files.len() {
+                    return Ok(Verdict::TornTail {
+                        after_seq: summary.last_seq,
+                        summary,
+                        file: path.clone(),
+                    });
+                }
+                continue;
+            };
+            let broken = |seq: Option<u64>, problem: String| Verdict::Broken {
+                file: path.clone(),
+                line: line_no,
+                seq,
+                problem,
+            };
+            let record: Map<String, Value> = match serde_json::from_str(line) {
+                Ok(Value::Object(map)) => map,
+                _ => return Ok(broken(None, "not a JSON record".to_owned())),
+            };
+            let seq = record.get("seq").and_then(Value::as_u64);
+            let (Some(claimed_seq), Some(prev), Some(hash)) = (
+                seq,
+                record.get("prev_hash").and_then(Value::as_str),
+                record.get("hash").and_then(Value::as_str),
+            ) else {
+                return Ok(broken(seq, "missing seq, prev_hash or hash".to_owned()));
+            };
+            if digest(&record) != hash {
+                return Ok(broken(
+                    seq,
+                    "its hash does not match its content: the record was edited".to_owned(),
+                ));
+            }
+            match &head {
+                None => {
+                    if claimed_seq == 0 && prev != GENESIS {
+                        return Ok(broken(
+                            seq,
+                            "the first record of a trail must link to the genesis hash".to_owned(),
+                        ));
+                    }
+                    summary.starts_mid_chain = claimed_seq != 0;
+                    summary.first_seq = Some(claimed_seq);
+                }
+                Some(expected) => {
+                    if claimed_seq != expected.next_seq {
+                        return Ok(broken(
+                            seq,
+                            format!(
+                                "expected seq {}, found {claimed_seq}: a record was deleted, \
+                                 inserted or moved",
+                                expected.next_seq
+                            ),
+                        ));
+                    }
+                    if prev != expected.prev_hash {
+                        return Ok(broken(
+                            seq,
+                            "its prev_hash is not the previous record's hash: a record \
+                             before it was replaced"
+                                .to_owned(),
+                        ));
+                    }
+                }
+            }
+            head = Some(Head {
+                next_seq: claimed_seq + 1,
+                prev_hash: hash.to_owned(),
+            });
+            summary.records += 1;
+            summary.last_seq = Some(claimed_seq);
+            summary.last_hash = Some(hash.to_owned());
+        }
+    }
+    Ok(Verdict::Intact(summary))
+}
+
+fn read(path: &Path) -> Result<String, VerifyError> {
+    std::fs::read(path)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .map_err(|source| VerifyError {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// The head after the last complete record of `text` (a file's contents),
+/// and whether the text ends in a partial line.
+pub fn head_of(text: &str) -> (Option<Head>, bool) {
+    let torn = !text.is_empty() && !text.ends_with('\n');
+    let head = text
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| serde_json::from_str::<Map<String, Value>>(l.trim_end()).ok())
+        .last()
+        .and_then(|record| {
+            Some(Head {
+                next_seq: record.get("seq")?.as_u64()? + 1,
+                prev_hash: record.get("hash")?.as_str()?.to_owned(),
+            })
+        });
+    (head, torn)
+}

@@ -1,0 +1,466 @@
+//! The audit trail: one hash-chained JSON line per decision (attempts
+//! included), written before the decision is answered.
+//!
+//! - [`chain`]: sealing records into the chain, and verifying a trail.
+//! - [`writer`]: the writer thread (group commit, `fsync` per batch,
+//!   rotation, recovery).
+//!
+//! Fail closed: when records cannot be written, decisions become DENY with
+//! an error saying the audit trail is unavailable, health turns
+//! NOT_SERVING, and both recover on their own once writing works again —
+//! unless the operator chose `--audit-fail-open`.
+
+pub mod chain;
+pub mod writer;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde_json::{json, Map, Value};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::engine::{AuthzRequest, Decision, RequestError, SideDecision};
+use crate::proto::v1 as pb;
+
+/// Records waiting for the writer at most; beyond, callers wait.
+const QUEUE_RECORDS: usize = 8192;
+
+/// Where records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+/// When a decision may be answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Once its record is on disk (written and synced): a decision the
+    /// caller saw is a record on disk.
+    Disk,
+    /// Once its record is queued for the writer: faster; a crash may lose
+    /// the records of the last batch.
+    Queued,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    pub target: AuditTarget,
+    pub sync: SyncMode,
+    /// Rotate the file when it reaches this size.
+    pub max_file_bytes: u64,
+    /// Answer decisions even when their records cannot be written.
+    pub fail_open: bool,
+    /// Context attributes recorded in clear; all others are redacted.
+    pub context_keys: Vec<String>,
+    /// Context attributes recorded as a keyed hash (HMAC-SHA256).
+    pub hash_context_keys: Vec<String>,
+    /// The key of those hashes.
+    pub hash_key: Vec<u8>,
+}
+
+impl Default for AuditOptions {
+    /// Off: servers built in tests and benchmarks opt in.
+    fn default() -> Self {
+        Self {
+            target: AuditTarget::Off,
+            sync: SyncMode::Disk,
+            max_file_bytes: 100 * 1024 * 1024,
+            fail_open: false,
+            context_keys: Vec::new(),
+            hash_context_keys: Vec::new(),
+            hash_key: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit trail: {0}")]
+    Open(String),
+    #[error("audit trail: cannot start the writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Whether records can be written, and counts for metrics. Shared by the
+/// writer thread and the request path.
+#[derive(Debug)]
+pub struct AuditStatus {
+    available: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    records: AtomicU64,
+    write_errors: AtomicU64,
+    next_seq: AtomicU64,
+    /// Tells the server to flip health when availability changes.
+    changes: watch::Sender<bool>,
+}
+
+impl AuditStatus {
+    fn new() -> Self {
+        let (changes, _) = watch::channel(true);
+        Self {
+            available: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            records: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            next_seq: AtomicU64::new(0),
+            changes,
+        }
+    }
+
+    pub fn available(&self) -> bool {
+        self.available.load(Ordering::SeqCst)
+    }
+
+    /// Why the trail is unavailable, if it is.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn records(&self) -> u64 {
+        self.records.load(Ordering::Relaxed)
+    }
+
+    pub fn write_errors(&self) -> u64 {
+        self.write_errors.load(Ordering::Relaxed)
+    }
+
+    /// The `seq` the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::Relaxed)
+    }
+
+    /// Availability changes, for health.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.changes.subscribe()
+    }
+
+    fn written(&self, records: u64, next_seq: u64) {
+        self.records.fetch_add(records, Ordering::Relaxed);
+        self.next_seq.store(next_seq, Ordering::Relaxed);
+        self.recovered();
+    }
+
+    fn recovered(&self) {
+        if !self.available.swap(true, Ordering::SeqCst) {
+            *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            tracing::warn!("audit trail writable again; decisions resume");
+            self.changes.send_replace(true);
+        }
+    }
+
+    fn failed(&self, error: String) {
+        self.write_errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
+        if self.available.swap(false, Ordering::SeqCst) {
+            self.changes.send_replace(false);
+        }
+    }
+}
+
+/// The request path's handle on the trail.
+#[derive(Debug)]
+pub struct Audit {
+    /// Taken at shutdown, which ends the writer once the queue is written.
+    jobs: Mutex<Option<mpsc::Sender<writer::Job>>>,
+    enabled: bool,
+    sync: SyncMode,
+    fail_open: bool,
+    status: Arc<AuditStatus>,
+    context_keys: Vec<String>,
+    hash_context_keys: Vec<String>,
+    hash_key: Vec<u8>,
+    /// The writer thread, joined at shutdown so the last batch is written.
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Audit {
+    /// Opens the trail (continuing an existing chain) and starts the writer.
+    pub fn start(options: &AuditOptions) -> Result<Self, AuditError> {
+        let status = Arc::new(AuditStatus::new());
+        let (jobs, thread) = match &options.target {
+            AuditTarget::Off => (None, None),
+            target => {
+                let (sink, head) =
+                    writer::open(target, options.max_file_bytes).map_err(AuditError::Open)?;
+                status.next_seq.store(head.next_seq, Ordering::Relaxed);
+                let (tx, rx) = mpsc::channel(QUEUE_RECORDS);
+                let for_writer = status.clone();
+                let thread = std::thread::Builder::new()
+                    .name("leash-audit".to_owned())
+                    .spawn(move || writer::run(sink, head, rx, for_writer))
+                    .map_err(AuditError::Thread)?;
+                (Some(tx), Some(thread))
+            }
+        };
+        Ok(Self {
+            enabled: jobs.is_some(),
+            jobs: Mutex::new(jobs),
+            sync: options.sync,
+            fail_open: options.fail_open,
+            status,
+            context_keys: options.context_keys.clone(),
+            hash_context_keys: options.hash_context_keys.clone(),
+            hash_key: options.hash_key.clone(),
+            thread: Mutex::new(thread),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn fail_open(&self) -> bool {
+        self.fail_open
+    }
+
+    pub fn status(&self) -> Arc<AuditStatus> {
+        self.status.clone()
+    }
+
+    /// Appends `records`; returns once they are on disk (or queued, in the
+    /// queued mode). An error means they were not recorded.
+    pub async fn append(&self, records: Vec<Map<String, Value>>) -> Result<(), String> {
+        let jobs = self
+            .jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(jobs) = jobs else {
+            return if self.enabled {
+                Err("the audit trail is closed (shutting down)".to_owned())
+            } else {
+                Ok(())
+            };
+        };
+        match self.sync {
+            SyncMode::Disk => {
+                let (done, written) = oneshot::channel();
+                jobs.send(writer::Job {
+                    records,
+                    done: Some(done),
+                })
+                .await
+                .map_err(|_| "the audit writer has stopped".to_owned())?;
+                written
+                    .await
+                    .map_err(|_| "the audit writer has stopped".to_owned())?
+            }
+            SyncMode::Queued => {
+                // Records queued while writes fail would be lost: refuse.
+                if !self.status.available() {
+                    return Err(self
+                        .status
+                        .last_error()
+                        .unwrap_or_else(|| "the audit trail is unavailable".to_owned()));
+                }
+                jobs.send(writer::Job {
+                    records,
+                    done: None,
+                })
+                .await
+                .map_err(|_| "the audit writer has stopped".to_owned())
+            }
+        }
+    }
+
+    /// Writes what is queued and stops the writer (graceful shutdown, after
+    /// the last decision): waits for it up to `timeout`.
+    pub fn shutdown(&self, timeout: std::time::Duration) {
+        drop(self.jobs.lock().unwrap_or_else(PoisonError::into_inner).take());
+        let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(thread) = thread else { return };
+        let deadline = std::time::Instant::now() + timeout;
+        while !thread.is_finished() {
+            if std::time::Instant::now() >= deadline {
+                tracing::error!("the audit writer did not finish in time; records still queued may be lost");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = thread.join();
+    }
+
+    /// The record of one decision (or attempt), not yet sealed.
+    pub fn record(&self, entry: &Entry<'_>) -> Map<String, Value> {
+        let mut r = Map::new();
+        r.insert("v".into(), json!(1));
+        r.insert(
+            "time".into(),
+            json!(chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()),
+        );
+        r.insert("request_id".into(), json!(entry.request_id));
+        if let Some(trace_id) = entry.trace_id {
+            r.insert("trace_id".into(), json!(trace_id));
+        }
+        r.insert("caller".into(), json!(entry.caller));
+        let uid = |field: &Option<pb::EntityUid>| {
+            field
+                .as_ref()
+                .map(|u| format!("{}::{:?}", u.r#type, u.id))
+        };
+        let (agent, user, action, resource) = match entry.request {
+            Some(req) => (
+                Some(req.agent.to_string()),
+                req.on_behalf_of.as_ref().map(ToString::to_string),
+                Some(req.action.to_string()),
+                Some(req.resource.to_string()),
+            ),
+            // Conversion failed: the references as sent.
+            None => (
+                entry.wire.principal.as_ref().and_then(|p| uid(&p.agent)),
+                entry
+                    .wire
+                    .principal
+                    .as_ref()
+                    .and_then(|p| uid(&p.on_behalf_of)),
+                uid(&entry.wire.action),
+                uid(&entry.wire.resource),
+            ),
+        };
+        r.insert("agent".into(), json!(agent));
+        if let Some(user) = user {
+            r.insert("on_behalf_of".into(), json!(user));
+        }
+        r.insert("action".into(), json!(action));
+        r.insert("resource".into(), json!(resource));
+        match entry.result {
+            Ok(d) => {
+                r.insert(
+                    "decision".into(),
+                    json!(if d.allowed { "allow" } else { "deny" }),
+                );
+                r.insert("determining_policies".into(), json!(d.determining));
+                r.insert("agent_side".into(), side(&d.agent));
+                if let Some(user) = &d.on_behalf_of {
+                    r.insert("on_behalf_of_side".into(), side(user));
+                }
+            }
+            Err(e) => {
+                r.insert("decision".into(), json!("invalid"));
+                // A problem in the context or entities may quote their
+                // values, which are redacted here as everywhere.
+                let quotes_values =
+                    e.field.starts_with("context") || e.field.starts_with("entities");
+                r.insert(
+                    "invalid".into(),
+                    json!({
+                        "field": e.field,
+                        "problem": if quotes_values { "(redacted: may quote request values)" } else { e.problem.as_str() },
+                    }),
+                );
+            }
+        }
+        r.insert("policy_version".into(), json!(entry.policy_version));
+        r.insert("latency_us".into(), json!(entry.latency_us));
+        if let Some(context) = self.context(entry.wire) {
+            r.insert("context".into(), Value::Object(context));
+        }
+        r
+    }
+
+    /// The context as recorded: allowed keys in clear, hashed keys as
+    /// `hmac-sha256:<hex>`, every other key present with its value redacted.
+    fn context(&self, wire: &pb::IsAuthorizedRequest) -> Option<Map<String, Value>> {
+        use pb::is_authorized_request::ContextInput as C;
+        let fields: Vec<(String, Value)> = match &wire.context_input {
+            None => return None,
+            Some(C::ContextJson(text)) => serde_json::from_str::<Map<String, Value>>(text)
+                .ok()?
+                .into_iter()
+                .collect(),
+            Some(C::Context(record)) => record
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), crate::telemetry::wire_json(v)))
+                .collect(),
+        };
+        let mut out = Map::new();
+        for (key, value) in fields {
+            let recorded = if self.context_keys.contains(&key) {
+                value
+            } else if self.hash_context_keys.contains(&key) {
+                json!(format!(
+                    "hmac-sha256:{}",
+                    chain::hex(&hmac_sha256(&self.hash_key, value.to_string().as_bytes()))
+                ))
+            } else {
+                json!("[redacted]")
+            };
+            out.insert(key, recorded);
+        }
+        Some(out)
+    }
+}
+
+fn side(s: &SideDecision) -> Value {
+    let errors: Vec<&str> = s.errors.iter().map(|e| e.policy_id.as_str()).collect();
+    json!({
+        "principal": s.principal.to_string(),
+        "decision": if s.allowed { "allow" } else { "deny" },
+        "determining_policies": s.determining,
+        "error_policies": errors,
+    })
+}
+
+/// HMAC-SHA256 (RFC 2104): a keyed hash, so equal values can be matched
+/// across records without the values being readable.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut block_key = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        block_key[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block_key[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| -> [u8; BLOCK] {
+        let mut padded = [0u8; BLOCK];
+        for (p, k) in padded.iter_mut().zip(block_key.iter()) {
+            *p = k ^ byte;
+        }
+        padded
+    };
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+/// One decision as the audit trail records it.
+#[derive(Debug)]
+pub struct Entry<'a> {
+    pub request_id: &'a str,
+    pub trace_id: Option<&'a str>,
+    /// Who asked: `tcp:ADDR` or `unix:pid=P,uid=U`.
+    pub caller: &'a str,
+    pub wire: &'a pb::IsAuthorizedRequest,
+    pub request: Option<&'a AuthzRequest>,
+    pub result: &'a Result<Decision, RequestError>,
+    pub policy_version: &'a str,
+    pub latency_us: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_matches_rfc_4231_test_case_2() {
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            chain::hex(&mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}

@@ -1,0 +1,312 @@
+//! The writer thread: group commit of sealed records to a file (with
+//! `fsync` per batch) or to stdout.
+//!
+//! Records arrive through a bounded queue (a full queue makes callers wait:
+//! backpressure, not loss). The thread takes every record waiting, seals
+//! them in order, writes them with one `write` and one `fsync`, then answers
+//! every waiting caller. If the write or the sync fails, the file is cut
+//! back to its last good length (so no partial record stays in the middle
+//! of the chain), the chain head does not move, every caller of the batch
+//! gets the error, and the trail is marked unavailable until a write
+//! succeeds again. While unavailable, the thread retries on its own every
+//! [`PROBE_INTERVAL`] by reopening the file, so it recovers without traffic.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use super::chain::{head_of, seal, Head};
+use super::{AuditStatus, AuditTarget};
+
+/// Records sealed and written together at most.
+const MAX_GROUP: usize = 4096;
+/// How often an unavailable trail is tried again without traffic.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the chain's head is logged, so it lives outside the file.
+const ANCHOR_INTERVAL: Duration = Duration::from_secs(60);
+/// How much of the end of a file is read to find the chain's head.
+const TAIL_BYTES: u64 = 1 << 20;
+
+/// Records to append, and who waits for them to be on disk.
+pub struct Job {
+    pub records: Vec<Map<String, Value>>,
+    pub done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// Where sealed lines go.
+pub enum Sink {
+    Stdout,
+    File(FileSink),
+}
+
+pub struct FileSink {
+    path: PathBuf,
+    file: Option<File>,
+    /// Length of the file up to its last complete, synced record.
+    good_len: u64,
+    /// Rotate once the file reaches this size.
+    max_bytes: u64,
+}
+
+/// Opens the sink and finds the chain's head, continuing from the last good
+/// record of an existing trail. A file whose last line was cut short by a
+/// crash is set aside (renamed) and a new one started, so the partial line
+/// stays the last thing in its file.
+pub fn open(target: &AuditTarget, max_bytes: u64) -> Result<(Sink, Head), String> {
+    match target {
+        AuditTarget::Off => Err("no audit target".to_owned()),
+        AuditTarget::Stdout => Ok((Sink::Stdout, Head::genesis())),
+        AuditTarget::File(path) => {
+            let head = recover_head(path)?;
+            let mut sink = FileSink {
+                path: path.clone(),
+                file: None,
+                good_len: 0,
+                max_bytes,
+            };
+            sink.reopen()?;
+            Ok((Sink::File(sink), head))
+        }
+    }
+}
+
+fn recover_head(path: &Path) -> Result<Head, String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
+    }
+    let tail = read_tail(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let (head, torn) = head_of(&tail);
+    let head = match head {
+        Some(head) => Some(head),
+        // An empty (or new) active file: the newest rotated file holds
+        // the head, if there is one.
+        None => newest_rotated(path)
+            .and_then(|rotated| read_tail(&rotated).ok())
+            .and_then(|text| head_of(&text).0),
+    };
+    if torn {
+        let last = head.as_ref().map_or(0, |h| h.next_seq.saturating_sub(1));
+        let aside = rotated_name(path, last, "torn");
+        std::fs::rename(path, &aside)
+            .map_err(|e| format!("cannot set aside `{}`: {e}", path.display()))?;
+        warn!(
+            file = %aside.display(),
+            after_seq = last,
+            "the audit trail ended in a partial record (a crash mid-write); the file was set aside \
+             and the chain continues in a new one"
+        );
+    }
+    Ok(head.unwrap_or_else(Head::genesis))
+}
+
+fn read_tail(path: &Path) -> std::io::Result<String> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(TAIL_BYTES);
+    file.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    // Skip the (possibly partial) first line of a window into the file.
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    Ok(match (start > 0, text.find('\n')) {
+        (true, Some(i)) => text[i + 1..].to_owned(),
+        _ => text,
+    })
+}
+
+/// `PATH.<seq>` (20 digits, so names sort in chain order), with an optional
+/// suffix for a file set aside after a crash.
+fn rotated_name(path: &Path, last_seq: u64, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{last_seq:020}"));
+    if !suffix.is_empty() {
+        name.push(format!(".{suffix}"));
+    }
+    PathBuf::from(name)
+}
+
+fn newest_rotated(path: &Path) -> Option<PathBuf> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let base = path.file_name()?.to_string_lossy().into_owned();
+    let mut rotated: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with(&format!("{base}.")))
+                .unwrap_or(false)
+        })
+        .collect();
+    rotated.sort();
+    rotated.pop()
+}
+
+impl FileSink {
+    fn reopen(&mut self) -> Result<(), String> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| format!("cannot open `{}`: {e}", self.path.display()))?;
+        self.good_len = file
+            .metadata()
+            .map_err(|e| format!("cannot stat `{}`: {e}", self.path.display()))?
+            .len();
+        self.file = Some(file);
+        Ok(())
+    }
+
+    fn write(&mut self, bytes: &[u8], last_seq: u64) -> Result<(), String> {
+        if self.file.is_none() {
+            self.reopen()?;
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Err("the audit file is not open".to_owned());
+        };
+        let written = file.write_all(bytes).and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            // Cut any partial batch off, so the chain on disk stays whole;
+            // reopen next time (the file may have been removed or replaced).
+            let _ = file.set_len(self.good_len);
+            self.file = None;
+            return Err(format!("cannot write `{}`: {e}", self.path.display()));
+        }
+        self.good_len += bytes.len() as u64;
+        if self.good_len >= self.max_bytes {
+            // The records are on disk whatever happens to the rotation; a
+            // failed rotation is tried again after the next write.
+            if let Err(e) = self.rotate(last_seq) {
+                warn!(error = %e, "audit trail rotation failed; writing on to the current file");
+            }
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self, last_seq: u64) -> Result<(), String> {
+        let rotated = rotated_name(&self.path, last_seq, "");
+        self.file = None;
+        std::fs::rename(&self.path, &rotated)
+            .map_err(|e| format!("cannot rotate `{}`: {e}", self.path.display()))?;
+        info!(file = %rotated.display(), last_seq, "audit trail rotated");
+        self.reopen()
+    }
+}
+
+impl Sink {
+    fn write(&mut self, bytes: &[u8], last_seq: u64) -> Result<(), String> {
+        match self {
+            Sink::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(bytes)
+                    .and_then(|()| out.flush())
+                    .map_err(|e| format!("cannot write to stdout: {e}"))
+            }
+            Sink::File(file) => file.write(bytes, last_seq),
+        }
+    }
+
+    /// Tries to make the sink writable again (while unavailable).
+    fn probe(&mut self) -> Result<(), String> {
+        match self {
+            Sink::Stdout => Ok(()),
+            Sink::File(file) => {
+                file.reopen()?;
+                match file.file.as_ref().map(File::sync_all) {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(e)) => Err(format!("cannot sync `{}`: {e}", file.path.display())),
+                    None => Err("the audit file is not open".to_owned()),
+                }
+            }
+        }
+    }
+}
+
+/// The writer thread's loop; ends when every sender is gone.
+pub fn run(mut sink: Sink, mut head: Head, mut jobs: mpsc::Receiver<Job>, status: Arc<AuditStatus>) {
+    let mut last_anchor = Instant::now();
+    let mut anchored_seq = head.next_seq;
+    loop {
+        let first = if status.available() {
+            match jobs.blocking_recv() {
+                Some(job) => job,
+                None => break,
+            }
+        } else {
+            match jobs.try_recv() {
+                Ok(job) => job,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    std::thread::sleep(PROBE_INTERVAL);
+                    if let Ok(()) = sink.probe() {
+                        status.recovered();
+                    }
+                    continue;
+                }
+            }
+        };
+        let mut batch = vec![first];
+        let mut records = batch[0].records.len();
+        while records < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    records += job.records.len();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut next = head.clone();
+        let mut bytes = String::with_capacity(records * 640);
+        for job in &mut batch {
+            for record in job.records.drain(..) {
+                bytes.push_str(&seal(record, &mut next));
+            }
+        }
+        let result = sink.write(bytes.as_bytes(), next.next_seq.saturating_sub(1));
+        match &result {
+            Ok(()) => {
+                head = next;
+                status.written(records as u64, head.next_seq);
+            }
+            Err(e) => {
+                error!(error = %e, records, "audit trail write failed");
+                status.failed(e.clone());
+            }
+        }
+        for job in batch {
+            if let Some(done) = job.done {
+                let _ = done.send(result.clone());
+            }
+        }
+        if last_anchor.elapsed() >= ANCHOR_INTERVAL && head.next_seq != anchored_seq {
+            anchor(&head);
+            last_anchor = Instant::now();
+            anchored_seq = head.next_seq;
+        }
+    }
+    if head.next_seq != anchored_seq {
+        anchor(&head);
+    }
+}
+
+/// Logs the chain's head: a copy outside the file, which truncation of the
+/// newest records cannot remove.
+fn anchor(head: &Head) {
+    info!(
+        seq = head.next_seq.saturating_sub(1),
+        hash = %head.prev_hash,
+        "audit trail head"
+    );
+}
