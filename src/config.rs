@@ -137,10 +137,21 @@ pub struct ServeArgs {
     #[arg(long, env = "LEASH_AUDIT_FAIL_OPEN")]
     pub audit_fail_open: bool,
     /// Context attributes recorded in clear; others are redacted.
-    #[arg(long, env = "LEASH_AUDIT_CONTEXT_KEYS", value_name = "KEY,...", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "LEASH_AUDIT_CONTEXT_KEYS",
+        value_name = "KEY,...",
+        value_delimiter = ','
+    )]
     pub audit_context_keys: Vec<String>,
     /// Context attributes recorded as HMAC-SHA256 with --audit-hash-key-file.
-    #[arg(long, env = "LEASH_AUDIT_HASH_CONTEXT_KEYS", value_name = "KEY,...", value_delimiter = ',', requires = "audit_hash_key_file")]
+    #[arg(
+        long,
+        env = "LEASH_AUDIT_HASH_CONTEXT_KEYS",
+        value_name = "KEY,...",
+        value_delimiter = ',',
+        requires = "audit_hash_key_file"
+    )]
     pub audit_hash_context_keys: Vec<String>,
     /// File holding the key of those hashes (at least 16 bytes).
     #[arg(long, env = "LEASH_AUDIT_HASH_KEY_FILE", value_name = "PATH")]

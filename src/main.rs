@@ -10,8 +10,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use leash::bundle::Snapshot;
 use leash::config::{
-    AuditArgs, AuditCommand, BenchArgs, BenchCommand, BenchFloorArgs, CheckArgs, Cli, Command, GenerateArgs, LogFormat,
-    ServeArgs, StatusArgs, ValidateArgs,
+    AuditArgs, AuditCommand, BenchArgs, BenchCommand, BenchFloorArgs, CheckArgs, Cli, Command,
+    GenerateArgs, LogFormat, ServeArgs, StatusArgs, ValidateArgs,
 };
 use leash::proto::v1::Decision;
 use leash::reload::Reloader;

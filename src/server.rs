@@ -248,10 +248,10 @@ impl Server {
     /// Health from the state: SERVING when a bundle is loaded, the audit
     /// trail is writable (or fail-open was chosen) and leash is not draining.
     async fn refresh_health(&self) {
-        let audit_ok = !self.audit.enabled() || self.audit.fail_open() || self.audit.status().available();
-        let serving = self.live.current().is_some()
-            && audit_ok
-            && !self.draining.load(Ordering::SeqCst);
+        let audit_ok =
+            !self.audit.enabled() || self.audit.fail_open() || self.audit.status().available();
+        let serving =
+            self.live.current().is_some() && audit_ok && !self.draining.load(Ordering::SeqCst);
         self.set_health(if serving {
             ServingStatus::Serving
         } else {

@@ -411,7 +411,10 @@ fn serve_exits_non_zero_on_an_invalid_bundle_and_bad_flags() {
 fn serve_with_no_flags_serves_the_example_until_sigterm() {
     use std::io::{BufRead, BufReader};
     // Port 0 so parallel runs do not collide; the bound address is logged.
+    // The default audit trail goes to the working directory: a temp one.
+    let cwd = tempfile::tempdir().expect("temp dir");
     let mut child = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .current_dir(cwd.path())
         .env("LEASH_LISTEN", "127.0.0.1:0")
         .env("LEASH_ADMIN_LISTEN", "127.0.0.1:0")
         .env_remove("LEASH_LOG_FORMAT")
@@ -509,5 +512,19 @@ fn serve_with_no_flags_serves_the_example_until_sigterm() {
     assert!(
         rest.iter().any(|l| l.contains("shutdown requested")),
         "{rest:?}"
+    );
+    // The default audit trail: both decisions, chained, in the working
+    // directory.
+    let trail = cwd.path().join("leash-audit.log");
+    let out = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(["audit", "verify"])
+        .arg(&trail)
+        .output()
+        .expect("runs");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.starts_with("audit trail intact: 2 records, seq 0 to 1"),
+        "{said}"
     );
 }

@@ -743,6 +743,8 @@ fn sighup_reloads_and_leash_status_reports() {
                 "none",
                 "--admin-listen",
                 "none",
+                "--audit-log",
+                "none",
                 "--no-watch",
                 "--uds",
             ])

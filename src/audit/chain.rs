@@ -253,7 +253,7 @@ pub fn head_of(text: &str) -> (Option<Head>, bool) {
         .split_inclusive('\n')
         .filter(|l| l.ends_with('\n'))
         .filter_map(|l| serde_json::from_str::<Map<String, Value>>(l.trim_end()).ok())
-        .last()
+        .next_back()
         .and_then(|record| {
             Some(Head {
                 next_seq: record.get("seq")?.as_u64()? + 1,

@@ -149,7 +149,10 @@ impl AuditStatus {
 
     fn recovered(&self) {
         if !self.available.swap(true, Ordering::SeqCst) {
-            *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            *self
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
             tracing::warn!("audit trail writable again; decisions resume");
             self.changes.send_replace(true);
         }
@@ -157,7 +160,10 @@ impl AuditStatus {
 
     fn failed(&self, error: String) {
         self.write_errors.fetch_add(1, Ordering::Relaxed);
-        *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(error);
         if self.available.swap(false, Ordering::SeqCst) {
             self.changes.send_replace(false);
         }
@@ -273,13 +279,24 @@ impl Audit {
     /// Writes what is queued and stops the writer (graceful shutdown, after
     /// the last decision): waits for it up to `timeout`.
     pub fn shutdown(&self, timeout: std::time::Duration) {
-        drop(self.jobs.lock().unwrap_or_else(PoisonError::into_inner).take());
-        let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        drop(
+            self.jobs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let Some(thread) = thread else { return };
         let deadline = std::time::Instant::now() + timeout;
         while !thread.is_finished() {
             if std::time::Instant::now() >= deadline {
-                tracing::error!("the audit writer did not finish in time; records still queued may be lost");
+                tracing::error!(
+                    "the audit writer did not finish in time; records still queued may be lost"
+                );
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -293,7 +310,9 @@ impl Audit {
         r.insert("v".into(), json!(1));
         r.insert(
             "time".into(),
-            json!(chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()),
+            json!(chrono::Utc::now()
+                .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+                .to_string()),
         );
         r.insert("request_id".into(), json!(entry.request_id));
         if let Some(trace_id) = entry.trace_id {
@@ -301,9 +320,7 @@ impl Audit {
         }
         r.insert("caller".into(), json!(entry.caller));
         let uid = |field: &Option<pb::EntityUid>| {
-            field
-                .as_ref()
-                .map(|u| format!("{}::{:?}", u.r#type, u.id))
+            field.as_ref().map(|u| format!("{}::{:?}", u.r#type, u.id))
         };
         let (agent, user, action, resource) = match entry.request {
             Some(req) => (

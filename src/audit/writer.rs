@@ -8,8 +8,10 @@
 //! back to its last good length (so no partial record stays in the middle
 //! of the chain), the chain head does not move, every caller of the batch
 //! gets the error, and the trail is marked unavailable until a write
-//! succeeds again. While unavailable, the thread retries on its own every
-//! [`PROBE_INTERVAL`] by reopening the file, so it recovers without traffic.
+//! succeeds again. While unavailable, the thread tries on its own every
+//! [`PROBE_INTERVAL`] to write a record of the outage itself (since when,
+//! the error, how many records were refused), so it recovers without
+//! traffic, and the trail says there was a gap.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
@@ -112,11 +114,17 @@ fn read_tail(path: &Path) -> std::io::Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
         Err(e) => return Err(e),
     };
-    let len = file.metadata()?.len();
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        // A device or pipe (stdout through /dev/stdout, say) holds no chain
+        // to continue, and may never end.
+        return Ok(String::new());
+    }
+    let len = meta.len();
     let start = len.saturating_sub(TAIL_BYTES);
     file.seek(SeekFrom::Start(start))?;
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
+    file.take(len - start).read_to_end(&mut bytes)?;
     // Skip the (possibly partial) first line of a window into the file.
     let text = String::from_utf8_lossy(&bytes).into_owned();
     Ok(match (start > 0, text.find('\n')) {
@@ -137,7 +145,10 @@ fn rotated_name(path: &Path, last_seq: u64, suffix: &str) -> PathBuf {
 }
 
 fn newest_rotated(path: &Path) -> Option<PathBuf> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let base = path.file_name()?.to_string_lossy().into_owned();
     let mut rotated: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
@@ -217,24 +228,23 @@ impl Sink {
         }
     }
 
-    /// Tries to make the sink writable again (while unavailable).
-    fn probe(&mut self) -> Result<(), String> {
+    /// Opens the file again (it may have been removed or replaced).
+    fn reopen(&mut self) -> Result<(), String> {
         match self {
             Sink::Stdout => Ok(()),
-            Sink::File(file) => {
-                file.reopen()?;
-                match file.file.as_ref().map(File::sync_all) {
-                    Some(Ok(())) => Ok(()),
-                    Some(Err(e)) => Err(format!("cannot sync `{}`: {e}", file.path.display())),
-                    None => Err("the audit file is not open".to_owned()),
-                }
-            }
+            Sink::File(file) => file.reopen(),
         }
     }
 }
 
 /// The writer thread's loop; ends when every sender is gone.
-pub fn run(mut sink: Sink, mut head: Head, mut jobs: mpsc::Receiver<Job>, status: Arc<AuditStatus>) {
+pub fn run(
+    mut sink: Sink,
+    mut head: Head,
+    mut jobs: mpsc::Receiver<Job>,
+    status: Arc<AuditStatus>,
+) {
+    let mut outage = Outage::default();
     let mut last_anchor = Instant::now();
     let mut anchored_seq = head.next_seq;
     loop {
@@ -249,8 +259,18 @@ pub fn run(mut sink: Sink, mut head: Head, mut jobs: mpsc::Receiver<Job>, status
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     std::thread::sleep(PROBE_INTERVAL);
-                    if let Ok(()) = sink.probe() {
-                        status.recovered();
+                    // The probe is a real record: the outage itself, written
+                    // into the chain once writing works again.
+                    let _ = sink.reopen();
+                    let mut next = head.clone();
+                    let line = seal(outage.record(), &mut next);
+                    if sink
+                        .write(line.as_bytes(), next.next_seq.saturating_sub(1))
+                        .is_ok()
+                    {
+                        head = next;
+                        status.written(1, head.next_seq);
+                        outage = Outage::default();
                     }
                     continue;
                 }
@@ -281,7 +301,8 @@ pub fn run(mut sink: Sink, mut head: Head, mut jobs: mpsc::Receiver<Job>, status
                 status.written(records as u64, head.next_seq);
             }
             Err(e) => {
-                error!(error = %e, records, "audit trail write failed");
+                error!(error = %e, records, "audit trail write failed; decisions are refused until it works again");
+                outage.failed(e, records as u64);
                 status.failed(e.clone());
             }
         }
@@ -299,6 +320,46 @@ pub fn run(mut sink: Sink, mut head: Head, mut jobs: mpsc::Receiver<Job>, status
     if head.next_seq != anchored_seq {
         anchor(&head);
     }
+}
+
+/// A period during which records could not be written; recorded in the
+/// chain when it ends, so the trail itself says that (and since when)
+/// decisions were refused.
+#[derive(Default)]
+struct Outage {
+    since: Option<String>,
+    error: String,
+    refused_records: u64,
+}
+
+impl Outage {
+    fn failed(&mut self, error: &str, records: u64) {
+        if self.since.is_none() {
+            self.since = Some(now());
+        }
+        self.error = error.to_owned();
+        self.refused_records += records;
+    }
+
+    fn record(&self) -> Map<String, Value> {
+        let mut r = Map::new();
+        r.insert("v".into(), Value::from(1));
+        r.insert("time".into(), Value::from(now()));
+        r.insert("event".into(), Value::from("audit_unavailable"));
+        r.insert(
+            "since".into(),
+            Value::from(self.since.clone().unwrap_or_default()),
+        );
+        r.insert("error".into(), Value::from(self.error.clone()));
+        r.insert("refused_records".into(), Value::from(self.refused_records));
+        r
+    }
+}
+
+fn now() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
 }
 
 /// Logs the chain's head: a copy outside the file, which truncation of the

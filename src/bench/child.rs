@@ -164,6 +164,10 @@ pub fn spawn_leash(
     if !extra.iter().any(|a| a == "--admin-listen") {
         cmd.args(["--admin-listen", "127.0.0.1:0"]);
     }
+    // The audit trail's cost is measured on its own; elsewhere it is off.
+    if !extra.iter().any(|a| a == "--audit-log") {
+        cmd.args(["--audit-log", "none"]);
+    }
     cmd.args(extra);
     if let Some((policies, schemas)) = bundle {
         cmd.arg("--policies")
@@ -181,7 +185,7 @@ pub fn spawn_leash(
 
 /// Variables of the calling shell the bench must not pass to the sidecar:
 /// it decides logging, listeners and telemetry itself.
-const CONTROLLED_ENV: [&str; 24] = [
+const CONTROLLED_ENV: [&str; 27] = [
     "LEASH_LOG",
     "LEASH_LOG_FORMAT",
     "LEASH_LISTEN",
@@ -189,6 +193,9 @@ const CONTROLLED_ENV: [&str; 24] = [
     "LEASH_ADMIN_LISTEN",
     "LEASH_TRACE_CONTEXT_KEYS",
     "LEASH_TRACE_BAGGAGE_KEYS",
+    "LEASH_AUDIT_LOG",
+    "LEASH_AUDIT_SYNC",
+    "LEASH_AUDIT_FAIL_OPEN",
     "RUST_LOG",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",

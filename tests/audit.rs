@@ -1,0 +1,389 @@
+//! The audit trail against real parts: a real server writing real files,
+//! verified by the chain checker; tampering done to copies; a write failure
+//! made real with `/dev/full`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use leash::audit::chain::{self, Verdict};
+use leash::audit::{AuditOptions, AuditTarget, SyncMode};
+use leash::proto::v1 as pb;
+use leash::server::ServerOptions;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// Bound on waiting for the trail to recover.
+const RECOVERY_WAIT: Duration = Duration::from_secs(30);
+
+fn audited(path: &Path, sync: SyncMode) -> ServerOptions {
+    ServerOptions {
+        audit: AuditOptions {
+            target: AuditTarget::File(path.to_owned()),
+            sync,
+            ..AuditOptions::default()
+        },
+        ..ServerOptions::default()
+    }
+}
+
+fn example(
+    agent: &str,
+    user: Option<&str>,
+    action: &str,
+    resource: &str,
+) -> pb::IsAuthorizedRequest {
+    request(
+        &format!("Agent::\"{agent}\""),
+        user.map(|u| format!("User::\"{u}\"")).as_deref(),
+        &format!("Action::\"{action}\""),
+        resource,
+    )
+}
+
+fn allow() -> pb::IsAuthorizedRequest {
+    example(
+        "support-bot",
+        Some("omar"),
+        "tickets:read",
+        "Ticket::\"T-1\"",
+    )
+}
+
+async fn health(server: &TestServer) -> i32 {
+    let channel = leash::check::channel_tcp(&server.addr.to_string())
+        .await
+        .expect("connect");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .expect("trail readable")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn records(path: &Path) -> Vec<serde_json::Value> {
+    lines(path)
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect()
+}
+
+/// Writes `lines` to a copy and verifies it.
+fn verify_copy(dir: &Path, name: &str, lines: &[String]) -> Verdict {
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n") + "\n").expect("write copy");
+    chain::verify(&[path]).expect("readable")
+}
+
+fn broken_at(verdict: &Verdict) -> (Option<u64>, String) {
+    match verdict {
+        Verdict::Broken { seq, problem, .. } => (*seq, problem.clone()),
+        other => panic!("tampering not detected: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn every_decision_is_a_chained_record_and_tampering_is_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.log");
+    let server = TestServer::start(
+        Some(example_snapshot()),
+        audited(&trail, SyncMode::Disk),
+        false,
+    )
+    .await;
+    let mut invoice = with_context_json(
+        example(
+            "billing-agent",
+            Some("bob"),
+            "invoices:create",
+            "BillingAccount::\"BA-100\"",
+        ),
+        r#"{"amount_cents": 424242}"#,
+    );
+    invoice.request_id = "invoice-1".to_owned();
+    server.decide(invoice).await.expect("decides");
+    server
+        .decide(example(
+            "support-bot",
+            Some("omar"),
+            "secrets:read",
+            "SystemResource::\"vault\"",
+        ))
+        .await
+        .expect("decides");
+    let invalid = server
+        .decide(example("support-bot", None, "rm:rf", "Ticket::\"T-1\""))
+        .await
+        .expect_err("invalid");
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    server
+        .client
+        .clone()
+        .batch_is_authorized(pb::BatchIsAuthorizedRequest {
+            requests: vec![allow(); 5],
+        })
+        .await
+        .expect("batch");
+    for _ in 0..4 {
+        server.decide(allow()).await.expect("decides");
+    }
+    server.shutdown().await;
+
+    // Every decision and attempt, answered ⇒ recorded, in order.
+    let recs = records(&trail);
+    assert_eq!(recs.len(), 12);
+    let decisions: Vec<&str> = recs
+        .iter()
+        .map(|r| r["decision"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(&decisions[..3], ["allow", "deny", "invalid"]);
+    let first = &recs[0];
+    assert_eq!(first["request_id"], "invoice-1");
+    assert_eq!(first["agent"], "Agent::\"billing-agent\"");
+    assert_eq!(first["on_behalf_of"], "User::\"bob\"");
+    assert_eq!(first["action"], "Action::\"invoices:create\"");
+    assert_eq!(first["resource"], "BillingAccount::\"BA-100\"");
+    assert!(first["caller"]
+        .as_str()
+        .is_some_and(|c| c.starts_with("tcp:127.0.0.1:")));
+    assert!(first["policy_version"]
+        .as_str()
+        .is_some_and(|v| !v.is_empty()));
+    assert!(first["agent_side"]["determining_policies"].is_array());
+    assert!(first["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+    // Context values are redacted by default.
+    assert_eq!(first["context"]["amount_cents"], "[redacted]");
+    assert!(!lines(&trail).join("\n").contains("424242"));
+    assert_eq!(
+        recs[1]["agent_side"]["determining_policies"][0],
+        "baseline-never-by-default"
+    );
+    assert_eq!(recs[2]["invalid"]["field"], "action");
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r["seq"], i as u64);
+    }
+
+    let intact = chain::verify(std::slice::from_ref(&trail)).expect("readable");
+    match &intact {
+        Verdict::Intact(summary) => {
+            assert_eq!(
+                (summary.records, summary.first_seq, summary.last_seq),
+                (12, Some(0), Some(11))
+            );
+        }
+        other => panic!("a real trail must verify: {other:?}"),
+    }
+
+    let original = lines(&trail);
+    let copies = dir.path();
+    // Edited: a DENY turned into an ALLOW.
+    let mut edited = original.clone();
+    edited[1] = edited[1].replace("\"decision\":\"deny\"", "\"decision\":\"allow\"");
+    let (seq, problem) = broken_at(&verify_copy(copies, "edited", &edited));
+    assert_eq!(seq, Some(1));
+    assert!(problem.contains("edited"), "{problem}");
+    // Deleted.
+    let mut deleted = original.clone();
+    deleted.remove(5);
+    let (seq, problem) = broken_at(&verify_copy(copies, "deleted", &deleted));
+    assert_eq!(seq, Some(6));
+    assert!(problem.contains("expected seq 5"), "{problem}");
+    // Inserted: a copy of a record placed again.
+    let mut inserted = original.clone();
+    inserted.insert(4, original[3].clone());
+    let (seq, _) = broken_at(&verify_copy(copies, "inserted", &inserted));
+    assert_eq!(seq, Some(3));
+    // Reordered.
+    let mut reordered = original.clone();
+    reordered.swap(7, 8);
+    let (seq, _) = broken_at(&verify_copy(copies, "reordered", &reordered));
+    assert_eq!(seq, Some(8));
+    // Edited and re-hashed: the record itself verifies, the next one's
+    // link does not.
+    let mut resealed = original.clone();
+    let mut record: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&original[9]).expect("record");
+    record.insert("decision".into(), "deny".into());
+    let mut head = chain::Head {
+        next_seq: 9,
+        prev_hash: recs[8]["hash"].as_str().expect("hash").to_owned(),
+    };
+    resealed[9] = chain::seal(record, &mut head).trim_end().to_owned();
+    let (seq, problem) = broken_at(&verify_copy(copies, "resealed", &resealed));
+    assert_eq!(seq, Some(10));
+    assert!(problem.contains("prev_hash"), "{problem}");
+    // A torn final line: a crash mid-write, not tampering.
+    let torn = dir.path().join("torn");
+    let whole = original.join("\n") + "\n";
+    std::fs::write(&torn, &whole[..whole.len() - 40]).expect("write");
+    match chain::verify(&[torn]).expect("readable") {
+        Verdict::TornTail {
+            after_seq, summary, ..
+        } => {
+            assert_eq!(after_seq, Some(10));
+            assert_eq!(summary.records, 11);
+        }
+        other => panic!("a torn tail is its own verdict: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_unwritable_trail_fails_closed_and_recovers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The trail reaches its file through a link: first to a device that is
+    // always full, then to a real file.
+    let link = dir.path().join("audit.log");
+    std::os::unix::fs::symlink("/dev/full", &link).expect("symlink");
+    let server = TestServer::start(
+        Some(example_snapshot()),
+        audited(&link, SyncMode::Disk),
+        false,
+    )
+    .await;
+    let resp = server.decide(allow()).await.expect("answers");
+    assert_eq!(resp.decision, DENY, "an unrecorded decision is a DENY");
+    let error = resp.error.expect("says why");
+    assert_eq!(error.code, tonic::Code::Unavailable as i32);
+    assert!(
+        error.message.contains("audit trail unavailable"),
+        "{}",
+        error.message
+    );
+    assert_eq!(health(&server).await, ServingStatus::NotServing as i32);
+    // It stays so while the device is full, whatever the probing does.
+    tokio::time::sleep(leash::audit::writer::PROBE_INTERVAL * 3).await;
+    assert_eq!(health(&server).await, ServingStatus::NotServing as i32);
+    let (code, body) = http_get(server.admin_addr, "GET", "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("audit trail"), "{body}");
+    let (_, text) = http_get(server.admin_addr, "GET", "/metrics").await;
+    assert_eq!(metric(&text, "leash_audit_available"), 0.0);
+    assert!(metric(&text, "leash_audit_write_errors_total") >= 1.0);
+    // A batch is refused the same way, item by item.
+    let batch = server
+        .client
+        .clone()
+        .batch_is_authorized(pb::BatchIsAuthorizedRequest {
+            requests: vec![allow(); 2],
+        })
+        .await
+        .expect("answers")
+        .into_inner();
+    assert!(batch
+        .results
+        .iter()
+        .all(|r| r.decision == DENY && r.error.is_some()));
+
+    // Writing works again: leash notices on its own, without traffic.
+    let real = dir.path().join("real.log");
+    let swap = dir.path().join("swap");
+    std::os::unix::fs::symlink(&real, &swap).expect("symlink");
+    std::fs::rename(&swap, &link).expect("swap the link");
+    let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
+    while health(&server).await != ServingStatus::Serving as i32 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(http_get(server.admin_addr, "GET", "/readyz").await.0, 200);
+    let resp = server.decide(allow()).await.expect("answers");
+    assert_eq!(resp.decision, ALLOW);
+    assert!(resp.error.is_none());
+    server.shutdown().await;
+    // The trail records the outage itself, then the decision; it verifies.
+    let recs = records(&real);
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert_eq!(recs[0]["event"], "audit_unavailable");
+    assert!(
+        recs[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left")),
+        "{recs:?}"
+    );
+    assert_eq!(
+        recs[0]["refused_records"], 3,
+        "one decision and a batch of two"
+    );
+    assert_eq!(recs[1]["decision"], "allow");
+    assert!(matches!(
+        chain::verify(&[real]).expect("readable"),
+        Verdict::Intact(_)
+    ));
+}
+
+#[tokio::test]
+async fn fail_open_answers_when_the_trail_cannot_be_written() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("audit.log");
+    std::os::unix::fs::symlink("/dev/full", &link).expect("symlink");
+    let mut options = audited(&link, SyncMode::Disk);
+    options.audit.fail_open = true;
+    let server = TestServer::start(Some(example_snapshot()), options, false).await;
+    let resp = server.decide(allow()).await.expect("answers");
+    assert_eq!(resp.decision, ALLOW, "fail-open was chosen");
+    assert_eq!(health(&server).await, ServingStatus::Serving as i32);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn rotation_and_restarts_continue_one_chain() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.log");
+    let mut decided = 0u64;
+    for sync in [SyncMode::Disk, SyncMode::Queued, SyncMode::Disk] {
+        let mut options = audited(&trail, sync);
+        options.audit.max_file_bytes = 4096;
+        let server = TestServer::start(Some(example_snapshot()), options, false).await;
+        for _ in 0..15 {
+            server.decide(allow()).await.expect("decides");
+            decided += 1;
+        }
+        server.shutdown().await;
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p != &trail)
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "rotated at 4 KiB: {files:?}");
+    files.push(trail.clone());
+    match chain::verify(&files).expect("readable") {
+        Verdict::Intact(summary) => {
+            assert_eq!(summary.records, decided);
+            assert_eq!(summary.first_seq, Some(0));
+            assert!(!summary.starts_mid_chain);
+        }
+        other => panic!("rotated, restarted trail must verify: {other:?}"),
+    }
+    // Without the oldest file the rest still verifies, from the middle.
+    match chain::verify(&files[1..]).expect("readable") {
+        Verdict::Intact(summary) => assert!(summary.starts_mid_chain),
+        other => panic!("{other:?}"),
+    }
+    // Out of order, it does not.
+    let mut swapped = files.clone();
+    swapped.swap(0, 1);
+    assert!(matches!(
+        chain::verify(&swapped).expect("readable"),
+        Verdict::Broken { .. }
+    ));
+}
