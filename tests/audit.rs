@@ -387,3 +387,202 @@ async fn rotation_and_restarts_continue_one_chain() {
         Verdict::Broken { .. }
     ));
 }
+
+/// A `leash serve` process with its audit trail at `trail`; returns it and
+/// its gRPC address once its bundle is loaded.
+fn spawn_serving(trail: &Path, sync: &str) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
+        .args(["--log-format", "json", "--audit-sync", sync, "--audit-log"])
+        .arg(trail)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut addr = None;
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the server logs in time");
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if value["message"] == "listening" {
+            addr = value["address"].as_str().map(str::to_owned);
+        }
+        if value["message"] == "policy bundle loaded" {
+            break;
+        }
+    }
+    (child, addr.expect("address logged"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_under_load_keeps_every_answered_decision_and_the_chain_goes_on() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    const CLIENTS: u64 = 8;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.log");
+    let (mut child, addr) = spawn_serving(&trail, "disk");
+    let client = leash::check::connect_tcp(&addr).await.expect("connect");
+    let answered = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (client, answered, stop) = (client.clone(), answered.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match decide_with(&client, allow()).await {
+                    Ok(resp) if resp.error.is_none() => {
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => break,
+                }
+            }
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while answered.load(Ordering::SeqCst) < 300 {
+        assert!(tokio::time::Instant::now() < deadline, "load never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let answered = answered.load(Ordering::SeqCst);
+
+    // A clean prefix: intact, or intact up to a record cut short.
+    let (summary, torn) = match chain::verify(std::slice::from_ref(&trail)).expect("readable") {
+        Verdict::Intact(summary) => (summary, false),
+        Verdict::TornTail { summary, .. } => (summary, true),
+        broken => panic!("a crash must not break the chain: {broken:?}"),
+    };
+    // Every answered decision is on disk; at most the ones in flight at
+    // the kill were written without being answered.
+    assert!(summary.records >= answered, "{} records < {answered} answered", summary.records);
+    assert!(
+        summary.records <= answered + CLIENTS,
+        "{} records for {answered} answered",
+        summary.records
+    );
+
+    // A restart continues the chain from the last good record.
+    let (mut child, addr) = spawn_serving(&trail, "disk");
+    let client = leash::check::connect_tcp(&addr).await.expect("connect");
+    for _ in 0..5 {
+        decide_with(&client, allow()).await.expect("decides");
+    }
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    child.wait().expect("exits");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p != &trail)
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), usize::from(torn), "a torn file is set aside: {files:?}");
+    files.push(trail.clone());
+    match chain::verify(&files).expect("readable") {
+        Verdict::Intact(after) => assert_eq!(after.records, summary.records + 5),
+        other => panic!("the chain must go on after a restart: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn context_keys_are_kept_in_clear_or_as_a_keyed_hash_when_configured() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.log");
+    let mut options = audited(&trail, SyncMode::Disk);
+    options.audit.context_keys = vec!["amount_cents".to_owned()];
+    options.audit.hash_context_keys = vec!["recipient".to_owned()];
+    options.audit.hash_key = b"a key of sixteen bytes or more".to_vec();
+    let server = TestServer::start(Some(example_snapshot()), options, false).await;
+    let invoice = || {
+        with_context_json(
+            example("billing-agent", Some("bob"), "invoices:create", "BillingAccount::\"BA-100\""),
+            r#"{"amount_cents": 1200}"#,
+        )
+    };
+    let email = |customer: &str| {
+        with_context_json(
+            example("billing-agent", Some("bob"), "email:send", "EmailTemplate::\"invoice-reminder\""),
+            &format!(r#"{{"recipient": {{"__entity": {{"type": "Customer", "id": "{customer}"}}}}}}"#),
+        )
+    };
+    server.decide(invoice()).await.expect("decides");
+    for customer in ["C-100", "C-100", "C-200"] {
+        server.decide(email(customer)).await.expect("decides");
+    }
+    server.shutdown().await;
+    let recs = records(&trail);
+    assert_eq!(recs[0]["context"]["amount_cents"], 1200);
+    let hashes: Vec<&str> = recs[1..]
+        .iter()
+        .map(|r| r["context"]["recipient"].as_str().expect("hashed"))
+        .collect();
+    assert!(hashes.iter().all(|h| h.starts_with("hmac-sha256:") && h.len() == 12 + 64));
+    // Equal values match across records without being readable.
+    assert_eq!(hashes[0], hashes[1]);
+    assert_ne!(hashes[1], hashes[2]);
+    assert!(!lines(&trail).join("\n").contains("C-100"));
+}
+
+#[test]
+fn the_trail_can_go_to_stdout_for_a_log_collector() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
+        .args(["--log-format", "json", "--audit-log", "-"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut addr = None;
+    for line in stderr.lines().map_while(Result::ok) {
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if value["message"] == "listening" {
+            addr = value["address"].as_str().map(str::to_owned);
+        }
+        if value["message"] == "policy bundle loaded" {
+            break;
+        }
+    }
+    let addr = addr.expect("address logged");
+    for _ in 0..3 {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
+            .args(["check", "--addr", &addr, "--agent", "Agent::\"support-bot\""])
+            .args(["--user", "User::\"omar\"", "--action", "Action::\"tickets:read\""])
+            .args(["--resource", "Ticket::\"T-1\""])
+            .output()
+            .expect("runs");
+        assert_eq!(out.status.code(), Some(0));
+    }
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let out = child.wait_with_output().expect("exits");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let captured = dir.path().join("stdout.log");
+    std::fs::write(&captured, &out.stdout).expect("write");
+    match chain::verify(&[captured]).expect("readable") {
+        Verdict::Intact(summary) => assert_eq!(summary.records, 3),
+        other => panic!("stdout carries the same chain: {other:?}"),
+    }
+}
