@@ -449,7 +449,10 @@ async fn a_crash_under_load_keeps_every_answered_decision_and_the_chain_goes_on(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while answered.load(Ordering::SeqCst) < 300 {
-        assert!(tokio::time::Instant::now() < deadline, "load never got going");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "load never got going"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     child.kill().expect("SIGKILL");
@@ -468,7 +471,11 @@ async fn a_crash_under_load_keeps_every_answered_decision_and_the_chain_goes_on(
     };
     // Every answered decision is on disk; at most the ones in flight at
     // the kill were written without being answered.
-    assert!(summary.records >= answered, "{} records < {answered} answered", summary.records);
+    assert!(
+        summary.records >= answered,
+        "{} records < {answered} answered",
+        summary.records
+    );
     assert!(
         summary.records <= answered + CLIENTS,
         "{} records for {answered} answered",
@@ -494,7 +501,11 @@ async fn a_crash_under_load_keeps_every_answered_decision_and_the_chain_goes_on(
         .filter(|p| p != &trail)
         .collect();
     files.sort();
-    assert_eq!(files.len(), usize::from(torn), "a torn file is set aside: {files:?}");
+    assert_eq!(
+        files.len(),
+        usize::from(torn),
+        "a torn file is set aside: {files:?}"
+    );
     files.push(trail.clone());
     match chain::verify(&files).expect("readable") {
         Verdict::Intact(after) => assert_eq!(after.records, summary.records + 5),
@@ -513,14 +524,26 @@ async fn context_keys_are_kept_in_clear_or_as_a_keyed_hash_when_configured() {
     let server = TestServer::start(Some(example_snapshot()), options, false).await;
     let invoice = || {
         with_context_json(
-            example("billing-agent", Some("bob"), "invoices:create", "BillingAccount::\"BA-100\""),
+            example(
+                "billing-agent",
+                Some("bob"),
+                "invoices:create",
+                "BillingAccount::\"BA-100\"",
+            ),
             r#"{"amount_cents": 1200}"#,
         )
     };
     let email = |customer: &str| {
         with_context_json(
-            example("billing-agent", Some("bob"), "email:send", "EmailTemplate::\"invoice-reminder\""),
-            &format!(r#"{{"recipient": {{"__entity": {{"type": "Customer", "id": "{customer}"}}}}}}"#),
+            example(
+                "billing-agent",
+                Some("bob"),
+                "email:send",
+                "EmailTemplate::\"invoice-reminder\"",
+            ),
+            &format!(
+                r#"{{"recipient": {{"__entity": {{"type": "Customer", "id": "{customer}"}}}}}}"#
+            ),
         )
     };
     server.decide(invoice()).await.expect("decides");
@@ -534,7 +557,9 @@ async fn context_keys_are_kept_in_clear_or_as_a_keyed_hash_when_configured() {
         .iter()
         .map(|r| r["context"]["recipient"].as_str().expect("hashed"))
         .collect();
-    assert!(hashes.iter().all(|h| h.starts_with("hmac-sha256:") && h.len() == 12 + 64));
+    assert!(hashes
+        .iter()
+        .all(|h| h.starts_with("hmac-sha256:") && h.len() == 12 + 64));
     // Equal values match across records without being readable.
     assert_eq!(hashes[0], hashes[1]);
     assert_ne!(hashes[1], hashes[2]);
@@ -565,8 +590,19 @@ fn the_trail_can_go_to_stdout_for_a_log_collector() {
     let addr = addr.expect("address logged");
     for _ in 0..3 {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
-            .args(["check", "--addr", &addr, "--agent", "Agent::\"support-bot\""])
-            .args(["--user", "User::\"omar\"", "--action", "Action::\"tickets:read\""])
+            .args([
+                "check",
+                "--addr",
+                &addr,
+                "--agent",
+                "Agent::\"support-bot\"",
+            ])
+            .args([
+                "--user",
+                "User::\"omar\"",
+                "--action",
+                "Action::\"tickets:read\"",
+            ])
             .args(["--resource", "Ticket::\"T-1\""])
             .output()
             .expect("runs");

@@ -64,7 +64,7 @@ fn quick_mode_completes_with_sane_figures() {
         "p99 reloading ÷ at rest",
         "share its cores",
         "ratios: tcp_vs_floor",
-        "telemetry cost (Unix socket, 16 in flight, median of 1 interleaved rounds",
+        "telemetry and audit cost (Unix socket, 16 in flight, median of 1 interleaved rounds",
     ] {
         assert!(table.contains(heading), "`{heading}` missing:\n{table}");
     }

@@ -32,8 +32,51 @@ impl Head {
     }
 }
 
-/// Seals `record` as the next link after `head`: returns its line (with the
-/// final newline) and advances `head`.
+/// A record type whose fields serialize in the canonical order: declared
+/// alphabetically (and so are those of every struct inside it), with any
+/// free-form JSON inside passed through [`sorted`].
+pub trait Link: serde::Serialize {
+    fn link(&mut self, seq: u64, prev_hash: String);
+}
+
+/// Seals `record` as the next link after `head`: its fields serialize
+/// straight into the canonical encoding, which is hashed; the line is that
+/// encoding with `hash` appended. Returns the line (with the final newline)
+/// and advances `head`.
+pub fn seal_record<T: Link>(record: &mut T, head: &mut Head) -> String {
+    record.link(head.next_seq, head.prev_hash.clone());
+    // Serializing a plain struct of strings, numbers and JSON values cannot
+    // fail; an empty body would fail verification rather than pass it.
+    let mut line = serde_json::to_string(record).unwrap_or_default();
+    let hash = hex(&Sha256::digest(line.as_bytes()));
+    if line.ends_with('}') {
+        line.pop();
+        line.push_str(",\"hash\":\"");
+        line.push_str(&hash);
+        line.push_str("\"}");
+    }
+    line.push('\n');
+    head.next_seq += 1;
+    head.prev_hash = hash;
+    line
+}
+
+/// `value` with the keys of every object inside it in sorted order (this
+/// build's JSON maps keep insertion order).
+pub fn sorted(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
+        scalar => scalar,
+    }
+}
+
+/// Seals a free-form record (any key order) as the next link after `head`:
+/// returns its line (with the final newline) and advances `head`.
 pub fn seal(mut record: Map<String, Value>, head: &mut Head) -> String {
     record.insert("seq".to_owned(), Value::from(head.next_seq));
     record.insert(
@@ -56,6 +99,13 @@ fn digest(record: &Map<String, Value>) -> String {
     let mut text = String::with_capacity(512);
     canonical_object(record.iter().filter(|(k, _)| *k != "hash"), &mut text);
     hex(&Sha256::digest(text.as_bytes()))
+}
+
+/// `value` in the canonical encoding.
+pub fn canonical_text(value: &Value) -> String {
+    let mut out = String::new();
+    canonical(value, &mut out);
+    out
 }
 
 /// JSON with object keys sorted at every level and no whitespace.

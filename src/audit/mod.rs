@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -198,9 +198,13 @@ impl Audit {
                 status.next_seq.store(head.next_seq, Ordering::Relaxed);
                 let (tx, rx) = mpsc::channel(QUEUE_RECORDS);
                 let for_writer = status.clone();
+                let linger = match options.sync {
+                    SyncMode::Disk => std::time::Duration::ZERO,
+                    SyncMode::Queued => writer::QUEUED_LINGER,
+                };
                 let thread = std::thread::Builder::new()
                     .name("leash-audit".to_owned())
-                    .spawn(move || writer::run(sink, head, rx, for_writer))
+                    .spawn(move || writer::run(sink, head, rx, for_writer, linger))
                     .map_err(AuditError::Thread)?;
                 (Some(tx), Some(thread))
             }
@@ -232,7 +236,7 @@ impl Audit {
 
     /// Appends `records`; returns once they are on disk (or queued, in the
     /// queued mode). An error means they were not recorded.
-    pub async fn append(&self, records: Vec<Map<String, Value>>) -> Result<(), String> {
+    pub async fn append(&self, records: Vec<Record>) -> Result<(), String> {
         let jobs = self
             .jobs
             .lock()
@@ -305,24 +309,11 @@ impl Audit {
     }
 
     /// The record of one decision (or attempt), not yet sealed.
-    pub fn record(&self, entry: &Entry<'_>) -> Map<String, Value> {
-        let mut r = Map::new();
-        r.insert("v".into(), json!(1));
-        r.insert(
-            "time".into(),
-            json!(chrono::Utc::now()
-                .format("%Y-%m-%dT%H:%M:%S%.6fZ")
-                .to_string()),
-        );
-        r.insert("request_id".into(), json!(entry.request_id));
-        if let Some(trace_id) = entry.trace_id {
-            r.insert("trace_id".into(), json!(trace_id));
-        }
-        r.insert("caller".into(), json!(entry.caller));
+    pub fn record(&self, entry: &Entry<'_>) -> Record {
         let uid = |field: &Option<pb::EntityUid>| {
             field.as_ref().map(|u| format!("{}::{:?}", u.r#type, u.id))
         };
-        let (agent, user, action, resource) = match entry.request {
+        let (agent, on_behalf_of, action, resource) = match entry.request {
             Some(req) => (
                 Some(req.agent.to_string()),
                 req.on_behalf_of.as_ref().map(ToString::to_string),
@@ -341,89 +332,207 @@ impl Audit {
                 uid(&entry.wire.resource),
             ),
         };
-        r.insert("agent".into(), json!(agent));
-        if let Some(user) = user {
-            r.insert("on_behalf_of".into(), json!(user));
-        }
-        r.insert("action".into(), json!(action));
-        r.insert("resource".into(), json!(resource));
+        let mut record = Record {
+            action,
+            agent,
+            agent_side: None,
+            caller: entry.caller.to_owned(),
+            context: self.context(entry.wire),
+            decision: "invalid",
+            determining_policies: None,
+            invalid: None,
+            latency_us: entry.latency_us,
+            on_behalf_of,
+            on_behalf_of_side: None,
+            policy_version: entry.policy_version.to_owned(),
+            prev_hash: String::new(),
+            request_id: entry.request_id.to_owned(),
+            resource,
+            seq: 0,
+            time: now(),
+            trace_id: entry.trace_id.map(str::to_owned),
+            v: 1,
+        };
         match entry.result {
             Ok(d) => {
-                r.insert(
-                    "decision".into(),
-                    json!(if d.allowed { "allow" } else { "deny" }),
-                );
-                r.insert("determining_policies".into(), json!(d.determining));
-                r.insert("agent_side".into(), side(&d.agent));
-                if let Some(user) = &d.on_behalf_of {
-                    r.insert("on_behalf_of_side".into(), side(user));
-                }
+                record.decision = if d.allowed { "allow" } else { "deny" };
+                record.determining_policies = Some(d.determining.clone());
+                record.agent_side = Some(Side::of(&d.agent));
+                record.on_behalf_of_side = d.on_behalf_of.as_ref().map(Side::of);
             }
             Err(e) => {
-                r.insert("decision".into(), json!("invalid"));
                 // A problem in the context or entities may quote their
                 // values, which are redacted here as everywhere.
                 let quotes_values =
                     e.field.starts_with("context") || e.field.starts_with("entities");
-                r.insert(
-                    "invalid".into(),
-                    json!({
-                        "field": e.field,
-                        "problem": if quotes_values { "(redacted: may quote request values)" } else { e.problem.as_str() },
-                    }),
-                );
+                record.invalid = Some(Invalid {
+                    field: e.field.clone(),
+                    problem: if quotes_values {
+                        "(redacted: may quote request values)".to_owned()
+                    } else {
+                        e.problem.clone()
+                    },
+                });
             }
         }
-        r.insert("policy_version".into(), json!(entry.policy_version));
-        r.insert("latency_us".into(), json!(entry.latency_us));
-        if let Some(context) = self.context(entry.wire) {
-            r.insert("context".into(), Value::Object(context));
-        }
-        r
+        record
     }
 
     /// The context as recorded: allowed keys in clear, hashed keys as
     /// `hmac-sha256:<hex>`, every other key present with its value redacted.
-    fn context(&self, wire: &pb::IsAuthorizedRequest) -> Option<Map<String, Value>> {
+    fn context(&self, wire: &pb::IsAuthorizedRequest) -> Option<Value> {
         use pb::is_authorized_request::ContextInput as C;
-        let fields: Vec<(String, Value)> = match &wire.context_input {
+        let mut keys: Vec<String> = match &wire.context_input {
             None => return None,
-            Some(C::ContextJson(text)) => serde_json::from_str::<Map<String, Value>>(text)
-                .ok()?
-                .into_iter()
-                .collect(),
-            Some(C::Context(record)) => record
-                .fields
-                .iter()
-                .map(|(k, v)| (k.clone(), crate::telemetry::wire_json(v)))
-                .collect(),
+            Some(C::ContextJson(text)) => {
+                // Parsed only when some value is kept; otherwise the keys
+                // alone are enough.
+                if self.context_keys.is_empty() && self.hash_context_keys.is_empty() {
+                    serde_json::from_str::<Map<String, Value>>(text)
+                        .ok()?
+                        .into_iter()
+                        .map(|(k, _)| k)
+                        .collect()
+                } else {
+                    return Some(
+                        self.context_values(
+                            serde_json::from_str::<Map<String, Value>>(text)
+                                .ok()?
+                                .into_iter()
+                                .collect(),
+                        ),
+                    );
+                }
+            }
+            Some(C::Context(record)) => {
+                if self.context_keys.is_empty() && self.hash_context_keys.is_empty() {
+                    record.fields.keys().cloned().collect()
+                } else {
+                    return Some(
+                        self.context_values(
+                            record
+                                .fields
+                                .iter()
+                                .map(|(k, v)| (k.clone(), crate::telemetry::wire_json(v)))
+                                .collect(),
+                        ),
+                    );
+                }
+            }
         };
-        let mut out = Map::new();
-        for (key, value) in fields {
-            let recorded = if self.context_keys.contains(&key) {
-                value
-            } else if self.hash_context_keys.contains(&key) {
-                json!(format!(
-                    "hmac-sha256:{}",
-                    chain::hex(&hmac_sha256(&self.hash_key, value.to_string().as_bytes()))
-                ))
-            } else {
-                json!("[redacted]")
-            };
-            out.insert(key, recorded);
-        }
-        Some(out)
+        keys.sort();
+        Some(Value::Object(
+            keys.into_iter()
+                .map(|k| (k, Value::from(REDACTED)))
+                .collect(),
+        ))
+    }
+
+    fn context_values(&self, mut fields: Vec<(String, Value)>) -> Value {
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        Value::Object(
+            fields
+                .into_iter()
+                .map(|(key, value)| {
+                    let recorded = if self.context_keys.contains(&key) {
+                        chain::sorted(value)
+                    } else if self.hash_context_keys.contains(&key) {
+                        Value::from(format!(
+                            "hmac-sha256:{}",
+                            chain::hex(&hmac_sha256(
+                                &self.hash_key,
+                                chain::canonical_text(&value).as_bytes()
+                            ))
+                        ))
+                    } else {
+                        Value::from(REDACTED)
+                    };
+                    (key, recorded)
+                })
+                .collect(),
+        )
     }
 }
 
-fn side(s: &SideDecision) -> Value {
-    let errors: Vec<&str> = s.errors.iter().map(|e| e.policy_id.as_str()).collect();
-    json!({
-        "principal": s.principal.to_string(),
-        "decision": if s.allowed { "allow" } else { "deny" },
-        "determining_policies": s.determining,
-        "error_policies": errors,
-    })
+/// What a context value not configured in is recorded as.
+const REDACTED: &str = "[redacted]";
+
+fn now() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
+}
+
+/// One audit record. Fields are declared in alphabetical order, as are
+/// those of [`Side`] and [`Invalid`]: serialized, they are the chain's
+/// canonical encoding (see [`chain::Link`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Record {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_side: Option<Side>,
+    /// Who asked: `tcp:ADDR` or `unix:pid=P,uid=U`.
+    pub caller: String,
+    /// Context keys; values only where configured in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<Value>,
+    /// `allow`, `deny` or `invalid`.
+    pub decision: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub determining_policies: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<Invalid>,
+    pub latency_us: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of_side: Option<Side>,
+    pub policy_version: String,
+    pub prev_hash: String,
+    pub request_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    pub seq: u64,
+    pub time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    pub v: u8,
+}
+
+impl chain::Link for Record {
+    fn link(&mut self, seq: u64, prev_hash: String) {
+        self.seq = seq;
+        self.prev_hash = prev_hash;
+    }
+}
+
+/// One side of a decision.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Side {
+    pub decision: &'static str,
+    pub determining_policies: Vec<String>,
+    /// Policies whose evaluation failed (ids only: messages can quote values).
+    pub error_policies: Vec<String>,
+}
+
+impl Side {
+    fn of(s: &SideDecision) -> Self {
+        Self {
+            decision: if s.allowed { "allow" } else { "deny" },
+            determining_policies: s.determining.clone(),
+            error_policies: s.errors.iter().map(|e| e.policy_id.clone()).collect(),
+        }
+    }
+}
+
+/// Why a request could not be decided.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Invalid {
+    pub field: String,
+    pub problem: String,
 }
 
 /// HMAC-SHA256 (RFC 2104): a keyed hash, so equal values can be matched

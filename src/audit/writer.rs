@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use super::chain::{head_of, seal, Head};
+use super::chain::{head_of, seal, seal_record, Head};
 use super::{AuditStatus, AuditTarget};
 
 /// Records sealed and written together at most.
@@ -32,12 +32,14 @@ const MAX_GROUP: usize = 4096;
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the chain's head is logged, so it lives outside the file.
 const ANCHOR_INTERVAL: Duration = Duration::from_secs(60);
+/// The queued mode's linger (see [`run`]).
+pub const QUEUED_LINGER: Duration = Duration::from_millis(1);
 /// How much of the end of a file is read to find the chain's head.
 const TAIL_BYTES: u64 = 1 << 20;
 
 /// Records to append, and who waits for them to be on disk.
 pub struct Job {
-    pub records: Vec<Map<String, Value>>,
+    pub records: Vec<super::Record>,
     pub done: Option<oneshot::Sender<Result<(), String>>>,
 }
 
@@ -238,11 +240,17 @@ impl Sink {
 }
 
 /// The writer thread's loop; ends when every sender is gone.
+///
+/// `linger`: how long to wait for more records after the first of a batch.
+/// Zero when callers wait for the sync (they are the batch); in the queued
+/// mode nobody waits, so a short linger turns a sync per record into a sync
+/// per batch.
 pub fn run(
     mut sink: Sink,
     mut head: Head,
     mut jobs: mpsc::Receiver<Job>,
     status: Arc<AuditStatus>,
+    linger: Duration,
 ) {
     let mut outage = Outage::default();
     let mut last_anchor = Instant::now();
@@ -276,6 +284,9 @@ pub fn run(
                 }
             }
         };
+        if !linger.is_zero() {
+            std::thread::sleep(linger);
+        }
         let mut batch = vec![first];
         let mut records = batch[0].records.len();
         while records < MAX_GROUP {
@@ -290,8 +301,8 @@ pub fn run(
         let mut next = head.clone();
         let mut bytes = String::with_capacity(records * 640);
         for job in &mut batch {
-            for record in job.records.drain(..) {
-                bytes.push_str(&seal(record, &mut next));
+            for record in &mut job.records {
+                bytes.push_str(&seal_record(record, &mut next));
             }
         }
         let result = sink.write(bytes.as_bytes(), next.next_seq.saturating_sub(1));

@@ -8,7 +8,10 @@
 //!   (`always_on`), exported over OTLP/gRPC or OTLP/HTTP to a collector in
 //!   the bench process that counts what arrives;
 //! - `traces-stuck`: the same with a collector that accepts and never
-//!   answers: spans are dropped, decisions must not notice.
+//!   answers: spans are dropped, decisions must not notice;
+//! - `audit-disk` / `audit-queued`: metrics and the audit trail in a file,
+//!   each decision answered once its record is synced to disk, or once it
+//!   is queued for the writer.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -56,15 +59,19 @@ enum Mode {
     TracesGrpc,
     TracesHttp,
     TracesStuck,
+    AuditDisk,
+    AuditQueued,
 }
 
 impl Mode {
-    const ALL: [Mode; 5] = [
+    const ALL: [Mode; 7] = [
         Mode::Off,
         Mode::Metrics,
         Mode::TracesGrpc,
         Mode::TracesHttp,
         Mode::TracesStuck,
+        Mode::AuditDisk,
+        Mode::AuditQueued,
     ];
 
     fn name(self) -> &'static str {
@@ -74,6 +81,8 @@ impl Mode {
             Mode::TracesGrpc => "traces-grpc",
             Mode::TracesHttp => "traces-http",
             Mode::TracesStuck => "traces-stuck",
+            Mode::AuditDisk => "audit-disk",
+            Mode::AuditQueued => "audit-queued",
         }
     }
 }
@@ -110,9 +119,9 @@ pub async fn measure(
                 mode.name(),
                 round + 1
             ));
-            let extra = flags(mode, &collector, &stuck);
             let dir = scratch.join(format!("telemetry-{}-{round}", mode.name()));
             std::fs::create_dir_all(&dir).map_err(io("creating a scratch directory"))?;
+            let extra = flags(mode, &collector, &stuck, &dir);
             let mut leash = child::spawn_leash(exe, dirs, &dir, &extra)?;
             child::wait_serving(&mut leash, Duration::from_secs(600)).await?;
             let before = collector.span_count();
@@ -171,7 +180,15 @@ pub async fn measure(
     })
 }
 
-fn flags(mode: Mode, collector: &SpanCollector, stuck: &SpanCollector) -> Vec<String> {
+fn flags(mode: Mode, collector: &SpanCollector, stuck: &SpanCollector, dir: &Path) -> Vec<String> {
+    let audited = |sync: &str| {
+        vec![
+            "--audit-log".to_owned(),
+            dir.join("audit.log").display().to_string(),
+            "--audit-sync".to_owned(),
+            sync.to_owned(),
+        ]
+    };
     let traced = |endpoint: String, protocol: &str| {
         vec![
             "--otlp-endpoint".to_owned(),
@@ -188,6 +205,8 @@ fn flags(mode: Mode, collector: &SpanCollector, stuck: &SpanCollector) -> Vec<St
         Mode::TracesGrpc => traced(collector.grpc_endpoint(), "grpc"),
         Mode::TracesHttp => traced(collector.http_endpoint(), "http/protobuf"),
         Mode::TracesStuck => traced(stuck.grpc_endpoint(), "grpc"),
+        Mode::AuditDisk => audited("disk"),
+        Mode::AuditQueued => audited("queued"),
     }
 }
 
@@ -216,7 +235,7 @@ pub fn render_into(t: &TelemetryReport, out: &mut String) -> std::fmt::Result {
     use std::fmt::Write as _;
     writeln!(
         out,
-        "\ntelemetry cost (Unix socket, {} in flight, median of {} interleaved rounds; traces sample every decision)",
+        "\ntelemetry and audit cost (Unix socket, {} in flight, median of {} interleaved rounds; traces sample every decision)",
         t.in_flight, t.rounds
     )?;
     writeln!(
