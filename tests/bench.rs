@@ -142,7 +142,9 @@ fn quick_mode_completes_with_sane_figures() {
             "metrics",
             "traces-grpc",
             "traces-http",
-            "traces-stuck"
+            "traces-stuck",
+            "audit-disk",
+            "audit-queued"
         ]
     );
     for run in telemetry {
