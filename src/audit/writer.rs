@@ -89,11 +89,13 @@ fn recover_head(path: &Path) -> Result<Head, String> {
     let (head, torn) = head_of(&tail);
     let head = match head {
         Some(head) => Some(head),
-        // An empty (or new) active file: the newest rotated file holds
-        // the head, if there is one.
-        None => newest_rotated(path)
-            .and_then(|rotated| read_tail(&rotated).ok())
-            .and_then(|text| head_of(&text).0),
+        // An empty (or new) active file: the newest rotated file with a
+        // complete record holds the head, if there is one (a file set aside
+        // after a crash may hold none).
+        None => rotated_files(path)
+            .iter()
+            .rev()
+            .find_map(|rotated| read_tail(rotated).ok().and_then(|text| head_of(&text).0)),
     };
     if torn {
         let last = head.as_ref().map_or(0, |h| h.next_seq.saturating_sub(1));
@@ -146,24 +148,29 @@ fn rotated_name(path: &Path, last_seq: u64, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn newest_rotated(path: &Path) -> Option<PathBuf> {
+/// The rotated and set-aside files of the trail at `path`, in chain order.
+fn rotated_files(path: &Path) -> Vec<PathBuf> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let base = path.file_name()?.to_string_lossy().into_owned();
-    let mut rotated: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
+    let Some(base) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let prefix = format!("{base}.");
+    let mut rotated: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
             p.file_name()
-                .map(|n| n.to_string_lossy().starts_with(&format!("{base}.")))
-                .unwrap_or(false)
+                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
         })
         .collect();
     rotated.sort();
-    rotated.pop()
+    rotated
 }
 
 impl FileSink {
@@ -381,4 +388,43 @@ fn anchor(head: &Head) {
         hash = %head.prev_hash,
         "audit trail head"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain_of(n: u64) -> (String, Head) {
+        let mut head = Head::genesis();
+        let mut text = String::new();
+        for i in 0..n {
+            let mut record = Map::new();
+            record.insert("n".into(), Value::from(i));
+            text.push_str(&seal(record, &mut head));
+        }
+        (text, head)
+    }
+
+    #[test]
+    fn the_head_is_found_past_a_set_aside_file_with_no_whole_record() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("audit.log");
+        let (text, head) = chain_of(6);
+        std::fs::write(rotated_name(&path, 5, ""), text).expect("write");
+        // Rotated, then a crash in the first write of the new file.
+        std::fs::write(rotated_name(&path, 5, "torn"), "{\"seq\":6,\"pre").expect("write");
+        std::fs::write(&path, "").expect("write");
+        assert_eq!(recover_head(&path).expect("recovers"), head);
+    }
+
+    #[test]
+    fn a_torn_active_file_is_set_aside_and_the_chain_goes_on() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("audit.log");
+        let (text, head) = chain_of(3);
+        std::fs::write(&path, text + "{\"seq\":3,\"pr").expect("write");
+        assert_eq!(recover_head(&path).expect("recovers"), head);
+        assert!(!path.exists(), "the torn file was renamed");
+        assert!(rotated_name(&path, 2, "torn").exists());
+    }
 }

@@ -154,6 +154,17 @@ impl AuthorizerService {
     }
 }
 
+impl AuthorizerService {
+    /// Who called, for the audit trail (empty when the trail is off).
+    fn caller<T>(&self, request: &Request<T>) -> String {
+        if self.audit.enabled() {
+            caller(request)
+        } else {
+            String::new()
+        }
+    }
+}
+
 /// Who called, for the audit trail: `tcp:ADDR` or `unix:pid=P,uid=U`.
 fn caller<T>(request: &Request<T>) -> String {
     if let Some(addr) = request.remote_addr() {
@@ -200,7 +211,7 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
         let wire = request.get_ref();
         let d = Self::decide(&snapshot, wire, &now, scope.started());
         let audit_error = self
-            .record(&scope, &caller(&request), &snapshot, &[(wire, &d)])
+            .record(&scope, &self.caller(&request), &snapshot, &[(wire, &d)])
             .await;
         self.report(&scope, None, wire, &d, &snapshot, audit_error.as_deref());
         match (&d.result, audit_error) {
@@ -246,7 +257,7 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
         let items: Vec<(&pb::IsAuthorizedRequest, &Decided)> =
             requests.iter().zip(decided.iter()).collect();
         let audit_error = self
-            .record(&scope, &caller(&request), &snapshot, &items)
+            .record(&scope, &self.caller(&request), &snapshot, &items)
             .await;
         let mut counts = BatchCounts::default();
         let results = requests
