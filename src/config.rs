@@ -1438,4 +1438,41 @@ mod tests {
             assert_eq!(serve(&[]).resolve().expect("valid").log, "info");
         }
     }
+
+    #[test]
+    fn the_audit_trail_is_on_by_default_and_each_target_is_read() {
+        use crate::audit::{AuditTarget, SyncMode};
+        let config = serve(&[]).resolve().expect("valid");
+        assert_eq!(
+            config.options.audit.target,
+            AuditTarget::File(PathBuf::from("leash-audit.log"))
+        );
+        assert_eq!(config.options.audit.sync, SyncMode::Disk);
+        assert!(!config.options.audit.fail_open);
+        let stdout = serve(&["--audit-log", "-", "--audit-sync", "queued"])
+            .resolve()
+            .expect("valid");
+        assert_eq!(stdout.options.audit.target, AuditTarget::Stdout);
+        assert_eq!(stdout.options.audit.sync, SyncMode::Queued);
+        let off = serve(&["--audit-log", "none"]).resolve().expect("valid");
+        assert_eq!(off.options.audit.target, AuditTarget::Off);
+        // A hash key must exist and be long enough.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let short = dir.path().join("key");
+        std::fs::write(&short, "short").expect("write");
+        let problems = serve(&[
+            "--audit-hash-context-keys",
+            "recipient",
+            "--audit-hash-key-file",
+            short.to_str().expect("utf-8"),
+            "--audit-max-bytes",
+            "10",
+        ])
+        .resolve()
+        .expect_err("refused");
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("--audit-max-bytes:"), "{problems:?}");
+        assert!(problems[1].contains("fewer than 16 bytes"), "{problems:?}");
+        assert!(Cli::try_parse_from(["leash", "serve", "--audit-hash-context-keys", "x"]).is_err());
+    }
 }

@@ -185,6 +185,12 @@ impl Server {
         let live = Arc::new(LiveBundle::empty());
         let status = Arc::new(ReloadStatus::default());
         let audit = Arc::new(Audit::start(&options.audit)?);
+        if audit.enabled() && audit.fail_open() {
+            warn!(
+                "audit trail is fail-open (--audit-fail-open): decisions are answered even when \
+                 their records cannot be written"
+            );
+        }
         let telemetry = Telemetry::start(
             &options.telemetry,
             live.clone(),
