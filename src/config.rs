@@ -1471,7 +1471,10 @@ mod tests {
         .resolve()
         .expect_err("refused");
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].starts_with("--audit-max-bytes:"), "{problems:?}");
+        assert!(
+            problems[0].starts_with("--audit-max-bytes:"),
+            "{problems:?}"
+        );
         assert!(problems[1].contains("fewer than 16 bytes"), "{problems:?}");
         assert!(Cli::try_parse_from(["leash", "serve", "--audit-hash-context-keys", "x"]).is_err());
     }

@@ -622,3 +622,29 @@ fn the_trail_can_go_to_stdout_for_a_log_collector() {
         other => panic!("stdout carries the same chain: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn records_follow_the_path_when_the_file_is_removed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.log");
+    let server = TestServer::start(
+        Some(example_snapshot()),
+        audited(&trail, SyncMode::Disk),
+        false,
+    )
+    .await;
+    server.decide(allow()).await.expect("decides");
+    let moved = dir.path().join("moved-away.log");
+    std::fs::rename(&trail, &moved).expect("move the file away");
+    server.decide(allow()).await.expect("decides");
+    server.decide(allow()).await.expect("decides");
+    server.shutdown().await;
+    // The later records are at the path, continuing the chain.
+    let recs = records(&trail);
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[0]["seq"], 1);
+    assert!(matches!(
+        chain::verify(&[moved, trail]).expect("readable"),
+        Verdict::Intact(_)
+    ));
+}

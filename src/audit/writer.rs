@@ -189,6 +189,15 @@ impl FileSink {
     }
 
     fn write(&mut self, bytes: &[u8], last_seq: u64) -> Result<(), String> {
+        if self.file.is_some() && !self.still_in_place() {
+            // Records written to a removed or replaced file would be lost
+            // with it; continue the chain in a file at the path.
+            warn!(
+                file = %self.path.display(),
+                "the audit file was removed or replaced; the chain continues in a new file"
+            );
+            self.file = None;
+        }
         if self.file.is_none() {
             self.reopen()?;
         }
@@ -212,6 +221,16 @@ impl FileSink {
             }
         }
         Ok(())
+    }
+
+    /// Whether the open file is still the one at the path.
+    fn still_in_place(&self) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let (Some(file), Ok(at_path)) = (self.file.as_ref(), std::fs::metadata(&self.path)) else {
+            return false;
+        };
+        file.metadata()
+            .is_ok_and(|open| open.ino() == at_path.ino() && open.dev() == at_path.dev())
     }
 
     fn rotate(&mut self, last_seq: u64) -> Result<(), String> {
