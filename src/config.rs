@@ -1025,6 +1025,13 @@ impl ServeArgs {
                 .filter(|v| !v.is_empty())
                 .collect()
         };
+        let context_keys = keys(&self.audit_context_keys);
+        let hash_context_keys = keys(&self.audit_hash_context_keys);
+        if let Some(both) = context_keys.iter().find(|k| hash_context_keys.contains(k)) {
+            problems.push(format!(
+                "--audit-hash-context-keys: `{both}` is also in --audit-context-keys; record it in clear or hashed, not both"
+            ));
+        }
         AuditOptions {
             target,
             sync: match self.audit_sync {
@@ -1033,8 +1040,8 @@ impl ServeArgs {
             },
             max_file_bytes: self.audit_max_bytes,
             fail_open: self.audit_fail_open,
-            context_keys: keys(&self.audit_context_keys),
-            hash_context_keys: keys(&self.audit_hash_context_keys),
+            context_keys,
+            hash_context_keys,
             hash_key,
         }
     }

@@ -168,6 +168,8 @@ pub struct Server {
     audit: Arc<Audit>,
     /// Set when shutdown begins, for `/readyz`.
     draining: Arc<AtomicBool>,
+    /// Serializes health updates.
+    health_lock: tokio::sync::Mutex<()>,
 }
 
 impl Server {
@@ -205,6 +207,7 @@ impl Server {
             telemetry: Arc::new(telemetry),
             audit,
             draining: Arc::new(AtomicBool::new(false)),
+            health_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -254,6 +257,9 @@ impl Server {
     /// Health from the state: SERVING when a bundle is loaded, the audit
     /// trail is writable (or fail-open was chosen) and leash is not draining.
     async fn refresh_health(&self) {
+        // Computing and setting as one step: two refreshes racing could
+        // otherwise leave the older state in place.
+        let _one_at_a_time = self.health_lock.lock().await;
         let audit_ok =
             !self.audit.enabled() || self.audit.fail_open() || self.audit.status().available();
         let serving =
@@ -386,7 +392,7 @@ impl Server {
         }
 
         self.draining.store(true, Ordering::SeqCst);
-        self.set_health(ServingStatus::NotServing).await;
+        self.refresh_health().await;
         let _ = stop_tx.send(true);
         let drained = tokio::time::timeout(self.options.drain_timeout, async {
             while let Some(ended) = tasks.join_next().await {

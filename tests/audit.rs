@@ -67,6 +67,25 @@ async fn health(server: &TestServer) -> i32 {
         .status
 }
 
+/// Polls health until it is `want` (bounded by [`RECOVERY_WAIT`]).
+async fn wait_health(server: &TestServer, want: ServingStatus) {
+    let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
+    while health(server).await != want as i32 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health never became {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Points the symlink `link` at `target`, atomically.
+fn repoint(link: &Path, target: &Path) {
+    let swap = link.with_extension("swap");
+    std::os::unix::fs::symlink(target, &swap).expect("symlink");
+    std::fs::rename(&swap, link).expect("swap the link");
+}
+
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .expect("trail readable")
@@ -227,6 +246,30 @@ async fn every_decision_is_a_chained_record_and_tampering_is_named() {
     let (seq, problem) = broken_at(&verify_copy(copies, "resealed", &resealed));
     assert_eq!(seq, Some(10));
     assert!(problem.contains("prev_hash"), "{problem}");
+    // Not the form leash writes: whitespace added, a key repeated, bytes
+    // that are not UTF-8.
+    let mut spaced = original.clone();
+    spaced[4] = spaced[4].replacen(',', ", ", 1);
+    let (seq, problem) = broken_at(&verify_copy(copies, "spaced", &spaced));
+    assert_eq!(seq, Some(4));
+    assert!(problem.contains("canonical"), "{problem}");
+    let mut doubled = original.clone();
+    doubled[4] = doubled[4].replacen('{', "{\"decision\":\"deny\",", 1);
+    assert!(matches!(
+        verify_copy(copies, "doubled", &doubled),
+        Verdict::Broken { .. }
+    ));
+    let bytes = dir.path().join("bytes");
+    let mut raw = (original[..6].join("\n") + "\n").into_bytes();
+    raw.extend_from_slice(b"\xff\xfe\n");
+    std::fs::write(&bytes, raw).expect("write");
+    match chain::verify(&[bytes]).expect("readable") {
+        Verdict::Broken { line, problem, .. } => {
+            assert_eq!(line, 7);
+            assert!(problem.contains("UTF-8"), "{problem}");
+        }
+        other => panic!("{other:?}"),
+    }
     // A torn final line: a crash mid-write, not tampering.
     let torn = dir.path().join("torn");
     let whole = original.join("\n") + "\n";
@@ -564,6 +607,10 @@ async fn context_keys_are_kept_in_clear_or_as_a_keyed_hash_when_configured() {
     assert_eq!(hashes[0], hashes[1]);
     assert_ne!(hashes[1], hashes[2]);
     assert!(!lines(&trail).join("\n").contains("C-100"));
+    assert!(matches!(
+        chain::verify(&[trail]).expect("readable"),
+        Verdict::Intact(_)
+    ));
 }
 
 #[test]
@@ -645,6 +692,72 @@ async fn records_follow_the_path_when_the_file_is_removed() {
     assert_eq!(recs[0]["seq"], 1);
     assert!(matches!(
         chain::verify(&[moved, trail]).expect("readable"),
+        Verdict::Intact(_)
+    ));
+}
+
+#[tokio::test]
+async fn an_outage_ended_by_traffic_is_recorded_before_the_decisions_after_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("audit.log");
+    std::os::unix::fs::symlink("/dev/full", &link).expect("symlink");
+    let server = TestServer::start(
+        Some(example_snapshot()),
+        audited(&link, SyncMode::Disk),
+        false,
+    )
+    .await;
+    assert_eq!(
+        server.decide(allow()).await.expect("answers").decision,
+        DENY
+    );
+    let real = dir.path().join("real.log");
+    repoint(&link, &real);
+    // Whichever comes first, this decision or the writer's own retry, the
+    // outage is written before any decision after it.
+    let resp = server.decide(allow()).await.expect("answers");
+    assert_eq!(resp.decision, ALLOW, "{resp:?}");
+    server.shutdown().await;
+    let recs = records(&real);
+    assert_eq!(recs[0]["event"], "audit_unavailable", "{recs:?}");
+    assert_eq!(recs[0]["refused_records"], 1);
+    assert_eq!(recs.last().expect("a record")["decision"], "allow");
+    assert!(matches!(
+        chain::verify(&[real]).expect("readable"),
+        Verdict::Intact(_)
+    ));
+}
+
+#[tokio::test]
+async fn queued_records_whose_write_failed_are_written_once_it_works() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("audit.log");
+    std::os::unix::fs::symlink("/dev/full", &link).expect("symlink");
+    let server = TestServer::start(
+        Some(example_snapshot()),
+        audited(&link, SyncMode::Queued),
+        false,
+    )
+    .await;
+    let mut first = allow();
+    first.request_id = "answered-before-the-failure".to_owned();
+    // Queued: answered before the write, which then fails.
+    assert_eq!(server.decide(first).await.expect("answers").decision, ALLOW);
+    wait_health(&server, ServingStatus::NotServing).await;
+    // Now refused, as the trail is known to be unavailable.
+    let refused = server.decide(allow()).await.expect("answers");
+    assert_eq!(refused.decision, DENY);
+    let real = dir.path().join("real.log");
+    repoint(&link, &real);
+    wait_health(&server, ServingStatus::Serving).await;
+    server.shutdown().await;
+    let recs = records(&real);
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert_eq!(recs[0]["event"], "audit_unavailable");
+    assert_eq!(recs[0]["refused_records"], 1);
+    assert_eq!(recs[1]["request_id"], "answered-before-the-failure");
+    assert!(matches!(
+        chain::verify(&[real]).expect("readable"),
         Verdict::Intact(_)
     ));
 }

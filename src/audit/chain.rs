@@ -47,14 +47,9 @@ pub fn seal_record<T: Link>(record: &mut T, head: &mut Head) -> String {
     record.link(head.next_seq, head.prev_hash.clone());
     // Serializing a plain struct of strings, numbers and JSON values cannot
     // fail; an empty body would fail verification rather than pass it.
-    let mut line = serde_json::to_string(record).unwrap_or_default();
-    let hash = hex(&Sha256::digest(line.as_bytes()));
-    if line.ends_with('}') {
-        line.pop();
-        line.push_str(",\"hash\":\"");
-        line.push_str(&hash);
-        line.push_str("\"}");
-    }
+    let body = serde_json::to_string(record).unwrap_or_default();
+    let hash = hex(&Sha256::digest(body.as_bytes()));
+    let mut line = with_hash(body, &hash);
     line.push('\n');
     head.next_seq += 1;
     head.prev_hash = hash;
@@ -84,21 +79,35 @@ pub fn seal(mut record: Map<String, Value>, head: &mut Head) -> String {
         Value::String(head.prev_hash.clone()),
     );
     record.remove("hash");
-    let hash = digest(&record);
-    record.insert("hash".to_owned(), Value::String(hash.clone()));
-    let mut line = String::with_capacity(512);
-    canonical(&Value::Object(record), &mut line);
+    let body = body_of(&record);
+    let hash = hex(&Sha256::digest(body.as_bytes()));
+    let mut line = with_hash(body, &hash);
     line.push('\n');
     head.next_seq += 1;
     head.prev_hash = hash;
     line
 }
 
-/// SHA-256 (hex) of the canonical encoding of `record` without `hash`.
-fn digest(record: &Map<String, Value>) -> String {
+/// The canonical encoding of `record` without `hash`.
+fn body_of(record: &Map<String, Value>) -> String {
     let mut text = String::with_capacity(512);
     canonical_object(record.iter().filter(|(k, _)| *k != "hash"), &mut text);
-    hex(&Sha256::digest(text.as_bytes()))
+    text
+}
+
+/// A record's line: its canonical body with `hash` appended as the last
+/// member. Every line of a trail has exactly this form.
+fn with_hash(mut body: String, hash: &str) -> String {
+    if body.ends_with('}') {
+        body.pop();
+        if !body.ends_with('{') {
+            body.push(',');
+        }
+        body.push_str("\"hash\":\"");
+        body.push_str(hash);
+        body.push_str("\"}");
+    }
+    body
 }
 
 /// `value` in the canonical encoding.
@@ -201,7 +210,7 @@ pub fn verify(files: &[PathBuf]) -> Result<Verdict, VerifyError> {
         starts_mid_chain: false,
     };
     for (file_index, path) in files.iter().enumerate() {
-        let text = read(path)?;
+        let (text, not_utf8) = read(path)?;
         for (index, raw) in text.split_inclusive('\n').enumerate() {
             let line_no = index + 1;
             let Some(line) = raw.strip_suffix('\n') else {
@@ -236,10 +245,19 @@ pub fn verify(files: &[PathBuf]) -> Result<Verdict, VerifyError> {
             ) else {
                 return Ok(broken(seq, "missing seq, prev_hash or hash".to_owned()));
             };
-            if digest(&record) != hash {
+            let body = body_of(&record);
+            if hex(&Sha256::digest(body.as_bytes())) != hash {
                 return Ok(broken(
                     seq,
                     "its hash does not match its content: the record was edited".to_owned(),
+                ));
+            }
+            // Exactly the form leash writes: no duplicate keys, no added
+            // whitespace, no reordering.
+            if with_hash(body, hash) != line {
+                return Ok(broken(
+                    seq,
+                    "the line is not in the canonical form leash writes".to_owned(),
                 ));
             }
             match &head {
@@ -282,17 +300,39 @@ pub fn verify(files: &[PathBuf]) -> Result<Verdict, VerifyError> {
             summary.last_seq = Some(claimed_seq);
             summary.last_hash = Some(hash.to_owned());
         }
+        if let Some(line) = not_utf8 {
+            return Ok(Verdict::Broken {
+                file: path.clone(),
+                line,
+                seq: None,
+                problem: "the line is not UTF-8".to_owned(),
+            });
+        }
     }
     Ok(Verdict::Intact(summary))
 }
 
-fn read(path: &Path) -> Result<String, VerifyError> {
-    std::fs::read(path)
-        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-        .map_err(|source| VerifyError {
-            path: path.to_owned(),
-            source,
-        })
+/// The file's text, up to the line holding its first byte that is not
+/// UTF-8 (leash writes none), and that line's number if there is one.
+fn read(path: &Path) -> Result<(String, Option<usize>), VerifyError> {
+    let bytes = std::fs::read(path).map_err(|source| VerifyError {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(match String::from_utf8(bytes) {
+        Ok(text) => (text, None),
+        Err(e) => {
+            let valid = e.utf8_error().valid_up_to();
+            let bytes = e.into_bytes();
+            let cut = bytes[..valid]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+            let prefix = String::from_utf8_lossy(&bytes[..cut]).into_owned();
+            let bad_line = prefix.matches('\n').count() + 1;
+            (prefix, Some(bad_line))
+        }
+    })
 }
 
 /// The head after the last complete record of `text` (a file's contents),

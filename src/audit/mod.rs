@@ -24,8 +24,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::engine::{AuthzRequest, Decision, RequestError, SideDecision};
 use crate::proto::v1 as pb;
 
-/// Records waiting for the writer at most; beyond, callers wait.
+/// Requests (a batch is one) waiting for the writer at most; beyond,
+/// callers wait.
 const QUEUE_RECORDS: usize = 8192;
+
+/// How long a decision waits for its record to be synced before it is
+/// refused and the trail counted unavailable.
+pub const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where records go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +98,9 @@ pub struct AuditStatus {
     last_error: Mutex<Option<String>>,
     records: AtomicU64,
     write_errors: AtomicU64,
+    /// Records refused on the request path (queued mode, while
+    /// unavailable), for the outage record.
+    refused: AtomicU64,
     next_seq: AtomicU64,
     /// Tells the server to flip health when availability changes.
     changes: watch::Sender<bool>,
@@ -106,6 +114,7 @@ impl AuditStatus {
             last_error: Mutex::new(None),
             records: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             next_seq: AtomicU64::new(0),
             changes,
         }
@@ -139,6 +148,10 @@ impl AuditStatus {
     /// Availability changes, for health.
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.changes.subscribe()
+    }
+
+    fn take_refused(&self) -> u64 {
+        self.refused.swap(0, Ordering::Relaxed)
     }
 
     fn written(&self, records: u64, next_seq: u64) {
@@ -258,13 +271,27 @@ impl Audit {
                 })
                 .await
                 .map_err(|_| "the audit writer has stopped".to_owned())?;
-                written
-                    .await
-                    .map_err(|_| "the audit writer has stopped".to_owned())?
+                match tokio::time::timeout(WRITE_STALL, written).await {
+                    Ok(answer) => answer.map_err(|_| "the audit writer has stopped".to_owned())?,
+                    Err(_) => {
+                        // A disk that does not answer (a hung network
+                        // volume): refuse, and say so in health, until the
+                        // writer gets through again.
+                        let problem = format!(
+                            "the audit write has not completed in {}s (a stalled disk?)",
+                            WRITE_STALL.as_secs()
+                        );
+                        self.status.failed(problem.clone());
+                        Err(problem)
+                    }
+                }
             }
             SyncMode::Queued => {
                 // Records queued while writes fail would be lost: refuse.
                 if !self.status.available() {
+                    self.status
+                        .refused
+                        .fetch_add(records.len() as u64, Ordering::Relaxed);
                     return Err(self
                         .status
                         .last_error()
@@ -346,7 +373,7 @@ impl Audit {
             on_behalf_of_side: None,
             policy_version: entry.policy_version.to_owned(),
             prev_hash: String::new(),
-            request_id: entry.request_id.to_owned(),
+            request_id: bounded(entry.request_id),
             resource,
             seq: 0,
             time: now(),
@@ -452,6 +479,20 @@ impl Audit {
                 .collect(),
         )
     }
+}
+
+/// A request id as recorded: an invalid request may carry one of any
+/// length (up to the message limit); records stay small.
+fn bounded(id: &str) -> String {
+    const MAX: usize = crate::service::convert::MAX_REQUEST_ID_LEN;
+    if id.len() <= MAX {
+        return id.to_owned();
+    }
+    let mut end = MAX;
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…(cut)", &id[..end])
 }
 
 /// What a context value not configured in is recorded as.

@@ -56,6 +56,8 @@ pub struct FileSink {
     good_len: u64,
     /// Rotate once the file reaches this size.
     max_bytes: u64,
+    /// A failed batch's bytes still to cut off: (inode, good length).
+    cut_to: Option<(u64, u64)>,
 }
 
 /// Opens the sink and finds the chain's head, continuing from the last good
@@ -73,6 +75,7 @@ pub fn open(target: &AuditTarget, max_bytes: u64) -> Result<(Sink, Head), String
                 file: None,
                 good_len: 0,
                 max_bytes,
+                cut_to: None,
             };
             sink.reopen()?;
             Ok((Sink::File(sink), head))
@@ -85,23 +88,37 @@ fn recover_head(path: &Path) -> Result<Head, String> {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
     }
-    let tail = read_tail(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
-    let (head, torn) = head_of(&tail);
+    let (text, torn) = last_record_text(path)?;
+    let head = head_of(&text).0;
     let head = match head {
         Some(head) => Some(head),
+        // A complete line that is not a record: continuing would fork or
+        // hide the chain.
+        None if text.contains('\n') => {
+            return Err(format!(
+                "`{}` ends in lines that are not audit records; move it aside to start a new trail",
+                path.display()
+            ))
+        }
         // An empty (or new) active file: the newest rotated file with a
         // complete record holds the head, if there is one (a file set aside
         // after a crash may hold none).
-        None => rotated_files(path)
-            .iter()
-            .rev()
-            .find_map(|rotated| read_tail(rotated).ok().and_then(|text| head_of(&text).0)),
+        None => {
+            let mut found = None;
+            for rotated in rotated_files(path).iter().rev() {
+                let (text, _) = last_record_text(rotated)?;
+                if let Some(head) = head_of(&text).0 {
+                    found = Some(head);
+                    break;
+                }
+            }
+            found
+        }
     };
     if torn {
         let last = head.as_ref().map_or(0, |h| h.next_seq.saturating_sub(1));
         let aside = rotated_name(path, last, "torn");
-        std::fs::rename(path, &aside)
-            .map_err(|e| format!("cannot set aside `{}`: {e}", path.display()))?;
+        move_without_overwriting(path, &aside)?;
         warn!(
             file = %aside.display(),
             after_seq = last,
@@ -112,7 +129,49 @@ fn recover_head(path: &Path) -> Result<Head, String> {
     Ok(head.unwrap_or_else(Head::genesis))
 }
 
-fn read_tail(path: &Path) -> std::io::Result<String> {
+/// The end of the file at `path`, long enough to hold its last complete
+/// record (the whole file if need be), and whether it ends in a partial
+/// line.
+fn last_record_text(path: &Path) -> Result<(String, bool), String> {
+    let read = |window| {
+        read_tail(path, window).map_err(|e| format!("cannot read `{}`: {e}", path.display()))
+    };
+    let tail = read(TAIL_BYTES)?;
+    let torn = !tail.is_empty() && !tail.ends_with('\n');
+    if head_of(&tail).0.is_some() {
+        return Ok((tail, torn));
+    }
+    // The last record is longer than the window, or there is none.
+    Ok((read(u64::MAX)?, torn))
+}
+
+/// Renames `from` to `to`, failing rather than replacing an existing file.
+fn move_without_overwriting(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::hard_link(from, to)
+        .and_then(|()| std::fs::remove_file(from))
+        .map_err(|e| {
+            format!(
+                "cannot move `{}` to `{}`: {e}",
+                from.display(),
+                to.display()
+            )
+        })?;
+    sync_dir(from);
+    Ok(())
+}
+
+/// Makes a new or renamed entry in the file's directory durable.
+fn sync_dir(path: &Path) {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let Ok(dir) = File::open(dir) {
+        let _ = dir.sync_all();
+    }
+}
+
+fn read_tail(path: &Path, window: u64) -> std::io::Result<String> {
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
@@ -125,7 +184,7 @@ fn read_tail(path: &Path) -> std::io::Result<String> {
         return Ok(String::new());
     }
     let len = meta.len();
-    let start = len.saturating_sub(TAIL_BYTES);
+    let start = len.saturating_sub(window);
     file.seek(SeekFrom::Start(start))?;
     let mut bytes = Vec::new();
     file.take(len - start).read_to_end(&mut bytes)?;
@@ -161,13 +220,18 @@ fn rotated_files(path: &Path) -> Vec<PathBuf> {
         return Vec::new();
     };
     let prefix = format!("{base}.");
+    // `PATH.<20 digits>` or `PATH.<20 digits>.torn`: nothing else (a
+    // compressed or backup copy) is part of the chain.
+    let ours = |name: &str| {
+        name.strip_prefix(&prefix).is_some_and(|rest| {
+            let seq = rest.strip_suffix(".torn").unwrap_or(rest);
+            seq.len() == 20 && seq.bytes().all(|b| b.is_ascii_digit())
+        })
+    };
     let mut rotated: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
-        })
+        .filter(|p| p.file_name().is_some_and(|n| ours(&n.to_string_lossy())))
         .collect();
     rotated.sort();
     rotated
@@ -175,11 +239,33 @@ fn rotated_files(path: &Path) -> Vec<PathBuf> {
 
 impl FileSink {
     fn reopen(&mut self) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt as _;
+        let existed = self.path.exists();
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)
             .map_err(|e| format!("cannot open `{}`: {e}", self.path.display()))?;
+        if !existed {
+            sync_dir(&self.path);
+        }
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("cannot stat `{}`: {e}", self.path.display()))?;
+        // A failed batch whose bytes could not be cut off before: cut them
+        // now, or stay unavailable (records after them would follow a
+        // partial line in the middle of the chain).
+        if let Some((ino, len)) = self.cut_to {
+            if meta.ino() == ino && meta.len() > len {
+                file.set_len(len).map_err(|e| {
+                    format!(
+                        "cannot cut a failed write off `{}`: {e}",
+                        self.path.display()
+                    )
+                })?;
+            }
+            self.cut_to = None;
+        }
         self.good_len = file
             .metadata()
             .map_err(|e| format!("cannot stat `{}`: {e}", self.path.display()))?
@@ -208,7 +294,10 @@ impl FileSink {
         if let Err(e) = written {
             // Cut any partial batch off, so the chain on disk stays whole;
             // reopen next time (the file may have been removed or replaced).
-            let _ = file.set_len(self.good_len);
+            if file.set_len(self.good_len).is_err() {
+                use std::os::unix::fs::MetadataExt as _;
+                self.cut_to = file.metadata().ok().map(|m| (m.ino(), self.good_len));
+            }
             self.file = None;
             return Err(format!("cannot write `{}`: {e}", self.path.display()));
         }
@@ -236,8 +325,7 @@ impl FileSink {
     fn rotate(&mut self, last_seq: u64) -> Result<(), String> {
         let rotated = rotated_name(&self.path, last_seq, "");
         self.file = None;
-        std::fs::rename(&self.path, &rotated)
-            .map_err(|e| format!("cannot rotate `{}`: {e}", self.path.display()))?;
+        move_without_overwriting(&self.path, &rotated)?;
         info!(file = %rotated.display(), last_seq, "audit trail rotated");
         self.reopen()
     }
@@ -278,44 +366,41 @@ pub fn run(
     status: Arc<AuditStatus>,
     linger: Duration,
 ) {
+    // If this thread ends for any reason but a shutdown, the trail is
+    // unavailable: decisions are refused and health says so.
+    let _stopped = StoppedGuard(status.clone());
     let mut outage = Outage::default();
+    // Records already answered (queued mode) whose write failed: written
+    // first, in their order, once writing works again.
+    let mut retry: Vec<super::Record> = Vec::new();
     let mut last_anchor = Instant::now();
     let mut anchored_seq = head.next_seq;
     loop {
         let first = if status.available() {
             match jobs.blocking_recv() {
-                Some(job) => job,
+                Some(job) => Some(job),
                 None => break,
             }
         } else {
             match jobs.try_recv() {
-                Ok(job) => job,
+                Ok(job) => Some(job),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
+                    // Nothing waiting: try on our own (the outage record,
+                    // and any records to retry), so the trail recovers
+                    // without traffic.
                     std::thread::sleep(PROBE_INTERVAL);
-                    // The probe is a real record: the outage itself, written
-                    // into the chain once writing works again.
                     let _ = sink.reopen();
-                    let mut next = head.clone();
-                    let line = seal(outage.record(), &mut next);
-                    if sink
-                        .write(line.as_bytes(), next.next_seq.saturating_sub(1))
-                        .is_ok()
-                    {
-                        head = next;
-                        status.written(1, head.next_seq);
-                        outage = Outage::default();
-                    }
-                    continue;
+                    None
                 }
             }
         };
-        if !linger.is_zero() {
+        let mut batch: Vec<Job> = first.into_iter().collect();
+        if !batch.is_empty() && !linger.is_zero() {
             std::thread::sleep(linger);
         }
-        let mut batch = vec![first];
-        let mut records = batch[0].records.len();
-        while records < MAX_GROUP {
+        let mut records: usize = batch.iter().map(|j| j.records.len()).sum();
+        while !batch.is_empty() && records < MAX_GROUP {
             match jobs.try_recv() {
                 Ok(job) => {
                     records += job.records.len();
@@ -324,22 +409,51 @@ pub fn run(
                 Err(_) => break,
             }
         }
+        // In chain order: the end of an outage, records to retry, new ones.
         let mut next = head.clone();
-        let mut bytes = String::with_capacity(records * 640);
+        let mut bytes = String::with_capacity((records + retry.len() + 1) * 640);
+        let refused = status.take_refused();
+        outage.refused_records += refused;
+        let outage_ended = outage.active();
+        if outage_ended {
+            bytes.push_str(&seal(outage.record(), &mut next));
+        }
+        for record in &mut retry {
+            bytes.push_str(&seal_record(record, &mut next));
+        }
         for job in &mut batch {
             for record in &mut job.records {
                 bytes.push_str(&seal_record(record, &mut next));
             }
         }
+        if bytes.is_empty() {
+            continue;
+        }
+        let written = next.next_seq - head.next_seq;
         let result = sink.write(bytes.as_bytes(), next.next_seq.saturating_sub(1));
         match &result {
             Ok(()) => {
                 head = next;
-                status.written(records as u64, head.next_seq);
+                status.written(written, head.next_seq);
+                outage = Outage::default();
+                retry.clear();
             }
             Err(e) => {
-                error!(error = %e, records, "audit trail write failed; decisions are refused until it works again");
-                outage.failed(e, records as u64);
+                if status.available() {
+                    error!(error = %e, records, "audit trail write failed; decisions are refused until it works again");
+                }
+                // Callers waiting (disk mode) are told, and their decisions
+                // refused; records nobody waits for (queued mode) were
+                // answered already, so they are kept for the retry.
+                let mut refused_now = 0u64;
+                for job in &mut batch {
+                    if job.done.is_some() {
+                        refused_now += job.records.len() as u64;
+                    } else {
+                        retry.append(&mut job.records);
+                    }
+                }
+                outage.failed(e, refused_now);
                 status.failed(e.clone());
             }
         }
@@ -354,8 +468,32 @@ pub fn run(
             anchored_seq = head.next_seq;
         }
     }
+    if !retry.is_empty() {
+        error!(
+            records = retry.len(),
+            "audit trail closed while writes were failing: these queued records are lost"
+        );
+    }
     if head.next_seq != anchored_seq {
         anchor(&head);
+    }
+    _stopped.disarm();
+}
+
+/// Marks the trail unavailable if the writer thread ends unexpectedly
+/// (a panic): nothing would write the records of new decisions.
+struct StoppedGuard(Arc<AuditStatus>);
+
+impl StoppedGuard {
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for StoppedGuard {
+    fn drop(&mut self) {
+        self.0
+            .failed("the audit writer stopped unexpectedly".to_owned());
     }
 }
 
@@ -370,6 +508,10 @@ struct Outage {
 }
 
 impl Outage {
+    fn active(&self) -> bool {
+        self.since.is_some()
+    }
+
     fn failed(&mut self, error: &str, records: u64) {
         if self.since.is_none() {
             self.since = Some(now());
@@ -388,6 +530,8 @@ impl Outage {
             Value::from(self.since.clone().unwrap_or_default()),
         );
         r.insert("error".into(), Value::from(self.error.clone()));
+        // Decisions answered DENY (or refused) because they could not be
+        // recorded during the outage.
         r.insert("refused_records".into(), Value::from(self.refused_records));
         r
     }
