@@ -307,8 +307,9 @@ async fn an_unwritable_trail_fails_closed_and_recovers() {
         "{}",
         error.message
     );
-    assert_eq!(health(&server).await, ServingStatus::NotServing as i32);
-    // It stays so while the device is full, whatever the probing does.
+    wait_health(&server, ServingStatus::NotServing).await;
+    // It stays so while the device is full, whatever the retries do (a
+    // stretch of time is the point here, not a wait for a condition).
     tokio::time::sleep(leash::audit::writer::PROBE_INTERVAL * 3).await;
     assert_eq!(health(&server).await, ServingStatus::NotServing as i32);
     let (code, body) = http_get(server.admin_addr, "GET", "/readyz").await;
@@ -334,17 +335,8 @@ async fn an_unwritable_trail_fails_closed_and_recovers() {
 
     // Writing works again: leash notices on its own, without traffic.
     let real = dir.path().join("real.log");
-    let swap = dir.path().join("swap");
-    std::os::unix::fs::symlink(&real, &swap).expect("symlink");
-    std::fs::rename(&swap, &link).expect("swap the link");
-    let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
-    while health(&server).await != ServingStatus::Serving as i32 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "health never recovered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    repoint(&link, &real);
+    wait_health(&server, ServingStatus::Serving).await;
     assert_eq!(http_get(server.admin_addr, "GET", "/readyz").await.0, 200);
     let resp = server.decide(allow()).await.expect("answers");
     assert_eq!(resp.decision, ALLOW);
