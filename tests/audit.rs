@@ -30,20 +30,6 @@ fn audited(path: &Path, sync: SyncMode) -> ServerOptions {
     }
 }
 
-fn example(
-    agent: &str,
-    user: Option<&str>,
-    action: &str,
-    resource: &str,
-) -> pb::IsAuthorizedRequest {
-    request(
-        &format!("Agent::\"{agent}\""),
-        user.map(|u| format!("User::\"{u}\"")).as_deref(),
-        &format!("Action::\"{action}\""),
-        resource,
-    )
-}
-
 fn allow() -> pb::IsAuthorizedRequest {
     example(
         "support-bot",
@@ -77,6 +63,17 @@ async fn wait_health(server: &TestServer, want: ServingStatus) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A server whose trail reaches its file through a link to a device that is
+/// always full (`/dev/full`); returns it and the link, to repoint later.
+async fn server_on_full_disk(dir: &Path, sync: SyncMode, fail_open: bool) -> (TestServer, PathBuf) {
+    let link = dir.join("audit.log");
+    std::os::unix::fs::symlink("/dev/full", &link).expect("symlink");
+    let mut options = audited(&link, sync);
+    options.audit.fail_open = fail_open;
+    let server = TestServer::start(Some(example_snapshot()), options, false).await;
+    (server, link)
 }
 
 /// Points the symlink `link` at `target`, atomically.
@@ -290,14 +287,7 @@ async fn an_unwritable_trail_fails_closed_and_recovers() {
     let dir = tempfile::tempdir().expect("temp dir");
     // The trail reaches its file through a link: first to a device that is
     // always full, then to a real file.
-    let link = dir.path().join("audit.log");
-    std::os::unix::fs::symlink("/dev/full", &link).expect("symlink");
-    let server = TestServer::start(
-        Some(example_snapshot()),
-        audited(&link, SyncMode::Disk),
-        false,
-    )
-    .await;
+    let (server, link) = server_on_full_disk(dir.path(), SyncMode::Disk, false).await;
     let resp = server.decide(allow()).await.expect("answers");
     assert_eq!(resp.decision, DENY, "an unrecorded decision is a DENY");
     let error = resp.error.expect("says why");
@@ -366,11 +356,7 @@ async fn an_unwritable_trail_fails_closed_and_recovers() {
 #[tokio::test]
 async fn fail_open_answers_when_the_trail_cannot_be_written() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let link = dir.path().join("audit.log");
-    std::os::unix::fs::symlink("/dev/full", &link).expect("symlink");
-    let mut options = audited(&link, SyncMode::Disk);
-    options.audit.fail_open = true;
-    let server = TestServer::start(Some(example_snapshot()), options, false).await;
+    let (server, _link) = server_on_full_disk(dir.path(), SyncMode::Disk, true).await;
     let resp = server.decide(allow()).await.expect("answers");
     assert_eq!(resp.decision, ALLOW, "fail-open was chosen");
     assert_eq!(health(&server).await, ServingStatus::Serving as i32);
@@ -691,14 +677,7 @@ async fn records_follow_the_path_when_the_file_is_removed() {
 #[tokio::test]
 async fn an_outage_ended_by_traffic_is_recorded_before_the_decisions_after_it() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let link = dir.path().join("audit.log");
-    std::os::unix::fs::symlink("/dev/full", &link).expect("symlink");
-    let server = TestServer::start(
-        Some(example_snapshot()),
-        audited(&link, SyncMode::Disk),
-        false,
-    )
-    .await;
+    let (server, link) = server_on_full_disk(dir.path(), SyncMode::Disk, false).await;
     assert_eq!(
         server.decide(allow()).await.expect("answers").decision,
         DENY
@@ -723,14 +702,7 @@ async fn an_outage_ended_by_traffic_is_recorded_before_the_decisions_after_it() 
 #[tokio::test]
 async fn queued_records_whose_write_failed_are_written_once_it_works() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let link = dir.path().join("audit.log");
-    std::os::unix::fs::symlink("/dev/full", &link).expect("symlink");
-    let server = TestServer::start(
-        Some(example_snapshot()),
-        audited(&link, SyncMode::Queued),
-        false,
-    )
-    .await;
+    let (server, link) = server_on_full_disk(dir.path(), SyncMode::Queued, false).await;
     let mut first = allow();
     first.request_id = "answered-before-the-failure".to_owned();
     // Queued: answered before the write, which then fails.

@@ -34,20 +34,6 @@ fn http_endpoint(collector: &SpanCollector) -> String {
     format!("{}/v1/traces", collector.http_endpoint())
 }
 
-fn example(
-    agent: &str,
-    user: Option<&str>,
-    action: &str,
-    resource: &str,
-) -> pb::IsAuthorizedRequest {
-    request(
-        &format!("Agent::\"{agent}\""),
-        user.map(|u| format!("User::\"{u}\"")).as_deref(),
-        &format!("Action::\"{action}\""),
-        resource,
-    )
-}
-
 fn with_trace<T>(message: T, sampled: bool) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     let flags = if sampled { "01" } else { "00" };

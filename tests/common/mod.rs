@@ -198,6 +198,22 @@ pub fn request(
     }
 }
 
+/// A request against the example bundle: `example("support-bot",
+/// Some("omar"), "tickets:read", "Ticket::\"T-1\"")`.
+pub fn example(
+    agent: &str,
+    user: Option<&str>,
+    action: &str,
+    resource: &str,
+) -> pb::IsAuthorizedRequest {
+    request(
+        &format!("Agent::\"{agent}\""),
+        user.map(|u| format!("User::\"{u}\"")).as_deref(),
+        &format!("Action::\"{action}\""),
+        resource,
+    )
+}
+
 pub fn with_context_json(mut req: pb::IsAuthorizedRequest, json: &str) -> pb::IsAuthorizedRequest {
     req.context_input = Some(pb::is_authorized_request::ContextInput::ContextJson(
         json.to_owned(),
