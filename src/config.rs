@@ -113,6 +113,12 @@ pub struct ServeArgs {
         default_value = "50ms"
     )]
     pub watch_settle: String,
+    /// Narrow each request to the policies whose scope can match it before
+    /// Cedar evaluates them (same answers, flat latency in bundle size).
+    /// `off` evaluates every policy on every request: for comparison, or as
+    /// a safety valve.
+    #[arg(long, env = "LEASH_POLICY_INDEX", value_enum, default_value_t = Switch::On)]
+    pub policy_index: Switch,
     /// Log format: `json` (one object per line), `text`, or `auto`: text on
     /// a terminal, JSON otherwise (in a container).
     #[arg(long, env = "LEASH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
@@ -162,6 +168,12 @@ pub struct ServeArgs {
     pub admin_listen: String,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -975,7 +987,11 @@ impl ServeArgs {
                 telemetry,
                 audit,
             },
-            reload: ReloadOptions { watch, settle },
+            reload: ReloadOptions {
+                watch,
+                settle,
+                policy_index: self.policy_index == Switch::On,
+            },
             log_format: self.log_format,
             log,
             warnings,

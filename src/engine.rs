@@ -7,6 +7,10 @@
 //! trusted values (the agent, the user, whether a user is present, the time);
 //! callers cannot supply it.
 //!
+//! Each side evaluates only the policies whose scope matches it, as chosen
+//! by the snapshot's [`PolicyIndex`](crate::bundle::PolicyIndex); the answer
+//! is that of the whole set, at a cost that does not grow with it.
+//!
 //! leash is stricter than plain Cedar in one respect: a side whose evaluation
 //! raised any error is denied, even if a permit was satisfied, because Cedar
 //! skips an erroring `forbid` and would otherwise allow around it.
@@ -335,7 +339,15 @@ fn decide_side(
         Some(&snapshot.schema),
     )
     .map_err(|e| request_validation_error(e, principal_field, &request.context))?;
-    let response = Authorizer::new().is_authorized(&cedar_request, &snapshot.policies, entities);
+    // The scope index narrows the set to the policies that could apply;
+    // without it (turned off, or a request it cannot narrow) Cedar
+    // evaluates them all. Both give the same answer (see bundle::index).
+    let narrowed = snapshot
+        .index
+        .as_ref()
+        .and_then(|index| index.select(principal, &request.action, &request.resource, entities));
+    let policies = narrowed.as_ref().unwrap_or(&snapshot.policies);
+    let response = Authorizer::new().is_authorized(&cedar_request, policies, entities);
     let diagnostics = response.diagnostics();
     let mut errors: Vec<PolicyError> = diagnostics
         .errors()

@@ -30,8 +30,8 @@ use tokio::sync::{oneshot, Notify};
 use tracing::{debug, error, info, warn};
 
 use crate::bundle::{
-    BuildCache, BundleError, BundleLocation, BundleSources, Diagnostic, LiveBundle, ReadOutcome,
-    Snapshot, TreeStamp,
+    BuildCache, BuildTimings, BundleError, BundleLocation, BundleSources, Diagnostic, IndexStats,
+    LiveBundle, ReadOutcome, Snapshot, TreeStamp,
 };
 use crate::server::Server;
 
@@ -77,6 +77,8 @@ pub struct ReloadOptions {
     pub watch: WatchMode,
     /// Quiet time that ends a burst of events.
     pub settle: Duration,
+    /// Build a scope index with each snapshot (`--policy-index`).
+    pub policy_index: bool,
 }
 
 impl Default for ReloadOptions {
@@ -84,6 +86,7 @@ impl Default for ReloadOptions {
         Self {
             watch: WatchMode::Events,
             settle: DEFAULT_SETTLE,
+            policy_index: true,
         }
     }
 }
@@ -287,6 +290,7 @@ impl Drop for AbortOnDrop {
 
 impl Reloader {
     pub fn new(server: Arc<Server>, location: BundleLocation, options: ReloadOptions) -> Arc<Self> {
+        let cache = BuildCache::new(options.policy_index);
         Arc::new(Self {
             server,
             location,
@@ -294,7 +298,7 @@ impl Reloader {
             wake: Arc::new(Notify::new()),
             forced: AtomicBool::new(false),
             armed: Mutex::new(None),
-            cache: Arc::new(Mutex::new(BuildCache::default())),
+            cache: Arc::new(Mutex::new(cache)),
             writing: Arc::new(Mutex::new(HashSet::new())),
         })
     }
@@ -595,6 +599,8 @@ impl Reloader {
                 entities,
                 files,
                 warnings,
+                timings,
+                index,
                 ..
             } => {
                 info!(
@@ -605,6 +611,11 @@ impl Reloader {
                     entities,
                     files,
                     took_ms,
+                    parse_ms = ms(timings.parse),
+                    validate_ms = ms(timings.validate),
+                    index_ms = ms(timings.index),
+                    index = if index.is_some() { "on" } else { "off" },
+                    unindexed_policies = index.map_or(policies, |i| i.unkeyed),
                     "policy bundle reloaded"
                 );
                 for warning in warnings {
@@ -675,6 +686,8 @@ enum Job {
         entities: usize,
         files: usize,
         warnings: Vec<String>,
+        timings: BuildTimings,
+        index: Option<IndexStats>,
     },
     Unchanged {
         version: String,
@@ -684,6 +697,11 @@ enum Job {
         error: BundleError,
     },
     Changing,
+}
+
+/// Milliseconds, for log fields.
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// Reads and builds the bundle. With `install` (a reload), publishes a new
@@ -739,7 +757,7 @@ fn build(
             // what it left.
             Err(poisoned) => {
                 let mut cache = poisoned.into_inner();
-                *cache = BuildCache::default();
+                *cache = BuildCache::new(cache.indexes());
                 cache
             }
         };
@@ -764,6 +782,8 @@ fn build(
         entities: snapshot.entity_count(),
         files: snapshot.files.len(),
         warnings: snapshot.warnings.clone(),
+        timings: snapshot.timings,
+        index: snapshot.index.as_ref().map(|i| i.stats()),
     };
     let attempt = Attempt {
         trigger,

@@ -241,6 +241,14 @@ impl Server {
             policies = snapshot.policy_count(),
             entities = snapshot.entity_count(),
             leash_context_actions = snapshot.reserved.action_count(),
+            parse_ms = crate::reload::ms(snapshot.timings.parse),
+            validate_ms = crate::reload::ms(snapshot.timings.validate),
+            index_ms = crate::reload::ms(snapshot.timings.index),
+            index = if snapshot.index.is_some() { "on" } else { "off" },
+            unindexed_policies = snapshot
+                .index
+                .as_ref()
+                .map_or(snapshot.policy_count(), |i| i.stats().unkeyed),
             "policy bundle loaded"
         );
         for warning in &snapshot.warnings {

@@ -614,6 +614,7 @@ async fn decisions_never_fail_or_tear_while_the_bundle_flips() {
             .serve(ReloadOptions {
                 watch: WatchMode::Events,
                 settle: Duration::from_millis(2),
+                ..Default::default()
             })
             .await,
     );
@@ -703,6 +704,7 @@ async fn polling_notices_changes_without_inotify() {
         .serve(ReloadOptions {
             watch: WatchMode::Poll(Duration::from_millis(20)),
             settle: Duration::from_millis(1),
+            ..Default::default()
         })
         .await;
     assert_eq!(server.status().await.watch, "poll every 20ms");

@@ -609,6 +609,7 @@ async fn reload_metrics_follow_refused_and_loaded_bundles() {
         leash::reload::ReloadOptions {
             watch: leash::reload::WatchMode::Events,
             settle: Duration::from_millis(10),
+            ..Default::default()
         },
     )
     .await;

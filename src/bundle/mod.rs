@@ -5,6 +5,7 @@
 //! off the request path. A snapshot is never modified after it is built.
 
 mod diagnostic;
+mod index;
 mod reserved;
 mod sources;
 
@@ -12,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::str::FromStr;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use cedar_policy::{
     Entities, EntityUid, PolicyId, PolicySet, Schema, SchemaFragment, ValidationMode, Validator,
@@ -20,6 +21,7 @@ use cedar_policy::{
 use sha2::Digest as _;
 
 pub use diagnostic::Diagnostic;
+pub use index::{IndexStats, PolicyIndex};
 pub use reserved::{LeashFields, ReservedContext, LEASH_ATTR};
 pub use sources::{
     effective_root, BundleSources, ReadOutcome, SchemaFormat, SourceFile, TreeStamp,
@@ -79,6 +81,26 @@ pub struct Snapshot {
     pub files: Vec<String>,
     /// Validator warnings (the bundle still loads).
     pub warnings: Vec<String>,
+    /// The scope index the engine narrows each request with; `None` when
+    /// it was turned off (`--policy-index off`): every request evaluates
+    /// the whole set.
+    pub index: Option<PolicyIndex>,
+    /// What each step of the build took.
+    pub timings: BuildTimings,
+}
+
+/// Wall time of the steps of one build. Steps a [`BuildCache`] skipped
+/// (unchanged files) take next to nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BuildTimings {
+    /// Parsing the policy files.
+    pub parse: Duration,
+    /// Validating the policies against the schema.
+    pub validate: Duration,
+    /// Parsing the entity data.
+    pub entities: Duration,
+    /// Building the scope index.
+    pub index: Duration,
 }
 
 impl Snapshot {
@@ -152,9 +174,12 @@ impl Snapshot {
                  purpose, ship a `*.cedar` file with no policies in it (a comment)",
             ));
         }
+        let mut timings = BuildTimings::default();
         let schema_parts = parse_schema(sources, &mut diagnostics);
+        let began = Instant::now();
         let (policies, policy_origins) =
             parse_policies(sources, &mut cache.parsed, &mut diagnostics);
+        timings.parse = began.elapsed();
         let Some((schema, fragments_json)) = schema_parts else {
             return Err(refuse(diagnostics));
         };
@@ -168,6 +193,7 @@ impl Snapshot {
             }
         };
 
+        let began = Instant::now();
         let (warnings, clean) = validate(
             sources,
             &schema,
@@ -176,7 +202,9 @@ impl Snapshot {
             cache,
             &mut diagnostics,
         );
+        timings.validate = began.elapsed();
 
+        let began = Instant::now();
         let entity_key = file_key_all(sources.entities.iter());
         let entities = match &cache.entities {
             Some((key, entities)) if *key == entity_key => Some(entities.clone()),
@@ -189,6 +217,7 @@ impl Snapshot {
             }
         };
 
+        timings.entities = began.elapsed();
         if !diagnostics.is_empty() {
             return Err(refuse(diagnostics));
         }
@@ -201,6 +230,11 @@ impl Snapshot {
         cache.validated.extend(clean);
 
         let actions = action_uids(&schema);
+        let began = Instant::now();
+        let index = cache
+            .index
+            .then(|| PolicyIndex::build(&policies, &entities, &actions));
+        timings.index = began.elapsed();
         Ok(Self {
             version: sources.version(),
             origin: sources.origin.clone(),
@@ -213,6 +247,8 @@ impl Snapshot {
             policy_origins,
             files: sources.files().map(|f| f.path.clone()).collect(),
             warnings,
+            index,
+            timings,
         })
     }
 
@@ -227,10 +263,13 @@ impl Snapshot {
     }
 }
 
-/// What one build leaves for the next (see [`Snapshot::build_cached`]).
-/// Entries of files that are gone are dropped at each build.
-#[derive(Debug, Default)]
+/// What one build leaves for the next (see [`Snapshot::build_cached`]),
+/// and whether builds index the policies. Entries of files that are gone
+/// are dropped at each build.
+#[derive(Debug)]
 pub struct BuildCache {
+    /// Build a [`PolicyIndex`] with each snapshot.
+    index: bool,
     /// The schema files the entries below were checked against.
     schema: Option<FileKey>,
     /// Policy files (path and contents) that validated without errors
@@ -242,7 +281,29 @@ pub struct BuildCache {
     parsed: HashMap<FileKey, PolicySet>,
 }
 
+impl Default for BuildCache {
+    fn default() -> Self {
+        Self::new(true)
+    }
+}
+
 impl BuildCache {
+    /// An empty cache; `index` says whether snapshots get a scope index.
+    pub fn new(index: bool) -> Self {
+        Self {
+            index,
+            schema: None,
+            validated: HashMap::new(),
+            entities: None,
+            parsed: HashMap::new(),
+        }
+    }
+
+    /// Whether snapshots built with this cache get a scope index.
+    pub fn indexes(&self) -> bool {
+        self.index
+    }
+
     /// Forgets everything checked against another schema.
     fn use_schema(&mut self, key: FileKey) {
         if self.schema != Some(key) {
