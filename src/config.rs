@@ -696,6 +696,10 @@ pub struct BenchArgs {
     /// [default: 10000; quick: main].
     #[arg(long, value_name = "N|main")]
     pub reload_policies: Option<String>,
+    /// Latency at half of maximum throughput: policies in the generated
+    /// bundle, or `none` to skip the phase [default: 10000; quick: 1000].
+    #[arg(long, value_name = "N|none")]
+    pub capacity_policies: Option<String>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -827,6 +831,20 @@ impl BenchArgs {
                 }
             },
         };
+        let capacity_policies = match self.capacity_policies.as_deref() {
+            None if quick => Some(1_000),
+            None => Some(10_000),
+            Some(v) if v.eq_ignore_ascii_case("none") => None,
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if n >= MIN_POLICIES => Some(n),
+                _ => {
+                    problems.push(format!(
+                        "--capacity-policies: `{v}` is not a policy count of at least {MIN_POLICIES} (or `none`)"
+                    ));
+                    None
+                }
+            },
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -855,6 +873,7 @@ impl BenchArgs {
             reload_changes,
             reload_policies,
             telemetry_rounds: self.telemetry_rounds.unwrap_or(if quick { 1 } else { 3 }),
+            capacity_policies,
         })
     }
 }

@@ -16,7 +16,6 @@
 //! skips an erroring `forbid` and would otherwise allow around it.
 
 use std::collections::HashSet;
-use std::str::FromStr as _;
 
 use cedar_policy::{
     Authorizer, Context, Entities, Entity, EntityUid, Request, RequestValidationError,
@@ -164,6 +163,28 @@ impl RequestTime {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The time as a Cedar `datetime` value. Building one makes Cedar parse
+    /// the extension's name (a fresh lexer automaton, tens of microseconds),
+    /// so each thread keeps the last one it built: requests within the same
+    /// millisecond share it.
+    fn expression(&self) -> RestrictedExpression {
+        thread_local! {
+            static LAST: std::cell::RefCell<Option<(String, RestrictedExpression)>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        LAST.with(|last| {
+            let mut last = last.borrow_mut();
+            match last.as_ref() {
+                Some((text, expr)) if *text == self.0 => expr.clone(),
+                _ => {
+                    let expr = RestrictedExpression::new_datetime(&self.0);
+                    *last = Some((self.0.clone(), expr.clone()));
+                    expr
+                }
+            }
+        })
     }
 }
 
@@ -542,7 +563,7 @@ fn explicit_json_value(value: &Value, depth: usize) -> Option<RestrictedExpressi
                 else {
                     return None;
                 };
-                let ty = cedar_policy::EntityTypeName::from_str(ty).ok()?;
+                let ty = crate::service::convert::type_name(ty)?;
                 return Some(RestrictedExpression::new_entity_uid(
                     EntityUid::from_type_name_and_id(ty, cedar_policy::EntityId::new(id)),
                 ));
@@ -597,10 +618,7 @@ fn leash_expr(
         ));
     }
     if fields.now {
-        record.push((
-            "now".to_owned(),
-            RestrictedExpression::new_datetime(now.as_str()),
-        ));
+        record.push(("now".to_owned(), now.expression()));
     }
     // The keys above are distinct, so building the record cannot fail; if it
     // ever did, an empty record fails schema validation of the request (a

@@ -50,6 +50,8 @@ fn quick_mode_completes_with_sane_figures() {
         "--quick",
         "--policy-count",
         "200",
+        "--capacity-policies",
+        "200",
         "--json",
         json.to_str().expect("utf-8 path"),
     ]);
@@ -60,6 +62,8 @@ fn quick_mode_completes_with_sane_figures() {
         "against the empty floor call",
         "BatchIsAuthorized over the Unix socket",
         "policy-scale curve",
+        "in-process p50 at 1000 ÷ at 100 policies",
+        "latency at half of maximum throughput (200 policies",
         "hot reload (200 policies)",
         "p99 reloading ÷ at rest",
         "share its cores",
@@ -173,7 +177,42 @@ fn quick_mode_completes_with_sane_figures() {
     for point in report["scale"].as_array().expect("scale") {
         assert_sane_stats("scale in-process", &point["in_process"]);
         assert_sane_stats("scale sidecar", &point["sidecar_uds_1"]);
+        assert_sane_stats("scale in-process, no index", &point["in_process_full"]);
+        assert_sane_stats("scale sidecar, no index", &point["sidecar_uds_1_full"]);
         assert!(point["load_ms"].as_f64().unwrap_or(0.0) > 0.0);
+        assert!(point["parse_ms"].as_f64().unwrap_or(0.0) > 0.0);
+        assert!(point["index_build_ms"].as_f64().unwrap_or(0.0) > 0.0);
+        let policies = point["policies"].as_u64().unwrap_or(0);
+        assert_eq!(point["index"]["policies"], policies, "{point}");
+        assert!(
+            point["sidecar_memory_full"]["rss_kib"]
+                .as_u64()
+                .unwrap_or(0)
+                > 1024,
+            "{point}"
+        );
+        // The generated deployment grows by agents, users and roles, so
+        // each side's candidates stay a handful at any size.
+        let evaluated = point["evaluated_per_side"].as_f64().unwrap_or(0.0);
+        assert!(evaluated > 0.0 && evaluated < 20.0, "{point}");
+    }
+
+    // Latency at half load: the index on, then off, each offered half of
+    // the maximum it reached.
+    let capacity = &report["capacity"];
+    assert_eq!(capacity["policies"], 200, "{capacity}");
+    let runs = capacity["runs"].as_array().expect("capacity runs");
+    let indexes: Vec<bool> = runs.iter().filter_map(|r| r["index"].as_bool()).collect();
+    assert_eq!(indexes, [true, false]);
+    for run in runs {
+        assert_sane_stats("at half load", &run["at_half"]);
+        let max = run["max_per_sec"].as_f64().unwrap_or(0.0);
+        let offered = run["at_half"]["per_sec"].as_f64().unwrap_or(0.0);
+        // The pacer schedules exactly rate × duration calls in the window.
+        assert!(
+            (offered - max / 2.0).abs() <= max * 0.05 + 3.0,
+            "offered {offered}/s for a maximum of {max}/s"
+        );
     }
 }
 
@@ -204,6 +243,8 @@ fn a_bundle_on_disk_with_its_request_file_and_the_example() {
     let short = [
         "--quick",
         "--scale",
+        "none",
+        "--capacity-policies",
         "none",
         "--concurrency",
         "1",
@@ -236,6 +277,7 @@ fn a_bundle_on_disk_with_its_request_file_and_the_example() {
     assert_eq!(report["bundle"]["policies"], 50);
     assert_eq!(report["mix"]["requests"], 512);
     assert_eq!(report["scale"].as_array().map(Vec::len), Some(0));
+    assert!(report["capacity"].is_null(), "{}", report["capacity"]);
 
     let json = dir.path().join("example.json");
     let mut args = vec![
@@ -263,6 +305,8 @@ fn bad_options_and_bad_mixes_are_named() {
         "500",
         "--scale",
         "5",
+        "--capacity-policies",
+        "lots",
     ]);
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     let err = stderr(&out);
@@ -276,6 +320,10 @@ fn bad_options_and_bad_mixes_are_named() {
     );
     assert!(
         err.contains("--scale: `5` is not a policy count of at least 10"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--capacity-policies: `lots` is not a policy count of at least 10"),
         "{err}"
     );
 

@@ -143,3 +143,72 @@ where
     }
     Ok(Stats::from_histogram(&hist, measure_from.elapsed()))
 }
+
+/// Runs `call(i)` open-loop at `rate` calls per second: each call starts at
+/// its scheduled instant whether or not earlier calls have answered, as
+/// independent agents' tool calls arrive. A pacing thread keeps the
+/// schedule (sleeping to each instant, so no timer-wheel granularity), and
+/// latency is taken from the scheduled instant, so a client or server that
+/// falls behind shows in the figures rather than hiding them (no coordinated
+/// omission). Warm-up calls are made and discarded. The first failed call
+/// ends the run.
+pub async fn drive_rate<F, Fut>(rate: f64, timing: Timing, call: F) -> Result<Stats, BenchError>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BenchError>> + Send + 'static,
+{
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(BenchError::Task(format!("cannot pace calls at {rate}/s")));
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
+    let start = Instant::now() + Duration::from_millis(10);
+    let measure_from = start + timing.warmup;
+    let stop_at = measure_from + timing.measure;
+    let pacer = std::thread::Builder::new()
+        .name("bench-pacer".to_owned())
+        .spawn(move || {
+            for i in 0usize.. {
+                let at = start + Duration::from_secs_f64(i as f64 / rate);
+                if at >= stop_at {
+                    break;
+                }
+                let now = Instant::now();
+                if at > now {
+                    std::thread::sleep(at - now);
+                }
+                if tx.send((i, at)).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| BenchError::Task(format!("cannot start the pacing thread: {e}")))?;
+    let call = Arc::new(call);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut total = histogram()?;
+    let mut absorb = |joined: Result<Result<(Instant, Instant), BenchError>, _>| {
+        let (at, ended) =
+            joined.map_err(|e: tokio::task::JoinError| BenchError::Task(e.to_string()))??;
+        if at >= measure_from {
+            let ns = u64::try_from((ended - at).as_nanos()).unwrap_or(u64::MAX);
+            total.saturating_record(ns.max(1));
+        }
+        Ok::<_, BenchError>(())
+    };
+    while let Some((i, at)) = rx.recv().await {
+        let call = call.clone();
+        tasks.spawn(async move {
+            call(i).await?;
+            Ok::<_, BenchError>((at, Instant::now()))
+        });
+        // Collect answers as they come, so the set stays small.
+        while let Some(joined) = tasks.try_join_next() {
+            absorb(joined)?;
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        absorb(joined)?;
+    }
+    let _ = pacer.join();
+    // Calls per second are those scheduled in the window: the offered rate.
+    Ok(Stats::from_histogram(&total, timing.measure))
+}

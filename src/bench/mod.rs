@@ -17,6 +17,7 @@
 //! share a pod; the report says so. Machines are noisy, so the ratios, which
 //! are taken minutes apart at most, mean more than absolute figures.
 
+pub mod capacity;
 pub mod child;
 pub mod collector;
 pub mod driver;
@@ -91,6 +92,9 @@ pub struct BenchOptions {
     pub reload_policies: Option<usize>,
     /// Interleaved rounds of the telemetry-cost phase (0 skips it).
     pub telemetry_rounds: usize,
+    /// Generated bundle size of the latency-at-half-load phase (`None`
+    /// skips it).
+    pub capacity_policies: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -624,6 +628,28 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         scale.push(scale_point(options, policies, scratch.path()).await?);
     }
 
+    // Latency at half of maximum throughput on a large bundle.
+    let capacity = match options.capacity_policies {
+        Some(policies) => Some(
+            capacity::measure(
+                &options.server_exe,
+                scratch.path(),
+                &capacity::CapacityPlan {
+                    policies,
+                    seed: options.seed,
+                    timing: options.timing,
+                    concurrency: if options.quick {
+                        vec![16]
+                    } else {
+                        vec![4, 16, 64]
+                    },
+                },
+            )
+            .await?,
+        ),
+        None => None,
+    };
+
     let ratios = Ratios::of(&pairs, &runs, &in_process_report);
     Ok(Report {
         leash_version: env!("CARGO_PKG_VERSION"),
@@ -652,12 +678,14 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         reload,
         telemetry,
         scale,
+        capacity,
         ratios,
     })
 }
 
-/// One point of the policy-scale curve: load time, in-process and sidecar
-/// latency, and sidecar memory, for a generated bundle of `policies`.
+/// One point of the policy-scale curve: build times, in-process and sidecar
+/// latency, and sidecar memory, for a generated bundle of `policies`, each
+/// with the scope index and without it.
 async fn scale_point(
     options: &BenchOptions,
     policies: usize,
@@ -681,24 +709,46 @@ async fn scale_point(
     };
     let (workload, snapshot, load) = built;
     let workload = Arc::new(workload);
-    let snapshot = Arc::new(snapshot);
-    let stats = {
-        let (s, w, t) = (snapshot.clone(), workload.clone(), options.scale_timing);
-        blocking(move || in_process(&s, &w.requests, false, t, 3)).await??
+    let (timings, index) = (snapshot.timings, snapshot.index.as_ref().map(|i| i.stats()));
+    let (indexed, full, evaluated_per_side) = {
+        let (w, t) = (workload.clone(), options.scale_timing);
+        blocking(move || {
+            let mut snapshot = snapshot;
+            let evaluated = evaluated_per_side(&snapshot, &w.requests);
+            let indexed = in_process(&snapshot, &w.requests, false, t, 3)?;
+            snapshot.index = None;
+            let full = in_process(&snapshot, &w.requests, false, t, 3)?;
+            Ok::<_, BenchError>((indexed, full, evaluated))
+        })
+        .await??
     };
-    drop(snapshot);
-    let mut leash = child::spawn_leash(
-        &options.server_exe,
-        Some((&dir.join("policies"), &dir.join("schemas"))),
-        scratch,
-        &[],
-    )?;
-    let ready = child::wait_serving(&mut leash, Duration::from_secs(900)).await?;
-    let memory = leash.memory();
     let requests: Arc<Vec<_>> =
         Arc::new(workload.requests.iter().map(|r| r.json.clone()).collect());
-    let sidecar = leash_run(&leash, Transport::Uds, 1, options.scale_timing, requests).await?;
-    drop(leash);
+    let mut sidecar = Vec::with_capacity(2);
+    for extra in [
+        &[][..],
+        &["--policy-index".to_owned(), "off".to_owned()][..],
+    ] {
+        let mut leash = child::spawn_leash(
+            &options.server_exe,
+            Some((&dir.join("policies"), &dir.join("schemas"))),
+            scratch,
+            extra,
+        )?;
+        let ready = child::wait_serving(&mut leash, Duration::from_secs(900)).await?;
+        let memory = leash.memory();
+        let stats = leash_run(
+            &leash,
+            Transport::Uds,
+            1,
+            options.scale_timing,
+            requests.clone(),
+        )
+        .await?;
+        sidecar.push((ready, memory, stats));
+    }
+    let [(ready, memory, on), (_, memory_full, off)] = <[_; 2]>::try_from(sidecar)
+        .map_err(|_| BenchError::Task("a scale point lost a sidecar run".to_owned()))?;
     Ok(ScalePoint {
         policies,
         entities: workload.shape.agents
@@ -707,11 +757,41 @@ async fn scale_point(
             + workload.shape.tenants
             + workload.shape.records,
         load_ms: load.as_secs_f64() * 1e3,
+        parse_ms: timings.parse.as_secs_f64() * 1e3,
+        index_build_ms: timings.index.as_secs_f64() * 1e3,
+        index,
+        evaluated_per_side,
         sidecar_ready_ms: ready.as_secs_f64() * 1e3,
-        in_process: stats,
-        sidecar_uds_1: sidecar,
+        in_process: indexed,
+        in_process_full: full,
+        sidecar_uds_1: on,
+        sidecar_uds_1_full: off,
         sidecar_memory: memory,
+        sidecar_memory_full: memory_full,
     })
+}
+
+/// Mean number of policies the index leaves Cedar to evaluate per side of
+/// the mix's requests (0 without an index).
+fn evaluated_per_side(snapshot: &Snapshot, requests: &[RequestForms]) -> f64 {
+    let Some(index) = &snapshot.index else {
+        return 0.0;
+    };
+    let (mut policies, mut sides) = (0usize, 0usize);
+    for r in requests {
+        let Ok(req) = convert::request(&r.json) else {
+            continue;
+        };
+        for principal in std::iter::once(&req.agent).chain(req.on_behalf_of.as_ref()) {
+            if let Some(set) =
+                index.select(principal, &req.action, &req.resource, &snapshot.entities)
+            {
+                policies += set.policies().count();
+                sides += 1;
+            }
+        }
+    }
+    policies as f64 / sides.max(1) as f64
 }
 
 async fn blocking<T: Send + 'static>(

@@ -38,6 +38,8 @@ pub struct Report {
     pub reload: Option<ReloadReport>,
     /// Throughput with metrics and spans on and off.
     pub telemetry: Option<super::telemetry::TelemetryReport>,
+    /// Latency at half of maximum throughput on a large bundle.
+    pub capacity: Option<super::capacity::CapacityReport>,
     pub scale: Vec<ScalePoint>,
     pub ratios: Ratios,
 }
@@ -254,13 +256,56 @@ impl BatchRun {
 pub struct ScalePoint {
     pub policies: usize,
     pub entities: usize,
+    /// The whole build: parse, validate, entities, index.
     pub load_ms: f64,
+    /// Parsing the policy files, and building the scope index, within it.
+    pub parse_ms: f64,
+    pub index_build_ms: f64,
+    pub index: Option<crate::bundle::IndexStats>,
+    /// Mean policies Cedar evaluated per side with the index.
+    pub evaluated_per_side: f64,
     pub sidecar_ready_ms: f64,
+    /// With the scope index (the default).
     pub in_process: Stats,
-    /// `IsAuthorized` over the Unix socket, one in flight.
+    /// Without it: every policy evaluated.
+    pub in_process_full: Stats,
+    /// `IsAuthorized` over the Unix socket, one in flight, with the index.
     pub sidecar_uds_1: Stats,
-    /// After load, before traffic.
+    /// The same with `--policy-index off`.
+    pub sidecar_uds_1_full: Stats,
+    /// After load, before traffic, with and without the index.
     pub sidecar_memory: Option<Memory>,
+    pub sidecar_memory_full: Option<Memory>,
+}
+
+/// How flat the scale curve is: in-process p50 at the largest point over
+/// the point nearest 100 policies, with and without the index.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ScaleSummary {
+    pub base: usize,
+    pub largest: usize,
+    pub indexed_ratio: f64,
+    pub full_ratio: f64,
+    /// Index build time ÷ parse time at the largest point.
+    pub index_vs_parse: f64,
+}
+
+impl ScaleSummary {
+    pub fn of(points: &[ScalePoint]) -> Option<Self> {
+        let base = points.iter().min_by_key(|p| p.policies.abs_diff(100))?;
+        let largest = points.iter().max_by_key(|p| p.policies)?;
+        if largest.policies <= base.policies {
+            return None;
+        }
+        let ratio = |a: &Stats, b: &Stats| a.p50_ns as f64 / (b.p50_ns.max(1)) as f64;
+        Some(Self {
+            base: base.policies,
+            largest: largest.policies,
+            indexed_ratio: ratio(&largest.in_process, &base.in_process),
+            full_ratio: ratio(&largest.in_process_full, &base.in_process_full),
+            index_vs_parse: largest.index_build_ms / largest.parse_ms.max(f64::MIN_POSITIVE),
+        })
+    }
 }
 
 /// The headline figures.
@@ -527,36 +572,67 @@ fn render_into(r: &Report, out: &mut String) -> std::fmt::Result {
     if !r.scale.is_empty() {
         writeln!(
             out,
-            "\npolicy-scale curve (generated bundles; sidecar over the Unix socket, one in flight)"
+            "\npolicy-scale curve (generated bundles; in-process on one thread; sidecar over the Unix socket, one in flight)"
         )?;
         writeln!(
             out,
-            "  {:>8} {:>8} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>10}",
+            "  {:>8} {:>8} {:>10} {:>9} {:>9} {:>6} | {:>11} {:>11} {:>11} | {:>11} {:>11} {:>11} | {:>8} {:>8}",
             "policies",
             "entities",
             "load",
-            "ready",
+            "parse",
+            "index",
+            "eval",
             "in-proc p50",
-            "in-proc p99",
             "sidecar p50",
             "sidecar p99",
-            "RSS"
+            "full p50",
+            "full sc p50",
+            "full sc p99",
+            "RSS",
+            "full RSS"
         )?;
         for p in &r.scale {
             writeln!(
                 out,
-                "  {:>8} {:>8} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>10}",
+                "  {:>8} {:>8} {:>10} {:>9} {:>9} {:>6.1} | {:>11} {:>11} {:>11} | {:>11} {:>11} {:>11} | {:>8} {:>8}",
                 p.policies,
                 p.entities,
                 duration(p.load_ms * 1e6),
-                duration(p.sidecar_ready_ms * 1e6),
+                duration(p.parse_ms * 1e6),
+                duration(p.index_build_ms * 1e6),
+                p.evaluated_per_side,
                 duration(p.in_process.p50_ns as f64),
-                duration(p.in_process.p99_ns as f64),
                 duration(p.sidecar_uds_1.p50_ns as f64),
                 duration(p.sidecar_uds_1.p99_ns as f64),
-                mib(p.sidecar_memory, false)
+                duration(p.in_process_full.p50_ns as f64),
+                duration(p.sidecar_uds_1_full.p50_ns as f64),
+                duration(p.sidecar_uds_1_full.p99_ns as f64),
+                mib(p.sidecar_memory, false),
+                mib(p.sidecar_memory_full, false)
             )?;
         }
+        writeln!(
+            out,
+            "  (eval: policies Cedar evaluates per side with the index; full: --policy-index off)"
+        )?;
+        if let Some(flat) = ScaleSummary::of(&r.scale) {
+            writeln!(
+                out,
+                "  in-process p50 at {} ÷ at {} policies: {:.2}× with the index, {:.0}× without; \
+                 index build ÷ parse at {}: {:.2}",
+                flat.largest,
+                flat.base,
+                flat.indexed_ratio,
+                flat.full_ratio,
+                flat.largest,
+                flat.index_vs_parse
+            )?;
+        }
+    }
+
+    if let Some(capacity) = &r.capacity {
+        super::capacity::render_into(capacity, out)?;
     }
 
     writeln!(

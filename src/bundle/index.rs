@@ -39,63 +39,117 @@ use cedar_policy::{
     PrincipalConstraint, ResourceConstraint, Template,
 };
 
-/// What a scope says about the principal or the resource.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum EntityScope {
+/// The number of an entity or entity type named in some scope, or of a
+/// schema action: requests are matched against scopes by comparing numbers.
+type Id = u32;
+
+/// What a scope says about the principal or the resource, with entities
+/// and types by number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
     Any,
-    Eq(EntityUid),
-    In(EntityUid),
-    Is(EntityTypeName),
-    IsIn(EntityTypeName, EntityUid),
+    Eq(Id),
+    In(Id),
+    Is(Id),
+    IsIn(Id, Id),
 }
 
-impl EntityScope {
-    fn principal(c: PrincipalConstraint) -> Self {
-        match c {
-            PrincipalConstraint::Any => Self::Any,
-            PrincipalConstraint::Eq(e) => Self::Eq(e),
-            PrincipalConstraint::In(e) => Self::In(e),
-            PrincipalConstraint::Is(t) => Self::Is(t),
-            PrincipalConstraint::IsIn(t, e) => Self::IsIn(t, e),
+impl Scope {
+    /// The entity this scope files its policy under, if any: `==` first.
+    fn eq_key(self) -> Option<Id> {
+        match self {
+            Self::Eq(e) => Some(e),
+            _ => None,
         }
     }
 
-    fn resource(c: ResourceConstraint) -> Self {
-        match c {
-            ResourceConstraint::Any => Self::Any,
-            ResourceConstraint::Eq(e) => Self::Eq(e),
-            ResourceConstraint::In(e) => Self::In(e),
-            ResourceConstraint::Is(t) => Self::Is(t),
-            ResourceConstraint::IsIn(t, e) => Self::IsIn(t, e),
+    fn in_key(self) -> Option<Id> {
+        match self {
+            Self::In(e) | Self::IsIn(_, e) => Some(e),
+            _ => None,
         }
     }
 
-    /// Whether `uid` satisfies this constraint, with Cedar's semantics of
-    /// `in` (equal, or an ancestor in `entities`; an entity missing from
-    /// `entities` is `in` only itself).
-    fn matches(&self, uid: &EntityUid, entities: &Entities) -> bool {
+    /// Whether the request's entity, as `seen`, satisfies this scope, with
+    /// Cedar's semantics of `in` (itself or an ancestor).
+    fn matches(self, seen: &Seen) -> bool {
         match self {
             Self::Any => true,
-            Self::Eq(e) => uid == e,
-            Self::In(e) => within(uid, e, entities),
-            Self::Is(t) => uid.type_name() == t,
-            Self::IsIn(t, e) => uid.type_name() == t && within(uid, e, entities),
+            Self::Eq(e) => seen.id == Some(e),
+            Self::In(e) => seen.within.contains(&e),
+            Self::Is(t) => seen.ty == Some(t),
+            Self::IsIn(t, e) => seen.ty == Some(t) && seen.within.contains(&e),
         }
     }
 }
 
-/// `uid in ancestor`, as Cedar evaluates it.
-fn within(uid: &EntityUid, ancestor: &EntityUid, entities: &Entities) -> bool {
-    // `Entities::is_ancestor_of` alone says an existing entity is not `in`
-    // itself; Cedar's `in` says it is.
-    uid == ancestor || entities.is_ancestor_of(ancestor, uid)
+/// A request's principal or resource as the index sees it: its number, its
+/// type's number, and the numbers of itself and every ancestor (those
+/// named in some scope; no other entity can matter).
+#[derive(Debug, Default)]
+struct Seen {
+    id: Option<Id>,
+    ty: Option<Id>,
+    within: Vec<Id>,
 }
 
-fn action_matches(constraint: &ActionConstraint, action: &EntityUid, entities: &Entities) -> bool {
-    match constraint {
-        ActionConstraint::Any => true,
-        ActionConstraint::Eq(a) => action == a,
-        ActionConstraint::In(list) => list.iter().any(|a| within(action, a, entities)),
+/// Numbers for the entities and types that scopes name.
+#[derive(Debug, Default)]
+struct Names {
+    entities: HashMap<EntityUid, Id>,
+    types: HashMap<EntityTypeName, Id>,
+}
+
+impl Names {
+    fn entity(&mut self, uid: EntityUid) -> Id {
+        let next = Id::try_from(self.entities.len()).unwrap_or(Id::MAX);
+        *self.entities.entry(uid).or_insert(next)
+    }
+
+    fn ty(&mut self, ty: EntityTypeName) -> Id {
+        let next = Id::try_from(self.types.len()).unwrap_or(Id::MAX);
+        *self.types.entry(ty).or_insert(next)
+    }
+
+    fn principal(&mut self, c: PrincipalConstraint) -> Scope {
+        match c {
+            PrincipalConstraint::Any => Scope::Any,
+            PrincipalConstraint::Eq(e) => Scope::Eq(self.entity(e)),
+            PrincipalConstraint::In(e) => Scope::In(self.entity(e)),
+            PrincipalConstraint::Is(t) => Scope::Is(self.ty(t)),
+            PrincipalConstraint::IsIn(t, e) => Scope::IsIn(self.ty(t), self.entity(e)),
+        }
+    }
+
+    fn resource(&mut self, c: ResourceConstraint) -> Scope {
+        match c {
+            ResourceConstraint::Any => Scope::Any,
+            ResourceConstraint::Eq(e) => Scope::Eq(self.entity(e)),
+            ResourceConstraint::In(e) => Scope::In(self.entity(e)),
+            ResourceConstraint::Is(t) => Scope::Is(self.ty(t)),
+            ResourceConstraint::IsIn(t, e) => Scope::IsIn(self.ty(t), self.entity(e)),
+        }
+    }
+
+    /// How the index sees `uid` in `entities`.
+    fn see(&self, uid: &EntityUid, entities: &Entities) -> Seen {
+        let mut seen = Seen {
+            id: self.entities.get(uid).copied(),
+            ty: if self.types.is_empty() {
+                None
+            } else {
+                self.types.get(uid.type_name()).copied()
+            },
+            within: Vec::new(),
+        };
+        seen.within.extend(seen.id);
+        if !self.entities.is_empty() {
+            if let Some(ancestors) = entities.ancestors(uid) {
+                seen.within
+                    .extend(ancestors.filter_map(|a| self.entities.get(a).copied()));
+            }
+        }
+        seen
     }
 }
 
@@ -103,22 +157,21 @@ fn action_matches(constraint: &ActionConstraint, action: &EntityUid, entities: &
 #[derive(Debug)]
 struct Entry {
     policy: Policy,
-    principal: EntityScope,
-    action: ActionConstraint,
-    resource: EntityScope,
+    principal: Scope,
+    /// The schema actions (by number, sorted) the action scope matches,
+    /// action groups expanded; `None` for any action.
+    actions: Option<Vec<Id>>,
+    resource: Scope,
 }
 
 impl Entry {
-    fn matches(
-        &self,
-        principal: &EntityUid,
-        action: &EntityUid,
-        resource: &EntityUid,
-        entities: &Entities,
-    ) -> bool {
-        self.principal.matches(principal, entities)
-            && action_matches(&self.action, action, entities)
-            && self.resource.matches(resource, entities)
+    fn matches(&self, principal: &Seen, action: Id, resource: &Seen) -> bool {
+        self.principal.matches(principal)
+            && self
+                .actions
+                .as_ref()
+                .is_none_or(|a| a.binary_search(&action).is_ok())
+            && self.resource.matches(resource)
     }
 }
 
@@ -156,13 +209,15 @@ pub struct PolicyIndex {
     entries: Vec<Entry>,
     /// Templates of the linked policies, to link them again in a subset.
     templates: HashMap<PolicyId, Template>,
-    by_principal: HashMap<EntityUid, Vec<u32>>,
-    by_resource: HashMap<EntityUid, Vec<u32>>,
-    by_action: HashMap<EntityUid, Vec<u32>>,
+    names: Names,
+    /// The schema's actions by number: a request for any other action is
+    /// not narrowed (and never reaches evaluation: the engine refuses it).
+    actions: HashMap<EntityUid, Id>,
+    /// Policies by the number of the entity or action they are filed under.
+    by_principal: HashMap<Id, Vec<u32>>,
+    by_resource: HashMap<Id, Vec<u32>>,
+    by_action: HashMap<Id, Vec<u32>>,
     unkeyed: Vec<u32>,
-    /// The schema's actions: a request for any other action is not
-    /// narrowed (and never reaches evaluation: the engine refuses it).
-    actions: HashSet<EntityUid>,
     stats: IndexStats,
 }
 
@@ -172,13 +227,18 @@ impl PolicyIndex {
     /// actions.
     pub fn build(policies: &PolicySet, entities: &Entities, actions: &HashSet<EntityUid>) -> Self {
         let began = Instant::now();
+        let numbered: HashMap<EntityUid, Id> = actions
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.clone(), Id::try_from(i).unwrap_or(Id::MAX)))
+            .collect();
         // Each action and action group, with the actions `in` it.
-        let mut members: HashMap<&EntityUid, Vec<&EntityUid>> = HashMap::new();
-        for action in actions {
-            members.entry(action).or_default().push(action);
+        let mut members: HashMap<&EntityUid, Vec<Id>> = HashMap::new();
+        for (action, id) in &numbered {
+            members.entry(action).or_default().push(*id);
             if let Some(ancestors) = entities.ancestors(action) {
                 for group in ancestors {
-                    members.entry(group).or_default().push(action);
+                    members.entry(group).or_default().push(*id);
                 }
             }
         }
@@ -186,14 +246,19 @@ impl PolicyIndex {
         let mut index = Self {
             entries: Vec::with_capacity(policies.num_of_policies()),
             templates: HashMap::new(),
+            names: Names::default(),
+            actions: HashMap::new(),
             by_principal: HashMap::new(),
             by_resource: HashMap::new(),
             by_action: HashMap::new(),
             unkeyed: Vec::new(),
-            actions: actions.clone(),
             stats: IndexStats::default(),
         };
         for policy in policies.policies() {
+            // Fewer than 2^32 policies: a bundle that size could not load.
+            let Ok(at) = u32::try_from(index.entries.len()) else {
+                break;
+            };
             if let Some(template) = policy.template_id() {
                 if let Some(t) = policies.template(template) {
                     index
@@ -202,17 +267,29 @@ impl PolicyIndex {
                         .or_insert_with(|| t.clone());
                 }
             }
+            let actions = match policy.action_constraint() {
+                ActionConstraint::Any => None,
+                // `action == A` matches A alone, never the members of a group A.
+                ActionConstraint::Eq(a) => Some(numbered.get(&a).copied().into_iter().collect()),
+                ActionConstraint::In(list) => {
+                    let mut ids: Vec<Id> = list
+                        .iter()
+                        .filter_map(|a| members.get(a))
+                        .flatten()
+                        .copied()
+                        .collect();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    Some(ids)
+                }
+            };
             let entry = Entry {
-                principal: EntityScope::principal(policy.principal_constraint()),
-                action: policy.action_constraint(),
-                resource: EntityScope::resource(policy.resource_constraint()),
+                principal: index.names.principal(policy.principal_constraint()),
+                actions,
+                resource: index.names.resource(policy.resource_constraint()),
                 policy: policy.clone(),
             };
-            // Fewer than 2^32 policies: a bundle that size could not load.
-            let Ok(at) = u32::try_from(index.entries.len()) else {
-                break;
-            };
-            let key = index.file(at, &entry, &members);
+            let key = index.file(at, &entry);
             match key {
                 Key::Principal => index.stats.by_principal += 1,
                 Key::Resource => index.stats.by_resource += 1,
@@ -221,6 +298,7 @@ impl PolicyIndex {
             }
             index.entries.push(entry);
         }
+        index.actions = numbered;
         index.stats.policies = index.entries.len();
         index.stats.keys =
             index.by_principal.len() + index.by_resource.len() + index.by_action.len();
@@ -229,71 +307,38 @@ impl PolicyIndex {
     }
 
     /// Files policy `at` under its most selective key.
-    fn file(
-        &mut self,
-        at: u32,
-        entry: &Entry,
-        members: &HashMap<&EntityUid, Vec<&EntityUid>>,
-    ) -> Key {
-        use EntityScope as S;
-        let (principal_eq, principal_in) = match &entry.principal {
-            S::Eq(e) => (Some(e), None),
-            S::In(e) | S::IsIn(_, e) => (None, Some(e)),
-            S::Any | S::Is(_) => (None, None),
-        };
-        let (resource_eq, resource_in) = match &entry.resource {
-            S::Eq(e) => (Some(e), None),
-            S::In(e) | S::IsIn(_, e) => (None, Some(e)),
-            S::Any | S::Is(_) => (None, None),
-        };
-        if let Some(e) = principal_eq {
-            self.by_principal.entry(e.clone()).or_default().push(at);
-            return Key::Principal;
-        }
-        if let Some(e) = resource_eq {
-            self.by_resource.entry(e.clone()).or_default().push(at);
-            return Key::Resource;
-        }
-        if let Some(e) = principal_in {
-            self.by_principal.entry(e.clone()).or_default().push(at);
-            return Key::Principal;
-        }
-        if let Some(e) = resource_in {
-            self.by_resource.entry(e.clone()).or_default().push(at);
-            return Key::Resource;
-        }
-        let named: Vec<&EntityUid> = match &entry.action {
-            ActionConstraint::Any => Vec::new(),
-            ActionConstraint::Eq(a) => vec![a],
-            ActionConstraint::In(list) => list.iter().collect(),
-        };
-        if named.is_empty() {
-            self.unkeyed.push(at);
-            return Key::Unkeyed;
-        }
-        let mut matched: HashSet<&EntityUid> = HashSet::new();
-        for a in named {
-            match (&entry.action, members.get(a)) {
-                // `action == A` matches A alone, never the members of a group A.
-                (ActionConstraint::Eq(_), _) => {
-                    if self.actions.contains(a) {
-                        matched.insert(a);
-                    }
+    fn file(&mut self, at: u32, entry: &Entry) -> Key {
+        let (principal, resource) = (entry.principal, entry.resource);
+        let key = if let Some(e) = principal.eq_key() {
+            (Key::Principal, e)
+        } else if let Some(e) = resource.eq_key() {
+            (Key::Resource, e)
+        } else if let Some(e) = principal.in_key() {
+            (Key::Principal, e)
+        } else if let Some(e) = resource.in_key() {
+            (Key::Resource, e)
+        } else {
+            match entry.actions.as_deref() {
+                // Names no action of the schema: it applies to no request the
+                // engine accepts, and costs nothing where it is filed.
+                Some([]) | None => {
+                    self.unkeyed.push(at);
+                    return Key::Unkeyed;
                 }
-                (_, Some(found)) => matched.extend(found.iter().copied()),
-                (_, None) => {}
+                Some(actions) => {
+                    for a in actions {
+                        self.by_action.entry(*a).or_default().push(at);
+                    }
+                    return Key::Action;
+                }
             }
-        }
-        if matched.is_empty() {
-            // It names no action of the schema, so it applies to no request
-            // the engine accepts; it is kept (and checked) all the same.
-            self.unkeyed.push(at);
-            return Key::Unkeyed;
-        }
-        for a in matched {
-            self.by_action.entry(a.clone()).or_default().push(at);
-        }
-        Key::Action
+        };
+        let map = match key.0 {
+            Key::Principal => &mut self.by_principal,
+            _ => &mut self.by_resource,
+        };
+        map.entry(key.1).or_default().push(at);
+        key.0
     }
 
     pub fn stats(&self) -> IndexStats {
@@ -312,28 +357,21 @@ impl PolicyIndex {
         resource: &EntityUid,
         entities: &Entities,
     ) -> Option<PolicySet> {
-        if !self.actions.contains(action) {
-            return None;
-        }
+        let action = *self.actions.get(action)?;
+        let principal = self.names.see(principal, entities);
+        let resource = self.names.see(resource, entities);
         let mut found: Vec<u32> = Vec::new();
-        let mut gather = |map: &HashMap<EntityUid, Vec<u32>>, uid: &EntityUid| {
-            if map.is_empty() {
-                return;
-            }
-            if let Some(ids) = map.get(uid) {
-                found.extend_from_slice(ids);
-            }
-            if let Some(ancestors) = entities.ancestors(uid) {
-                for ancestor in ancestors.filter(|a| *a != uid) {
-                    if let Some(ids) = map.get(ancestor) {
-                        found.extend_from_slice(ids);
-                    }
+        for (map, seen) in [
+            (&self.by_principal, &principal),
+            (&self.by_resource, &resource),
+        ] {
+            for id in &seen.within {
+                if let Some(ids) = map.get(id) {
+                    found.extend_from_slice(ids);
                 }
             }
-        };
-        gather(&self.by_principal, principal);
-        gather(&self.by_resource, resource);
-        if let Some(ids) = self.by_action.get(action) {
+        }
+        if let Some(ids) = self.by_action.get(&action) {
             found.extend_from_slice(ids);
         }
         found.extend_from_slice(&self.unkeyed);
@@ -345,10 +383,9 @@ impl PolicyIndex {
         let mut set = PolicySet::new();
         for at in found {
             let entry = self.entries.get(usize::try_from(at).ok()?)?;
-            if !entry.matches(principal, action, resource, entities) {
-                continue;
+            if entry.matches(&principal, action, &resource) {
+                self.add(&mut set, &entry.policy)?;
             }
-            self.add(&mut set, &entry.policy)?;
         }
         Some(set)
     }

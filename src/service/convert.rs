@@ -1,6 +1,7 @@
 //! Wire → domain: entity references, typed values and JSON inputs, each
 //! problem reported with the path of the field at fault.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 
 use cedar_policy::{Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
@@ -68,6 +69,36 @@ pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestErr
     })
 }
 
+/// Entity type names parsed before, by their text. Cedar parses a name
+/// with its full grammar, building a fresh lexer automaton each time (tens
+/// of microseconds); a deployment has a handful of entity types, so a
+/// request's names are nearly always here.
+static TYPE_NAMES: std::sync::LazyLock<std::sync::RwLock<HashMap<String, EntityTypeName>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Names kept at most: callers choose the text, so the cache is bounded;
+/// past it, names are parsed each time.
+const TYPE_NAMES_KEPT: usize = 1024;
+
+/// `text` as an entity type name, or `None` if it is not a valid one.
+pub(crate) fn type_name(text: &str) -> Option<EntityTypeName> {
+    if let Some(known) = TYPE_NAMES
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(text)
+    {
+        return Some(known.clone());
+    }
+    let parsed = EntityTypeName::from_str(text).ok()?;
+    let mut names = TYPE_NAMES
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if names.len() < TYPE_NAMES_KEPT {
+        names.insert(text.to_owned(), parsed.clone());
+    }
+    Some(parsed)
+}
+
 pub fn entity_uid(field: &str, uid: Option<&pb::EntityUid>) -> Result<EntityUid, RequestError> {
     let uid = uid.ok_or_else(|| RequestError::new(field, "required"))?;
     if uid.r#type.is_empty() {
@@ -76,7 +107,7 @@ pub fn entity_uid(field: &str, uid: Option<&pb::EntityUid>) -> Result<EntityUid,
             "required (an entity type such as `User`)",
         ));
     }
-    let type_name = EntityTypeName::from_str(&uid.r#type).map_err(|_| {
+    let type_name = type_name(&uid.r#type).ok_or_else(|| {
         RequestError::new(
             format!("{field}.type"),
             format!("`{}` is not a valid entity type name", uid.r#type),
