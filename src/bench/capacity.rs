@@ -26,6 +26,10 @@ pub struct CapacityReport {
     pub policies: usize,
     /// With the scope index, then without it.
     pub runs: Vec<CapacityRun>,
+    /// The empty floor call, open-loop at the rate offered to the indexed
+    /// sidecar: what the transport, the client and a shared machine cost
+    /// alone at that load.
+    pub floor_at_same_rate: Option<Stats>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -146,10 +150,38 @@ pub async fn measure(
             at_half,
         });
     }
+    let floor_at_same_rate = match runs.first() {
+        Some(indexed) => Some(floor_at(exe, &dir, indexed.max_per_sec / 2.0, plan.timing).await?),
+        None => None,
+    };
     Ok(CapacityReport {
         policies: plan.policies,
         runs,
+        floor_at_same_rate,
     })
+}
+
+/// The empty floor call, open-loop at `rate`.
+async fn floor_at(exe: &Path, dir: &Path, rate: f64, timing: Timing) -> Result<Stats, BenchError> {
+    progress(format!("capacity: floor, open loop at {rate:.0}/s"));
+    let floor = child::spawn_floor(exe, dir)?;
+    let client = child::floor_client(connect_uds(&floor.uds).await?);
+    let stats = driver::drive_rate(rate, timing, move |_| {
+        let mut client = client.clone();
+        async move {
+            client
+                .empty(crate::proto::bench::v1::EmptyRequest {})
+                .await
+                .map(|r| drop(std::hint::black_box(r)))
+                .map_err(|status| BenchError::Rpc {
+                    what: "Floor/Empty".to_owned(),
+                    status,
+                })
+        }
+    })
+    .await?;
+    drop(floor);
+    Ok(stats)
 }
 
 /// The capacity section of the text report.
@@ -176,6 +208,19 @@ pub fn render_into(report: &CapacityReport, out: &mut String) -> std::fmt::Resul
             super::report::duration(run.at_half.p50_ns as f64),
             super::report::duration(run.at_half.p99_ns as f64),
             super::report::duration(run.at_half.p999_ns as f64),
+        )?;
+    }
+    if let Some(floor) = &report.floor_at_same_rate {
+        writeln!(
+            out,
+            "  {:<6} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10}",
+            "floor",
+            "",
+            "",
+            super::report::rate(floor.per_sec),
+            super::report::duration(floor.p50_ns as f64),
+            super::report::duration(floor.p99_ns as f64),
+            super::report::duration(floor.p999_ns as f64),
         )?;
     }
     Ok(())
