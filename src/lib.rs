@@ -24,12 +24,15 @@
 //!   into Cedar values and maps [`engine::RequestError`] to `INVALID_ARGUMENT`;
 //!   `service::admin` answers `Admin/Status` (what is served, the last reload).
 //! - [`engine`]: decides a request against a [`bundle::Snapshot`]: both sides of
-//!   a delegated request, the trusted `context.leash` record, fail-closed rules.
+//!   a delegated request (each narrowed by the scope index), the trusted
+//!   `context.leash` record, fail-closed rules.
 //! - [`bundle`]: finds, parses and validates a bundle; every problem becomes a
 //!   [`bundle::Diagnostic`] with file:line:column; a valid bundle becomes a
 //!   [`bundle::Snapshot`] with a content-hash version. Reads are stable (a tree
 //!   changing mid-read is read again; ConfigMap volumes through `..data`), and
-//!   a [`bundle::BuildCache`] lets a rebuild validate only changed files.
+//!   a [`bundle::BuildCache`] lets a rebuild validate only changed files. Each
+//!   snapshot carries a [`bundle::PolicyIndex`]: policies filed by their scope,
+//!   so a request evaluates only those that could apply to it.
 //! - [`reload`]: hot reload: inotify (or polling) over the bundle directories,
 //!   bursts coalesced, snapshots built on a low-priority thread and published
 //!   with one store; invalid changes refused with the last good one serving.
