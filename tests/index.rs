@@ -218,40 +218,17 @@ impl Extras {
             }
             p
         };
-        if sent(0) {
-            out.push((
-                "User::\"u9\"".to_owned(),
-                groups(self.parents[0], true),
-                self.levels[0],
-            ));
-        }
-        if sent(1) {
-            out.push((
-                "Agent::\"a9\"".to_owned(),
-                groups(self.parents[1], true),
-                self.levels[1],
-            ));
-        }
-        if sent(2) {
-            out.push((
-                "Group::\"g9\"".to_owned(),
-                groups(self.parents[2], false),
-                self.levels[2],
-            ));
-        }
-        if sent(3) {
-            out.push((
-                "Doc::\"d9\"".to_owned(),
-                folders(self.parents[3], true),
-                self.levels[3],
-            ));
-        }
-        if sent(4) {
-            out.push((
-                "Folder::\"f9\"".to_owned(),
-                folders(self.parents[4], false),
-                self.levels[4],
-            ));
+        let candidates = [
+            ("User::\"u9\"", groups(self.parents[0], true)),
+            ("Agent::\"a9\"", groups(self.parents[1], true)),
+            ("Group::\"g9\"", groups(self.parents[2], false)),
+            ("Doc::\"d9\"", folders(self.parents[3], true)),
+            ("Folder::\"f9\"", folders(self.parents[4], false)),
+        ];
+        for (i, (uid, parents)) in candidates.into_iter().enumerate() {
+            if sent(i) {
+                out.push((uid.to_owned(), parents, self.levels[i]));
+            }
         }
         out
     }
