@@ -225,6 +225,15 @@ pub fn decide(
     )?;
     let leash = snapshot.reserved.fields(&request.action);
     let context = build_context(snapshot, request, leash, now)?;
+    // The context is the same for both sides, so it is checked against the
+    // action's context type once, here, not in each side's Cedar request.
+    if !context.validated {
+        context
+            .context
+            .validate(&snapshot.schema, &request.action)
+            .map_err(|e| request_validation_error(e, "principal.agent", &request.context))?;
+    }
+    let context = context.context;
     let extended;
     let entities = match &request.entities {
         EntitiesInput::None => &snapshot.entities,
@@ -352,12 +361,15 @@ fn decide_side(
     request: &AuthzRequest,
     context: &Context,
 ) -> Result<SideDecision, RequestError> {
+    // Built without the schema: `decide` has checked the action, both
+    // principal types, the resource type and the context already, once for
+    // both sides (Cedar would check the context again for every side).
     let cedar_request = Request::new(
         principal.clone(),
         request.action.clone(),
         request.resource.clone(),
         context.clone(),
-        Some(&snapshot.schema),
+        None,
     )
     .map_err(|e| request_validation_error(e, principal_field, &request.context))?;
     // The scope index narrows the set to the policies that could apply;
@@ -367,7 +379,7 @@ fn decide_side(
         .index
         .as_ref()
         .and_then(|index| index.select(principal, &request.action, &request.resource, entities));
-    let policies = narrowed.as_ref().unwrap_or(&snapshot.policies);
+    let policies = narrowed.as_deref().unwrap_or(&snapshot.policies);
     let response = Authorizer::new().is_authorized(&cedar_request, policies, entities);
     let diagnostics = response.diagnostics();
     let mut errors: Vec<PolicyError> = diagnostics
@@ -424,6 +436,22 @@ fn request_validation_error(
     RequestError::new(field, crate::bundle::cedar_message(&err))
 }
 
+/// A request's context, and whether it has been checked against the
+/// action's context type already.
+struct BuiltContext {
+    context: Context,
+    validated: bool,
+}
+
+impl BuiltContext {
+    fn unchecked(context: Context) -> Self {
+        Self {
+            context,
+            validated: false,
+        }
+    }
+}
+
 /// The context of both sides: the caller's attributes plus, where the
 /// action declares it, the trusted `leash` record.
 fn build_context(
@@ -431,7 +459,7 @@ fn build_context(
     request: &AuthzRequest,
     leash: Option<LeashFields>,
     now: &RequestTime,
-) -> Result<Context, RequestError> {
+) -> Result<BuiltContext, RequestError> {
     let field = context_field(&request.context);
     let reserved = |present: bool| -> Result<(), RequestError> {
         if present && leash.is_some() {
@@ -447,7 +475,10 @@ fn build_context(
         ContextInput::Json(map) => {
             reserved(map.contains_key(LEASH_ATTR))?;
             if let Some(context) = explicit_json_context(snapshot, request, map, leash, now) {
-                return Ok(context);
+                return Ok(BuiltContext {
+                    context,
+                    validated: true,
+                });
             }
             let mut map = map.clone();
             if let Some(fields) = leash {
@@ -457,6 +488,7 @@ fn build_context(
                 Value::Object(map),
                 Some((&snapshot.schema, &request.action)),
             )
+            .map(BuiltContext::unchecked)
             .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
         }
         ContextInput::Typed(pairs) => {
@@ -473,14 +505,16 @@ fn build_context(
                 pairs.push((LEASH_ATTR.to_owned(), leash_expr(fields, request, now)));
             }
             Context::from_pairs(pairs)
+                .map(BuiltContext::unchecked)
                 .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
         }
         ContextInput::Empty => match leash {
             Some(fields) => {
                 Context::from_pairs([(LEASH_ATTR.to_owned(), leash_expr(fields, request, now))])
+                    .map(BuiltContext::unchecked)
                     .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
             }
-            None => Ok(Context::empty()),
+            None => Ok(BuiltContext::unchecked(Context::empty())),
         },
     }
 }

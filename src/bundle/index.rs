@@ -32,6 +32,7 @@
 //! path, and swapped with it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use cedar_policy::{
@@ -218,8 +219,16 @@ pub struct PolicyIndex {
     by_resource: HashMap<Id, Vec<u32>>,
     by_action: HashMap<Id, Vec<u32>>,
     unkeyed: Vec<u32>,
+    /// Subsets already assembled, by the policies they hold: assembling one
+    /// costs more than evaluating it, and a bundle's requests fall into far
+    /// fewer distinct subsets than there are requests.
+    subsets: RwLock<HashMap<Vec<u32>, Arc<PolicySet>>>,
     stats: IndexStats,
 }
+
+/// Most subsets kept; when full the cache starts again, so its memory stays
+/// bounded whatever the traffic (a few MiB at this size).
+const SUBSETS_KEPT: usize = 4096;
 
 impl PolicyIndex {
     /// Indexes `policies`. `entities` must hold the schema's action entities
@@ -252,6 +261,7 @@ impl PolicyIndex {
             by_resource: HashMap::new(),
             by_action: HashMap::new(),
             unkeyed: Vec::new(),
+            subsets: RwLock::new(HashMap::new()),
             stats: IndexStats::default(),
         };
         for policy in policies.policies() {
@@ -356,7 +366,7 @@ impl PolicyIndex {
         action: &EntityUid,
         resource: &EntityUid,
         entities: &Entities,
-    ) -> Option<PolicySet> {
+    ) -> Option<Arc<PolicySet>> {
         let action = *self.actions.get(action)?;
         let principal = self.names.see(principal, entities);
         let resource = self.names.see(resource, entities);
@@ -380,12 +390,33 @@ impl PolicyIndex {
         found.sort_unstable();
         found.dedup();
 
-        let mut set = PolicySet::new();
+        let mut matched = Vec::with_capacity(found.len());
         for at in found {
             let entry = self.entries.get(usize::try_from(at).ok()?)?;
             if entry.matches(&principal, action, &resource) {
-                self.add(&mut set, &entry.policy)?;
+                matched.push(at);
             }
+        }
+        // A poisoned lock only costs the cache: the subset is assembled anew.
+        if let Some(set) = self
+            .subsets
+            .read()
+            .ok()
+            .and_then(|cache| cache.get(&matched).cloned())
+        {
+            return Some(set);
+        }
+        let mut set = PolicySet::new();
+        for &at in &matched {
+            let entry = self.entries.get(usize::try_from(at).ok()?)?;
+            self.add(&mut set, &entry.policy)?;
+        }
+        let set = Arc::new(set);
+        if let Ok(mut cache) = self.subsets.write() {
+            if cache.len() >= SUBSETS_KEPT {
+                cache.clear();
+            }
+            cache.insert(matched, Arc::clone(&set));
         }
         Some(set)
     }
