@@ -24,6 +24,7 @@ use cedar_policy::{
 use serde_json::{json, Map, Value};
 
 use crate::bundle::{LeashFields, Snapshot, LEASH_ATTR};
+use crate::service::convert::{extension, Extension};
 
 /// A request, converted from the wire but not yet checked against a schema.
 #[derive(Debug, Clone)]
@@ -165,26 +166,9 @@ impl RequestTime {
         &self.0
     }
 
-    /// The time as a Cedar `datetime` value. Building one makes Cedar parse
-    /// the extension's name (a fresh lexer automaton, tens of microseconds),
-    /// so each thread keeps the last one it built: requests within the same
-    /// millisecond share it.
+    /// The time as a Cedar `datetime` value.
     fn expression(&self) -> RestrictedExpression {
-        thread_local! {
-            static LAST: std::cell::RefCell<Option<(String, RestrictedExpression)>> =
-                const { std::cell::RefCell::new(None) };
-        }
-        LAST.with(|last| {
-            let mut last = last.borrow_mut();
-            match last.as_ref() {
-                Some((text, expr)) if *text == self.0 => expr.clone(),
-                _ => {
-                    let expr = RestrictedExpression::new_datetime(&self.0);
-                    *last = Some((self.0.clone(), expr.clone()));
-                    expr
-                }
-            }
-        })
+        extension(Extension::Datetime, &self.0)
     }
 }
 
@@ -611,10 +595,10 @@ fn explicit_json_value(value: &Value, depth: usize) -> Option<RestrictedExpressi
                 return None;
             };
             match function.as_str() {
-                "ip" => Some(RestrictedExpression::new_ip(arg)),
-                "decimal" => Some(RestrictedExpression::new_decimal(arg)),
-                "datetime" => Some(RestrictedExpression::new_datetime(arg)),
-                "duration" => Some(RestrictedExpression::new_duration(arg)),
+                "ip" => Some(extension(Extension::Ip, arg)),
+                "decimal" => Some(extension(Extension::Decimal, arg)),
+                "datetime" => Some(extension(Extension::Datetime, arg)),
+                "duration" => Some(extension(Extension::Duration, arg)),
                 _ => None,
             }
         }
