@@ -166,6 +166,17 @@ pub struct ServeArgs {
     /// it, and metrics, off.
     #[arg(long, env = "LEASH_ADMIN_LISTEN", value_name = "HOST:PORT", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: String,
+    /// A plain gRPC listener that serves `grpc.health.v1` and nothing else,
+    /// for the kubelet's native gRPC probes (they dial the pod IP, so a
+    /// loopback listener cannot answer them). Any address is allowed: no
+    /// decision, status or reflection is served on it. Off by default.
+    #[arg(
+        long,
+        env = "LEASH_HEALTH_LISTEN",
+        value_name = "HOST:PORT",
+        default_value = "none"
+    )]
+    pub health_listen: String,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
@@ -888,6 +899,8 @@ pub struct ServeConfig {
     pub uds: Option<PathBuf>,
     /// The admin HTTP listener; `None` with `--admin-listen none`.
     pub admin: Option<SocketAddr>,
+    /// The health-only gRPC listener; `None` unless `--health-listen` is set.
+    pub health: Option<SocketAddr>,
     pub options: ServerOptions,
     pub reload: ReloadOptions,
     pub log_format: LogFormat,
@@ -954,6 +967,15 @@ impl ServeArgs {
                 None
             }
         };
+        // Health only, so any address: the kubelet probes the pod IP.
+        let health =
+            match parse_listen_flag("--health-listen", "0.0.0.0:9558", &self.health_listen, true) {
+                Ok(addr) => addr,
+                Err(problem) => {
+                    problems.push(problem);
+                    None
+                }
+            };
         let audit = self.audit_options(&mut problems);
         let mut warnings = Vec::new();
         let telemetry = self
@@ -999,6 +1021,7 @@ impl ServeArgs {
             tcp,
             uds: self.uds.clone(),
             admin,
+            health,
             options: ServerOptions {
                 max_batch: self.max_batch,
                 max_message_bytes: self.max_message_bytes,

@@ -15,7 +15,7 @@ use leash::config::{
 };
 use leash::proto::v1::Decision;
 use leash::reload::Reloader;
-use leash::server::{bind_admin, bind_tcp, bind_uds, Server};
+use leash::server::{bind_admin, bind_health, bind_tcp, bind_uds, Server};
 use leash::telemetry::log_writer::{FlushOnExit, QueuedStderr};
 use tracing::error;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
@@ -84,6 +84,9 @@ async fn serve_async(config: leash::config::ServeConfig) -> anyhow::Result<()> {
     }
     if let Some(addr) = config.admin {
         listeners.push(bind_admin(addr).await?);
+    }
+    if let Some(addr) = config.health {
+        listeners.push(bind_health(addr).await?);
     }
     let server = Arc::new(Server::new(config.options.clone()).await?);
     let reloader = Reloader::new(server.clone(), config.bundle.clone(), config.reload);

@@ -78,6 +78,9 @@ pub enum Listener {
     Unix(UnixListener, PathBuf),
     /// The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
     Admin(TcpListener),
+    /// gRPC serving `grpc.health.v1` only: for the kubelet's probes, which
+    /// dial the pod IP.
+    Health(TcpListener),
 }
 
 impl Listener {
@@ -93,6 +96,10 @@ impl Listener {
                 .local_addr()
                 .map(|a| format!("http://{a} (admin)"))
                 .unwrap_or_else(|_| "admin http (address unknown)".to_owned()),
+            Listener::Health(l) => l
+                .local_addr()
+                .map(|a| format!("{a} (grpc.health.v1 only)"))
+                .unwrap_or_else(|_| "health (address unknown)".to_owned()),
         }
     }
 }
@@ -132,6 +139,14 @@ pub async fn bind_admin(addr: SocketAddr) -> Result<Listener, ServeError> {
     TcpListener::bind(addr)
         .await
         .map(Listener::Admin)
+        .map_err(|error| ServeError::BindTcp { addr, error })
+}
+
+/// Binds the health-only gRPC listener (port 0 picks a free port).
+pub async fn bind_health(addr: SocketAddr) -> Result<Listener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map(Listener::Health)
         .map_err(|error| ServeError::BindTcp { addr, error })
 }
 
@@ -344,6 +359,21 @@ impl Server {
                 admin_tasks.spawn(admin_http::serve(l, state, stopped(admin_stop_rx.clone())));
                 continue;
             }
+            if let Listener::Health(l) = listener {
+                // Closed last with the admin listener: probes see
+                // NOT_SERVING while the sidecar drains, not a refusal.
+                let router = tonic::transport::Server::builder().add_service(health.clone());
+                let stop = stopped(admin_stop_rx.clone());
+                admin_tasks.spawn(async move {
+                    if let Err(e) = router
+                        .serve_with_incoming_shutdown(TcpListenerStream::new(l), stop)
+                        .await
+                    {
+                        warn!(error = %e, "health listener ended with an error");
+                    }
+                });
+                continue;
+            }
             let router = tonic::transport::Server::builder()
                 // Outside the size-limit fix, so it counts the corrected
                 // code. (tonic's own deadline handling sits further out; a
@@ -374,7 +404,7 @@ impl Server {
                         router.serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped),
                     );
                 }
-                Listener::Admin(_) => {}
+                Listener::Admin(_) | Listener::Health(_) => {}
             }
         }
 

@@ -528,3 +528,87 @@ fn serve_with_no_flags_serves_the_example_until_sigterm() {
         "{said}"
     );
 }
+
+/// The kubelet's native gRPC probes dial the pod IP, so a sidecar that
+/// serves decisions on loopback only needs a second listener for them: it
+/// may bind any address, and it answers health and nothing else.
+#[tokio::test]
+async fn health_listener_answers_probes_on_any_address_and_nothing_else() {
+    use std::io::{BufRead, BufReader};
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .current_dir(cwd.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "none",
+            "--audit-log",
+            "none",
+            "--log-format",
+            "json",
+            "--health-listen",
+            "0.0.0.0:0",
+        ])
+        .env_remove("LEASH_LOG")
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut port = None;
+    let mut loaded = false;
+    while port.is_none() || !loaded {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server logs in time");
+        let line: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+        if line["message"] == "listening" {
+            let address = line["address"].as_str().expect("address");
+            if let Some(addr) = address.strip_suffix(" (grpc.health.v1 only)") {
+                let addr: std::net::SocketAddr = addr.parse().expect("socket address");
+                assert!(addr.ip().is_unspecified(), "{addr}");
+                port = Some(addr.port());
+            }
+        }
+        loaded |= line["message"] == "policy bundle loaded";
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!(
+        "http://127.0.0.1:{}",
+        port.expect("health port")
+    ))
+    .expect("uri")
+    .connect()
+    .await
+    .expect("connect");
+    for service in ["", "leash.v1.Authorizer"] {
+        let status = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
+    let refused = leash::proto::v1::authorizer_client::AuthorizerClient::new(channel)
+        .is_authorized(request(
+            "Agent::\"support-bot\"",
+            None,
+            "Action::\"kb:read\"",
+            "KbArticle::\"reset-password\"",
+        ))
+        .await
+        .expect_err("no decisions on the health listener");
+    assert_eq!(refused.code(), tonic::Code::Unimplemented);
+    let _ = child.kill();
+    let _ = child.wait();
+}
