@@ -41,7 +41,8 @@
 //!   that drops (and counts) rather than waits; Prometheus metrics and
 //!   `/healthz`, `/readyz` on the admin HTTP listener; deny log lines, written
 //!   to stderr through a queue so a slow log reader never holds up a decision.
-//! - [`server`]: listeners (loopback TCP, Unix socket 0600, admin HTTP),
+//! - [`server`]: listeners (loopback TCP, Unix socket 0600, admin HTTP, and a
+//!   health-only gRPC listener for the kubelet's probes),
 //!   health, reflection, gRPC status metrics, graceful drain; takes
 //!   already-bound listeners so tests bind port 0.
 //! - [`config`]: the command line and `LEASH_*` environment of the binary.

@@ -201,7 +201,7 @@ fn every_variant_is_hardened_probed_and_serves_decisions_on_loopback_only() {
         // The agent reaches leash where leash listens: the shared socket
         // (one emptyDir mounted by both, and by nothing else), or loopback.
         let agent = &mains[0];
-        let target = env(agent, "LEASH_ADDR").expect("the agent is told where leash is");
+        let target = env(agent, "LEASH_ENDPOINT").expect("the agent is told where leash is");
         let volumes = list(&pod["volumes"]);
         let mount_of = |c: &Value, dir: &str| -> Option<String> {
             list(&c["volumeMounts"])

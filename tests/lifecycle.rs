@@ -588,16 +588,26 @@ async fn health_listener_answers_probes_on_any_address_and_nothing_else() {
     .connect()
     .await
     .expect("connect");
+    // The load is logged a moment before health turns SERVING: follow the
+    // health stream until it does (bounded), as the kubelet would poll.
     for service in ["", "leash.v1.Authorizer"] {
-        let status = HealthClient::new(channel.clone())
-            .check(HealthCheckRequest {
+        let mut updates = HealthClient::new(channel.clone())
+            .watch(HealthCheckRequest {
                 service: service.to_owned(),
             })
             .await
             .expect("health answers")
-            .into_inner()
-            .status;
-        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+            .into_inner();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(update) = updates.message().await.expect("health stream") {
+                if update.status == ServingStatus::Serving as i32 {
+                    return;
+                }
+            }
+            panic!("health stream ended before SERVING");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("service {service:?} not SERVING within 30 s"));
     }
     let refused = leash::proto::v1::authorizer_client::AuthorizerClient::new(channel)
         .is_authorized(request(

@@ -26,7 +26,9 @@
 //! with, so request-scoped entities count), its action, and the unkeyed
 //! policies; each policy found is then checked against the whole scope, and
 //! those that match make up the policy set Cedar evaluates. Each policy is
-//! filed once, so no policy is found twice.
+//! filed once, so no policy is found twice. Assembled sets are kept (a
+//! bounded cache keyed by the policies they hold), since many requests match
+//! the same few policies and assembling a set costs more than evaluating it.
 //!
 //! The index is built with the [`Snapshot`](super::Snapshot), off the request
 //! path, and swapped with it.
