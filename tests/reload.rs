@@ -194,24 +194,31 @@ impl ConfigMap {
         self.generation += 1;
         let new = self.data_dir();
         std::fs::create_dir(self.root.join(&new)).expect("mkdir data");
+        // A name may hold `/`: a volume item's `path` (keys cannot), which
+        // the kubelet creates as a subdirectory of the generation.
         for (name, text) in files {
-            std::fs::write(self.root.join(&new).join(name), text).expect("write");
+            let file = self.root.join(&new).join(name);
+            std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+            std::fs::write(file, text).expect("write");
         }
         let tmp = self.root.join("..data_tmp");
         symlink(&new, &tmp).expect("link");
         std::fs::rename(&tmp, self.root.join("..data")).expect("swap ..data");
-        // Visible links: add the new names, drop the names that are gone.
+        // Visible links, one per top-level name (a subdirectory is one
+        // link): add the new names, drop the names that are gone.
+        let top = |name: &str| name.split('/').next().unwrap_or(name).to_owned();
+        let visible: Vec<String> = files.iter().map(|(n, _)| top(n)).collect();
         for entry in std::fs::read_dir(&self.root).expect("list") {
             let entry = entry.expect("entry");
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.starts_with('.') && !files.iter().any(|(n, _)| *n == name) {
+            if !name.starts_with('.') && !visible.contains(&name) {
                 std::fs::remove_file(entry.path()).expect("unlink");
             }
         }
-        for (name, _) in files {
-            let visible = self.root.join(name);
-            if std::fs::symlink_metadata(&visible).is_err() {
-                symlink(format!("..data/{name}"), &visible).expect("visible link");
+        for name in &visible {
+            let link = self.root.join(name);
+            if std::fs::symlink_metadata(&link).is_err() {
+                symlink(format!("..data/{name}"), &link).expect("visible link");
             }
         }
         if self.generation > 1 {
@@ -269,6 +276,39 @@ async fn a_configmap_data_swap_is_served_once_without_duplicates() {
         0,
         "read through `..data`, never a half-updated set of visible links"
     );
+    server.shutdown().await;
+}
+
+/// The layout of `deploy/kubernetes`: the ConfigMap's keys are flat, and
+/// the volume's items put them back into subdirectories, so the visible
+/// `agents` is a link to `..data/agents`. A change to a file in it is read
+/// through `..data` and served.
+#[tokio::test]
+async fn a_configmap_with_items_in_subdirectories_reloads_a_nested_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = (dir.path().join("policies"), dir.path().join("schemas"));
+    let mut policy_map = ConfigMap::create(
+        &policies,
+        &[("agents/bot.cedar", READ), ("baseline.cedar", "")],
+    );
+    ConfigMap::create(&schemas, &[("docs.cedarschema", SCHEMA_DOC)]);
+    let v1 = version_of(&policies, &schemas);
+    let server = ReloadingServer::start(&policies, &schemas, fast()).await;
+    assert_eq!(
+        server.status().await.serving.expect("serving").files,
+        vec![
+            "policies/agents/bot.cedar",
+            "policies/baseline.cedar",
+            "schemas/docs.cedarschema"
+        ]
+    );
+    assert_eq!(decide(&server, "write", "Doc::\"d1\"").await, (DENY, v1));
+
+    policy_map.update(&[("agents/bot.cedar", WRITE), ("baseline.cedar", "")]);
+    let v2 = version_of(&policies, &schemas);
+    let status = server.wait_version(&v2).await;
+    assert_eq!(refused_count(&status), 0);
+    assert_eq!(decide(&server, "write", "Doc::\"d1\"").await, (ALLOW, v2));
     server.shutdown().await;
 }
 
