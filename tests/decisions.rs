@@ -210,6 +210,46 @@ async fn data_level_limits_in_the_example() {
     assert_eq!(resp.on_behalf_of.expect("user").decision, ALLOW);
 }
 
+/// Batch size and session length are plain Cedar conditions in the example
+/// baseline: a bulk update of more than 100 tickets, and any call in a
+/// session older than 8 hours by leash's clock, are denied.
+#[tokio::test]
+async fn batch_size_and_session_length_in_the_example() {
+    let server = TestServer::example().await;
+    let update = |context: &str| {
+        with_context_json(
+            example_request(
+                "support-bot",
+                Some("omar"),
+                "tickets:update_status",
+                "Ticket::\"T-1\"",
+            ),
+            context,
+        )
+    };
+    let decide = |req| async { server.decide(req).await.expect("decides") };
+    assert_eq!(
+        decide(update(r#"{"batch_size": 100}"#)).await.decision,
+        ALLOW
+    );
+    let bulk = decide(update(r#"{"batch_size": 101}"#)).await;
+    assert_eq!(bulk.decision, DENY);
+    assert_eq!(bulk.determining_policies, vec!["baseline-batch-size"]);
+
+    let started = |hours_ago: i64| {
+        let at = chrono::Utc::now() - chrono::Duration::hours(hours_ago);
+        format!(
+            r#"{{"session_started": {{"__extn": {{"fn": "datetime", "arg": "{}"}}}}}}"#,
+            at.format("%Y-%m-%dT%H:%M:%SZ")
+        )
+    };
+    assert_eq!(decide(update(&started(7))).await.decision, ALLOW);
+    let stale = decide(update(&started(9))).await;
+    assert_eq!(stale.decision, DENY);
+    assert_eq!(stale.determining_policies, vec!["baseline-session-length"]);
+    server.shutdown().await;
+}
+
 fn sides(resp: &pb::IsAuthorizedResponse) -> (i32, Option<i32>) {
     (
         resp.agent.as_ref().expect("agent side").decision,
