@@ -87,6 +87,11 @@ pub struct ServeArgs {
     /// Largest number of requests in one BatchIsAuthorized call.
     #[arg(long, env = "LEASH_MAX_BATCH", value_name = "N", default_value_t = 100)]
     pub max_batch: usize,
+    /// Most rate and budget counters (one per limit and agent, or agent and
+    /// user) held at once; idle ones make room. When every one is live, a
+    /// limited decision is denied (`limit_capacity`) rather than uncounted.
+    #[arg(long, env = "LEASH_MAX_LIMIT_KEYS", value_name = "N", default_value_t = crate::quota::DEFAULT_MAX_LIMIT_KEYS)]
+    pub max_limit_keys: usize,
     /// Largest request message in bytes; larger ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "LEASH_MAX_MESSAGE_BYTES", value_name = "BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
@@ -930,6 +935,9 @@ impl ServeArgs {
         if tcp.is_none() && self.uds.is_none() && problems.is_empty() {
             problems.push("--listen: `none` needs --uds, or leash would serve nothing".to_owned());
         }
+        if self.max_limit_keys == 0 {
+            problems.push("--max-limit-keys: must be at least 1".to_owned());
+        }
         if self.max_batch == 0 {
             problems.push("--max-batch: must be at least 1".to_owned());
         }
@@ -1028,6 +1036,8 @@ impl ServeArgs {
                 drain_timeout: Duration::from_secs_f64(self.drain_timeout),
                 telemetry,
                 audit,
+                clock: crate::engine::Clock::System,
+                max_limit_keys: self.max_limit_keys,
             },
             reload: ReloadOptions {
                 watch,

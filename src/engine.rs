@@ -111,6 +111,25 @@ pub struct Decision {
     pub agent: SideDecision,
     /// `None` when the agent acts autonomously.
     pub on_behalf_of: Option<SideDecision>,
+    /// Set when the policies allowed but a limit of a determining permit was
+    /// spent, which made the decision a DENY ([`crate::quota`]).
+    pub limited: Option<Limited>,
+}
+
+/// A limit that turned an ALLOW into a DENY.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limited {
+    /// `rate_limited`, `budget_exceeded`, `budget_cost_missing` (the cost
+    /// attribute is absent) or `limit_capacity` (no counter slot left).
+    pub reason: &'static str,
+    /// The permit that declares the limit.
+    pub policy_id: String,
+    /// The limit as written, e.g. `20/minute`.
+    pub limit: String,
+    /// When a retry can succeed; `None` when waiting will not help.
+    pub retry_after: Option<std::time::Duration>,
+    /// One line for logs and answers.
+    pub detail: String,
 }
 
 impl Decision {
@@ -120,6 +139,9 @@ impl Decision {
     pub fn deny_reason(&self) -> String {
         if self.allowed {
             return String::new();
+        }
+        if let Some(limited) = &self.limited {
+            return limited.detail.clone();
         }
         let mut parts = Vec::with_capacity(2);
         for (name, side) in std::iter::once(("agent", &self.agent))
@@ -142,6 +164,44 @@ impl Decision {
     }
 }
 
+/// Where the sidecar reads the time: the system clock, or, for tests of
+/// time windows, a clock that moves only when told.
+#[derive(Debug, Clone, Default)]
+pub enum Clock {
+    #[default]
+    System,
+    /// Milliseconds since the Unix epoch.
+    Manual(std::sync::Arc<std::sync::atomic::AtomicU64>),
+}
+
+impl Clock {
+    /// A clock standing at `start` until [`Clock::advance`] moves it.
+    pub fn manual(start: std::time::SystemTime) -> Self {
+        let ms = start
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Self::Manual(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(ms)))
+    }
+
+    /// Moves a manual clock forward; the system clock moves by itself.
+    pub fn advance(&self, by: std::time::Duration) {
+        if let Self::Manual(ms) = self {
+            let by = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+            ms.fetch_add(by, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    pub fn now(&self) -> std::time::SystemTime {
+        match self {
+            Self::System => std::time::SystemTime::now(),
+            Self::Manual(ms) => {
+                std::time::UNIX_EPOCH
+                    + std::time::Duration::from_millis(ms.load(std::sync::atomic::Ordering::SeqCst))
+            }
+        }
+    }
+}
+
 /// The trusted time given to policies, as a Cedar `datetime` literal
 /// (RFC 3339, UTC, milliseconds).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +212,15 @@ impl RequestTime {
     pub fn now() -> Self {
         Self(
             chrono::Utc::now()
+                .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+                .to_string(),
+        )
+    }
+
+    /// The time `at`, e.g. from the server's [`crate::server::Clock`].
+    pub fn of(at: std::time::SystemTime) -> Self {
+        Self(
+            chrono::DateTime::<chrono::Utc>::from(at)
                 .format("%Y-%m-%dT%H:%M:%S%.3fZ")
                 .to_string(),
         )
@@ -334,6 +403,7 @@ fn combine(agent: SideDecision, user: Option<SideDecision>) -> Decision {
         errors,
         agent,
         on_behalf_of: user,
+        limited: None,
     }
 }
 

@@ -33,6 +33,9 @@
 //!   a [`bundle::BuildCache`] lets a rebuild validate only changed files. Each
 //!   snapshot carries a [`bundle::PolicyIndex`]: policies filed by their scope,
 //!   so a request evaluates only those that could apply to it.
+//! - [`quota`]: the counters of the `@rate`/`@budget` limits declared on
+//!   permits (parsed in `bundle::limits`): GCRA cells, exact under
+//!   concurrency, bounded, kept across reloads for unchanged limits.
 //! - [`reload`]: hot reload: inotify (or polling) over the bundle directories,
 //!   bursts coalesced, snapshots built on a low-priority thread and published
 //!   with one store; invalid changes refused with the last good one serving.
@@ -59,6 +62,7 @@ pub mod check;
 pub mod config;
 pub mod engine;
 pub mod proto;
+pub mod quota;
 pub mod reload;
 pub mod server;
 pub mod service;

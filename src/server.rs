@@ -26,8 +26,10 @@ use crate::audit::{Audit, AuditError, AuditOptions};
 use crate::bundle::{LiveBundle, Snapshot};
 use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::authorizer_server::AuthorizerServer;
+use crate::quota::Quota;
 use crate::reload::ReloadStatus;
 use crate::service::admin::AdminService;
+use crate::service::Limiting;
 use crate::service::{AuthorizerService, DEFAULT_MAX_BATCH};
 use crate::telemetry::admin_http::{self, AdminState};
 use crate::telemetry::metrics::Metrics;
@@ -49,6 +51,10 @@ pub struct ServerOptions {
     pub telemetry: TelemetryOptions,
     /// The audit trail (off by default in the library; `serve` turns it on).
     pub audit: AuditOptions,
+    /// The time decisions are made at (`context.leash.now`, limit windows).
+    pub clock: crate::engine::Clock,
+    /// Most live rate and budget counters (keys) held at once.
+    pub max_limit_keys: usize,
 }
 
 /// Longest wait for the audit writer to write what is queued at shutdown.
@@ -66,6 +72,8 @@ impl Default for ServerOptions {
             drain_timeout: Duration::from_secs(15),
             telemetry: TelemetryOptions::default(),
             audit: AuditOptions::default(),
+            clock: crate::engine::Clock::System,
+            max_limit_keys: crate::quota::DEFAULT_MAX_LIMIT_KEYS,
         }
     }
 }
@@ -325,6 +333,11 @@ impl Server {
             self.options.max_batch,
             self.telemetry.clone(),
             self.audit.clone(),
+            Limiting {
+                // For the server's life: reloads swap the bundle, not these.
+                quota: Arc::new(Quota::new(self.options.max_limit_keys)),
+                clock: self.options.clock.clone(),
+            },
         ))
         .max_decoding_message_size(self.options.max_message_bytes);
         let admin = AdminServer::new(AdminService::new(self.live.clone(), self.status.clone()));

@@ -369,6 +369,7 @@ impl Audit {
             determining_policies: None,
             invalid: None,
             latency_us: entry.latency_us,
+            limited: None,
             on_behalf_of,
             on_behalf_of_side: None,
             policy_version: entry.policy_version.to_owned(),
@@ -386,6 +387,14 @@ impl Audit {
                 record.determining_policies = Some(d.determining.clone());
                 record.agent_side = Some(Side::of(&d.agent));
                 record.on_behalf_of_side = d.on_behalf_of.as_ref().map(Side::of);
+                record.limited = d.limited.as_ref().map(|l| LimitedRecord {
+                    reason: l.reason,
+                    policy_id: l.policy_id.clone(),
+                    limit: l.limit.clone(),
+                    retry_after_ms: l
+                        .retry_after
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                });
             }
             Err(e) => {
                 // A problem in the context or entities may quote their
@@ -527,6 +536,9 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub invalid: Option<Invalid>,
     pub latency_us: u64,
+    /// Set when a rate or budget limit turned an ALLOW into this DENY.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limited: Option<LimitedRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_behalf_of: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -541,6 +553,17 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
     pub v: u8,
+}
+
+/// The limit that turned an ALLOW into a DENY.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LimitedRecord {
+    // Alphabetical: the canonical encoding the chain hashes (see `chain`).
+    pub limit: String,
+    pub policy_id: String,
+    pub reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl chain::Link for Record {

@@ -21,6 +21,7 @@ pub mod capacity;
 pub mod child;
 pub mod collector;
 pub mod driver;
+pub mod limits;
 pub mod mix;
 pub mod reload;
 pub mod report;
@@ -495,6 +496,15 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         typed: in_typed,
     };
 
+    progress(format!(
+        "limits: in-process with a limit on every permit and {} live counter keys, against none",
+        limits::ACTIVE_KEYS
+    ));
+    let limits_report = {
+        let (s, p, t) = (snapshot.clone(), prepared.clone(), options.timing);
+        blocking(move || limits::measure(&p.sources, &s, &p.requests, t, MIN_CALLS)).await??
+    };
+
     // The servers under test.
     let floor = child::spawn_floor(&options.server_exe, scratch.path())?;
     let dirs = prepared
@@ -669,6 +679,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         },
         mix,
         in_process: in_process_report,
+        limits: limits_report,
         runs,
         pairs,
         forms,

@@ -23,6 +23,8 @@ pub struct Report {
     pub bundle: BundleReport,
     pub mix: MixReport,
     pub in_process: InProcess,
+    /// What rate and budget limits add to a decision.
+    pub limits: super::limits::LimitsReport,
     /// Every sweep point, floor and leash.
     pub runs: Vec<Run>,
     /// leash against floor and in-process, point by point.
@@ -634,6 +636,19 @@ fn render_into(r: &Report, out: &mut String) -> std::fmt::Result {
     if let Some(capacity) = &r.capacity {
         super::capacity::render_into(capacity, out)?;
     }
+
+    writeln!(
+        out,
+        "\nlimits (in-process, a @rate on every permit, {} live counter keys; median of {} rounds): \
+         p50 {} without, {} with: {:.3}x; counting itself {} per decision, {:.1}% of the p50",
+        r.limits.active_keys,
+        r.limits.rounds,
+        duration(r.limits.p50_without_ns as f64),
+        duration(r.limits.p50_with_ns as f64),
+        r.limits.ratio,
+        duration(r.limits.counting_ns_per_decision),
+        r.limits.counting_share * 100.0
+    )?;
 
     writeln!(
         out,

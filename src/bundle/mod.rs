@@ -6,6 +6,7 @@
 
 mod diagnostic;
 mod index;
+pub mod limits;
 mod reserved;
 mod sources;
 
@@ -22,6 +23,7 @@ use sha2::Digest as _;
 
 pub use diagnostic::Diagnostic;
 pub use index::{IndexStats, PolicyIndex};
+pub use limits::{Limit, LimitKey, Limits, Measure};
 pub use reserved::{LeashFields, ReservedContext, LEASH_ATTR};
 pub use sources::{
     effective_root, BundleSources, ReadOutcome, SchemaFormat, SourceFile, TreeStamp,
@@ -87,6 +89,8 @@ pub struct Snapshot {
     pub index: Option<PolicyIndex>,
     /// What each step of the build took.
     pub timings: BuildTimings,
+    /// Rate and budget limits declared on permits (`@rate`, `@budget`).
+    pub limits: Limits,
 }
 
 /// Wall time of the steps of one build. Steps a [`BuildCache`] skipped
@@ -203,6 +207,7 @@ impl Snapshot {
             &mut diagnostics,
         );
         timings.validate = began.elapsed();
+        let limits = Limits::scan(&policies, &policy_origins, &mut diagnostics);
 
         let began = Instant::now();
         let entity_key = file_key_all(sources.entities.iter());
@@ -249,6 +254,7 @@ impl Snapshot {
             warnings,
             index,
             timings,
+            limits,
         })
     }
 

@@ -7,16 +7,17 @@ pub mod admin;
 pub mod convert;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, Audit};
 use crate::bundle::{LiveBundle, Snapshot};
 use crate::engine::{
-    self, AuthzRequest, Decision, PolicyError, RequestError, RequestTime, SideDecision,
+    self, AuthzRequest, Clock, Decision, PolicyError, RequestError, RequestTime, SideDecision,
 };
 use crate::proto::v1 as pb;
+use crate::quota::{self, Quota};
 use crate::telemetry::{BatchCounts, DecisionView, Rpc, RpcScope, Telemetry};
 
 /// Default largest batch of `BatchIsAuthorized`.
@@ -33,6 +34,14 @@ pub struct AuthorizerService {
     telemetry: Arc<Telemetry>,
     /// Where every decision is recorded before it is answered.
     audit: Arc<Audit>,
+    limiting: Limiting,
+}
+
+/// The rate and budget counters, and the clock decisions are made at.
+#[derive(Debug, Clone)]
+pub struct Limiting {
+    pub quota: Arc<Quota>,
+    pub clock: Clock,
 }
 
 /// One request, decided but not yet recorded or answered.
@@ -49,12 +58,14 @@ impl AuthorizerService {
         max_batch: usize,
         telemetry: Arc<Telemetry>,
         audit: Arc<Audit>,
+        limiting: Limiting,
     ) -> Self {
         Self {
             live,
             max_batch,
             telemetry,
             audit,
+            limiting,
         }
     }
 
@@ -67,15 +78,19 @@ impl AuthorizerService {
     }
 
     fn decide(
+        &self,
         snapshot: &Snapshot,
         req: &pb::IsAuthorizedRequest,
-        now: &RequestTime,
+        now: (SystemTime, &RequestTime),
         started: Instant,
     ) -> Decided {
         let request_id = request_id(&req.request_id);
         let (parsed, result) = match convert::request(req) {
             Ok(r) => {
-                let decided = engine::decide(snapshot, &r, now);
+                let decided = engine::decide(snapshot, &r, now.1).map(|mut decision| {
+                    quota::apply(snapshot, &self.limiting.quota, &r, &mut decision, now.0);
+                    decision
+                });
                 (Some(r), decided)
             }
             Err(e) => (None, Err(e)),
@@ -207,9 +222,10 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
             .telemetry
             .start_rpc(request.metadata(), Rpc::IsAuthorized);
         let snapshot = self.snapshot(&scope)?;
-        let now = RequestTime::now();
+        let at = self.limiting.clock.now();
+        let now = RequestTime::of(at);
         let wire = request.get_ref();
-        let d = Self::decide(&snapshot, wire, &now, scope.started());
+        let d = self.decide(&snapshot, wire, (at, &now), scope.started());
         let audit_error = self
             .record(&scope, &self.caller(&request), &snapshot, &[(wire, &d)])
             .await;
@@ -248,10 +264,11 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
         }
         // One snapshot and one clock reading for the whole batch.
         let snapshot = self.snapshot(&scope)?;
-        let now = RequestTime::now();
+        let at = self.limiting.clock.now();
+        let now = RequestTime::of(at);
         let decided: Vec<Decided> = requests
             .iter()
-            .map(|req| Self::decide(&snapshot, req, &now, Instant::now()))
+            .map(|req| self.decide(&snapshot, req, (at, &now), Instant::now()))
             .collect();
         // One group of records, written together.
         let items: Vec<(&pb::IsAuthorizedRequest, &Decided)> =
@@ -331,6 +348,18 @@ fn side(s: &SideDecision) -> pb::SideResult {
     }
 }
 
+fn limited(l: &engine::Limited) -> pb::Limited {
+    pb::Limited {
+        reason: l.reason.to_owned(),
+        policy_id: l.policy_id.clone(),
+        limit: l.limit.clone(),
+        retry_after_ms: l
+            .retry_after
+            .map(|d| u64::try_from(d.as_millis().max(1)).unwrap_or(u64::MAX)),
+        detail: l.detail.clone(),
+    }
+}
+
 fn response(request_id: &str, d: &Decision, version: &str) -> pb::IsAuthorizedResponse {
     pb::IsAuthorizedResponse {
         request_id: request_id.to_owned(),
@@ -341,5 +370,6 @@ fn response(request_id: &str, d: &Decision, version: &str) -> pb::IsAuthorizedRe
         on_behalf_of: d.on_behalf_of.as_ref().map(side),
         policy_version: version.to_owned(),
         error: None,
+        limited: d.limited.as_ref().map(limited),
     }
 }

@@ -76,6 +76,11 @@ struct DecisionLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LimitedLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct GrpcLabels {
     method: &'static str,
     code: &'static str,
@@ -86,6 +91,7 @@ struct GrpcLabels {
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
+    limited: Family<LimitedLabels, Counter>,
     decision_seconds: Histogram,
     batch_size: Histogram,
     grpc_requests: Family<GrpcLabels, Counter>,
@@ -110,6 +116,12 @@ impl Metrics {
             "leash_decisions",
             "Decisions by outcome (allow, deny, invalid) and action",
             decisions.clone(),
+        );
+        let limited = Family::<LimitedLabels, Counter>::default();
+        registry.register(
+            "leash_limited",
+            "Decisions the policies allowed that a rate or budget limit turned into DENY, by reason",
+            limited.clone(),
         );
         let decision_seconds = Histogram::new(LATENCY_BUCKETS);
         registry.register_with_unit(
@@ -139,6 +151,7 @@ impl Metrics {
         Self {
             registry,
             decisions,
+            limited,
             decision_seconds,
             batch_size,
             grpc_requests,
@@ -168,6 +181,11 @@ impl Metrics {
             })
             .inc();
         self.decision_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a decision a limit turned into DENY.
+    pub fn limited(&self, reason: &'static str) {
+        self.limited.get_or_create(&LimitedLabels { reason }).inc();
     }
 
     pub fn batch(&self, size: usize) {

@@ -201,6 +201,13 @@ impl Telemetry {
         if let Some(metrics) = &self.metrics {
             let action = view.request.map(|r| &r.action);
             metrics.decision(outcome, action, view.snapshot, elapsed);
+            if let Ok(Decision {
+                limited: Some(limited),
+                ..
+            }) = &view.result
+            {
+                metrics.limited(limited.reason);
+            }
         }
         log_decision(view, outcome, scope);
         if !scope.traced {
@@ -337,6 +344,20 @@ impl Telemetry {
                     string_array(&d.determining),
                 ));
                 a.push(KeyValue::new("leash.error_count", d.errors.len() as i64));
+                if let Some(limited) = &d.limited {
+                    a.push(KeyValue::new("leash.limit.reason", limited.reason));
+                    a.push(KeyValue::new(
+                        "leash.limit.policy",
+                        limited.policy_id.clone(),
+                    ));
+                    a.push(KeyValue::new("leash.limit", limited.limit.clone()));
+                    if let Some(after) = limited.retry_after {
+                        a.push(KeyValue::new(
+                            "leash.limit.retry_after_ms",
+                            i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+                        ));
+                    }
+                }
                 side_attributes(&AGENT_KEYS, &d.agent, &mut a);
                 if let Some(user) = &d.on_behalf_of {
                     side_attributes(&USER_KEYS, user, &mut a);

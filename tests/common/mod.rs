@@ -262,12 +262,17 @@ impl ReloadingServer {
         schemas: &Path,
         options: leash::reload::ReloadOptions,
     ) -> Self {
+        Self::start_with(policies, schemas, options, ServerOptions::default()).await
+    }
+
+    pub async fn start_with(
+        policies: &Path,
+        schemas: &Path,
+        options: leash::reload::ReloadOptions,
+        server_options: ServerOptions,
+    ) -> Self {
         let (tcp, addr) = bind_loopback().await;
-        let server = Arc::new(
-            Server::new(ServerOptions::default())
-                .await
-                .expect("server starts"),
-        );
+        let server = Arc::new(Server::new(server_options).await.expect("server starts"));
         let reloader = leash::reload::Reloader::new(
             server.clone(),
             leash::bundle::BundleLocation::Dirs {

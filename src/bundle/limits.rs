@@ -1,0 +1,353 @@
+//! Rate and budget limits, declared on permits next to the policy they limit:
+//!
+//! ```cedar
+//! @id("billing-agent-invoices-create")
+//! @rate("20/minute")
+//! @budget("2500000/day")
+//! @cost("amount_cents")
+//! permit (principal == Agent::"billing-agent", action == Action::"invoices:create", resource);
+//! ```
+//!
+//! - `@rate("N/unit")`: at most N allowed decisions per window;
+//! - `@budget("N/unit")` with `@cost("attr")`: the sum of the top-level
+//!   `Long` context attribute `attr` over allowed decisions stays within N
+//!   per window (in the attribute's own unit, e.g. cents);
+//! - `@limit_key("agent")` (the default) or `@limit_key("agent+user")`: whose
+//!   allowances are counted apart.
+//!
+//! `unit` is `second`, `minute`, `hour` or `day`. A malformed limit, one on a
+//! forbid, a `@cost` without `@budget` (or the reverse), or a `@limit_key`
+//! with no limit refuses the bundle: a typo never silently drops a limit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cedar_policy::{Effect, PolicySet};
+
+use super::{Diagnostic, PolicyOrigin};
+
+/// The annotations this module reads.
+pub const ANNOTATIONS: [&str; 4] = ["rate", "budget", "cost", "limit_key"];
+
+/// Whose allowances a limit counts together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitKey {
+    Agent,
+    AgentAndUser,
+}
+
+/// What a limit counts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Measure {
+    /// Allowed decisions.
+    Calls,
+    /// The value of this context attribute, summed over allowed decisions.
+    Cost(String),
+}
+
+/// One limit of one permit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Limit {
+    pub policy_id: String,
+    pub measure: Measure,
+    /// Calls, or units of cost, per window.
+    pub amount: u64,
+    pub window: Duration,
+    pub key: LimitKey,
+    /// As written (`20/minute`), for answers and logs.
+    pub text: String,
+    /// See [`Limit::identity`]; made once, at load.
+    identity: Arc<str>,
+}
+
+impl Limit {
+    /// `rate_limited` or `budget_exceeded`.
+    pub fn reason(&self) -> &'static str {
+        match self.measure {
+            Measure::Calls => "rate_limited",
+            Measure::Cost(_) => "budget_exceeded",
+        }
+    }
+
+    /// Identifies the limit's counters across reloads: a reload that keeps
+    /// the permit's id and the limit unchanged keeps its counts; any change
+    /// starts it afresh.
+    pub fn identity(&self) -> &Arc<str> {
+        &self.identity
+    }
+
+    fn new(
+        policy_id: &str,
+        measure: Measure,
+        per: (u64, Duration),
+        key: LimitKey,
+        text: &str,
+    ) -> Self {
+        let identity = format!("{policy_id}\u{0}{measure:?}\u{0}{text}\u{0}{key:?}").into();
+        Self {
+            policy_id: policy_id.to_owned(),
+            measure,
+            amount: per.0,
+            window: per.1,
+            key,
+            text: text.to_owned(),
+            identity,
+        }
+    }
+}
+
+/// The limits of a bundle, by the id of the permit that declares them.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    by_policy: HashMap<String, Vec<Arc<Limit>>>,
+}
+
+impl Limits {
+    pub fn is_empty(&self) -> bool {
+        self.by_policy.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_policy.values().map(Vec::len).sum()
+    }
+
+    /// The limits declared on `policy_id`.
+    pub fn of(&self, policy_id: &str) -> &[Arc<Limit>] {
+        self.by_policy.get(policy_id).map_or(&[], Vec::as_slice)
+    }
+
+    /// Reads the limit annotations of every policy and template of `set`;
+    /// every problem becomes a diagnostic naming the policy's file.
+    pub fn scan(
+        set: &PolicySet,
+        origins: &std::collections::BTreeMap<String, PolicyOrigin>,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) -> Self {
+        let mut limits = Self::default();
+        let annotated = set
+            .policies()
+            .map(|p| {
+                (
+                    p.id().to_string(),
+                    p.effect(),
+                    collect(|k| p.annotation(k)),
+                    p.is_static(),
+                )
+            })
+            .chain(set.templates().map(|t| {
+                (
+                    t.id().to_string(),
+                    t.effect(),
+                    collect(|k| t.annotation(k)),
+                    true,
+                )
+            }));
+        for (id, effect, found, own) in annotated {
+            // A linked policy carries its template's annotations, which are
+            // reported once, on the template.
+            let problems_here = own;
+            match parse(&id, effect, &found) {
+                Ok(parsed) if !parsed.is_empty() => {
+                    limits
+                        .by_policy
+                        .insert(id, parsed.into_iter().map(Arc::new).collect());
+                }
+                Ok(_) => {}
+                Err(problem) if problems_here => {
+                    let file = origins.get(&id).map(|o| o.file.as_str());
+                    diagnostics.push(Diagnostic::plain(file, format!("policy `{id}`: {problem}")));
+                }
+                Err(_) => {}
+            }
+        }
+        limits
+    }
+}
+
+type Found<'a> = [Option<&'a str>; 4];
+
+fn collect<'a>(annotation: impl Fn(&str) -> Option<&'a str>) -> Found<'a> {
+    ANNOTATIONS.map(annotation)
+}
+
+fn parse(id: &str, effect: Effect, found: &Found<'_>) -> Result<Vec<Limit>, String> {
+    let [rate, budget, cost, key] = *found;
+    if found.iter().all(Option::is_none) {
+        return Ok(Vec::new());
+    }
+    if effect == Effect::Forbid {
+        return Err(
+            "limits (`@rate`, `@budget`, `@cost`, `@limit_key`) belong on permits; \
+             a forbid allows nothing to count"
+                .to_owned(),
+        );
+    }
+    let key = match key {
+        None | Some("agent") => LimitKey::Agent,
+        Some("agent+user") => LimitKey::AgentAndUser,
+        Some(other) => {
+            return Err(format!(
+                "`@limit_key(\"{other}\")`: expected `agent` or `agent+user`"
+            ))
+        }
+    };
+    let mut limits = Vec::with_capacity(2);
+    if let Some(text) = rate {
+        let per = per_window("rate", text)?;
+        limits.push(Limit::new(id, Measure::Calls, per, key, text));
+    }
+    match (budget, cost) {
+        (Some(text), Some(attr)) => {
+            if attr.is_empty()
+                || !attr.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                || attr.starts_with(|c: char| c.is_ascii_digit())
+            {
+                return Err(format!(
+                    "`@cost(\"{attr}\")`: expected the name of a top-level context attribute"
+                ));
+            }
+            let per = per_window("budget", text)?;
+            limits.push(Limit::new(
+                id,
+                Measure::Cost(attr.to_owned()),
+                per,
+                key,
+                text,
+            ));
+        }
+        (Some(_), None) => {
+            return Err(
+                "`@budget` needs `@cost(\"attribute\")`: the context attribute \
+                        that holds each call's cost"
+                    .to_owned(),
+            )
+        }
+        (None, Some(_)) => return Err("`@cost` without `@budget` limits nothing".to_owned()),
+        (None, None) => {}
+    }
+    if limits.is_empty() {
+        return Err("`@limit_key` without `@rate` or `@budget` limits nothing".to_owned());
+    }
+    Ok(limits)
+}
+
+/// `N/unit`, N a positive whole number.
+fn per_window(what: &str, text: &str) -> Result<(u64, Duration), String> {
+    let bad = |why: &str| {
+        format!(
+            "`@{what}(\"{text}\")`: {why}; expected `N/second`, `N/minute`, `N/hour` or `N/day` \
+             with N a positive whole number"
+        )
+    };
+    let (amount, unit) = text.split_once('/').ok_or_else(|| bad("no `/`"))?;
+    let amount: u64 = amount
+        .trim()
+        .parse()
+        .map_err(|_| bad(&format!("`{}` is not a whole number", amount.trim())))?;
+    if amount == 0 {
+        return Err(bad("N must be at least 1"));
+    }
+    let window = match unit.trim() {
+        "second" => Duration::from_secs(1),
+        "minute" => Duration::from_secs(60),
+        "hour" => Duration::from_secs(3600),
+        "day" => Duration::from_secs(86_400),
+        other => return Err(bad(&format!("unknown unit `{other}`"))),
+    };
+    Ok((amount, window))
+}
+
+#[cfg(test)]
+impl Limit {
+    /// A limit as `scan` would read it, for tests of the counters.
+    pub(crate) fn for_test(amount: u64, window: Duration, measure: Measure) -> Self {
+        let text = format!("{amount}/{window:?}");
+        Self::new("p", measure, (amount, window), LimitKey::Agent, &text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(src: &str) -> (Limits, Vec<String>) {
+        let parsed: PolicySet = src.parse().expect("policies");
+        let mut set = PolicySet::new();
+        for (i, p) in parsed.policies().enumerate() {
+            set.add(p.new_id(cedar_policy::PolicyId::new(format!("p{i}"))))
+                .expect("add");
+        }
+        let mut diagnostics = Vec::new();
+        let limits = Limits::scan(&set, &Default::default(), &mut diagnostics);
+        (limits, diagnostics.into_iter().map(|d| d.message).collect())
+    }
+
+    #[test]
+    fn reads_rates_budgets_and_keys() {
+        let (limits, problems) = scan(
+            r#"@rate("20/minute") @budget("500/day") @cost("amount_cents") @limit_key("agent+user")
+               permit (principal, action, resource);
+               permit (principal, action, resource);"#,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let l = limits.of("p0");
+        assert_eq!(l.len(), 2);
+        assert_eq!((l[0].amount, l[0].window), (20, Duration::from_secs(60)));
+        assert_eq!(l[0].reason(), "rate_limited");
+        assert_eq!(l[1].measure, Measure::Cost("amount_cents".to_owned()));
+        assert_eq!(l[1].key, LimitKey::AgentAndUser);
+        assert!(limits.of("p1").is_empty());
+    }
+
+    #[test]
+    fn malformed_limits_are_refused_with_the_reason() {
+        for (src, expected) in [
+            (
+                r#"@rate("20/minutes") permit (principal, action, resource);"#,
+                "unknown unit `minutes`",
+            ),
+            (
+                r#"@rate("0/day") permit (principal, action, resource);"#,
+                "at least 1",
+            ),
+            (
+                r#"@rate("ten/day") permit (principal, action, resource);"#,
+                "`ten` is not a whole number",
+            ),
+            (
+                r#"@rate("20") permit (principal, action, resource);"#,
+                "no `/`",
+            ),
+            (
+                r#"@budget("20/day") permit (principal, action, resource);"#,
+                "needs `@cost",
+            ),
+            (
+                r#"@cost("amount") permit (principal, action, resource);"#,
+                "without `@budget`",
+            ),
+            (
+                r#"@budget("20/day") @cost("a.b") permit (principal, action, resource);"#,
+                "top-level context attribute",
+            ),
+            (
+                r#"@limit_key("user") @rate("1/day") permit (principal, action, resource);"#,
+                "expected `agent` or `agent+user`",
+            ),
+            (
+                r#"@limit_key("agent") permit (principal, action, resource);"#,
+                "limits nothing",
+            ),
+            (
+                r#"@rate("1/day") forbid (principal, action, resource);"#,
+                "belong on permits",
+            ),
+        ] {
+            let (limits, problems) = scan(src);
+            assert!(limits.is_empty(), "{src}");
+            assert_eq!(problems.len(), 1, "{src}: {problems:?}");
+            assert!(problems[0].contains(expected), "{src}: {}", problems[0]);
+        }
+    }
+}

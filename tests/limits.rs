@@ -1,0 +1,300 @@
+//! Rate and budget limits declared on permits, over the real gRPC server
+//! with a clock the test moves: the N+1-th call in a window is denied and
+//! allowed again once the window passes, budgets add up cost, concurrent
+//! callers get exactly N, counts survive a reload that keeps the limit, and
+//! malformed limits refuse the bundle.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use leash::audit::{AuditOptions, AuditTarget};
+use leash::bundle::Snapshot;
+use leash::engine::Clock;
+use leash::proto::v1 as pb;
+use leash::server::ServerOptions;
+
+const SCHEMA: &str = "entity User;\nentity Agent;\nentity Mailbox;\n\
+    action \"send\" appliesTo { principal: [Agent, User], resource: [Mailbox], \
+    context: { amount?: Long } };\n";
+
+fn policies(rate: &str) -> String {
+    format!(
+        "@id(\"bot-send\")\n@rate(\"{rate}\")\n\
+         permit (principal == Agent::\"bot\", action == Action::\"send\", resource);\n\
+         @id(\"bot-spend\")\n@budget(\"100/day\")\n@cost(\"amount\")\n@limit_key(\"agent+user\")\n\
+         permit (principal == Agent::\"payer\", action == Action::\"send\", resource);\n\
+         @id(\"users-send\")\npermit (principal is User, action == Action::\"send\", resource);\n\
+         @id(\"other-send\")\npermit (principal == Agent::\"other\", action == Action::\"send\", resource);\n"
+    )
+}
+
+fn write_bundle(dir: &Path, rate: &str) {
+    std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
+    std::fs::create_dir_all(dir.join("schemas")).expect("mkdir");
+    std::fs::write(dir.join("policies/send.cedar"), policies(rate)).expect("write");
+    std::fs::write(dir.join("schemas/mail.cedarschema"), SCHEMA).expect("write");
+}
+
+fn start_time() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+async fn server(dir: &Path, rate: &str, clock: &Clock, audit: Option<&Path>) -> TestServer {
+    write_bundle(dir, rate);
+    let snapshot =
+        Snapshot::load_dirs(&dir.join("policies"), &dir.join("schemas")).expect("bundle loads");
+    let options = ServerOptions {
+        clock: clock.clone(),
+        audit: match audit {
+            Some(path) => AuditOptions {
+                target: AuditTarget::File(path.to_owned()),
+                ..AuditOptions::default()
+            },
+            None => AuditOptions::default(),
+        },
+        ..ServerOptions::default()
+    };
+    TestServer::start(Some(snapshot), options, false).await
+}
+
+fn send(agent: &str, user: Option<&str>, amount: Option<i64>) -> pb::IsAuthorizedRequest {
+    let req = request(
+        &format!("Agent::\"{agent}\""),
+        user.map(|u| format!("User::\"{u}\"")).as_deref(),
+        "Action::\"send\"",
+        "Mailbox::\"out\"",
+    );
+    match amount {
+        Some(n) => with_context_json(req, &format!("{{\"amount\": {n}}}")),
+        None => req,
+    }
+}
+
+async fn ask(server: &TestServer, req: pb::IsAuthorizedRequest) -> pb::IsAuthorizedResponse {
+    server.decide(req).await.expect("decides")
+}
+
+#[tokio::test]
+async fn the_call_past_the_rate_is_denied_with_a_retry_after_until_the_window_passes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock = Clock::manual(start_time());
+    let trail = dir.path().join("audit.log");
+    let server = server(dir.path(), "3/minute", &clock, Some(&trail)).await;
+    for _ in 0..3 {
+        let r = ask(&server, send("bot", None, None)).await;
+        assert_eq!(r.decision, ALLOW);
+        assert_eq!(r.limited, None);
+    }
+    let denied = ask(&server, send("bot", None, None)).await;
+    assert_eq!(denied.decision, DENY);
+    let limited = denied.limited.expect("says which limit");
+    assert_eq!(limited.reason, "rate_limited");
+    assert_eq!(limited.policy_id, "bot-send");
+    assert_eq!(limited.limit, "3/minute");
+    assert_eq!(limited.retry_after_ms, Some(20_000));
+    assert!(denied.determining_policies.is_empty());
+    // Another agent is counted apart; denials are not counted.
+    assert_eq!(
+        ask(&server, send("other", None, None)).await.decision,
+        ALLOW
+    );
+
+    clock.advance(Duration::from_millis(19_999));
+    assert_eq!(ask(&server, send("bot", None, None)).await.decision, DENY);
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(ask(&server, send("bot", None, None)).await.decision, ALLOW);
+    assert_eq!(ask(&server, send("bot", None, None)).await.decision, DENY);
+    // A whole window later the full rate is back.
+    clock.advance(Duration::from_secs(60));
+    for _ in 0..3 {
+        assert_eq!(ask(&server, send("bot", None, None)).await.decision, ALLOW);
+    }
+    assert_eq!(ask(&server, send("bot", None, None)).await.decision, DENY);
+
+    // The metric and the audit trail say so too.
+    let (_, metrics) = http_get(server.admin_addr, "GET", "/metrics").await;
+    assert_eq!(
+        metric(&metrics, "leash_limited_total{reason=\"rate_limited\"}"),
+        4.0
+    );
+    server.shutdown().await;
+    let text = std::fs::read_to_string(&trail).expect("audit trail");
+    let limited: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("record"))
+        .filter(|r| !r["limited"].is_null())
+        .collect();
+    assert_eq!(limited.len(), 4);
+    assert_eq!(limited[0]["decision"], "deny");
+    assert_eq!(limited[0]["limited"]["reason"], "rate_limited");
+    assert_eq!(limited[0]["limited"]["retry_after_ms"], 20_000);
+    let verified = std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(["audit", "verify"])
+        .arg(&trail)
+        .output()
+        .expect("runs");
+    assert!(verified.status.success(), "{:?}", verified);
+}
+
+#[tokio::test]
+async fn budgets_add_up_cost_per_agent_and_user_and_reset_after_the_window() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock = Clock::manual(start_time());
+    let server = server(dir.path(), "3/minute", &clock, None).await;
+    let pay = |user: &str, amount: Option<i64>| send("payer", Some(user), amount);
+    assert_eq!(ask(&server, pay("ann", Some(60))).await.decision, ALLOW);
+    let over = ask(&server, pay("ann", Some(50))).await;
+    assert_eq!(over.decision, DENY);
+    let limited = over.limited.expect("limited");
+    assert_eq!(limited.reason, "budget_exceeded");
+    assert_eq!(limited.policy_id, "bot-spend");
+    // 60 + 50 is 10 over 100 per day: 10 free up in 10 / 100 of a day.
+    assert_eq!(limited.retry_after_ms, Some(8_640_000));
+    assert_eq!(ask(&server, pay("ann", Some(40))).await.decision, ALLOW);
+    // Another user of the same agent has a budget of its own.
+    assert_eq!(ask(&server, pay("bob", Some(100))).await.decision, ALLOW);
+    // More than the whole budget never fits; a missing cost fails closed.
+    let never = ask(&server, pay("cy", Some(101)))
+        .await
+        .limited
+        .expect("limited");
+    assert_eq!(
+        (never.reason.as_str(), never.retry_after_ms),
+        ("budget_exceeded", None)
+    );
+    let missing = ask(&server, pay("cy", None)).await;
+    assert_eq!(missing.decision, DENY);
+    assert_eq!(
+        missing.limited.expect("limited").reason,
+        "budget_cost_missing"
+    );
+    clock.advance(Duration::from_secs(86_400));
+    assert_eq!(ask(&server, pay("ann", Some(100))).await.decision, ALLOW);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn many_concurrent_clients_get_exactly_the_rate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock = Clock::manual(start_time());
+    let server = Arc::new(server(dir.path(), "50/hour", &clock, None).await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let client = server.client.clone();
+        tasks.spawn(async move {
+            let mut allowed = 0;
+            for _ in 0..20 {
+                let r = decide_with(&client, send("bot", None, None))
+                    .await
+                    .expect("decides");
+                allowed += usize::from(r.decision == ALLOW);
+            }
+            allowed
+        });
+    }
+    let mut allowed = 0;
+    while let Some(n) = tasks.join_next().await {
+        allowed += n.expect("task");
+    }
+    assert_eq!(allowed, 50);
+    match Arc::try_unwrap(server) {
+        Ok(server) => server.shutdown().await,
+        Err(_) => panic!("server still shared"),
+    }
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_counts_of_an_unchanged_limit_and_applies_a_changed_one_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock = Clock::manual(start_time());
+    write_bundle(dir.path(), "3/minute");
+    let (policies, schemas) = (dir.path().join("policies"), dir.path().join("schemas"));
+    let server = ReloadingServer::start_with(
+        &policies,
+        &schemas,
+        leash::reload::ReloadOptions::default(),
+        ServerOptions {
+            clock: clock.clone(),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let allowed = |r: pb::IsAuthorizedResponse| r.decision == ALLOW;
+    for _ in 0..2 {
+        assert!(allowed(
+            server
+                .decide(send("bot", None, None))
+                .await
+                .expect("decides")
+        ));
+    }
+    // Another file changes: the limit is the same, so are its counts.
+    std::fs::write(
+        policies.join("extra.cedar"),
+        "@id(\"extra\")\npermit (principal == Agent::\"extra\", action, resource);\n",
+    )
+    .expect("write");
+    server.wait_version(&version_of(&policies, &schemas)).await;
+    assert!(allowed(
+        server
+            .decide(send("bot", None, None))
+            .await
+            .expect("decides")
+    ));
+    assert!(!allowed(
+        server
+            .decide(send("bot", None, None))
+            .await
+            .expect("decides")
+    ));
+    // The limit changes: it applies from the next decision.
+    std::fs::write(policies.join("send.cedar"), policies_text("5/minute")).expect("write");
+    server.wait_version(&version_of(&policies, &schemas)).await;
+    for _ in 0..5 {
+        assert!(allowed(
+            server
+                .decide(send("bot", None, None))
+                .await
+                .expect("decides")
+        ));
+    }
+    let denied = server
+        .decide(send("bot", None, None))
+        .await
+        .expect("decides");
+    assert_eq!(denied.limited.expect("limited").limit, "5/minute");
+    server.shutdown().await;
+}
+
+fn policies_text(rate: &str) -> String {
+    policies(rate)
+}
+
+#[test]
+fn malformed_limits_refuse_the_bundle_naming_the_file_and_policy() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_bundle(dir.path(), "20/minutes");
+    let refused = Snapshot::load_dirs(&dir.path().join("policies"), &dir.path().join("schemas"))
+        .expect_err("refused");
+    let text = format!("{refused:?}");
+    assert!(
+        text.contains("send.cedar")
+            && text.contains("bot-send")
+            && text.contains("unknown unit `minutes`"),
+        "{text}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
+        .arg("validate")
+        .arg("--policies")
+        .arg(dir.path().join("policies"))
+        .arg("--schemas")
+        .arg(dir.path().join("schemas"))
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit `minutes`"));
+}
