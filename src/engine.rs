@@ -120,7 +120,9 @@ pub struct Decision {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limited {
     /// `rate_limited`, `budget_exceeded`, `budget_cost_missing` (the cost
-    /// attribute is absent) or `limit_capacity` (no counter slot left).
+    /// attribute is absent), `limit_session_missing` (a per-session limit
+    /// and no `context.session_id`) or `limit_capacity` (no counter slot
+    /// left).
     pub reason: &'static str,
     /// The permit that declares the limit.
     pub policy_id: String,

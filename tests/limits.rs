@@ -12,14 +12,18 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 use leash::audit::{AuditOptions, AuditTarget};
+use leash::bench::collector::SpanCollector;
 use leash::bundle::Snapshot;
 use leash::engine::Clock;
 use leash::proto::v1 as pb;
 use leash::server::ServerOptions;
+use leash::telemetry::{Protocol, TelemetryOptions, TraceOptions};
 
 const SCHEMA: &str = "entity User;\nentity Agent;\nentity Mailbox;\n\
     action \"send\" appliesTo { principal: [Agent, User], resource: [Mailbox], \
-    context: { amount?: Long } };\n";
+    context: { amount?: Long } };\n\
+    action \"buy\" appliesTo { principal: [Agent, User], resource: [Mailbox], \
+    context: { price?: decimal, session_id?: String } };\n";
 
 fn policies(rate: &str) -> String {
     format!(
@@ -28,7 +32,9 @@ fn policies(rate: &str) -> String {
          @id(\"bot-spend\")\n@budget(\"100/day\")\n@cost(\"amount\")\n@limit_key(\"agent+user\")\n\
          permit (principal == Agent::\"payer\", action == Action::\"send\", resource);\n\
          @id(\"users-send\")\npermit (principal is User, action == Action::\"send\", resource);\n\
-         @id(\"other-send\")\npermit (principal == Agent::\"other\", action == Action::\"send\", resource);\n"
+         @id(\"other-send\")\npermit (principal == Agent::\"other\", action == Action::\"send\", resource);\n\
+         @id(\"shopper-buy\")\n@budget(\"20.00/hour\")\n@cost(\"price\")\n@limit_key(\"agent+session\")\n\
+         permit (principal == Agent::\"shopper\", action == Action::\"buy\", resource);\n"
     )
 }
 
@@ -44,9 +50,6 @@ fn start_time() -> SystemTime {
 }
 
 async fn server(dir: &Path, rate: &str, clock: &Clock, audit: Option<&Path>) -> TestServer {
-    write_bundle(dir, rate);
-    let snapshot =
-        Snapshot::load_dirs(&dir.join("policies"), &dir.join("schemas")).expect("bundle loads");
     let options = ServerOptions {
         clock: clock.clone(),
         audit: match audit {
@@ -58,6 +61,13 @@ async fn server(dir: &Path, rate: &str, clock: &Clock, audit: Option<&Path>) -> 
         },
         ..ServerOptions::default()
     };
+    server_with(dir, rate, options).await
+}
+
+async fn server_with(dir: &Path, rate: &str, options: ServerOptions) -> TestServer {
+    write_bundle(dir, rate);
+    let snapshot =
+        Snapshot::load_dirs(&dir.join("policies"), &dir.join("schemas")).expect("bundle loads");
     TestServer::start(Some(snapshot), options, false).await
 }
 
@@ -141,6 +151,54 @@ async fn the_call_past_the_rate_is_denied_with_a_retry_after_until_the_window_pa
 }
 
 #[tokio::test]
+async fn a_limited_decision_says_so_in_its_span() {
+    let collector = SpanCollector::start(true).await.expect("collector");
+    let mut trace = TraceOptions::new(collector.grpc_endpoint(), Protocol::Grpc);
+    trace.batch.schedule_delay = Duration::from_millis(20);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock = Clock::manual(start_time());
+    let options = ServerOptions {
+        clock: clock.clone(),
+        telemetry: TelemetryOptions {
+            traces: Some(trace),
+            ..TelemetryOptions::default()
+        },
+        ..ServerOptions::default()
+    };
+    let server = server_with(dir.path(), "1/minute", options).await;
+    assert_eq!(ask(&server, send("bot", None, None)).await.decision, ALLOW);
+    assert_eq!(ask(&server, send("bot", None, None)).await.decision, DENY);
+    assert!(
+        server
+            .server
+            .telemetry()
+            .flush(Duration::from_secs(30))
+            .await,
+        "flushed"
+    );
+    assert!(collector.wait_for(2, Duration::from_secs(30)).await >= 2);
+    let spans = collector.spans();
+    let allowed = spans
+        .iter()
+        .find(|s| s.attribute("leash.decision").as_deref() == Some("allow"))
+        .expect("the allowed decision's span");
+    assert_eq!(allowed.attribute("leash.limit.reason"), None);
+    let limited = spans
+        .iter()
+        .find(|s| s.attribute("leash.decision").as_deref() == Some("deny"))
+        .expect("the limited decision's span");
+    for (key, want) in [
+        ("leash.limit.reason", "rate_limited"),
+        ("leash.limit.policy", "bot-send"),
+        ("leash.limit", "1/minute"),
+        ("leash.limit.retry_after_ms", "60000"),
+    ] {
+        assert_eq!(limited.attribute(key).as_deref(), Some(want), "{key}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn budgets_add_up_cost_per_agent_and_user_and_reset_after_the_window() {
     let dir = tempfile::tempdir().expect("temp dir");
     let clock = Clock::manual(start_time());
@@ -174,6 +232,93 @@ async fn budgets_add_up_cost_per_agent_and_user_and_reset_after_the_window() {
     );
     clock.advance(Duration::from_secs(86_400));
     assert_eq!(ask(&server, pay("ann", Some(100))).await.decision, ALLOW);
+    server.shutdown().await;
+}
+
+/// A purchase in session `session` at `price`, in each of the three ways
+/// a decimal can arrive: JSON text, JSON `__extn` escape, typed value.
+fn buy(session: Option<&str>, price: &str, form: usize) -> pb::IsAuthorizedRequest {
+    let mut req = request(
+        "Agent::\"shopper\"",
+        None,
+        "Action::\"buy\"",
+        "Mailbox::\"out\"",
+    );
+    let session_json = session.map_or(String::new(), |s| format!(", \"session_id\": \"{s}\""));
+    match form % 3 {
+        0 => with_context_json(req, &format!("{{\"price\": \"{price}\"{session_json}}}")),
+        1 => with_context_json(
+            req,
+            &format!(
+                "{{\"price\": {{\"__extn\": {{\"fn\": \"decimal\", \"arg\": \"{price}\"}}}}{session_json}}}"
+            ),
+        ),
+        _ => {
+            let mut fields = std::collections::BTreeMap::new();
+            fields.insert(
+                "price".to_owned(),
+                pb::Value {
+                    kind: Some(pb::value::Kind::Extension(pb::ExtensionValue {
+                        r#fn: "decimal".to_owned(),
+                        arg: price.to_owned(),
+                    })),
+                },
+            );
+            if let Some(s) = session {
+                fields.insert(
+                    "session_id".to_owned(),
+                    pb::Value {
+                        kind: Some(pb::value::Kind::String(s.to_owned())),
+                    },
+                );
+            }
+            req.context_input = Some(pb::is_authorized_request::ContextInput::Context(
+                pb::Record { fields },
+            ));
+            req
+        }
+    }
+}
+
+#[tokio::test]
+async fn decimal_budgets_count_exactly_per_agent_and_session_in_every_input_form() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock = Clock::manual(start_time());
+    let server = server(dir.path(), "3/minute", &clock, None).await;
+    // 20.00 an hour per session: 7.25 + 7.25 + 5.50 is exactly 20.00,
+    // whichever form each price arrives in.
+    for (form, price) in ["7.25", "7.25", "5.5"].into_iter().enumerate() {
+        let r = ask(&server, buy(Some("s1"), price, form)).await;
+        assert_eq!((r.decision, r.limited), (ALLOW, None), "form {form}");
+    }
+    for form in 0..3 {
+        let over = ask(&server, buy(Some("s1"), "0.0001", form)).await;
+        let limited = over.limited.expect("limited");
+        assert_eq!(
+            (over.decision, limited.reason.as_str()),
+            (DENY, "budget_exceeded")
+        );
+        // 0.0001 of 20.00 an hour frees up in 3600 s / 200,000 = 18 ms.
+        assert_eq!(limited.retry_after_ms, Some(18));
+    }
+    // Another session of the same agent has its own budget.
+    assert_eq!(
+        ask(&server, buy(Some("s2"), "20.0", 2)).await.decision,
+        ALLOW
+    );
+    // No session to count against: denied rather than counted as nobody's.
+    for form in 0..3 {
+        let r = ask(&server, buy(None, "1.00", form)).await;
+        assert_eq!(r.decision, DENY);
+        let limited = r.limited.expect("limited");
+        assert_eq!(limited.reason, "limit_session_missing", "form {form}");
+        assert!(limited.detail.contains("session_id"), "{}", limited.detail);
+    }
+    clock.advance(Duration::from_millis(18));
+    assert_eq!(
+        ask(&server, buy(Some("s1"), "0.0001", 1)).await.decision,
+        ALLOW
+    );
     server.shutdown().await;
 }
 

@@ -10,12 +10,16 @@
 //!
 //! - `@rate("N/unit")`: at most N allowed decisions per window;
 //! - `@budget("N/unit")` with `@cost("attr")`: the sum of the top-level
-//!   `Long` context attribute `attr` over allowed decisions stays within N
-//!   per window (in the attribute's own unit, e.g. cents);
-//! - `@limit_key("agent")` (the default) or `@limit_key("agent+user")`: whose
-//!   allowances are counted apart.
+//!   `Long` or `decimal` context attribute `attr` over allowed decisions
+//!   stays within N per window, in the attribute's own unit (`2500000/day`
+//!   of `amount_cents`, or `25000.00/day` of a decimal `amount`);
+//! - `@limit_key("agent")` (the default), `@limit_key("agent+user")` or
+//!   `@limit_key("agent+session")`: whose allowances are counted apart; a
+//!   session is the request's `context.session_id` (a String).
 //!
-//! `unit` is `second`, `minute`, `hour` or `day`. A malformed limit, one on a
+//! `unit` is `second`, `minute`, `hour` or `day`; a rate's N is a whole
+//! number, a budget's may have up to four decimal places (Cedar's
+//! `decimal`). A malformed limit, one on a
 //! forbid, a `@cost` without `@budget` (or the reverse), or a `@limit_key`
 //! with no limit refuses the bundle: a typo never silently drops a limit.
 
@@ -30,11 +34,23 @@ use super::{Diagnostic, PolicyOrigin};
 /// The annotations this module reads.
 pub const ANNOTATIONS: [&str; 4] = ["rate", "budget", "cost", "limit_key"];
 
+/// Budgets and costs are counted in ten-thousandths of their unit, the
+/// precision of Cedar's `decimal`, so whole and decimal costs add exactly.
+pub const COST_SCALE: u64 = 10_000;
+
+/// The context attribute naming the session of `@limit_key("agent+session")`.
+pub const SESSION_ATTR: &str = "session_id";
+
+/// Largest N a limit may declare: keeps the counters' arithmetic exact.
+const MAX_AMOUNT: u64 = 100_000_000_000;
+
 /// Whose allowances a limit counts together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LimitKey {
     Agent,
     AgentAndUser,
+    /// The agent and the request's `context.session_id`.
+    AgentAndSession,
 }
 
 /// What a limit counts.
@@ -51,7 +67,8 @@ pub enum Measure {
 pub struct Limit {
     pub policy_id: String,
     pub measure: Measure,
-    /// Calls, or units of cost, per window.
+    /// Calls, or ten-thousandths of a unit of cost ([`COST_SCALE`]), per
+    /// window.
     pub amount: u64,
     pub window: Duration,
     pub key: LimitKey,
@@ -186,15 +203,16 @@ fn parse(id: &str, effect: Effect, found: &Found<'_>) -> Result<Vec<Limit>, Stri
     let key = match key {
         None | Some("agent") => LimitKey::Agent,
         Some("agent+user") => LimitKey::AgentAndUser,
+        Some("agent+session") => LimitKey::AgentAndSession,
         Some(other) => {
             return Err(format!(
-                "`@limit_key(\"{other}\")`: expected `agent` or `agent+user`"
+                "`@limit_key(\"{other}\")`: expected `agent`, `agent+user` or `agent+session`"
             ))
         }
     };
     let mut limits = Vec::with_capacity(2);
     if let Some(text) = rate {
-        let per = per_window("rate", text)?;
+        let per = per_window("rate", text, Amount::Whole)?;
         limits.push(Limit::new(id, Measure::Calls, per, key, text));
     }
     match (budget, cost) {
@@ -207,7 +225,7 @@ fn parse(id: &str, effect: Effect, found: &Found<'_>) -> Result<Vec<Limit>, Stri
                     "`@cost(\"{attr}\")`: expected the name of a top-level context attribute"
                 ));
             }
-            let per = per_window("budget", text)?;
+            let per = per_window("budget", text, Amount::Decimal)?;
             limits.push(Limit::new(
                 id,
                 Measure::Cost(attr.to_owned()),
@@ -232,21 +250,36 @@ fn parse(id: &str, effect: Effect, found: &Found<'_>) -> Result<Vec<Limit>, Stri
     Ok(limits)
 }
 
-/// `N/unit`, N a positive whole number.
-fn per_window(what: &str, text: &str) -> Result<(u64, Duration), String> {
+/// How a limit's N is written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Amount {
+    /// Calls: a whole number.
+    Whole,
+    /// Cost: up to four decimal places, kept in ten-thousandths.
+    Decimal,
+}
+
+/// `N/unit`, N positive.
+fn per_window(what: &str, text: &str, form: Amount) -> Result<(u64, Duration), String> {
+    let number = match form {
+        Amount::Whole => "a positive whole number",
+        Amount::Decimal => "a positive number with at most four decimal places",
+    };
     let bad = |why: &str| {
         format!(
             "`@{what}(\"{text}\")`: {why}; expected `N/second`, `N/minute`, `N/hour` or `N/day` \
-             with N a positive whole number"
+             with N {number} up to {MAX_AMOUNT}"
         )
     };
-    let (amount, unit) = text.split_once('/').ok_or_else(|| bad("no `/`"))?;
-    let amount: u64 = amount
-        .trim()
-        .parse()
-        .map_err(|_| bad(&format!("`{}` is not a whole number", amount.trim())))?;
+    let (amount_text, unit) = text.split_once('/').ok_or_else(|| bad("no `/`"))?;
+    let amount_text = amount_text.trim();
+    let amount = match form {
+        Amount::Whole => amount_text.parse::<u64>().ok().filter(|n| *n <= MAX_AMOUNT),
+        Amount::Decimal => ten_thousandths(amount_text).filter(|n| *n <= MAX_AMOUNT * COST_SCALE),
+    }
+    .ok_or_else(|| bad(&format!("`{amount_text}` is not {number}")))?;
     if amount == 0 {
-        return Err(bad("N must be at least 1"));
+        return Err(bad("N must be more than 0"));
     }
     let window = match unit.trim() {
         "second" => Duration::from_secs(1),
@@ -256,6 +289,29 @@ fn per_window(what: &str, text: &str) -> Result<(u64, Duration), String> {
         other => return Err(bad(&format!("unknown unit `{other}`"))),
     };
     Ok((amount, window))
+}
+
+/// `12`, `12.5` or `12.3456` as ten-thousandths (`123456`); `None` for a
+/// sign, more than four decimal places, or anything else.
+pub fn ten_thousandths(text: &str) -> Option<u64> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || !digits(fraction) || fraction.len() > 4 {
+        return None;
+    }
+    if text.contains('.') && fraction.is_empty() {
+        return None;
+    }
+    let whole: u64 = whole.parse().ok()?;
+    let mut fraction_value: u64 = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse().ok()?
+    };
+    for _ in fraction.len()..4 {
+        fraction_value *= 10;
+    }
+    whole.checked_mul(COST_SCALE)?.checked_add(fraction_value)
 }
 
 #[cfg(test)]
@@ -301,6 +357,41 @@ mod tests {
     }
 
     #[test]
+    fn budgets_may_be_decimal_and_sessions_keyed() {
+        let (limits, problems) = scan(
+            r#"@budget("25000.50/day") @cost("amount") @limit_key("agent+session")
+               permit (principal, action, resource);
+               @budget("300/hour") @cost("amount_cents")
+               permit (principal, action, resource);"#,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(limits.of("p0")[0].amount, 250_005_000);
+        assert_eq!(limits.of("p0")[0].key, LimitKey::AgentAndSession);
+        assert_eq!(limits.of("p1")[0].amount, 3_000_000);
+        assert_eq!(limits.of("p1")[0].text, "300/hour");
+    }
+
+    #[test]
+    fn ten_thousandths_read_cedar_decimals_exactly() {
+        for (text, expected) in [
+            ("0", Some(0)),
+            ("12", Some(120_000)),
+            ("12.5", Some(125_000)),
+            ("12.3456", Some(123_456)),
+            ("0.0001", Some(1)),
+            ("12.", None),
+            (".5", None),
+            ("1.23456", None),
+            ("-1.0", None),
+            ("1e3", None),
+            ("", None),
+            ("18446744073709551615", None),
+        ] {
+            assert_eq!(ten_thousandths(text), expected, "{text}");
+        }
+    }
+
+    #[test]
     fn malformed_limits_are_refused_with_the_reason() {
         for (src, expected) in [
             (
@@ -309,15 +400,31 @@ mod tests {
             ),
             (
                 r#"@rate("0/day") permit (principal, action, resource);"#,
-                "at least 1",
+                "more than 0",
             ),
             (
                 r#"@rate("ten/day") permit (principal, action, resource);"#,
-                "`ten` is not a whole number",
+                "`ten` is not a positive whole number",
             ),
             (
                 r#"@rate("20") permit (principal, action, resource);"#,
                 "no `/`",
+            ),
+            (
+                r#"@rate("1.5/second") permit (principal, action, resource);"#,
+                "`1.5` is not a positive whole number",
+            ),
+            (
+                r#"@budget("0.00001/day") @cost("c") permit (principal, action, resource);"#,
+                "at most four decimal places",
+            ),
+            (
+                r#"@budget("-5/day") @cost("c") permit (principal, action, resource);"#,
+                "`-5` is not a positive number",
+            ),
+            (
+                r#"@rate("100000000001/day") permit (principal, action, resource);"#,
+                "up to 100000000000",
             ),
             (
                 r#"@budget("20/day") permit (principal, action, resource);"#,
@@ -333,7 +440,7 @@ mod tests {
             ),
             (
                 r#"@limit_key("user") @rate("1/day") permit (principal, action, resource);"#,
-                "expected `agent` or `agent+user`",
+                "expected `agent`, `agent+user` or `agent+session`",
             ),
             (
                 r#"@limit_key("agent") permit (principal, action, resource);"#,
