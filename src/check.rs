@@ -126,6 +126,7 @@ fn decision_name(code: i32) -> &'static str {
     match pb::Decision::try_from(code) {
         Ok(pb::Decision::Allow) => "ALLOW",
         Ok(pb::Decision::Deny) => "DENY",
+        Ok(pb::Decision::ApprovalRequired) => "APPROVAL_REQUIRED",
         _ => "UNSPECIFIED",
     }
 }
@@ -181,6 +182,16 @@ pub fn render(args: &CheckArgs, response: &pb::IsAuthorizedResponse) -> String {
                 err.policy_id, err.message
             ));
         }
+    }
+    if let Some(approval) = &response.approval {
+        out.push_str(&format!(
+            "  approval required by {}\n  fingerprint {}\n",
+            approval.policies.join(", "),
+            approval.fingerprint
+        ));
+    }
+    if let Some(limited) = &response.limited {
+        out.push_str(&format!("  limited: {}\n", limited.detail));
     }
     out.push_str(&format!(
         "policy version {}  request {}\n",

@@ -114,6 +114,20 @@ pub struct Decision {
     /// Set when the policies allowed but a limit of a determining permit was
     /// spent, which made the decision a DENY ([`crate::quota`]).
     pub limited: Option<Limited>,
+    /// Set when the policies allowed but a determining permit carries
+    /// `@approval("required")`: the decision is APPROVAL_REQUIRED, which is
+    /// not an allow (`allowed` is false).
+    pub approval: Option<ApprovalRequest>,
+}
+
+/// What a human is asked to approve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalRequest {
+    /// `sha256:` and 64 hex digits over the agent, user, action, resource
+    /// and the caller's context in a canonical form ([`fingerprint`]).
+    pub fingerprint: String,
+    /// The determining permits that require approval.
+    pub policies: Vec<String>,
 }
 
 /// A limit that turned an ALLOW into a DENY.
@@ -144,6 +158,13 @@ impl Decision {
         }
         if let Some(limited) = &self.limited {
             return limited.detail.clone();
+        }
+        if let Some(approval) = &self.approval {
+            return format!(
+                "approval required by {} for {}",
+                approval.policies.join(","),
+                approval.fingerprint
+            );
         }
         let mut parts = Vec::with_capacity(2);
         for (name, side) in std::iter::once(("agent", &self.agent))
@@ -317,7 +338,73 @@ pub fn decide(
         )?),
         None => None,
     };
-    Ok(combine(agent, on_behalf_of))
+    let mut decision = combine(agent, on_behalf_of);
+    approval_gate(snapshot, request, &context, &mut decision);
+    Ok(decision)
+}
+
+/// Turns an ALLOW whose determining permits include a gated one
+/// (`@approval("required")`) into APPROVAL_REQUIRED, with the request's
+/// fingerprint for the approver.
+pub fn approval_gate(
+    snapshot: &Snapshot,
+    request: &AuthzRequest,
+    context: &Context,
+    decision: &mut Decision,
+) {
+    if !decision.allowed || snapshot.gates.is_empty() {
+        return;
+    }
+    let gated: Vec<String> = decision
+        .determining
+        .iter()
+        .filter(|id| snapshot.gates.requires_approval(id))
+        .cloned()
+        .collect();
+    if gated.is_empty() {
+        return;
+    }
+    decision.allowed = false;
+    decision.approval = Some(ApprovalRequest {
+        fingerprint: fingerprint(request, context),
+        policies: gated,
+    });
+}
+
+/// A stable fingerprint of what is asked: the agent, the user (if any), the
+/// action, the resource and the caller's context, without the trusted
+/// `context.leash` leash adds (it holds the time). The context is taken
+/// after parsing with the schema, each value in Cedar's canonical form
+/// (records by key, sets sorted), so the same request in JSON or typed form,
+/// with keys or set members in any order, has one fingerprint.
+pub fn fingerprint(request: &AuthzRequest, context: &Context) -> String {
+    use sha2::{Digest, Sha256};
+    let mut keys: Vec<String> = context
+        .clone()
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k != LEASH_ATTR)
+        .collect();
+    keys.sort_unstable();
+    let mut canonical = format!(
+        "leash-approval-v1\nagent={}\nuser={}\naction={}\nresource={}\n",
+        request.agent,
+        request
+            .on_behalf_of
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), ToString::to_string),
+        request.action,
+        request.resource,
+    );
+    for key in keys {
+        if let Some(value) = context.get(&key) {
+            // Keys are quoted so no key or value can pose as a separator.
+            canonical.push_str(&format!("context.{key:?}={value}\n"));
+        }
+    }
+    let digest = Sha256::digest(canonical.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 #[derive(Clone, Copy)]
@@ -406,6 +493,7 @@ fn combine(agent: SideDecision, user: Option<SideDecision>) -> Decision {
         agent,
         on_behalf_of: user,
         limited: None,
+        approval: None,
     }
 }
 

@@ -25,7 +25,9 @@
 //!   `service::admin` answers `Admin/Status` (what is served, the last reload).
 //! - [`engine`]: decides a request against a [`bundle::Snapshot`]: both sides of
 //!   a delegated request (each narrowed by the scope index), the trusted
-//!   `context.leash` record, fail-closed rules.
+//!   `context.leash` record, fail-closed rules, and the approval gate
+//!   (`@approval("required")` permits, read in `bundle::approvals`, turn an
+//!   ALLOW into APPROVAL_REQUIRED with the request's fingerprint).
 //! - [`bundle`]: finds, parses and validates a bundle; every problem becomes a
 //!   [`bundle::Diagnostic`] with file:line:column; a valid bundle becomes a
 //!   [`bundle::Snapshot`] with a content-hash version. Reads are stable (a tree

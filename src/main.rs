@@ -279,6 +279,8 @@ fn check(args: &CheckArgs) -> ExitCode {
             print!("{}", leash::check::render(args, &response));
             if response.decision == Decision::Allow as i32 {
                 ExitCode::SUCCESS
+            } else if response.decision == Decision::ApprovalRequired as i32 {
+                ExitCode::from(3)
             } else {
                 ExitCode::from(2)
             }

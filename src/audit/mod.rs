@@ -363,6 +363,7 @@ impl Audit {
             action,
             agent,
             agent_side: None,
+            approval: None,
             caller: entry.caller.to_owned(),
             context: self.context(entry.wire),
             decision: "invalid",
@@ -383,7 +384,17 @@ impl Audit {
         };
         match entry.result {
             Ok(d) => {
-                record.decision = if d.allowed { "allow" } else { "deny" };
+                record.decision = if d.allowed {
+                    "allow"
+                } else if d.approval.is_some() {
+                    "approval_required"
+                } else {
+                    "deny"
+                };
+                record.approval = d.approval.as_ref().map(|a| ApprovalRecord {
+                    fingerprint: a.fingerprint.clone(),
+                    policies: a.policies.clone(),
+                });
                 record.determining_policies = Some(d.determining.clone());
                 record.agent_side = Some(Side::of(&d.agent));
                 record.on_behalf_of_side = d.on_behalf_of.as_ref().map(Side::of);
@@ -524,12 +535,15 @@ pub struct Record {
     pub agent: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_side: Option<Side>,
+    /// With `approval_required`: what a human is asked to approve.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalRecord>,
     /// Who asked: `tcp:ADDR` or `unix:pid=P,uid=U`.
     pub caller: String,
     /// Context keys; values only where configured in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context: Option<Value>,
-    /// `allow`, `deny` or `invalid`.
+    /// `allow`, `deny`, `approval_required` or `invalid`.
     pub decision: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub determining_policies: Option<Vec<String>>,
@@ -553,6 +567,14 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
     pub v: u8,
+}
+
+/// The approval a gated permit asks for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ApprovalRecord {
+    // Alphabetical: the canonical encoding the chain hashes (see `chain`).
+    pub fingerprint: String,
+    pub policies: Vec<String>,
 }
 
 /// The limit that turned an ALLOW into a DENY.

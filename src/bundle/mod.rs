@@ -4,6 +4,7 @@
 //! Loading is blocking work (file I/O, parsing, validation); callers run it
 //! off the request path. A snapshot is never modified after it is built.
 
+pub mod approvals;
 mod diagnostic;
 mod index;
 pub mod limits;
@@ -21,6 +22,7 @@ use cedar_policy::{
 };
 use sha2::Digest as _;
 
+pub use approvals::Gates;
 pub use diagnostic::Diagnostic;
 pub use index::{IndexStats, PolicyIndex};
 pub use limits::{Limit, LimitKey, Limits, Measure};
@@ -91,6 +93,8 @@ pub struct Snapshot {
     pub timings: BuildTimings,
     /// Rate and budget limits declared on permits (`@rate`, `@budget`).
     pub limits: Limits,
+    /// Permits that need a human's approval (`@approval("required")`).
+    pub gates: Gates,
 }
 
 /// Wall time of the steps of one build. Steps a [`BuildCache`] skipped
@@ -208,6 +212,7 @@ impl Snapshot {
         );
         timings.validate = began.elapsed();
         let limits = Limits::scan(&policies, &policy_origins, &mut diagnostics);
+        let gates = Gates::scan(&policies, &policy_origins, &mut diagnostics);
 
         let began = Instant::now();
         let entity_key = file_key_all(sources.entities.iter());
@@ -255,6 +260,7 @@ impl Snapshot {
             index,
             timings,
             limits,
+            gates,
         })
     }
 

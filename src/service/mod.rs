@@ -363,7 +363,11 @@ fn limited(l: &engine::Limited) -> pb::Limited {
 fn response(request_id: &str, d: &Decision, version: &str) -> pb::IsAuthorizedResponse {
     pb::IsAuthorizedResponse {
         request_id: request_id.to_owned(),
-        decision: decision_code(d.allowed),
+        decision: if d.approval.is_some() {
+            pb::Decision::ApprovalRequired as i32
+        } else {
+            decision_code(d.allowed)
+        },
         determining_policies: d.determining.clone(),
         errors: errors(&d.errors),
         agent: Some(side(&d.agent)),
@@ -371,5 +375,9 @@ fn response(request_id: &str, d: &Decision, version: &str) -> pb::IsAuthorizedRe
         policy_version: version.to_owned(),
         error: None,
         limited: d.limited.as_ref().map(limited),
+        approval: d.approval.as_ref().map(|a| pb::ApprovalRequest {
+            fingerprint: a.fingerprint.clone(),
+            policies: a.policies.clone(),
+        }),
     }
 }

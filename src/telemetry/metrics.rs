@@ -55,6 +55,8 @@ const BATCH_BUCKETS: [f64; 11] = [
 pub enum Outcome {
     Allow,
     Deny,
+    /// The policies allow, a gated permit waits for a human's approval.
+    ApprovalRequired,
     /// Bad input: answered with `INVALID_ARGUMENT` (or a DENY item in a batch).
     Invalid,
 }
@@ -64,6 +66,7 @@ impl Outcome {
         match self {
             Outcome::Allow => "allow",
             Outcome::Deny => "deny",
+            Outcome::ApprovalRequired => "approval_required",
             Outcome::Invalid => "invalid",
         }
     }
@@ -114,7 +117,7 @@ impl Metrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "leash_decisions",
-            "Decisions by outcome (allow, deny, invalid) and action",
+            "Decisions by outcome (allow, deny, approval_required, invalid) and action",
             decisions.clone(),
         );
         let limited = Family::<LimitedLabels, Counter>::default();

@@ -195,6 +195,7 @@ impl Telemetry {
         let outcome = match &view.result {
             Ok(_) if view.audit_error.is_some() => Outcome::Deny,
             Ok(d) if d.allowed => Outcome::Allow,
+            Ok(d) if d.approval.is_some() => Outcome::ApprovalRequired,
             Ok(_) => Outcome::Deny,
             Err(_) => Outcome::Invalid,
         };
@@ -344,6 +345,16 @@ impl Telemetry {
                     string_array(&d.determining),
                 ));
                 a.push(KeyValue::new("leash.error_count", d.errors.len() as i64));
+                if let Some(approval) = &d.approval {
+                    a.push(KeyValue::new(
+                        "leash.approval.fingerprint",
+                        approval.fingerprint.clone(),
+                    ));
+                    a.push(KeyValue::new(
+                        "leash.approval.policies",
+                        approval.policies.join(","),
+                    ));
+                }
                 if let Some(limited) = &d.limited {
                     a.push(KeyValue::new("leash.limit.reason", limited.reason));
                     a.push(KeyValue::new(
@@ -581,7 +592,7 @@ fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
             on_behalf_of = user.as_deref(),
             action = action.as_deref(),
             resource = resource.as_deref(),
-            decision = "deny",
+            decision = outcome.as_str(),
             reason = %view.audit_error.map_or_else(
                 || d.deny_reason(),
                 |e| format!("audit trail unavailable: {e}")
