@@ -102,6 +102,7 @@ pub fn request(args: &CheckArgs) -> Result<pb::IsAuthorizedRequest, CheckError> 
         resource: Some(entity("resource", &args.resource)?),
         context_input: args.context.clone().map(ContextInput::ContextJson),
         entities_input: args.entities.clone().map(EntitiesInput::EntitiesJson),
+        grants: args.grants.clone(),
     })
 }
 
@@ -189,6 +190,9 @@ pub fn render(args: &CheckArgs, response: &pb::IsAuthorizedResponse) -> String {
             approval.policies.join(", "),
             approval.fingerprint
         ));
+    }
+    if let Some(grant) = &response.grant {
+        out.push_str(&format!("  grant {}: {}\n", grant.outcome, grant.detail));
     }
     if let Some(limited) = &response.limited {
         out.push_str(&format!("  limited: {}\n", limited.detail));

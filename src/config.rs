@@ -57,6 +57,11 @@ pub enum Command {
     Status(StatusArgs),
     /// Audit trail tools: `leash audit verify FILE...`.
     Audit(AuditArgs),
+    /// Make an approver's Ed25519 key pair: the private key to a file, the
+    /// public key (for an `*.approvers.json` file) to standard output.
+    Keygen(KeygenArgs),
+    /// Approval grants: `leash grant approve ...`, `leash grant inspect TOKEN`.
+    Grant(GrantArgs),
     /// Measure leash against the floor (in-process decision, empty gRPC call)
     /// on this machine; `leash bench generate` writes a generated bundle.
     Bench(BenchArgs),
@@ -92,6 +97,15 @@ pub struct ServeArgs {
     /// limited decision is denied (`limit_capacity`) rather than uncounted.
     #[arg(long, env = "LEASH_MAX_LIMIT_KEYS", value_name = "N", default_value_t = crate::quota::DEFAULT_MAX_LIMIT_KEYS)]
     pub max_limit_keys: usize,
+    /// Longest lifetime (expiry minus issue time) of an approval grant leash
+    /// accepts; longer ones are refused (`grant_lifetime_too_long`).
+    #[arg(
+        long,
+        env = "LEASH_MAX_APPROVAL_TTL",
+        value_name = "DURATION",
+        default_value = "15m"
+    )]
+    pub max_approval_ttl: String,
     /// Largest request message in bytes; larger ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "LEASH_MAX_MESSAGE_BYTES", value_name = "BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
@@ -617,6 +631,10 @@ pub struct CheckArgs {
     /// Request id to send (leash makes one when absent).
     #[arg(long)]
     pub request_id: Option<String>,
+    /// A signed grant to present (`leash grant approve` makes one); may be
+    /// given more than once.
+    #[arg(long = "grant", value_name = "TOKEN")]
+    pub grants: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -635,6 +653,52 @@ pub enum AuditCommand {
         /// (`audit.log.*` sorts so), then the active one.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeygenArgs {
+    /// File to write the private key to (created with mode 0600; an existing
+    /// file is never overwritten).
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GrantArgs {
+    #[command(subcommand)]
+    pub command: GrantCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum GrantCommand {
+    /// Sign an approval of one request (its fingerprint, from the
+    /// APPROVAL_REQUIRED answer); prints the grant.
+    Approve {
+        /// The approver's private key file (`leash keygen`).
+        #[arg(long, value_name = "PATH")]
+        key: PathBuf,
+        /// The key's id in the approvers file.
+        #[arg(long)]
+        kid: String,
+        /// The approver's id in the approvers file.
+        #[arg(long)]
+        approver: String,
+        /// The request's fingerprint, `sha256:...`.
+        #[arg(long)]
+        fingerprint: String,
+        /// How long the grant is valid, e.g. `10m` (leash refuses grants
+        /// longer than its --max-approval-ttl, 15m by default).
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+        /// The grant's id (default: a random UUID). Each id is good once.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Print a grant's header and claims, without verifying it.
+    Inspect {
+        /// The grant (compact JWS).
+        token: String,
     },
 }
 
@@ -1021,6 +1085,17 @@ impl ServeArgs {
                 DEFAULT_SETTLE
             }
         };
+        let max_approval_ttl = match parse_duration(&self.max_approval_ttl) {
+            Ok(d) if d >= Duration::from_secs(1) => d,
+            Ok(_) => {
+                problems.push("--max-approval-ttl: must be at least 1s".to_owned());
+                crate::grants::DEFAULT_MAX_APPROVAL_TTL
+            }
+            Err(e) => {
+                problems.push(format!("--max-approval-ttl: {e}"));
+                crate::grants::DEFAULT_MAX_APPROVAL_TTL
+            }
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -1038,6 +1113,7 @@ impl ServeArgs {
                 audit,
                 clock: crate::engine::Clock::System,
                 max_limit_keys: self.max_limit_keys,
+                max_approval_ttl,
             },
             reload: ReloadOptions {
                 watch,
@@ -1129,9 +1205,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => 1.0,
         "ms" => 1e-3,
         "m" | "min" => 60.0,
+        "h" => 3600.0,
         other => {
             return Err(format!(
-                "`{text}`: unknown unit `{other}` (use ms, s or m, e.g. `500ms`, `2s`)"
+                "`{text}`: unknown unit `{other}` (use ms, s, m or h, e.g. `500ms`, `2s`, `10m`)"
             ))
         }
     };
@@ -1208,9 +1285,13 @@ mod tests {
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("2h")
+        assert_eq!(parse_duration("4h"), Ok(Duration::from_secs(4 * 3600)));
+        assert!(parse_duration("2d")
             .expect_err("unit")
-            .contains("unknown unit `h`"));
+            .contains("unknown unit `d`"));
+        assert!(parse_duration("25h")
+            .expect_err("too long")
+            .contains("not a sensible duration"));
         assert!(parse_duration("fast").is_err());
     }
 

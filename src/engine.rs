@@ -35,6 +35,8 @@ pub struct AuthzRequest {
     pub resource: EntityUid,
     pub context: ContextInput,
     pub entities: EntitiesInput,
+    /// Signed grants the caller presents ([`crate::grants`]).
+    pub grants: Vec<String>,
 }
 
 /// The request context in the form the caller sent it.
@@ -118,6 +120,21 @@ pub struct Decision {
     /// `@approval("required")`: the decision is APPROVAL_REQUIRED, which is
     /// not an allow (`allowed` is false).
     pub approval: Option<ApprovalRequest>,
+    /// Set when the request presented a grant that was used or refused.
+    pub grant: Option<GrantUse>,
+}
+
+/// What became of a grant the request presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantUse {
+    /// `used`, or why it was refused (`grant_expired`, `grant_reused`, …).
+    pub outcome: &'static str,
+    /// The grant's id, approver and expiry (seconds since the Unix epoch),
+    /// as it claims them; empty when it could not be read.
+    pub grant_id: String,
+    pub approver: String,
+    pub expires_at: u64,
+    pub detail: String,
 }
 
 /// What a human is asked to approve.
@@ -158,6 +175,9 @@ impl Decision {
         }
         if let Some(limited) = &self.limited {
             return limited.detail.clone();
+        }
+        if let Some(grant) = &self.grant {
+            return format!("{}: {}", grant.outcome, grant.detail);
         }
         if let Some(approval) = &self.approval {
             return format!(
@@ -494,6 +514,7 @@ fn combine(agent: SideDecision, user: Option<SideDecision>) -> Decision {
         on_behalf_of: user,
         limited: None,
         approval: None,
+        grant: None,
     }
 }
 

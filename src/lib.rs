@@ -35,6 +35,10 @@
 //!   a [`bundle::BuildCache`] lets a rebuild validate only changed files. Each
 //!   snapshot carries a [`bundle::PolicyIndex`]: policies filed by their scope,
 //!   so a request evaluates only those that could apply to it.
+//! - [`grants`]: signed approval grants (Ed25519 JWS) verified offline
+//!   against the approvers' keys in the bundle (`bundle::approvers`): a
+//!   valid grant for a gated request's fingerprint allows it once; every
+//!   other grant is a DENY saying why.
 //! - [`quota`]: the counters of the `@rate`/`@budget` limits declared on
 //!   permits (parsed in `bundle::limits`): GCRA cells, exact under
 //!   concurrency, bounded, kept across reloads for unchanged limits.
@@ -63,6 +67,7 @@ pub mod bundle;
 pub mod check;
 pub mod config;
 pub mod engine;
+pub mod grants;
 pub mod proto;
 pub mod quota;
 pub mod reload;

@@ -31,6 +31,8 @@ fn main() -> ExitCode {
         Some(Command::Check(args)) => check(&args),
         Some(Command::Status(args)) => status(&args),
         Some(Command::Audit(args)) => audit(&args),
+        Some(Command::Keygen(args)) => keygen(&args),
+        Some(Command::Grant(args)) => grant(&args),
         Some(Command::Bench(args)) => bench(&args),
         Some(Command::BenchFloor(args)) => bench_floor(&args),
     }
@@ -184,6 +186,94 @@ fn init_logging(format: LogFormat, filter: &str) -> Option<FlushOnExit> {
         LogFormat::Json | LogFormat::Auto => builder.json().flatten_event(true).init(),
     }
     flush
+}
+
+fn keygen(args: &leash::config::KeygenArgs) -> ExitCode {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let result = (|| -> anyhow::Result<String> {
+        let key = leash::grants::generate_key()
+            .map_err(|e| anyhow::anyhow!("no randomness from the operating system: {e}"))?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&args.out)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.out.display()))?;
+        writeln!(file, "{}", leash::grants::private_key_text(&key))?;
+        file.sync_all()?;
+        Ok(leash::grants::public_key_text(&key))
+    })();
+    match result {
+        Ok(public) => {
+            println!("{public}");
+            eprintln!(
+                "private key written to {} (mode 0600); put the line above in an approvers \
+                 file's `public_key`",
+                args.out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn grant(args: &leash::config::GrantArgs) -> ExitCode {
+    use leash::config::GrantCommand;
+    let result = match &args.command {
+        GrantCommand::Approve {
+            key,
+            kid,
+            approver,
+            fingerprint,
+            ttl,
+            id,
+        } => (|| -> anyhow::Result<String> {
+            let text = std::fs::read_to_string(key)
+                .map_err(|e| anyhow::anyhow!("--key {}: {e}", key.display()))?;
+            let signing = leash::grants::parse_private_key(&text)
+                .map_err(|e| anyhow::anyhow!("--key {}: {e}", key.display()))?;
+            let ttl = leash::config::parse_duration(ttl)
+                .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+            if !fingerprint.starts_with("sha256:") || fingerprint.len() != 71 {
+                anyhow::bail!("--fingerprint: expected `sha256:` and 64 hex digits, as leash answered");
+            }
+            let iat = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            let claims = leash::grants::Claims {
+                grant: "approve".to_owned(),
+                approver: approver.clone(),
+                fingerprint: fingerprint.clone(),
+                jti: id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                iat,
+                exp: iat + ttl.as_secs().max(1),
+            };
+            Ok(leash::grants::sign(&signing, kid, &claims)?)
+        })(),
+        GrantCommand::Inspect { token } => leash::grants::decode(token)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .and_then(|d| {
+                Ok(format!(
+                    "{}\n{}\n(not verified: leash verifies a grant against its bundle's approver keys)",
+                    serde_json::to_string_pretty(&d.header)?,
+                    serde_json::to_string_pretty(&d.claims)?
+                ))
+            }),
+    };
+    match result {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn audit(args: &AuditArgs) -> ExitCode {

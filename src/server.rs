@@ -55,6 +55,8 @@ pub struct ServerOptions {
     pub clock: crate::engine::Clock,
     /// Most live rate and budget counters (keys) held at once.
     pub max_limit_keys: usize,
+    /// Longest approval grant lifetime accepted.
+    pub max_approval_ttl: Duration,
 }
 
 /// Longest wait for the audit writer to write what is queued at shutdown.
@@ -74,6 +76,7 @@ impl Default for ServerOptions {
             audit: AuditOptions::default(),
             clock: crate::engine::Clock::System,
             max_limit_keys: crate::quota::DEFAULT_MAX_LIMIT_KEYS,
+            max_approval_ttl: crate::grants::DEFAULT_MAX_APPROVAL_TTL,
         }
     }
 }
@@ -336,6 +339,8 @@ impl Server {
             Limiting {
                 // For the server's life: reloads swap the bundle, not these.
                 quota: Arc::new(Quota::new(self.options.max_limit_keys)),
+                used_grants: Arc::new(crate::grants::UsedGrants::default()),
+                max_approval_ttl: self.options.max_approval_ttl,
                 clock: self.options.clock.clone(),
             },
         ))

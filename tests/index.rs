@@ -657,6 +657,7 @@ fn sources(world: &World, policies: &[PolicyGen]) -> BundleSources {
             path: "policies/e.entities.json".to_owned(),
             text: Value::Array(entities).to_string(),
         }],
+        approvers: Vec::new(),
     }
 }
 
@@ -733,6 +734,7 @@ fn indexed_and_full_engines_decide_identically() {
                     } else {
                         EntitiesInput::Json(sent)
                     },
+                    grants: Vec::new(),
                 };
                 let a = decide(&indexed, &request, &now);
                 let b = decide(&full, &request, &now);

@@ -364,6 +364,7 @@ impl Audit {
             agent,
             agent_side: None,
             approval: None,
+            grant: None,
             caller: entry.caller.to_owned(),
             context: self.context(entry.wire),
             decision: "invalid",
@@ -391,6 +392,13 @@ impl Audit {
                 } else {
                     "deny"
                 };
+                record.grant = d.grant.as_ref().map(|g| GrantRecord {
+                    approver: g.approver.clone(),
+                    detail: g.detail.clone(),
+                    expires_at: g.expires_at,
+                    grant_id: g.grant_id.clone(),
+                    outcome: g.outcome,
+                });
                 record.approval = d.approval.as_ref().map(|a| ApprovalRecord {
                     fingerprint: a.fingerprint.clone(),
                     policies: a.policies.clone(),
@@ -547,6 +555,9 @@ pub struct Record {
     pub decision: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub determining_policies: Option<Vec<String>>,
+    /// A grant the request presented: used, or why it was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant: Option<GrantRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub invalid: Option<Invalid>,
     pub latency_us: u64,
@@ -567,6 +578,17 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
     pub v: u8,
+}
+
+/// A grant presented with a request.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GrantRecord {
+    // Alphabetical: the canonical encoding the chain hashes (see `chain`).
+    pub approver: String,
+    pub detail: String,
+    pub expires_at: u64,
+    pub grant_id: String,
+    pub outcome: &'static str,
 }
 
 /// The approval a gated permit asks for.

@@ -189,6 +189,7 @@ pub fn generate(spec: WorkloadSpec) -> Workload {
             },
         )],
         entities,
+        approvers: Vec::new(),
     };
     let requests = (0..REQUEST_POOL)
         .map(|i| population.request(i, &shape, &mut rng))

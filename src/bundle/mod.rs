@@ -5,6 +5,7 @@
 //! off the request path. A snapshot is never modified after it is built.
 
 pub mod approvals;
+pub mod approvers;
 mod diagnostic;
 mod index;
 pub mod limits;
@@ -23,6 +24,7 @@ use cedar_policy::{
 use sha2::Digest as _;
 
 pub use approvals::Gates;
+pub use approvers::Approvers;
 pub use diagnostic::Diagnostic;
 pub use index::{IndexStats, PolicyIndex};
 pub use limits::{Limit, LimitKey, Limits, Measure};
@@ -95,6 +97,8 @@ pub struct Snapshot {
     pub limits: Limits,
     /// Permits that need a human's approval (`@approval("required")`).
     pub gates: Gates,
+    /// Who may approve what, with their public keys (`*.approvers.json`).
+    pub approvers: Approvers,
 }
 
 /// Wall time of the steps of one build. Steps a [`BuildCache`] skipped
@@ -213,6 +217,7 @@ impl Snapshot {
         timings.validate = began.elapsed();
         let limits = Limits::scan(&policies, &policy_origins, &mut diagnostics);
         let gates = Gates::scan(&policies, &policy_origins, &mut diagnostics);
+        let approvers = Approvers::parse(&sources.approvers, &schema, &mut diagnostics);
 
         let began = Instant::now();
         let entity_key = file_key_all(sources.entities.iter());
@@ -261,6 +266,7 @@ impl Snapshot {
             timings,
             limits,
             gates,
+            approvers,
         })
     }
 

@@ -36,10 +36,13 @@ pub struct BundleSources {
     pub policies: Vec<SourceFile>,
     pub schemas: Vec<(SchemaFormat, SourceFile)>,
     pub entities: Vec<SourceFile>,
+    /// `*.approvers.json` under `policies/`: who may approve what.
+    pub approvers: Vec<SourceFile>,
 }
 
 const POLICY_SUFFIX: &str = ".cedar";
 const ENTITIES_SUFFIX: &str = ".entities.json";
+const APPROVERS_SUFFIX: &str = ".approvers.json";
 const SCHEMA_SUFFIX: &str = ".cedarschema";
 const JSON_SUFFIX: &str = ".json";
 
@@ -61,6 +64,10 @@ impl BundleSources {
             if shown.ends_with(ENTITIES_SUFFIX) {
                 if let Some(file) = read(&path, shown, &mut diagnostics) {
                     sources.entities.push(file);
+                }
+            } else if shown.ends_with(APPROVERS_SUFFIX) {
+                if let Some(file) = read(&path, shown, &mut diagnostics) {
+                    sources.approvers.push(file);
                 }
             } else if shown.ends_with(POLICY_SUFFIX) {
                 if let Some(file) = read(&path, shown, &mut diagnostics) {
@@ -102,6 +109,7 @@ impl BundleSources {
             };
             match *dir {
                 "policies" if rel.ends_with(ENTITIES_SUFFIX) => sources.entities.push(file),
+                "policies" if rel.ends_with(APPROVERS_SUFFIX) => sources.approvers.push(file),
                 "policies" if rel.ends_with(POLICY_SUFFIX) => sources.policies.push(file),
                 "schemas" if rel.ends_with(SCHEMA_SUFFIX) => {
                     sources.schemas.push((SchemaFormat::Cedar, file))
@@ -151,6 +159,7 @@ impl BundleSources {
             .iter()
             .chain(self.schemas.iter().map(|(_, f)| f))
             .chain(self.entities.iter())
+            .chain(self.approvers.iter())
     }
 
     /// The version these files make: SHA-256 over every file's path and
@@ -189,7 +198,11 @@ pub enum ReadOutcome {
 /// Whether `read_dirs` reads this file (`shown` is `label/relative/path`).
 fn is_bundle_file(label: &str, shown: &str) -> bool {
     match label {
-        "policies" => shown.ends_with(ENTITIES_SUFFIX) || shown.ends_with(POLICY_SUFFIX),
+        "policies" => {
+            shown.ends_with(ENTITIES_SUFFIX)
+                || shown.ends_with(APPROVERS_SUFFIX)
+                || shown.ends_with(POLICY_SUFFIX)
+        }
         _ => shown.ends_with(SCHEMA_SUFFIX) || shown.ends_with(JSON_SUFFIX),
     }
 }

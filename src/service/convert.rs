@@ -59,6 +59,23 @@ pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestErr
             EntitiesInput::Typed(out)
         }
     };
+    if req.grants.len() > MAX_GRANTS {
+        return Err(RequestError::new(
+            "grants",
+            format!("{} grants; at most {MAX_GRANTS} are read", req.grants.len()),
+        ));
+    }
+    if let Some((i, _)) = req
+        .grants
+        .iter()
+        .enumerate()
+        .find(|(_, g)| g.len() > MAX_GRANT_BYTES)
+    {
+        return Err(RequestError::new(
+            format!("grants[{i}]"),
+            format!("longer than {MAX_GRANT_BYTES} bytes; a leash grant is a few hundred"),
+        ));
+    }
     Ok(AuthzRequest {
         agent,
         on_behalf_of,
@@ -66,8 +83,14 @@ pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestErr
         resource,
         context,
         entities,
+        grants: req.grants.clone(),
     })
 }
+
+/// Most grants one request may present.
+const MAX_GRANTS: usize = 8;
+/// Longest grant read.
+const MAX_GRANT_BYTES: usize = 4096;
 
 /// Entity type names parsed before, by their text. Cedar parses a name
 /// with its full grammar, building a fresh lexer automaton each time (tens

@@ -37,10 +37,14 @@ pub struct AuthorizerService {
     limiting: Limiting,
 }
 
-/// The rate and budget counters, and the clock decisions are made at.
+/// What outlives a bundle on the decision path: the rate and budget
+/// counters, the used grant ids, and the clock decisions are made at.
 #[derive(Debug, Clone)]
 pub struct Limiting {
     pub quota: Arc<Quota>,
+    pub used_grants: Arc<crate::grants::UsedGrants>,
+    /// Longest approval grant lifetime accepted.
+    pub max_approval_ttl: std::time::Duration,
     pub clock: Clock,
 }
 
@@ -87,8 +91,26 @@ impl AuthorizerService {
         let request_id = request_id(&req.request_id);
         let (parsed, result) = match convert::request(req) {
             Ok(r) => {
+                let limiting = &self.limiting;
                 let decided = engine::decide(snapshot, &r, now.1).map(|mut decision| {
-                    quota::apply(snapshot, &self.limiting.quota, &r, &mut decision, now.0);
+                    crate::grants::apply(
+                        snapshot,
+                        &limiting.used_grants,
+                        &r,
+                        &mut decision,
+                        now.0,
+                        limiting.max_approval_ttl,
+                    );
+                    quota::apply(snapshot, &limiting.quota, &r, &mut decision, now.0);
+                    if decision.limited.is_some() {
+                        // A limit refused the call the grant was used for:
+                        // the grant stays good for the retry.
+                        if let Some(grant) = decision.grant.as_mut().filter(|g| g.outcome == "used")
+                        {
+                            limiting.used_grants.release(&grant.grant_id);
+                            grant.outcome = "not_used";
+                        }
+                    }
                     decision
                 });
                 (Some(r), decided)
@@ -241,6 +263,7 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
                 &d.request_id,
                 decision,
                 &snapshot.version,
+                self.limiting.max_approval_ttl,
             ))),
         }
     }
@@ -298,7 +321,12 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
                         ..Default::default()
                     },
                     (Ok(_), Some(e)) => unrecorded(&d.request_id, &snapshot.version, e),
-                    (Ok(decision), None) => response(&d.request_id, &decision, &snapshot.version),
+                    (Ok(decision), None) => response(
+                        &d.request_id,
+                        &decision,
+                        &snapshot.version,
+                        self.limiting.max_approval_ttl,
+                    ),
                 }
             })
             .collect();
@@ -360,7 +388,12 @@ fn limited(l: &engine::Limited) -> pb::Limited {
     }
 }
 
-fn response(request_id: &str, d: &Decision, version: &str) -> pb::IsAuthorizedResponse {
+fn response(
+    request_id: &str,
+    d: &Decision,
+    version: &str,
+    max_ttl: std::time::Duration,
+) -> pb::IsAuthorizedResponse {
     pb::IsAuthorizedResponse {
         request_id: request_id.to_owned(),
         decision: if d.approval.is_some() {
@@ -378,6 +411,14 @@ fn response(request_id: &str, d: &Decision, version: &str) -> pb::IsAuthorizedRe
         approval: d.approval.as_ref().map(|a| pb::ApprovalRequest {
             fingerprint: a.fingerprint.clone(),
             policies: a.policies.clone(),
+            max_grant_ttl_seconds: max_ttl.as_secs(),
+        }),
+        grant: d.grant.as_ref().map(|g| pb::GrantResult {
+            outcome: g.outcome.to_owned(),
+            grant_id: g.grant_id.clone(),
+            approver: g.approver.clone(),
+            expires_at: g.expires_at,
+            detail: g.detail.clone(),
         }),
     }
 }

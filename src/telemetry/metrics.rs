@@ -79,6 +79,11 @@ struct DecisionLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct GrantLabels {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct LimitedLabels {
     reason: &'static str,
 }
@@ -95,6 +100,7 @@ pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
     limited: Family<LimitedLabels, Counter>,
+    grants: Family<GrantLabels, Counter>,
     decision_seconds: Histogram,
     batch_size: Histogram,
     grpc_requests: Family<GrpcLabels, Counter>,
@@ -119,6 +125,12 @@ impl Metrics {
             "leash_decisions",
             "Decisions by outcome (allow, deny, approval_required, invalid) and action",
             decisions.clone(),
+        );
+        let grants = Family::<GrantLabels, Counter>::default();
+        registry.register(
+            "leash_grants",
+            "Signed grants presented, by outcome (used, or why refused)",
+            grants.clone(),
         );
         let limited = Family::<LimitedLabels, Counter>::default();
         registry.register(
@@ -155,6 +167,7 @@ impl Metrics {
             registry,
             decisions,
             limited,
+            grants,
             decision_seconds,
             batch_size,
             grpc_requests,
@@ -189,6 +202,11 @@ impl Metrics {
     /// Counts a decision a limit turned into DENY.
     pub fn limited(&self, reason: &'static str) {
         self.limited.get_or_create(&LimitedLabels { reason }).inc();
+    }
+
+    /// Counts a grant presented with a request.
+    pub fn grant(&self, outcome: &'static str) {
+        self.grants.get_or_create(&GrantLabels { outcome }).inc();
     }
 
     pub fn batch(&self, size: usize) {

@@ -209,6 +209,12 @@ impl Telemetry {
             {
                 metrics.limited(limited.reason);
             }
+            if let Ok(Decision {
+                grant: Some(grant), ..
+            }) = &view.result
+            {
+                metrics.grant(grant.outcome);
+            }
         }
         log_decision(view, outcome, scope);
         if !scope.traced {
@@ -345,6 +351,18 @@ impl Telemetry {
                     string_array(&d.determining),
                 ));
                 a.push(KeyValue::new("leash.error_count", d.errors.len() as i64));
+                if let Some(grant) = &d.grant {
+                    a.push(KeyValue::new("leash.grant.outcome", grant.outcome));
+                    a.push(KeyValue::new("leash.grant.id", grant.grant_id.clone()));
+                    a.push(KeyValue::new(
+                        "leash.grant.approver",
+                        grant.approver.clone(),
+                    ));
+                    a.push(KeyValue::new(
+                        "leash.grant.expires_at",
+                        i64::try_from(grant.expires_at).unwrap_or(i64::MAX),
+                    ));
+                }
                 if let Some(approval) = &d.approval {
                     a.push(KeyValue::new(
                         "leash.approval.fingerprint",

@@ -195,6 +195,7 @@ pub fn request(
         resource: Some(uid(resource)),
         context_input: None,
         entities_input: None,
+        grants: Vec::new(),
     }
 }
 

@@ -1,0 +1,215 @@
+//! Who may approve what: `*.approvers.json` files under `policies/`,
+//! reviewed in Git with the policies they gate.
+//!
+//! ```json
+//! {
+//!   "approvers": [
+//!     {
+//!       "id": "dana",
+//!       "keys": [{ "kid": "dana-2026-11", "public_key": "ed25519:<base64url of 32 bytes>" }],
+//!       "may_approve": ["Action::\"payments:refund\"", "Action::\"consequential\""]
+//!     }
+//!   ]
+//! }
+//! ```
+//!
+//! `may_approve` names actions or action groups of the schema (a group covers
+//! every action in it). A key is named by its `kid`, which a grant's header
+//! carries, so a key can be rotated by adding the new one, then removing the
+//! old one in a later change. Everything is checked at load: unknown fields,
+//! malformed keys, duplicate ids or kids, actions the schema does not
+//! declare, and an approver with no key or no action each refuse the bundle.
+
+use std::collections::{HashMap, HashSet};
+
+use base64::Engine as _;
+use cedar_policy::{EntityUid, Schema};
+use ed25519_dalek::VerifyingKey;
+use serde::Deserialize;
+
+use super::sources::SourceFile;
+use super::Diagnostic;
+
+/// The prefix of a public key in an approvers file.
+pub const KEY_PREFIX: &str = "ed25519:";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    approvers: Vec<ApproverEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApproverEntry {
+    id: String,
+    keys: Vec<KeyEntry>,
+    may_approve: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    kid: String,
+    public_key: String,
+}
+
+/// One approver's key.
+#[derive(Debug, Clone)]
+pub struct ApproverKey {
+    pub approver: String,
+    pub key: VerifyingKey,
+}
+
+/// The bundle's approvers.
+#[derive(Debug, Clone, Default)]
+pub struct Approvers {
+    keys: HashMap<String, ApproverKey>,
+    /// Approver id → the concrete actions they may approve.
+    actions: HashMap<String, HashSet<EntityUid>>,
+}
+
+impl Approvers {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Number of approvers.
+    pub fn len(&self) -> usize {
+        self.actions.len()
+    }
+
+    /// The key named `kid`.
+    pub fn key(&self, kid: &str) -> Option<&ApproverKey> {
+        self.keys.get(kid)
+    }
+
+    /// Whether `approver` may approve `action`.
+    pub fn may_approve(&self, approver: &str, action: &EntityUid) -> bool {
+        self.actions
+            .get(approver)
+            .is_some_and(|actions| actions.contains(action))
+    }
+
+    /// Reads `files`, checking each against `schema`.
+    pub fn parse(files: &[SourceFile], schema: &Schema, diagnostics: &mut Vec<Diagnostic>) -> Self {
+        let mut approvers = Self::default();
+        let groups = match schema.action_entities() {
+            Ok(entities) => Some(entities),
+            Err(e) => {
+                diagnostics.push(Diagnostic::plain(
+                    None,
+                    format!("schema: action groups could not be read: {e}"),
+                ));
+                None
+            }
+        };
+        let all_actions: Vec<EntityUid> = schema.actions().cloned().collect();
+        for file in files {
+            let mut problem = |message: String| {
+                diagnostics.push(Diagnostic::plain(Some(&file.path), message));
+            };
+            let parsed: File = match serde_json::from_str(&file.text) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    problem(format!("not a valid approvers file: {e}"));
+                    continue;
+                }
+            };
+            for (i, entry) in parsed.approvers.into_iter().enumerate() {
+                let at = format!("approvers[{i}] (`{}`)", entry.id);
+                if entry.id.is_empty() {
+                    problem(format!("approvers[{i}].id: must not be empty"));
+                    continue;
+                }
+                if approvers.actions.contains_key(&entry.id) {
+                    problem(format!("{at}: approver id defined twice"));
+                    continue;
+                }
+                if entry.keys.is_empty() {
+                    problem(format!("{at}.keys: an approver needs at least one key"));
+                }
+                if entry.may_approve.is_empty() {
+                    problem(format!("{at}.may_approve: names no action"));
+                }
+                for (k, key) in entry.keys.iter().enumerate() {
+                    match parse_key(&key.public_key) {
+                        Ok(_) if key.kid.is_empty() => {
+                            problem(format!("{at}.keys[{k}].kid: must not be empty"));
+                        }
+                        Ok(_) if approvers.keys.contains_key(&key.kid) => {
+                            problem(format!("{at}.keys[{k}].kid: `{}` is used twice", key.kid));
+                        }
+                        Ok(verifying) => {
+                            approvers.keys.insert(
+                                key.kid.clone(),
+                                ApproverKey {
+                                    approver: entry.id.clone(),
+                                    key: verifying,
+                                },
+                            );
+                        }
+                        Err(why) => problem(format!("{at}.keys[{k}].public_key: {why}")),
+                    }
+                }
+                let mut covered = HashSet::new();
+                for (a, text) in entry.may_approve.iter().enumerate() {
+                    let listed = match text.parse::<EntityUid>() {
+                        Ok(uid) if all_actions.contains(&uid) || is_group(&groups, &uid) => uid,
+                        Ok(_) => {
+                            problem(format!(
+                                "{at}.may_approve[{a}]: `{text}` is not an action or action \
+                                 group of the schema"
+                            ));
+                            continue;
+                        }
+                        Err(_) => {
+                            problem(format!(
+                                "{at}.may_approve[{a}]: `{text}` is not an entity uid such as \
+                                 `Action::\"payments:refund\"`"
+                            ));
+                            continue;
+                        }
+                    };
+                    for action in &all_actions {
+                        let in_group = groups
+                            .as_ref()
+                            .and_then(|g| g.ancestors(action))
+                            .is_some_and(|mut up| up.any(|p| *p == listed));
+                        if *action == listed || in_group {
+                            covered.insert(action.clone());
+                        }
+                    }
+                }
+                approvers.actions.insert(entry.id, covered);
+            }
+        }
+        approvers
+    }
+}
+
+fn is_group(groups: &Option<cedar_policy::Entities>, uid: &EntityUid) -> bool {
+    groups.as_ref().is_some_and(|g| g.get(uid).is_some())
+}
+
+/// `ed25519:` and the base64url (or standard base64) of a 32-byte key.
+pub fn parse_key(text: &str) -> Result<VerifyingKey, String> {
+    let encoded = text
+        .strip_prefix(KEY_PREFIX)
+        .ok_or_else(|| format!("expected `{KEY_PREFIX}` and the key in base64url"))?;
+    let bytes = decode_base64(encoded).ok_or("not base64url")?;
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| format!("{} bytes; an Ed25519 public key has 32", b.len()))?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| "not a valid Ed25519 public key".to_owned())
+}
+
+/// Base64url without padding (as in JWS), or with padding, or standard.
+pub fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+    URL_SAFE_NO_PAD
+        .decode(text)
+        .or_else(|_| URL_SAFE.decode(text))
+        .or_else(|_| STANDARD.decode(text))
+        .ok()
+}

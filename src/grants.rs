@@ -1,0 +1,396 @@
+//! Signed approval grants: a person's approval of one gated request, as a
+//! compact JWS (Ed25519, `alg: EdDSA`) that leash verifies offline against
+//! the approvers' public keys shipped in the bundle
+//! ([`crate::bundle::approvers`]).
+//!
+//! ```text
+//! header  {"alg":"EdDSA","typ":"leash-grant","kid":"dana-2026-11"}
+//! claims  {"grant":"approve","approver":"dana","fingerprint":"sha256:…",
+//!          "jti":"…","iat":1795426200,"exp":1795426800}
+//! ```
+//!
+//! A request carrying a grant for its own fingerprint, signed by a key of
+//! an approver who may approve its action, within the grant's validity, is
+//! allowed once: the grant id is remembered until the grant expires, so a
+//! second use is refused. Every other grant is a DENY with a reason
+//! saying which check failed.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use ed25519_dalek::{Signature, Signer as _, SigningKey};
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::approvers::decode_base64;
+use crate::bundle::Snapshot;
+use crate::engine::{AuthzRequest, Decision, GrantUse};
+
+/// The JWS `typ` of a leash grant.
+pub const TYP: &str = "leash-grant";
+
+/// Default longest lifetime (`exp - iat`) of an approval grant leash
+/// accepts.
+pub const DEFAULT_MAX_APPROVAL_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// Clock difference between the approver's machine and this one that is
+/// forgiven when checking `iat`.
+const SKEW: u64 = 60;
+
+/// Most grant ids remembered at once (each until its grant expires).
+pub const MAX_USED_GRANTS: usize = 100_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub alg: String,
+    pub typ: String,
+    pub kid: String,
+}
+
+/// What a grant says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Claims {
+    /// `approve`.
+    pub grant: String,
+    pub approver: String,
+    pub fingerprint: String,
+    /// The grant's id: single use.
+    pub jti: String,
+    /// Issued at and expiry, seconds since the Unix epoch.
+    pub iat: u64,
+    pub exp: u64,
+}
+
+/// Signs `claims` with `key`, named `kid`: the compact JWS.
+pub fn sign(key: &SigningKey, kid: &str, claims: &Claims) -> Result<String, serde_json::Error> {
+    let header = Header {
+        alg: "EdDSA".to_owned(),
+        typ: TYP.to_owned(),
+        kid: kid.to_owned(),
+    };
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?),
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims)?)
+    );
+    let signature = key.sign(input.as_bytes());
+    Ok(format!(
+        "{input}.{}",
+        URL_SAFE_NO_PAD.encode(signature.to_bytes())
+    ))
+}
+
+/// A token taken apart, not verified.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub header: Header,
+    pub claims: Claims,
+    signing_input: String,
+    signature: Signature,
+}
+
+/// Takes a token apart without verifying it (for `leash grant inspect`, and
+/// as verification's first step).
+pub fn decode(token: &str) -> Result<Decoded, String> {
+    let mut parts = token.trim().split('.');
+    let (Some(h), Some(c), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("not a compact JWS (three base64url parts joined by `.`)".to_owned());
+    };
+    let json = |part: &str, what: &str| {
+        decode_base64(part).ok_or_else(|| format!("the {what} is not base64url"))
+    };
+    let header: Header = serde_json::from_slice(&json(h, "header")?)
+        .map_err(|e| format!("the header is not a leash grant header: {e}"))?;
+    if header.alg != "EdDSA" || header.typ != TYP {
+        return Err(format!(
+            "the header says alg `{}`, typ `{}`; a leash grant is alg `EdDSA`, typ `{TYP}`",
+            header.alg, header.typ
+        ));
+    }
+    let claims: Claims = serde_json::from_slice(&json(c, "claims part")?)
+        .map_err(|e| format!("the claims are not a leash grant's: {e}"))?;
+    let signature: [u8; 64] = json(s, "signature")?
+        .try_into()
+        .map_err(|_| "the signature is not 64 bytes".to_owned())?;
+    Ok(Decoded {
+        header,
+        claims,
+        signing_input: format!("{h}.{c}"),
+        signature: Signature::from_bytes(&signature),
+    })
+}
+
+/// Why a grant was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Not a leash grant, or its signature does not verify.
+    Forged,
+    /// Signed with a key the bundle does not name (or no longer does).
+    UnknownKey,
+    Expired,
+    NotYetValid,
+    /// Lives longer than leash accepts.
+    TooLong,
+    /// Already used.
+    Reused,
+    /// For another request.
+    WrongFingerprint,
+    /// Its approver may not approve this action.
+    UnauthorizedApprover,
+    /// Every slot for used grant ids holds one that has not expired.
+    Capacity,
+}
+
+impl Rejection {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Forged => "grant_forged",
+            Self::UnknownKey => "grant_unknown_key",
+            Self::Expired => "grant_expired",
+            Self::NotYetValid => "grant_not_yet_valid",
+            Self::TooLong => "grant_lifetime_too_long",
+            Self::Reused => "grant_reused",
+            Self::WrongFingerprint => "grant_wrong_fingerprint",
+            Self::UnauthorizedApprover => "grant_unauthorized_approver",
+            Self::Capacity => "grant_capacity",
+        }
+    }
+}
+
+/// Checks a token's signature, key and times; not what it approves.
+pub fn verify(
+    snapshot: &Snapshot,
+    token: &str,
+    now: u64,
+    max_ttl: Duration,
+) -> Result<Decoded, (Rejection, String)> {
+    let decoded = decode(token).map_err(|why| (Rejection::Forged, why))?;
+    let kid = &decoded.header.kid;
+    let Some(key) = snapshot.approvers.key(kid) else {
+        return Err((
+            Rejection::UnknownKey,
+            format!("key `{kid}` is not one of the bundle's approver keys"),
+        ));
+    };
+    key.key
+        .verify_strict(decoded.signing_input.as_bytes(), &decoded.signature)
+        .map_err(|_| {
+            (
+                Rejection::Forged,
+                format!("the signature does not verify with key `{kid}`"),
+            )
+        })?;
+    let c = &decoded.claims;
+    if c.grant != "approve" {
+        return Err((
+            Rejection::Forged,
+            format!("grant kind `{}`: expected `approve`", c.grant),
+        ));
+    }
+    if c.approver != key.approver {
+        return Err((
+            Rejection::Forged,
+            format!(
+                "names approver `{}` but is signed with a key of `{}`",
+                c.approver, key.approver
+            ),
+        ));
+    }
+    if c.exp <= c.iat || c.exp - c.iat > max_ttl.as_secs() {
+        return Err((
+            Rejection::TooLong,
+            format!(
+                "lives {} s; leash accepts at most {} s",
+                c.exp.saturating_sub(c.iat),
+                max_ttl.as_secs()
+            ),
+        ));
+    }
+    if now + SKEW < c.iat {
+        return Err((
+            Rejection::NotYetValid,
+            format!("issued at {} is in the future (now {now})", c.iat),
+        ));
+    }
+    if now >= c.exp {
+        return Err((
+            Rejection::Expired,
+            format!("expired at {} (now {now})", c.exp),
+        ));
+    }
+    Ok(decoded)
+}
+
+/// Grant ids already used, each kept until its grant expires.
+#[derive(Debug, Default)]
+pub struct UsedGrants {
+    used: Mutex<HashMap<String, u64>>,
+}
+
+impl UsedGrants {
+    /// Marks `jti` used; false when it already was (or no slot is left).
+    fn take(&self, jti: &str, exp: u64, now: u64) -> Result<(), Rejection> {
+        let mut used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+        if used.contains_key(jti) {
+            return Err(Rejection::Reused);
+        }
+        if used.len() >= MAX_USED_GRANTS {
+            used.retain(|_, exp| *exp > now);
+            if used.len() >= MAX_USED_GRANTS {
+                return Err(Rejection::Capacity);
+            }
+        }
+        used.insert(jti.to_owned(), exp);
+        Ok(())
+    }
+
+    /// Gives `jti` back: the decision it was taken for did not allow after
+    /// all (a limit refused it).
+    pub fn release(&self, jti: &str) {
+        self.used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(jti);
+    }
+
+    /// Ids remembered now.
+    pub fn len(&self) -> usize {
+        self.used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Applies the request's grants to its decision: an APPROVAL_REQUIRED with a
+/// valid grant for its fingerprint becomes ALLOW (and the grant is used);
+/// any grant that fails a check makes the decision DENY, saying which check.
+/// A valid grant on a request that needs none is left unused.
+pub fn apply(
+    snapshot: &Snapshot,
+    used: &UsedGrants,
+    request: &AuthzRequest,
+    decision: &mut Decision,
+    now: SystemTime,
+    max_ttl: Duration,
+) {
+    if request.grants.is_empty() {
+        return;
+    }
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for token in &request.grants {
+        let verified = match verify(snapshot, token, now, max_ttl) {
+            Ok(v) => v,
+            Err((rejection, detail)) => {
+                // What an unverified grant claims is still worth recording
+                // (which grant, whose name it bears).
+                let claimed = decode(token).ok().map(|d| d.claims);
+                refuse(decision, rejection, claimed.as_ref(), detail);
+                return;
+            }
+        };
+        let c = &verified.claims;
+        let Some(approval) = &decision.approval else {
+            continue;
+        };
+        if c.fingerprint != approval.fingerprint {
+            let detail = format!(
+                "grant `{}` approves {}, not this request ({})",
+                c.jti, c.fingerprint, approval.fingerprint
+            );
+            refuse(decision, Rejection::WrongFingerprint, Some(c), detail);
+            return;
+        }
+        if !snapshot.approvers.may_approve(&c.approver, &request.action) {
+            let detail = format!(
+                "approver `{}` may not approve {}",
+                c.approver, request.action
+            );
+            refuse(decision, Rejection::UnauthorizedApprover, Some(c), detail);
+            return;
+        }
+        if let Err(rejection) = used.take(&c.jti, c.exp, now) {
+            let detail = match rejection {
+                Rejection::Reused => format!("grant `{}` was already used", c.jti),
+                _ => "every slot for used grant ids is taken by an unexpired grant".to_owned(),
+            };
+            refuse(decision, rejection, Some(c), detail);
+            return;
+        }
+        decision.allowed = true;
+        decision.approval = None;
+        decision.grant = Some(GrantUse {
+            outcome: "used",
+            grant_id: c.jti.clone(),
+            approver: c.approver.clone(),
+            expires_at: c.exp,
+            detail: format!(
+                "approved by {} with grant {} (expires {})",
+                c.approver, c.jti, c.exp
+            ),
+        });
+        return;
+    }
+}
+
+fn refuse(decision: &mut Decision, rejection: Rejection, claims: Option<&Claims>, detail: String) {
+    decision.allowed = false;
+    decision.approval = None;
+    decision.determining.clear();
+    decision.grant = Some(GrantUse {
+        outcome: rejection.reason(),
+        grant_id: claims.map(|c| c.jti.clone()).unwrap_or_default(),
+        approver: claims.map(|c| c.approver.clone()).unwrap_or_default(),
+        expires_at: claims.map_or(0, |c| c.exp),
+        detail,
+    });
+}
+
+/// A fresh signing key from the operating system's random source.
+pub fn generate_key() -> Result<SigningKey, getrandom::Error> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed)?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// The private key file's one line: `ed25519-private:` and the base64url
+/// of the 32-byte seed.
+pub fn private_key_text(key: &SigningKey) -> String {
+    format!("{PRIVATE_PREFIX}{}", URL_SAFE_NO_PAD.encode(key.to_bytes()))
+}
+
+/// Reads what [`private_key_text`] wrote.
+pub fn parse_private_key(text: &str) -> Result<SigningKey, String> {
+    let encoded = text
+        .trim()
+        .strip_prefix(PRIVATE_PREFIX)
+        .ok_or_else(|| format!("expected `{PRIVATE_PREFIX}` and the key (from `leash keygen`)"))?;
+    let seed: [u8; 32] = decode_base64(encoded)
+        .ok_or("not base64url")?
+        .try_into()
+        .map_err(|_| "not 32 bytes".to_owned())?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+const PRIVATE_PREFIX: &str = "ed25519-private:";
+
+/// `ed25519:` and the base64url of `key`'s public half, as approvers files
+/// hold it.
+pub fn public_key_text(key: &SigningKey) -> String {
+    format!(
+        "{}{}",
+        crate::bundle::approvers::KEY_PREFIX,
+        URL_SAFE_NO_PAD.encode(key.verifying_key().to_bytes())
+    )
+}

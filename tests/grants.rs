@@ -1,0 +1,563 @@
+//! Signed approval grants over the real gRPC server: the example bundle plus
+//! an approvers file in a temp directory, leash's clock held by the test.
+//! The whole flow (APPROVAL_REQUIRED → grant → ALLOW, once), every rejection
+//! class, replay against other requests, single use under concurrent
+//! retries, key rotation through a reload, the CLI, and malformed approvers
+//! files refusing the bundle.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use ed25519_dalek::SigningKey;
+use leash::audit::{AuditOptions, AuditTarget};
+use leash::engine::Clock;
+use leash::grants::{self, Claims};
+use leash::proto::v1 as pb;
+use leash::server::ServerOptions;
+
+const APPROVAL_REQUIRED: i32 = pb::Decision::ApprovalRequired as i32;
+/// leash's time in these tests: 2026-11-23T09:30:00Z.
+const NOW: u64 = 1_795_426_200;
+
+fn key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// `(kid, key seed)` per approver: dana approves refunds, eve only email.
+fn approvers_json(dana: &[(&str, u8)], eve: &[(&str, u8)]) -> String {
+    let keys = |ks: &[(&str, u8)]| {
+        ks.iter()
+            .map(|(kid, seed)| {
+                serde_json::json!({"kid": kid, "public_key": grants::public_key_text(&key(*seed))})
+            })
+            .collect::<Vec<_>>()
+    };
+    serde_json::json!({
+        "approvers": [
+            {"id": "dana", "keys": keys(dana), "may_approve": ["Action::\"payments:refund\""]},
+            {"id": "eve", "keys": keys(eve), "may_approve": ["Action::\"email\""]}
+        ]
+    })
+    .to_string()
+}
+
+/// The example bundle with approvers, in a temp directory.
+fn bundle(dir: &Path) -> (PathBuf, PathBuf) {
+    let (policies, schemas) = (dir.join("policies"), dir.join("schemas"));
+    copy_dir(&repo_path("policies"), &policies);
+    copy_dir(&repo_path("schemas"), &schemas);
+    std::fs::write(
+        policies.join("finance.approvers.json"),
+        approvers_json(&[("dana-1", 1)], &[("eve-1", 2)]),
+    )
+    .expect("write");
+    (policies, schemas)
+}
+
+async fn server(dir: &Path, audit: Option<&Path>) -> ReloadingServer {
+    let (policies, schemas) = bundle(dir);
+    let options = ServerOptions {
+        clock: Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW)),
+        audit: match audit {
+            Some(path) => AuditOptions {
+                target: AuditTarget::File(path.to_owned()),
+                ..AuditOptions::default()
+            },
+            None => AuditOptions::default(),
+        },
+        ..ServerOptions::default()
+    };
+    ReloadingServer::start_with(
+        &policies,
+        &schemas,
+        leash::reload::ReloadOptions::default(),
+        options,
+    )
+    .await
+}
+
+fn refund(user: &str, account: &str, cents: i64) -> pb::IsAuthorizedRequest {
+    with_context_json(
+        example(
+            "billing-agent",
+            Some(user),
+            "payments:refund",
+            &format!("BillingAccount::\"{account}\""),
+        ),
+        &format!(r#"{{"amount_cents": {cents}}}"#),
+    )
+}
+
+fn with_grant(mut req: pb::IsAuthorizedRequest, token: &str) -> pb::IsAuthorizedRequest {
+    req.grants.push(token.to_owned());
+    req
+}
+
+struct Grant<'a> {
+    seed: u8,
+    kid: &'a str,
+    approver: &'a str,
+    fingerprint: &'a str,
+    jti: &'a str,
+    iat: u64,
+    exp: u64,
+}
+
+impl Grant<'_> {
+    fn token(&self) -> String {
+        grants::sign(
+            &key(self.seed),
+            self.kid,
+            &Claims {
+                grant: "approve".to_owned(),
+                approver: self.approver.to_owned(),
+                fingerprint: self.fingerprint.to_owned(),
+                jti: self.jti.to_owned(),
+                iat: self.iat,
+                exp: self.exp,
+            },
+        )
+        .expect("signs")
+    }
+}
+
+async fn ask(server: &ReloadingServer, req: pb::IsAuthorizedRequest) -> pb::IsAuthorizedResponse {
+    server.decide(req).await.expect("decides")
+}
+
+async fn fingerprint_of(server: &ReloadingServer, req: pb::IsAuthorizedRequest) -> String {
+    let r = ask(server, req).await;
+    assert_eq!(r.decision, APPROVAL_REQUIRED, "{r:?}");
+    r.approval.expect("approval").fingerprint
+}
+
+#[tokio::test]
+async fn an_approved_request_is_allowed_once_and_every_bad_grant_is_denied_saying_why() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.log");
+    let server = server(dir.path(), Some(&trail)).await;
+
+    // The agent asks; leash wants a person's approval.
+    let asked = ask(&server, refund("bob", "BA-100", 25_000)).await;
+    assert_eq!(asked.decision, APPROVAL_REQUIRED);
+    let approval = asked.approval.expect("approval");
+    assert_eq!(approval.max_grant_ttl_seconds, 900);
+    let fp = approval.fingerprint.as_str();
+    let good = |jti: &'static str| Grant {
+        seed: 1,
+        kid: "dana-1",
+        approver: "dana",
+        fingerprint: fp,
+        jti,
+        iat: NOW - 30,
+        exp: NOW + 570,
+    };
+
+    // A person approves; the agent retries with the grant: ALLOW, once.
+    let token = good("g-1").token();
+    let allowed = ask(&server, with_grant(refund("bob", "BA-100", 25_000), &token)).await;
+    assert_eq!(allowed.decision, ALLOW, "{allowed:?}");
+    let used = allowed.grant.expect("grant result");
+    assert_eq!(
+        (
+            used.outcome.as_str(),
+            used.grant_id.as_str(),
+            used.approver.as_str()
+        ),
+        ("used", "g-1", "dana")
+    );
+    assert_eq!(used.expires_at, NOW + 570);
+    assert!(allowed.approval.is_none());
+
+    let mut refused = Vec::new();
+    let mut expect = |r: pb::IsAuthorizedResponse, outcome: &str| {
+        assert_eq!(r.decision, DENY, "{outcome}: {r:?}");
+        let grant = r.grant.expect("grant result");
+        assert_eq!(grant.outcome, outcome, "{}", grant.detail);
+        assert!(r.determining_policies.is_empty());
+        refused.push(outcome.to_owned());
+    };
+    let retry = |token: String| with_grant(refund("bob", "BA-100", 25_000), &token);
+
+    expect(ask(&server, retry(token.clone())).await, "grant_reused");
+    let expired = Grant {
+        iat: NOW - 700,
+        exp: NOW - 100,
+        ..good("g-2")
+    };
+    expect(ask(&server, retry(expired.token())).await, "grant_expired");
+    let early = Grant {
+        iat: NOW + 600,
+        exp: NOW + 900,
+        ..good("g-3")
+    };
+    expect(
+        ask(&server, retry(early.token())).await,
+        "grant_not_yet_valid",
+    );
+    let long = Grant {
+        exp: NOW + 3600,
+        ..good("g-4")
+    };
+    expect(
+        ask(&server, retry(long.token())).await,
+        "grant_lifetime_too_long",
+    );
+    // Signed by another key under dana's kid; and a good grant whose
+    // claims were edited after signing.
+    let forged = Grant {
+        seed: 9,
+        ..good("g-5")
+    };
+    expect(ask(&server, retry(forged.token())).await, "grant_forged");
+    let honest = good("g-6").token();
+    let mut parts: Vec<&str> = honest.split('.').collect();
+    let edited = {
+        use base64::Engine as _;
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[1])
+            .expect("b64");
+        let text = String::from_utf8(claims)
+            .expect("utf8")
+            .replace("g-6", "g-7");
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+    };
+    parts[1] = &edited;
+    expect(ask(&server, retry(parts.join("."))).await, "grant_forged");
+    expect(
+        ask(&server, retry("not.a-grant".to_owned())).await,
+        "grant_forged",
+    );
+    let unknown = Grant {
+        kid: "zed-1",
+        ..good("g-8")
+    };
+    expect(
+        ask(&server, retry(unknown.token())).await,
+        "grant_unknown_key",
+    );
+    let eve = Grant {
+        seed: 2,
+        kid: "eve-1",
+        approver: "eve",
+        ..good("g-9")
+    };
+    expect(
+        ask(&server, retry(eve.token())).await,
+        "grant_unauthorized_approver",
+    );
+
+    // A grant for one request replayed against another: a different
+    // resource, context or user.
+    for other in [
+        refund("bob", "BA-200", 25_000),
+        refund("bob", "BA-100", 25_001),
+        refund("carol", "BA-100", 25_000),
+    ] {
+        let replay = good("g-10").token();
+        let r = ask(&server, with_grant(other, &replay)).await;
+        if r.decision == DENY && r.grant.is_none() {
+            // The policies deny this request outright (carol may not
+            // refund): the grant is never reached, and nothing leaks.
+            continue;
+        }
+        expect(r, "grant_wrong_fingerprint");
+    }
+    assert!(
+        refused
+            .iter()
+            .filter(|o| *o == "grant_wrong_fingerprint")
+            .count()
+            >= 2
+    );
+    // None of the refused grants was spent: a valid one still works.
+    let fresh = ask(&server, retry(good("g-10").token())).await;
+    assert_eq!(fresh.decision, ALLOW, "{fresh:?}");
+
+    let (_, metrics) = http_get(server.admin_addr, "GET", "/metrics").await;
+    assert_eq!(
+        metric(&metrics, "leash_grants_total{outcome=\"used\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(&metrics, "leash_grants_total{outcome=\"grant_forged\"}"),
+        3.0
+    );
+    server.shutdown().await;
+
+    let text = std::fs::read_to_string(&trail).expect("audit trail");
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect();
+    let used: Vec<_> = records
+        .iter()
+        .filter(|r| r["grant"]["outcome"] == "used")
+        .collect();
+    assert_eq!(used.len(), 2);
+    assert_eq!(used[0]["decision"], "allow");
+    assert_eq!(used[0]["grant"]["approver"], "dana");
+    assert_eq!(used[0]["grant"]["grant_id"], "g-1");
+    assert_eq!(used[0]["grant"]["expires_at"], NOW + 570);
+    let expired: Vec<_> = records
+        .iter()
+        .filter(|r| r["grant"]["outcome"] == "grant_expired")
+        .collect();
+    assert_eq!(expired[0]["grant"]["grant_id"], "g-2");
+    assert_eq!(expired[0]["decision"], "deny");
+    let verified = std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(["audit", "verify"])
+        .arg(&trail)
+        .output()
+        .expect("runs");
+    assert!(verified.status.success(), "{verified:?}");
+}
+
+#[tokio::test]
+async fn concurrent_retries_with_one_grant_get_exactly_one_allow() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Arc::new(server(dir.path(), None).await);
+    let fp = fingerprint_of(&server, refund("bob", "BA-100", 30_000)).await;
+    let token = Grant {
+        seed: 1,
+        kid: "dana-1",
+        approver: "dana",
+        fingerprint: &fp,
+        jti: "once",
+        iat: NOW,
+        exp: NOW + 600,
+    }
+    .token();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (server, token) = (server.clone(), token.clone());
+        tasks.spawn(async move {
+            let r = server
+                .decide(with_grant(refund("bob", "BA-100", 30_000), &token))
+                .await
+                .expect("decides");
+            (r.decision, r.grant.map(|g| g.outcome).unwrap_or_default())
+        });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        outcomes.push(r.expect("task"));
+    }
+    let allowed = outcomes.iter().filter(|(d, _)| *d == ALLOW).count();
+    assert_eq!(allowed, 1, "{outcomes:?}");
+    assert!(outcomes
+        .iter()
+        .all(|(d, o)| (*d == ALLOW && o == "used") || (*d == DENY && o == "grant_reused")));
+    match Arc::try_unwrap(server) {
+        Ok(server) => server.shutdown().await,
+        Err(_) => panic!("server still shared"),
+    }
+}
+
+#[tokio::test]
+async fn approver_keys_rotate_through_a_reload() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = server(dir.path(), None).await;
+    let fp = fingerprint_of(&server, refund("bob", "BA-100", 40_000)).await;
+    let grant = |seed, kid, jti| {
+        Grant {
+            seed,
+            kid,
+            approver: "dana",
+            fingerprint: &fp,
+            jti,
+            iat: NOW,
+            exp: NOW + 600,
+        }
+        .token()
+    };
+    let try_grant = |token: String| {
+        let server = &server;
+        async move {
+            let r = ask(server, with_grant(refund("bob", "BA-100", 40_000), &token)).await;
+            r.grant.expect("grant result").outcome
+        }
+    };
+    assert_eq!(
+        try_grant(grant(3, "dana-2", "r-1")).await,
+        "grant_unknown_key"
+    );
+    // The new key is added beside the old one: both work.
+    let (policies, schemas) = (dir.path().join("policies"), dir.path().join("schemas"));
+    std::fs::write(
+        policies.join("finance.approvers.json"),
+        approvers_json(&[("dana-1", 1), ("dana-2", 3)], &[("eve-1", 2)]),
+    )
+    .expect("write");
+    server.wait_version(&version_of(&policies, &schemas)).await;
+    assert_eq!(try_grant(grant(3, "dana-2", "r-2")).await, "used");
+    assert_eq!(try_grant(grant(1, "dana-1", "r-3")).await, "used");
+    // Then the old one is removed: its grants are refused at once.
+    std::fs::write(
+        policies.join("finance.approvers.json"),
+        approvers_json(&[("dana-2", 3)], &[("eve-1", 2)]),
+    )
+    .expect("write");
+    server.wait_version(&version_of(&policies, &schemas)).await;
+    assert_eq!(
+        try_grant(grant(1, "dana-1", "r-4")).await,
+        "grant_unknown_key"
+    );
+    assert_eq!(try_grant(grant(3, "dana-2", "r-5")).await, "used");
+    // Used ids outlive the reload.
+    assert_eq!(try_grant(grant(3, "dana-2", "r-2")).await, "grant_reused");
+    server.shutdown().await;
+}
+
+fn leash(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(args)
+        .output()
+        .expect("runs")
+}
+
+#[tokio::test]
+async fn the_cli_makes_keys_and_grants_that_leash_accepts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key_file = dir.path().join("dana.key");
+    let made = leash(&["keygen", "--out", key_file.to_str().expect("utf8")]);
+    assert!(made.status.success(), "{made:?}");
+    let public = String::from_utf8(made.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned();
+    assert!(public.starts_with("ed25519:"), "{public}");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&key_file)
+        .expect("key file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Never overwrites a key.
+    assert!(
+        !leash(&["keygen", "--out", key_file.to_str().expect("utf8")])
+            .status
+            .success()
+    );
+
+    // A bundle whose approver key is the one just made; the CLI signs with
+    // the wall clock, so this server runs on it too.
+    let (policies, schemas) = bundle(dir.path());
+    let file = serde_json::json!({"approvers": [{
+        "id": "dana", "keys": [{"kid": "dana-cli", "public_key": public}],
+        "may_approve": ["Action::\"billing\""]
+    }]});
+    std::fs::write(policies.join("finance.approvers.json"), file.to_string()).expect("write");
+    let server = ReloadingServer::start_with(
+        &policies,
+        &schemas,
+        leash::reload::ReloadOptions::default(),
+        ServerOptions::default(),
+    )
+    .await;
+    let fp = fingerprint_of(&server, refund("bob", "BA-100", 12_345)).await;
+    let signed = leash(&[
+        "grant",
+        "approve",
+        "--key",
+        key_file.to_str().expect("utf8"),
+        "--kid",
+        "dana-cli",
+        "--approver",
+        "dana",
+        "--fingerprint",
+        &fp,
+        "--ttl",
+        "5m",
+        "--id",
+        "cli-1",
+    ]);
+    assert!(signed.status.success(), "{signed:?}");
+    let token = String::from_utf8(signed.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned();
+    let inspected = leash(&["grant", "inspect", &token]);
+    let shown = String::from_utf8(inspected.stdout).expect("utf8");
+    assert!(
+        shown.contains("\"kid\": \"dana-cli\"")
+            && shown.contains("\"jti\": \"cli-1\"")
+            && shown.contains(&fp),
+        "{shown}"
+    );
+    let r = ask(&server, with_grant(refund("bob", "BA-100", 12_345), &token)).await;
+    assert_eq!(r.decision, ALLOW, "{r:?}");
+    // Bad input to the CLI is named.
+    let bad = leash(&[
+        "grant",
+        "approve",
+        "--key",
+        key_file.to_str().expect("utf8"),
+        "--kid",
+        "k",
+        "--approver",
+        "dana",
+        "--fingerprint",
+        "abc",
+    ]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--fingerprint"));
+    server.shutdown().await;
+}
+
+#[test]
+fn malformed_approvers_files_refuse_the_bundle() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = bundle(dir.path());
+    let good_key = grants::public_key_text(&key(1));
+    for (file, expected) in [
+        ("{\"approvers\": [".to_owned(), "not a valid approvers file"),
+        (
+            serde_json::json!({"approvers": [{"id": "dana", "keys": [{"kid": "k", "public_key": "ed25519:AAAA"}], "may_approve": ["Action::\"payments:refund\""]}]}).to_string(),
+            "3 bytes; an Ed25519 public key has 32",
+        ),
+        (
+            serde_json::json!({"approvers": [{"id": "dana", "keys": [{"kid": "k", "public_key": good_key}], "may_approve": ["Action::\"payments:refnud\""]}]}).to_string(),
+            "is not an action or action group of the schema",
+        ),
+        (
+            serde_json::json!({"approvers": [{"id": "dana", "keys": [{"kid": "k", "public_key": good_key}], "may_aprove": []}]}).to_string(),
+            "unknown field `may_aprove`",
+        ),
+        (
+            serde_json::json!({"approvers": [{"id": "dana", "keys": [], "may_approve": ["Action::\"billing\""]}]}).to_string(),
+            "needs at least one key",
+        ),
+    ] {
+        std::fs::write(policies.join("finance.approvers.json"), &file).expect("write");
+        let out = leash(&[
+            "validate",
+            "--policies",
+            policies.to_str().expect("utf8"),
+            "--schemas",
+            schemas.to_str().expect("utf8"),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{file}: {stderr}");
+        assert!(
+            stderr.contains("finance.approvers.json") && stderr.contains(expected),
+            "{file}: {stderr}"
+        );
+    }
+}
