@@ -106,6 +106,15 @@ pub struct ServeArgs {
         default_value = "15m"
     )]
     pub max_approval_ttl: String,
+    /// Longest window (expiry minus issue time) of an elevation grant leash
+    /// accepts; longer ones are refused (`grant_lifetime_too_long`).
+    #[arg(
+        long,
+        env = "LEASH_MAX_ELEVATION",
+        value_name = "DURATION",
+        default_value = "4h"
+    )]
+    pub max_elevation: String,
     /// Largest request message in bytes; larger ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "LEASH_MAX_MESSAGE_BYTES", value_name = "BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
@@ -695,6 +704,34 @@ pub enum GrantCommand {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Sign a time-boxed membership of an agent in a role; prints the grant.
+    Elevate {
+        /// The approver's private key file (`leash keygen`).
+        #[arg(long, value_name = "PATH")]
+        key: PathBuf,
+        /// The key's id in the approvers file.
+        #[arg(long)]
+        kid: String,
+        /// The approver's id in the approvers file.
+        #[arg(long)]
+        approver: String,
+        /// The agent, e.g. `Agent::"support-bot"`.
+        #[arg(long)]
+        agent: String,
+        /// The role it joins, e.g. `Role::"ticket-escalation"`.
+        #[arg(long)]
+        role: String,
+        /// Only while acting for this user, e.g. `User::"alice"`.
+        #[arg(long)]
+        user: Option<String>,
+        /// The window, e.g. `4h` (leash refuses windows longer than its
+        /// --max-elevation, 4h by default).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// The grant's id (default: a random UUID).
+        #[arg(long)]
+        id: Option<String>,
+    },
     /// Print a grant's header and claims, without verifying it.
     Inspect {
         /// The grant (compact JWS).
@@ -1096,6 +1133,17 @@ impl ServeArgs {
                 crate::grants::DEFAULT_MAX_APPROVAL_TTL
             }
         };
+        let max_elevation = match parse_duration(&self.max_elevation) {
+            Ok(d) if d >= Duration::from_secs(1) => d,
+            Ok(_) => {
+                problems.push("--max-elevation: must be at least 1s".to_owned());
+                crate::grants::DEFAULT_MAX_ELEVATION
+            }
+            Err(e) => {
+                problems.push(format!("--max-elevation: {e}"));
+                crate::grants::DEFAULT_MAX_ELEVATION
+            }
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -1114,6 +1162,7 @@ impl ServeArgs {
                 clock: crate::engine::Clock::System,
                 max_limit_keys: self.max_limit_keys,
                 max_approval_ttl,
+                max_elevation,
             },
             reload: ReloadOptions {
                 watch,

@@ -16,6 +16,7 @@
 //! skips an erroring `forbid` and would otherwise allow around it.
 
 use std::collections::HashSet;
+use std::time::SystemTime;
 
 use cedar_policy::{
     Authorizer, Context, Entities, Entity, EntityUid, Request, RequestValidationError,
@@ -290,6 +291,25 @@ pub fn decide(
     request: &AuthzRequest,
     now: &RequestTime,
 ) -> Result<Decision, RequestError> {
+    decide_with_grants(
+        snapshot,
+        request,
+        now,
+        SystemTime::now(),
+        crate::grants::Lifetimes::default(),
+    )
+}
+
+/// [`decide`], with the request's elevation grants checked at `at` and,
+/// when valid, applied: each adds its role as a parent of the agent for
+/// this decision. A refused elevation grant makes the decision DENY.
+pub fn decide_with_grants(
+    snapshot: &Snapshot,
+    request: &AuthzRequest,
+    now: &RequestTime,
+    at: SystemTime,
+    lifetimes: crate::grants::Lifetimes,
+) -> Result<Decision, RequestError> {
     if !snapshot.actions.contains(&request.action) {
         return Err(RequestError::new(
             "action",
@@ -331,13 +351,25 @@ pub fn decide(
     }
     let context = context.context;
     let extended;
-    let entities = match &request.entities {
+    let mut entities = match &request.entities {
         EntitiesInput::None => &snapshot.entities,
         other => {
             extended = with_request_entities(snapshot, other)?;
             &extended
         }
     };
+    let (elevated, grant) = match crate::grants::elevations(snapshot, request, at, lifetimes) {
+        Ok(roles) if roles.is_empty() => (None, None),
+        Ok(roles) => {
+            let grant = roles.first().map(|(_, g)| g.clone());
+            let roles = roles.into_iter().map(|(role, _)| role);
+            (Some(elevate(entities, &request.agent, roles)?), grant)
+        }
+        Err(refused) => (None, Some(refused)),
+    };
+    if let Some(e) = &elevated {
+        entities = e;
+    }
 
     let agent = decide_side(
         snapshot,
@@ -360,7 +392,41 @@ pub fn decide(
     };
     let mut decision = combine(agent, on_behalf_of);
     approval_gate(snapshot, request, &context, &mut decision);
+    if let Some(grant) = grant {
+        if grant.outcome != "elevated" {
+            // Refused: whatever the policies said, the answer is DENY.
+            decision.allowed = false;
+            decision.approval = None;
+            decision.determining.clear();
+        }
+        decision.grant = Some(grant);
+    }
     Ok(decision)
+}
+
+/// `entities` with `roles` added to the agent's parents: a copy, since the
+/// bundle's entities are shared. The agent keeps its attributes (not its
+/// tags); an agent the bundle does not define is added with none.
+fn elevate(
+    entities: &Entities,
+    agent: &EntityUid,
+    roles: impl Iterator<Item = EntityUid>,
+) -> Result<Entities, RequestError> {
+    let (attrs, mut parents) = match entities.get(agent) {
+        Some(entity) => {
+            let (_, attrs, parents) = entity.clone().into_inner();
+            (attrs, parents)
+        }
+        None => (std::collections::HashMap::new(), HashSet::new()),
+    };
+    parents.extend(roles);
+    let fail =
+        |e: String| RequestError::new("grants", format!("elevation could not be applied: {e}"));
+    let entity = Entity::new(agent.clone(), attrs, parents).map_err(|e| fail(e.to_string()))?;
+    entities
+        .clone()
+        .upsert_entities([entity], None)
+        .map_err(|e| fail(e.to_string()))
 }
 
 /// Turns an ALLOW whose determining permits include a gated one

@@ -1,4 +1,5 @@
-//! Signed approval grants: a person's approval of one gated request, as a
+//! Signed grants: a person's approval of one gated request, or an agent's
+//! time-boxed membership in a role (elevation), each as a
 //! compact JWS (Ed25519, `alg: EdDSA`) that leash verifies offline against
 //! the approvers' public keys shipped in the bundle
 //! ([`crate::bundle::approvers`]).
@@ -35,6 +36,9 @@ pub const TYP: &str = "leash-grant";
 /// accepts.
 pub const DEFAULT_MAX_APPROVAL_TTL: Duration = Duration::from_secs(15 * 60);
 
+/// Default longest window of an elevation grant.
+pub const DEFAULT_MAX_ELEVATION: Duration = Duration::from_secs(4 * 3600);
+
 /// Clock difference between the approver's machine and this one that is
 /// forgiven when checking `iat`.
 const SKEW: u64 = 60;
@@ -53,10 +57,20 @@ pub struct Header {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Claims {
-    /// `approve`.
+    /// `approve` or `elevate`.
     pub grant: String,
     pub approver: String,
+    /// `approve`: the fingerprint of the request approved.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub fingerprint: String,
+    /// `elevate`: the agent (`Agent::"support-bot"`), the role it joins,
+    /// and, optionally, the only user it may act for meanwhile.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub role: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
     /// The grant's id: single use.
     pub jti: String,
     /// Issued at and expiry, seconds since the Unix epoch.
@@ -167,7 +181,7 @@ pub fn verify(
     snapshot: &Snapshot,
     token: &str,
     now: u64,
-    max_ttl: Duration,
+    limits: Lifetimes,
 ) -> Result<Decoded, (Rejection, String)> {
     let decoded = decode(token).map_err(|why| (Rejection::Forged, why))?;
     let kid = &decoded.header.kid;
@@ -186,12 +200,19 @@ pub fn verify(
             )
         })?;
     let c = &decoded.claims;
-    if c.grant != "approve" {
-        return Err((
-            Rejection::Forged,
-            format!("grant kind `{}`: expected `approve`", c.grant),
-        ));
-    }
+    let max_ttl = match c.grant.as_str() {
+        "approve" if !c.fingerprint.is_empty() => limits.approval,
+        "elevate" if !c.agent.is_empty() && !c.role.is_empty() => limits.elevation,
+        other => {
+            return Err((
+                Rejection::Forged,
+                format!(
+                    "grant kind `{other}` with these claims: expected `approve` with a \
+                     fingerprint, or `elevate` with an agent and a role"
+                ),
+            ))
+        }
+    };
     if c.approver != key.approver {
         return Err((
             Rejection::Forged,
@@ -224,6 +245,114 @@ pub fn verify(
         ));
     }
     Ok(decoded)
+}
+
+/// The longest lifetimes accepted, by kind of grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    pub approval: Duration,
+    pub elevation: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self {
+            approval: DEFAULT_MAX_APPROVAL_TTL,
+            elevation: DEFAULT_MAX_ELEVATION,
+        }
+    }
+}
+
+/// The roles valid elevation grants add to the request's agent, or the
+/// refusal of the first grant that fails a check. Approval grants are left
+/// to [`apply`].
+pub fn elevations(
+    snapshot: &Snapshot,
+    request: &AuthzRequest,
+    now: SystemTime,
+    limits: Lifetimes,
+) -> Result<Vec<(cedar_policy::EntityUid, GrantUse)>, GrantUse> {
+    let mut roles = Vec::new();
+    if request.grants.is_empty() {
+        return Ok(roles);
+    }
+    let now = seconds(now);
+    for token in &request.grants {
+        let claimed = decode(token).ok().map(|d| d.claims);
+        if claimed.as_ref().is_some_and(|c| c.grant != "elevate") {
+            continue;
+        }
+        let refusal = |rejection: Rejection, detail: String| GrantUse {
+            outcome: rejection.reason(),
+            grant_id: claimed.as_ref().map(|c| c.jti.clone()).unwrap_or_default(),
+            approver: claimed
+                .as_ref()
+                .map(|c| c.approver.clone())
+                .unwrap_or_default(),
+            expires_at: claimed.as_ref().map_or(0, |c| c.exp),
+            detail,
+        };
+        let verified = verify(snapshot, token, now, limits).map_err(|(r, d)| refusal(r, d))?;
+        let c = &verified.claims;
+        let wrong = |what: &str| {
+            refusal(
+                Rejection::WrongFingerprint,
+                format!("grant `{}` elevates {what}", c.jti),
+            )
+        };
+        if c.agent != request.agent.to_string() {
+            return Err(wrong(&format!("{}, not {}", c.agent, request.agent)));
+        }
+        if !c.user.is_empty() {
+            let acting_for = request
+                .on_behalf_of
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            if c.user != acting_for {
+                return Err(wrong(&format!(
+                    "only while acting for {}, and this request is for {}",
+                    c.user,
+                    if acting_for.is_empty() {
+                        "no user"
+                    } else {
+                        &acting_for
+                    }
+                )));
+            }
+        }
+        let Ok(role) = c.role.parse::<cedar_policy::EntityUid>() else {
+            return Err(refusal(
+                Rejection::Forged,
+                format!("role `{}` is not an entity uid", c.role),
+            ));
+        };
+        if !snapshot.approvers.may_elevate(&c.approver, &role) {
+            return Err(refusal(
+                Rejection::UnauthorizedApprover,
+                format!("approver `{}` may not grant {role}", c.approver),
+            ));
+        }
+        roles.push((
+            role.clone(),
+            GrantUse {
+                outcome: "elevated",
+                grant_id: c.jti.clone(),
+                approver: c.approver.clone(),
+                expires_at: c.exp,
+                detail: format!(
+                    "{} in {role} until {} (granted by {})",
+                    request.agent, c.exp, c.approver
+                ),
+            },
+        ));
+    }
+    Ok(roles)
+}
+
+fn seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Grant ids already used, each kept until its grant expires.
@@ -281,16 +410,23 @@ pub fn apply(
     request: &AuthzRequest,
     decision: &mut Decision,
     now: SystemTime,
-    max_ttl: Duration,
+    limits: Lifetimes,
 ) {
-    if request.grants.is_empty() {
+    // A refused elevation grant has decided already.
+    if request.grants.is_empty()
+        || decision
+            .grant
+            .as_ref()
+            .is_some_and(|g| g.outcome != "elevated")
+    {
         return;
     }
-    let now = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = seconds(now);
     for token in &request.grants {
-        let verified = match verify(snapshot, token, now, max_ttl) {
+        if decode(token).is_ok_and(|d| d.claims.grant == "elevate") {
+            continue;
+        }
+        let verified = match verify(snapshot, token, now, limits) {
             Ok(v) => v,
             Err((rejection, detail)) => {
                 // What an unverified grant claims is still worth recording

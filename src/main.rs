@@ -231,28 +231,61 @@ fn grant(args: &leash::config::GrantArgs) -> ExitCode {
             fingerprint,
             ttl,
             id,
-        } => (|| -> anyhow::Result<String> {
-            let text = std::fs::read_to_string(key)
-                .map_err(|e| anyhow::anyhow!("--key {}: {e}", key.display()))?;
-            let signing = leash::grants::parse_private_key(&text)
-                .map_err(|e| anyhow::anyhow!("--key {}: {e}", key.display()))?;
-            let ttl = leash::config::parse_duration(ttl)
-                .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+        } => {
             if !fingerprint.starts_with("sha256:") || fingerprint.len() != 71 {
-                anyhow::bail!("--fingerprint: expected `sha256:` and 64 hex digits, as leash answered");
+                Err(anyhow::anyhow!(
+                    "--fingerprint: expected `sha256:` and 64 hex digits, as leash answered"
+                ))
+            } else {
+                sign_grant(
+                    key,
+                    kid,
+                    ttl,
+                    leash::grants::Claims {
+                        grant: "approve".to_owned(),
+                        approver: approver.clone(),
+                        fingerprint: fingerprint.clone(),
+                        agent: String::new(),
+                        role: String::new(),
+                        user: String::new(),
+                        jti: id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                        iat: 0,
+                        exp: 0,
+                    },
+                )
             }
-            let iat = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs();
-            let claims = leash::grants::Claims {
-                grant: "approve".to_owned(),
-                approver: approver.clone(),
-                fingerprint: fingerprint.clone(),
-                jti: id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-                iat,
-                exp: iat + ttl.as_secs().max(1),
+        }
+        GrantCommand::Elevate {
+            key,
+            kid,
+            approver,
+            agent,
+            role,
+            user,
+            ttl,
+            id,
+        } => (|| {
+            let uid = |flag: &str, text: &str| -> anyhow::Result<String> {
+                text.parse::<cedar_policy::EntityUid>()
+                    .map(|u| u.to_string())
+                    .map_err(|_| anyhow::anyhow!("{flag}: `{text}` is not an entity uid such as `Role::\"x\"`"))
             };
-            Ok(leash::grants::sign(&signing, kid, &claims)?)
+            sign_grant(
+                key,
+                kid,
+                ttl,
+                leash::grants::Claims {
+                    grant: "elevate".to_owned(),
+                    approver: approver.clone(),
+                    fingerprint: String::new(),
+                    agent: uid("--agent", agent)?,
+                    role: uid("--role", role)?,
+                    user: user.as_deref().map(|u| uid("--user", u)).transpose()?.unwrap_or_default(),
+                    jti: id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                    iat: 0,
+                    exp: 0,
+                },
+            )
         })(),
         GrantCommand::Inspect { token } => leash::grants::decode(token)
             .map_err(|e| anyhow::anyhow!("{e}"))
@@ -274,6 +307,25 @@ fn grant(args: &leash::config::GrantArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Signs `claims` with the key in `key_file`, issued now and valid for `ttl`.
+fn sign_grant(
+    key_file: &std::path::Path,
+    kid: &str,
+    ttl: &str,
+    mut claims: leash::grants::Claims,
+) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(key_file)
+        .map_err(|e| anyhow::anyhow!("--key {}: {e}", key_file.display()))?;
+    let signing = leash::grants::parse_private_key(&text)
+        .map_err(|e| anyhow::anyhow!("--key {}: {e}", key_file.display()))?;
+    let ttl = leash::config::parse_duration(ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+    claims.iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    claims.exp = claims.iat + ttl.as_secs().max(1);
+    Ok(leash::grants::sign(&signing, kid, &claims)?)
 }
 
 fn audit(args: &AuditArgs) -> ExitCode {

@@ -57,6 +57,8 @@ pub struct ServerOptions {
     pub max_limit_keys: usize,
     /// Longest approval grant lifetime accepted.
     pub max_approval_ttl: Duration,
+    /// Longest elevation grant window accepted.
+    pub max_elevation: Duration,
 }
 
 /// Longest wait for the audit writer to write what is queued at shutdown.
@@ -77,6 +79,7 @@ impl Default for ServerOptions {
             clock: crate::engine::Clock::System,
             max_limit_keys: crate::quota::DEFAULT_MAX_LIMIT_KEYS,
             max_approval_ttl: crate::grants::DEFAULT_MAX_APPROVAL_TTL,
+            max_elevation: crate::grants::DEFAULT_MAX_ELEVATION,
         }
     }
 }
@@ -340,7 +343,10 @@ impl Server {
                 // For the server's life: reloads swap the bundle, not these.
                 quota: Arc::new(Quota::new(self.options.max_limit_keys)),
                 used_grants: Arc::new(crate::grants::UsedGrants::default()),
-                max_approval_ttl: self.options.max_approval_ttl,
+                lifetimes: crate::grants::Lifetimes {
+                    approval: self.options.max_approval_ttl,
+                    elevation: self.options.max_elevation,
+                },
                 clock: self.options.clock.clone(),
             },
         ))

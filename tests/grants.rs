@@ -52,7 +52,8 @@ fn approvers_json(dana: &[(&str, u8)], eve: &[(&str, u8)]) -> String {
     serde_json::json!({
         "approvers": [
             {"id": "dana", "keys": keys(dana), "may_approve": ["Action::\"payments:refund\""]},
-            {"id": "eve", "keys": keys(eve), "may_approve": ["Action::\"email\""]}
+            {"id": "eve", "keys": keys(eve), "may_approve": ["Action::\"email\""],
+             "may_elevate": ["AgentRole::\"ticket-escalation\""]}
         ]
     })
     .to_string()
@@ -129,6 +130,9 @@ impl Grant<'_> {
                 grant: "approve".to_owned(),
                 approver: self.approver.to_owned(),
                 fingerprint: self.fingerprint.to_owned(),
+                agent: String::new(),
+                role: String::new(),
+                user: String::new(),
                 jti: self.jti.to_owned(),
                 iat: self.iat,
                 exp: self.exp,
@@ -504,6 +508,31 @@ async fn the_cli_makes_keys_and_grants_that_leash_accepts() {
     );
     let r = ask(&server, with_grant(refund("bob", "BA-100", 12_345), &token)).await;
     assert_eq!(r.decision, ALLOW, "{r:?}");
+    // An elevation grant from the CLI says what it grants.
+    let elevated = leash(&[
+        "grant",
+        "elevate",
+        "--key",
+        key_file.to_str().expect("utf8"),
+        "--kid",
+        "dana-cli",
+        "--approver",
+        "dana",
+        "--agent",
+        "Agent::\"support-bot\"",
+        "--role",
+        "AgentRole::\"ticket-escalation\"",
+        "--ttl",
+        "4h",
+    ]);
+    assert!(elevated.status.success(), "{elevated:?}");
+    let token = String::from_utf8(elevated.stdout).expect("utf8");
+    let shown = leash(&["grant", "inspect", token.trim()]);
+    let shown = String::from_utf8(shown.stdout).expect("utf8");
+    assert!(
+        shown.contains("\"grant\": \"elevate\"") && shown.contains("ticket-escalation"),
+        "{shown}"
+    );
     // Bad input to the CLI is named.
     let bad = leash(&[
         "grant",
@@ -560,4 +589,140 @@ fn malformed_approvers_files_refuse_the_bundle() {
             "{file}: {stderr}"
         );
     }
+}
+
+fn elevation(
+    seed: u8,
+    approver: &str,
+    agent: &str,
+    user: &str,
+    jti: &str,
+    iat: u64,
+    exp: u64,
+) -> String {
+    grants::sign(
+        &key(seed),
+        if seed == 2 { "eve-1" } else { "dana-1" },
+        &Claims {
+            grant: "elevate".to_owned(),
+            approver: approver.to_owned(),
+            fingerprint: String::new(),
+            agent: agent.to_owned(),
+            role: "AgentRole::\"ticket-escalation\"".to_owned(),
+            user: user.to_owned(),
+            jti: jti.to_owned(),
+            iat,
+            exp,
+        },
+    )
+    .expect("signs")
+}
+
+#[tokio::test]
+async fn an_elevation_holds_only_within_its_window_for_its_agent_and_user() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = bundle(dir.path());
+    let clock = Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW));
+    let server = ReloadingServer::start_with(
+        &policies,
+        &schemas,
+        leash::reload::ReloadOptions::default(),
+        ServerOptions {
+            clock: clock.clone(),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    // The Support Bot may not open tickets; in the escalation role it may.
+    let open = |user: &str, grant: Option<&str>| {
+        let mut req = example(
+            "support-bot",
+            Some(user),
+            "tickets:create",
+            "Customer::\"C-100\"",
+        );
+        if let Some(g) = grant {
+            req.grants.push(g.to_owned());
+        }
+        req
+    };
+    let bot = "Agent::\"support-bot\"";
+    // Issued two minutes ahead (beyond the 60 s forgiven for clock skew).
+    let window = elevation(2, "eve", bot, "", "e-1", NOW + 120, NOW + 120 + 4 * 3600);
+    let before = ask(&server, open("alice", Some(&window))).await;
+    assert_eq!(before.decision, DENY);
+    assert_eq!(before.grant.expect("grant").outcome, "grant_not_yet_valid");
+    assert_eq!(ask(&server, open("alice", None)).await.decision, DENY);
+
+    clock.advance(Duration::from_secs(120));
+    let during = ask(&server, open("alice", Some(&window))).await;
+    assert_eq!(during.decision, ALLOW, "{during:?}");
+    let agent_side = during.agent.expect("agent side");
+    assert_eq!(
+        agent_side.determining_policies,
+        ["agent-role-ticket-escalation"]
+    );
+    let grant = during.grant.expect("grant");
+    assert_eq!(
+        (grant.outcome.as_str(), grant.approver.as_str()),
+        ("elevated", "eve")
+    );
+    assert_eq!(grant.expires_at, NOW + 120 + 4 * 3600);
+    // Not single use: the window is the limit.
+    assert_eq!(
+        ask(&server, open("alice", Some(&window))).await.decision,
+        ALLOW
+    );
+    // Without the grant, the agent is back to its own permissions.
+    assert_eq!(ask(&server, open("alice", None)).await.decision, DENY);
+
+    // Another agent cannot borrow it; one bound to a user holds only for them.
+    let other = ask(
+        &server,
+        with_grant(
+            example(
+                "onboarding-agent",
+                Some("alice"),
+                "tickets:read",
+                "Ticket::\"T-1\"",
+            ),
+            &window,
+        ),
+    )
+    .await;
+    assert_eq!(
+        other.grant.expect("grant").outcome,
+        "grant_wrong_fingerprint"
+    );
+    let for_omar = elevation(2, "eve", bot, "User::\"omar\"", "e-2", NOW, NOW + 3600);
+    let r = ask(&server, open("alice", Some(&for_omar))).await;
+    assert_eq!(
+        (r.decision, r.grant.expect("grant").outcome.as_str()),
+        (DENY, "grant_wrong_fingerprint")
+    );
+    // Dana may approve refunds but not grant roles; windows over 4 h are refused.
+    let by_dana = elevation(1, "dana", bot, "", "e-3", NOW, NOW + 3600);
+    assert_eq!(
+        ask(&server, open("alice", Some(&by_dana)))
+            .await
+            .grant
+            .expect("grant")
+            .outcome,
+        "grant_unauthorized_approver"
+    );
+    let too_long = elevation(2, "eve", bot, "", "e-4", NOW, NOW + 5 * 3600);
+    assert_eq!(
+        ask(&server, open("alice", Some(&too_long)))
+            .await
+            .grant
+            .expect("grant")
+            .outcome,
+        "grant_lifetime_too_long"
+    );
+
+    clock.advance(Duration::from_secs(4 * 3600));
+    let after = ask(&server, open("alice", Some(&window))).await;
+    assert_eq!(after.decision, DENY);
+    assert_eq!(after.grant.expect("grant").outcome, "grant_expired");
+    server.shutdown().await;
 }

@@ -44,7 +44,11 @@ struct File {
 struct ApproverEntry {
     id: String,
     keys: Vec<KeyEntry>,
+    #[serde(default)]
     may_approve: Vec<String>,
+    /// Roles this approver may grant an agent for a while.
+    #[serde(default)]
+    may_elevate: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -67,6 +71,8 @@ pub struct Approvers {
     keys: HashMap<String, ApproverKey>,
     /// Approver id → the concrete actions they may approve.
     actions: HashMap<String, HashSet<EntityUid>>,
+    /// Approver id → the roles they may grant.
+    roles: HashMap<String, HashSet<EntityUid>>,
 }
 
 impl Approvers {
@@ -82,6 +88,13 @@ impl Approvers {
     /// The key named `kid`.
     pub fn key(&self, kid: &str) -> Option<&ApproverKey> {
         self.keys.get(kid)
+    }
+
+    /// Whether `approver` may grant `role`.
+    pub fn may_elevate(&self, approver: &str, role: &EntityUid) -> bool {
+        self.roles
+            .get(approver)
+            .is_some_and(|roles| roles.contains(role))
     }
 
     /// Whether `approver` may approve `action`.
@@ -129,9 +142,30 @@ impl Approvers {
                 if entry.keys.is_empty() {
                     problem(format!("{at}.keys: an approver needs at least one key"));
                 }
-                if entry.may_approve.is_empty() {
-                    problem(format!("{at}.may_approve: names no action"));
+                if entry.may_approve.is_empty() && entry.may_elevate.is_empty() {
+                    problem(format!(
+                        "{at}: `may_approve` and `may_elevate` name nothing; this approver could \
+                         approve nothing"
+                    ));
                 }
+                let mut roles = HashSet::new();
+                for (r, text) in entry.may_elevate.iter().enumerate() {
+                    match text.parse::<EntityUid>() {
+                        Ok(uid) if schema.entity_types().any(|t| *t == uid.type_name().clone()) => {
+                            roles.insert(uid);
+                        }
+                        Ok(uid) => problem(format!(
+                            "{at}.may_elevate[{r}]: `{text}`: the schema declares no entity type \
+                             `{}`",
+                            uid.type_name()
+                        )),
+                        Err(_) => problem(format!(
+                            "{at}.may_elevate[{r}]: `{text}` is not an entity uid such as \
+                             `Role::\"ticket-escalation\"`"
+                        )),
+                    }
+                }
+                approvers.roles.insert(entry.id.clone(), roles);
                 for (k, key) in entry.keys.iter().enumerate() {
                     match parse_key(&key.public_key) {
                         Ok(_) if key.kid.is_empty() => {

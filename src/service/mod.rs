@@ -43,8 +43,8 @@ pub struct AuthorizerService {
 pub struct Limiting {
     pub quota: Arc<Quota>,
     pub used_grants: Arc<crate::grants::UsedGrants>,
-    /// Longest approval grant lifetime accepted.
-    pub max_approval_ttl: std::time::Duration,
+    /// Longest grant lifetimes accepted.
+    pub lifetimes: crate::grants::Lifetimes,
     pub clock: Clock,
 }
 
@@ -92,27 +92,31 @@ impl AuthorizerService {
         let (parsed, result) = match convert::request(req) {
             Ok(r) => {
                 let limiting = &self.limiting;
-                let decided = engine::decide(snapshot, &r, now.1).map(|mut decision| {
-                    crate::grants::apply(
-                        snapshot,
-                        &limiting.used_grants,
-                        &r,
-                        &mut decision,
-                        now.0,
-                        limiting.max_approval_ttl,
+                let decided =
+                    engine::decide_with_grants(snapshot, &r, now.1, now.0, limiting.lifetimes).map(
+                        |mut decision| {
+                            crate::grants::apply(
+                                snapshot,
+                                &limiting.used_grants,
+                                &r,
+                                &mut decision,
+                                now.0,
+                                limiting.lifetimes,
+                            );
+                            quota::apply(snapshot, &limiting.quota, &r, &mut decision, now.0);
+                            if decision.limited.is_some() {
+                                // A limit refused the call the grant was used for:
+                                // the grant stays good for the retry.
+                                if let Some(grant) =
+                                    decision.grant.as_mut().filter(|g| g.outcome == "used")
+                                {
+                                    limiting.used_grants.release(&grant.grant_id);
+                                    grant.outcome = "not_used";
+                                }
+                            }
+                            decision
+                        },
                     );
-                    quota::apply(snapshot, &limiting.quota, &r, &mut decision, now.0);
-                    if decision.limited.is_some() {
-                        // A limit refused the call the grant was used for:
-                        // the grant stays good for the retry.
-                        if let Some(grant) = decision.grant.as_mut().filter(|g| g.outcome == "used")
-                        {
-                            limiting.used_grants.release(&grant.grant_id);
-                            grant.outcome = "not_used";
-                        }
-                    }
-                    decision
-                });
                 (Some(r), decided)
             }
             Err(e) => (None, Err(e)),
@@ -263,7 +267,7 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
                 &d.request_id,
                 decision,
                 &snapshot.version,
-                self.limiting.max_approval_ttl,
+                self.limiting.lifetimes.approval,
             ))),
         }
     }
@@ -325,7 +329,7 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
                         &d.request_id,
                         &decision,
                         &snapshot.version,
-                        self.limiting.max_approval_ttl,
+                        self.limiting.lifetimes.approval,
                     ),
                 }
             })
