@@ -183,17 +183,30 @@ async fn documented_exception_holds_until_it_expires() {
 #[tokio::test]
 async fn data_level_limits_in_the_example() {
     let server = TestServer::example().await;
-    // Templates only: an unapproved template cannot be sent.
-    let resp = server
-        .decide(example_request(
-            "billing-agent",
-            Some("bob"),
+    // Approved templates only: a draft is never the Onboarding Agent's to
+    // send, and the Billing Agent's only after a person approves the send.
+    let draft = |agent: &str, user: &str| {
+        example_request(
+            agent,
+            Some(user),
             "email:send",
             "EmailTemplate::\"promo-draft\"",
-        ))
+        )
+    };
+    let resp = server
+        .decide(draft("onboarding-agent", "carol"))
         .await
         .expect("decides");
     assert_eq!(resp.decision, DENY);
+    let resp = server
+        .decide(draft("billing-agent", "bob"))
+        .await
+        .expect("decides");
+    assert_eq!(resp.decision, pb::Decision::ApprovalRequired as i32);
+    assert_eq!(
+        resp.approval.expect("approval").policies,
+        ["billing-agent-email-drafts"]
+    );
     // Invoices above 5,000.00 stay with people.
     let big = with_context_json(
         example_request(
