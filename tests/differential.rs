@@ -17,6 +17,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{json, Value};
 
+const APPROVAL_REQUIRED: i32 = pb::Decision::ApprovalRequired as i32;
+
 /// What plain Cedar plus leash's fail-closed rule says for one side:
 /// (allowed, sorted determining policies, sorted erroring policies), or
 /// `None` if the request is invalid for this side.
@@ -113,6 +115,7 @@ const EXAMPLE_ACTIONS: &[&str] = &[
     "secrets:read",
     "system:read_env",
     "paid_api:invoke",
+    "payments:refund",
 ];
 const EXAMPLE_RESOURCES: &[&str] = &[
     "Ticket::\"T-1\"",
@@ -134,7 +137,7 @@ fn resource_type(action: &str) -> &'static str {
         "tickets" if action == "tickets:create" => "Customer::",
         "tickets" => "Ticket::",
         "customers" => "Customer::",
-        "billing" | "invoices" => "BillingAccount::",
+        "billing" | "invoices" | "payments" => "BillingAccount::",
         "email" => "EmailTemplate::",
         "kb" => "KbArticle::",
         _ => "SystemResource::",
@@ -151,7 +154,13 @@ fn example_bundle_decides_as_cedar_does_per_side() {
         proptest::option::of(0..EXAMPLE_USERS.len()),
         0..EXAMPLE_ACTIONS.len(),
         (0..64usize, proptest::bool::weighted(0.1)),
-        prop_oneof![Just(0i64), Just(1200), Just(500000), Just(500001)],
+        prop_oneof![
+            Just(0i64),
+            Just(1200),
+            Just(150000),
+            Just(500000),
+            Just(500001)
+        ],
         0..2usize,
     );
     let mut runner = TestRunner::new(Config {
@@ -159,79 +168,162 @@ fn example_bundle_decides_as_cedar_does_per_side() {
         ..Config::default()
     });
     let compared = std::cell::Cell::new(0usize);
+    let gated_seen = std::cell::Cell::new(0usize);
+    type Case = (usize, Option<usize>, usize, (usize, bool), i64, usize);
+    let check = |(a, u, act, r, amount, recipient): Case| -> Result<(), TestCaseError> {
+        let agent = EXAMPLE_AGENTS[a];
+        let user = u.map(|u| EXAMPLE_USERS[u]);
+        let action = format!("Action::\"{}\"", EXAMPLE_ACTIONS[act]);
+        // Mostly a resource of the action's type, sometimes any (invalid).
+        let (r, any_type) = r;
+        let ty = resource_type(EXAMPLE_ACTIONS[act]);
+        let fitting: Vec<&str> = EXAMPLE_RESOURCES
+            .iter()
+            .copied()
+            .filter(|x| x.starts_with(ty))
+            .collect();
+        let resource = if any_type || fitting.is_empty() {
+            EXAMPLE_RESOURCES[r % EXAMPLE_RESOURCES.len()]
+        } else {
+            fitting[r % fitting.len()]
+        };
+        let mut caller_context = serde_json::Map::new();
+        match EXAMPLE_ACTIONS[act] {
+            "invoices:create" | "payments:refund" => {
+                caller_context.insert("amount_cents".into(), json!(amount));
+            }
+            "email:send" => {
+                caller_context.insert(
+                    "recipient".into(),
+                    entity_ref(["Customer::\"C-100\"", "Customer::\"C-200\""][recipient]),
+                );
+            }
+            _ => {}
+        }
+        let req = with_context_json(
+            request(agent, user, &action, resource),
+            &Value::Object(caller_context.clone()).to_string(),
+        );
+        let got = rt.block_on(server.decide(req));
+
+        // The trusted record, built here independently of leash.
+        let mut leash = serde_json::Map::new();
+        leash.insert("agent".into(), entity_ref(agent));
+        if let Some(user) = user {
+            leash.insert("user".into(), entity_ref(user));
+        }
+        leash.insert("delegated".into(), json!(user.is_some()));
+        let now = chrono::Utc::now()
+            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            .to_string();
+        leash.insert(
+            "now".into(),
+            json!({"__extn": {"fn": "datetime", "arg": now}}),
+        );
+        let mut context = caller_context;
+        context.insert("leash".into(), Value::Object(leash));
+        let context = Value::Object(context);
+
+        let agent_side = cedar_side(&snap, agent, &action, resource, &context, &snap.entities);
+        let user_side =
+            user.map(|u| cedar_side(&snap, u, &action, resource, &context, &snap.entities));
+        let valid = agent_side.is_some() && user_side.as_ref().is_none_or(Option::is_some);
+        match got {
+            Ok(resp) => {
+                prop_assert!(
+                    valid,
+                    "leash decided a request Cedar refuses: {agent} {user:?} {action} {resource}"
+                );
+                let want_agent = agent_side.expect("valid");
+                prop_assert_eq!(
+                    side_of(resp.agent.as_ref().expect("agent side")),
+                    want_agent.clone()
+                );
+                let mut allowed = want_agent.0;
+                let mut determining = want_agent.1.clone();
+                if let Some(Some(want_user)) = user_side {
+                    prop_assert_eq!(
+                        side_of(resp.on_behalf_of.as_ref().expect("user side")),
+                        want_user.clone()
+                    );
+                    allowed &= want_user.0;
+                    determining.extend(want_user.1.iter().cloned());
+                } else {
+                    prop_assert!(resp.on_behalf_of.is_none());
+                }
+                // An allowed request whose determining permits (either
+                // side) include one annotated `@approval("required")`
+                // waits for a person; read here from Cedar's own
+                // annotations, not from leash's index of them.
+                let gated = determining.iter().any(|id| {
+                    snap.policies
+                        .policy(&cedar_policy::PolicyId::new(id.as_str()))
+                        .and_then(|p| p.annotation("approval"))
+                        == Some("required")
+                });
+                let want = match (allowed, gated) {
+                    (false, _) => DENY,
+                    (true, true) => APPROVAL_REQUIRED,
+                    (true, false) => ALLOW,
+                };
+                prop_assert_eq!(
+                    resp.decision,
+                    want,
+                    "{} {:?} {} {}",
+                    agent,
+                    user,
+                    action,
+                    resource
+                );
+                if want == APPROVAL_REQUIRED {
+                    gated_seen.set(gated_seen.get() + 1);
+                }
+                compared.set(compared.get() + 1);
+            }
+            Err(status) => {
+                prop_assert!(
+                    !valid,
+                    "leash refused a valid request: {}",
+                    status.message()
+                );
+                prop_assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            }
+        }
+        Ok(())
+    };
     runner
-        .run(&strategy, |(a, u, act, r, amount, recipient)| {
-            let agent = EXAMPLE_AGENTS[a];
-            let user = u.map(|u| EXAMPLE_USERS[u]);
-            let action = format!("Action::\"{}\"", EXAMPLE_ACTIONS[act]);
-            // Mostly a resource of the action's type, sometimes any (invalid).
-            let (r, any_type) = r;
-            let ty = resource_type(EXAMPLE_ACTIONS[act]);
-            let fitting: Vec<&str> = EXAMPLE_RESOURCES.iter().copied().filter(|x| x.starts_with(ty)).collect();
-            let resource = if any_type || fitting.is_empty() {
-                EXAMPLE_RESOURCES[r % EXAMPLE_RESOURCES.len()]
-            } else {
-                fitting[r % fitting.len()]
-            };
-            let mut caller_context = serde_json::Map::new();
-            match EXAMPLE_ACTIONS[act] {
-                "invoices:create" => {
-                    caller_context.insert("amount_cents".into(), json!(amount));
-                }
-                "email:send" => {
-                    caller_context.insert("recipient".into(), entity_ref(["Customer::\"C-100\"", "Customer::\"C-200\""][recipient]));
-                }
-                _ => {}
-            }
-            let req = with_context_json(
-                request(agent, user, &action, resource),
-                &Value::Object(caller_context.clone()).to_string(),
-            );
-            let got = rt.block_on(server.decide(req));
-
-            // The trusted record, built here independently of leash.
-            let mut leash = serde_json::Map::new();
-            leash.insert("agent".into(), entity_ref(agent));
-            if let Some(user) = user {
-                leash.insert("user".into(), entity_ref(user));
-            }
-            leash.insert("delegated".into(), json!(user.is_some()));
-            let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
-            leash.insert("now".into(), json!({"__extn": {"fn": "datetime", "arg": now}}));
-            let mut context = caller_context;
-            context.insert("leash".into(), Value::Object(leash));
-            let context = Value::Object(context);
-
-            let agent_side = cedar_side(&snap, agent, &action, resource, &context, &snap.entities);
-            let user_side = user.map(|u| cedar_side(&snap, u, &action, resource, &context, &snap.entities));
-            let valid = agent_side.is_some() && user_side.as_ref().is_none_or(Option::is_some);
-            match got {
-                Ok(resp) => {
-                    prop_assert!(valid, "leash decided a request Cedar refuses: {agent} {user:?} {action} {resource}");
-                    let want_agent = agent_side.expect("valid");
-                    prop_assert_eq!(side_of(resp.agent.as_ref().expect("agent side")), want_agent.clone());
-                    let mut allowed = want_agent.0;
-                    if let Some(Some(want_user)) = user_side {
-                        prop_assert_eq!(side_of(resp.on_behalf_of.as_ref().expect("user side")), want_user.clone());
-                        allowed &= want_user.0;
-                    } else {
-                        prop_assert!(resp.on_behalf_of.is_none());
-                    }
-                    prop_assert_eq!(resp.decision == ALLOW, allowed);
-                    compared.set(compared.get() + 1);
-                }
-                Err(status) => {
-                    prop_assert!(!valid, "leash refused a valid request: {}", status.message());
-                    prop_assert_eq!(status.code(), tonic::Code::InvalidArgument);
-                }
-            }
-            Ok(())
-        })
+        .run(&strategy, check)
         .expect("leash agrees with cedar-policy");
+    // Random draws reach the gated permits only now and then, so every
+    // user, gated action, resource and amount for the agent that has them
+    // is checked as well.
+    let billing = EXAMPLE_AGENTS
+        .iter()
+        .position(|a| a.contains("billing-agent"))
+        .expect("billing agent");
+    for act in ["email:send", "payments:refund"] {
+        let act = EXAMPLE_ACTIONS
+            .iter()
+            .position(|x| *x == act)
+            .expect("gated action");
+        for u in std::iter::once(None).chain((0..EXAMPLE_USERS.len()).map(Some)) {
+            for r in 0..EXAMPLE_RESOURCES.len() {
+                for amount in [0, 1200, 150000, 500001] {
+                    if let Err(e) = check((billing, u, act, (r, false), amount, r % 2)) {
+                        panic!("leash disagrees with cedar-policy: {e}");
+                    }
+                }
+            }
+        }
+    }
     assert!(
         compared.get() > 50,
         "too few valid requests were generated ({})",
         compared.get()
+    );
+    assert!(
+        gated_seen.get() > 0,
+        "no approval-gated request was generated"
     );
 }
 

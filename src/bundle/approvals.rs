@@ -149,12 +149,7 @@ mod tests {
     use super::*;
 
     fn scan(src: &str) -> (Gates, Vec<String>) {
-        let parsed: PolicySet = src.parse().expect("policies");
-        let mut set = PolicySet::new();
-        for (i, p) in parsed.policies().enumerate() {
-            set.add(p.new_id(cedar_policy::PolicyId::new(format!("p{i}"))))
-                .expect("add");
-        }
+        let set = crate::bundle::numbered_policies(src);
         let mut diagnostics = Vec::new();
         let gates = Gates::scan(&set, &Default::default(), &mut diagnostics);
         (gates, diagnostics.into_iter().map(|d| d.message).collect())

@@ -328,12 +328,7 @@ mod tests {
     use super::*;
 
     fn scan(src: &str) -> (Limits, Vec<String>) {
-        let parsed: PolicySet = src.parse().expect("policies");
-        let mut set = PolicySet::new();
-        for (i, p) in parsed.policies().enumerate() {
-            set.add(p.new_id(cedar_policy::PolicyId::new(format!("p{i}"))))
-                .expect("add");
-        }
+        let set = crate::bundle::numbered_policies(src);
         let mut diagnostics = Vec::new();
         let limits = Limits::scan(&set, &Default::default(), &mut diagnostics);
         (limits, diagnostics.into_iter().map(|d| d.message).collect())

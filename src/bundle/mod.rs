@@ -767,6 +767,19 @@ impl BundleLocation {
     }
 }
 
+/// `src` with its policies renamed `p0`, `p1`, … in order, for the
+/// annotation scanners' tests.
+#[cfg(test)]
+pub(crate) fn numbered_policies(src: &str) -> PolicySet {
+    let parsed: PolicySet = src.parse().expect("policies");
+    let mut set = PolicySet::new();
+    for (i, p) in parsed.policies().enumerate() {
+        set.add(p.new_id(cedar_policy::PolicyId::new(format!("p{i}"))))
+            .expect("add");
+    }
+    set
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

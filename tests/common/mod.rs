@@ -386,3 +386,19 @@ pub fn version_of(policies: &Path, schemas: &Path) -> String {
         .expect("bundle readable")
         .version()
 }
+
+/// The records of the audit trail at `trail`, after `leash audit verify`
+/// has found its hash chain intact.
+pub fn verified_audit_records(trail: &Path) -> Vec<serde_json::Value> {
+    let verified = std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(["audit", "verify"])
+        .arg(trail)
+        .output()
+        .expect("runs");
+    assert!(verified.status.success(), "{verified:?}");
+    std::fs::read_to_string(trail)
+        .expect("audit trail")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect()
+}
