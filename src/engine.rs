@@ -405,24 +405,34 @@ pub fn decide_with_grants(
 }
 
 /// `entities` with `roles` added to the agent's parents: a copy, since the
-/// bundle's entities are shared. The agent keeps its attributes (not its
-/// tags); an agent the bundle does not define is added with none.
+/// bundle's entities are shared. The agent keeps its attributes and tags
+/// (it goes through Cedar's JSON form, the one public way to rebuild an
+/// entity with its tags): a forbid on a tag must still hold for an elevated
+/// agent. An agent the bundle does not define is added with none.
 fn elevate(
     entities: &Entities,
     agent: &EntityUid,
     roles: impl Iterator<Item = EntityUid>,
 ) -> Result<Entities, RequestError> {
-    let (attrs, mut parents) = match entities.get(agent) {
-        Some(entity) => {
-            let (_, attrs, parents) = entity.clone().into_inner();
-            (attrs, parents)
-        }
-        None => (std::collections::HashMap::new(), HashSet::new()),
-    };
-    parents.extend(roles);
     let fail =
         |e: String| RequestError::new("grants", format!("elevation could not be applied: {e}"));
-    let entity = Entity::new(agent.clone(), attrs, parents).map_err(|e| fail(e.to_string()))?;
+    let entity = match entities.get(agent) {
+        Some(entity) => {
+            let mut json = entity.to_json_value().map_err(|e| fail(e.to_string()))?;
+            let parents = json
+                .get_mut("parents")
+                .and_then(serde_json::Value::as_array_mut)
+                .ok_or_else(|| fail("the agent's entity has no parent list".to_owned()))?;
+            parents.extend(roles.map(|role| {
+                serde_json::json!({
+                    "type": role.type_name().to_string(),
+                    "id": role.id().unescaped(),
+                })
+            }));
+            Entity::from_json_value(json, None).map_err(|e| fail(e.to_string()))?
+        }
+        None => Entity::new_no_attrs(agent.clone(), roles.collect()),
+    };
     entities
         .clone()
         .upsert_entities([entity], None)

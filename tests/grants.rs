@@ -716,3 +716,94 @@ async fn an_elevation_holds_only_within_its_window_for_its_agent_and_user() {
     assert_eq!(after.grant.expect("grant").outcome, "grant_expired");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_elevated_agent_keeps_its_attributes_and_tags() {
+    // The bundle tags the Support Bot as under review and forbids opening
+    // tickets to agents so tagged, and to unvetted agents: the role must not
+    // lift either, so the elevated agent has to keep its tags and attributes.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = bundle(dir.path());
+    let schema_file = schemas.join("support-desk.cedarschema");
+    let schema = std::fs::read_to_string(&schema_file).expect("schema");
+    let tagged = schema.replacen(
+        "  serves_departments: Set<String>,\n};",
+        "  serves_departments: Set<String>,\n} tags String;",
+        1,
+    );
+    assert_ne!(tagged, schema, "the schema's Agent declaration moved");
+    std::fs::write(&schema_file, tagged).expect("write schema");
+    let agents_file = policies.join("entities/agents.entities.json");
+    let mut agents: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&agents_file).expect("agents"))
+            .expect("json");
+    let bot = agents
+        .as_array_mut()
+        .expect("array")
+        .iter_mut()
+        .find(|e| e["uid"]["id"] == "support-bot")
+        .expect("support-bot");
+    bot["tags"] = serde_json::json!({"status": "under_review"});
+    bot["attrs"]["vetted"] = serde_json::json!(false);
+    std::fs::write(&agents_file, agents.to_string()).expect("write agents");
+    std::fs::write(
+        policies.join("review.cedar"),
+        r#"@id("no-new-tickets-under-review")
+forbid (principal is Agent, action == Action::"tickets:create", resource)
+when { principal.hasTag("status") && principal.getTag("status") == "under_review" };
+
+@id("no-new-tickets-unvetted")
+forbid (principal is Agent, action == Action::"tickets:create", resource)
+when { !principal.vetted };
+"#,
+    )
+    .expect("write policy");
+    let server = ReloadingServer::start_with(
+        &policies,
+        &schemas,
+        leash::reload::ReloadOptions::default(),
+        ServerOptions {
+            clock: Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW)),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let bot = "Agent::\"support-bot\"";
+    let window = elevation(2, "eve", bot, "", "e-tags", NOW, NOW + 3600);
+    // Elevated, the bot may read a ticket through the role (the grant works)...
+    let read = ask(
+        &server,
+        with_grant(
+            example(
+                "support-bot",
+                Some("alice"),
+                "tickets:read",
+                "Ticket::\"T-1\"",
+            ),
+            &window,
+        ),
+    )
+    .await;
+    assert_eq!(read.grant.expect("grant").outcome, "elevated");
+    // ...but opening one stays forbidden by both rules.
+    let open = ask(
+        &server,
+        with_grant(
+            example(
+                "support-bot",
+                Some("alice"),
+                "tickets:create",
+                "Customer::\"C-100\"",
+            ),
+            &window,
+        ),
+    )
+    .await;
+    assert_eq!(open.decision, DENY, "{open:?}");
+    assert_eq!(open.grant.expect("grant").outcome, "elevated");
+    assert_eq!(
+        open.agent.expect("agent side").determining_policies,
+        ["no-new-tickets-under-review", "no-new-tickets-unvetted"]
+    );
+    server.shutdown().await;
+}
