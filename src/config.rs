@@ -817,6 +817,11 @@ pub struct BenchArgs {
     /// bundle, or `none` to skip the phase [default: 10000; quick: 1000].
     #[arg(long, value_name = "N|none")]
     pub capacity_policies: Option<String>,
+    /// Grants: users added to the example bundle for the elevation
+    /// measurements, or `none` to skip the phase
+    /// [default: 0,10000,100000; quick: 0].
+    #[arg(long, value_name = "N,N,...|none", value_delimiter = ',')]
+    pub grant_entities: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -962,6 +967,22 @@ impl BenchArgs {
                 }
             },
         };
+        let grant_entities = match &self.grant_entities {
+            None => crate::bench::grants::sizes(quick).to_vec(),
+            Some(values) if values.len() == 1 && values[0].eq_ignore_ascii_case("none") => vec![],
+            Some(values) => values
+                .iter()
+                .filter_map(|v| match v.trim().parse::<usize>() {
+                    Ok(n) if n <= 1_000_000 => Some(n),
+                    _ => {
+                        problems.push(format!(
+                            "--grant-entities: `{v}` is not a number of users up to 1000000 (or `none`)"
+                        ));
+                        None
+                    }
+                })
+                .collect(),
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -991,6 +1012,7 @@ impl BenchArgs {
             reload_policies,
             telemetry_rounds: self.telemetry_rounds.unwrap_or(if quick { 1 } else { 3 }),
             capacity_policies,
+            grant_entities,
         })
     }
 }

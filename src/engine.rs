@@ -16,6 +16,7 @@
 //! skips an erroring `forbid` and would otherwise allow around it.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use cedar_policy::{
@@ -362,13 +363,28 @@ pub fn decide_with_grants(
         Ok(roles) if roles.is_empty() => (None, None),
         Ok(roles) => {
             let grant = roles.first().map(|(_, g)| g.clone());
-            let roles = roles.into_iter().map(|(role, _)| role);
-            (Some(elevate(entities, &request.agent, roles)?), grant)
+            let mut roles: Vec<EntityUid> = roles.into_iter().map(|(role, _)| role).collect();
+            roles.sort_unstable();
+            roles.dedup();
+            // The bundle's own entities elevated are the same for every
+            // request with these roles, so they are built once per snapshot;
+            // with request entities the set is this request's alone.
+            let set = if matches!(request.entities, EntitiesInput::None) {
+                snapshot.elevated.get_or_build(&request.agent, &roles, || {
+                    elevate(&snapshot.entities, &request.agent, &roles)
+                })
+            } else {
+                elevate(entities, &request.agent, &roles).map(Arc::new)
+            }
+            .map_err(|e| {
+                RequestError::new("grants", format!("elevation could not be applied: {e}"))
+            })?;
+            (Some(set), grant)
         }
         Err(refused) => (None, Some(refused)),
     };
     if let Some(e) = &elevated {
-        entities = e;
+        entities = e.as_ref();
     }
 
     let agent = decide_side(
@@ -412,31 +428,29 @@ pub fn decide_with_grants(
 fn elevate(
     entities: &Entities,
     agent: &EntityUid,
-    roles: impl Iterator<Item = EntityUid>,
-) -> Result<Entities, RequestError> {
-    let fail =
-        |e: String| RequestError::new("grants", format!("elevation could not be applied: {e}"));
+    roles: &[EntityUid],
+) -> Result<Entities, String> {
     let entity = match entities.get(agent) {
         Some(entity) => {
-            let mut json = entity.to_json_value().map_err(|e| fail(e.to_string()))?;
+            let mut json = entity.to_json_value().map_err(|e| e.to_string())?;
             let parents = json
                 .get_mut("parents")
                 .and_then(serde_json::Value::as_array_mut)
-                .ok_or_else(|| fail("the agent's entity has no parent list".to_owned()))?;
-            parents.extend(roles.map(|role| {
+                .ok_or_else(|| "the agent's entity has no parent list".to_owned())?;
+            parents.extend(roles.iter().map(|role| {
                 serde_json::json!({
                     "type": role.type_name().to_string(),
                     "id": role.id().unescaped(),
                 })
             }));
-            Entity::from_json_value(json, None).map_err(|e| fail(e.to_string()))?
+            Entity::from_json_value(json, None).map_err(|e| e.to_string())?
         }
-        None => Entity::new_no_attrs(agent.clone(), roles.collect()),
+        None => Entity::new_no_attrs(agent.clone(), roles.iter().cloned().collect()),
     };
     entities
         .clone()
         .upsert_entities([entity], None)
-        .map_err(|e| fail(e.to_string()))
+        .map_err(|e| e.to_string())
 }
 
 /// Turns an ALLOW whose determining permits include a gated one

@@ -25,7 +25,7 @@ use base64::Engine as _;
 use ed25519_dalek::{Signature, Signer as _, SigningKey};
 use serde::{Deserialize, Serialize};
 
-use crate::bundle::approvers::decode_base64;
+use crate::bundle::approvers::{decode_base64, SignatureError};
 use crate::bundle::Snapshot;
 use crate::engine::{AuthzRequest, Decision, GrantUse};
 
@@ -185,19 +185,26 @@ pub fn verify(
 ) -> Result<Decoded, (Rejection, String)> {
     let decoded = decode(token).map_err(|why| (Rejection::Forged, why))?;
     let kid = &decoded.header.kid;
-    let Some(key) = snapshot.approvers.key(kid) else {
-        return Err((
-            Rejection::UnknownKey,
-            format!("key `{kid}` is not one of the bundle's approver keys"),
-        ));
-    };
-    key.key
-        .verify_strict(decoded.signing_input.as_bytes(), &decoded.signature)
-        .map_err(|_| {
-            (
+    // Elevations are sent again and again for their window, so their
+    // verified signatures are remembered; an approval is used once.
+    let remember = decoded.claims.grant == "elevate";
+    let key = snapshot
+        .approvers
+        .verify_signature(
+            kid,
+            decoded.signing_input.as_bytes(),
+            &decoded.signature,
+            remember,
+        )
+        .map_err(|e| match e {
+            SignatureError::UnknownKey => (
+                Rejection::UnknownKey,
+                format!("key `{kid}` is not one of the bundle's approver keys"),
+            ),
+            SignatureError::Invalid => (
                 Rejection::Forged,
                 format!("the signature does not verify with key `{kid}`"),
-            )
+            ),
         })?;
     let c = &decoded.claims;
     let max_ttl = match c.grant.as_str() {
@@ -321,7 +328,11 @@ pub fn elevations(
                 )));
             }
         }
-        let Ok(role) = c.role.parse::<cedar_policy::EntityUid>() else {
+        let parsed = match snapshot.approvers.role_named(&c.role) {
+            Some(role) => Ok(role.clone()),
+            None => c.role.parse::<cedar_policy::EntityUid>(),
+        };
+        let Ok(role) = parsed else {
             return Err(refusal(
                 Rejection::Forged,
                 format!("role `{}` is not an entity uid", c.role),

@@ -69,6 +69,7 @@ fn quick_mode_completes_with_sane_figures() {
         "share its cores",
         "ratios: tcp_vs_floor",
         "telemetry and audit cost (Unix socket, 16 in flight, median of 1 interleaved rounds",
+        "grants (in-process; the example bundle with more users)",
     ] {
         assert!(table.contains(heading), "`{heading}` missing:\n{table}");
     }
@@ -85,6 +86,23 @@ fn quick_mode_completes_with_sane_figures() {
         ratios["in_process_ns_p50"].as_u64().unwrap_or(0) > 0,
         "{ratios}"
     );
+
+    // Quick mode measures grants on the example bundle alone; the bench
+    // itself refuses to report an elevation that did not elevate.
+    let grants = &report["grants"];
+    assert!(
+        grants["verify_ns"].as_f64().unwrap_or(0.0) > 0.0,
+        "{grants}"
+    );
+    assert!(
+        grants["verify_remembered_ns"].as_f64().unwrap_or(0.0) > 0.0,
+        "{grants}"
+    );
+    let points = grants["points"].as_array().expect("grant points");
+    assert_eq!(points.len(), 1, "{grants}");
+    for key in ["first_use_ns", "p50_without_ns", "p50_elevated_ns"] {
+        assert!(points[0][key].as_u64().unwrap_or(0) > 0, "{key}: {grants}");
+    }
 
     assert_eq!(report["mode"], "quick");
     assert_eq!(report["bundle"]["policies"], 200);
@@ -307,6 +325,8 @@ fn bad_options_and_bad_mixes_are_named() {
         "5",
         "--capacity-policies",
         "lots",
+        "--grant-entities",
+        "many",
     ]);
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     let err = stderr(&out);
@@ -324,6 +344,10 @@ fn bad_options_and_bad_mixes_are_named() {
     );
     assert!(
         err.contains("--capacity-policies: `lots` is not a policy count of at least 10"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--grant-entities: `many` is not a number of users up to 1000000"),
         "{err}"
     );
 

@@ -417,6 +417,64 @@ async fn approver_keys_rotate_through_a_reload() {
     assert_eq!(try_grant(grant(3, "dana-2", "r-5")).await, "used");
     // Used ids outlive the reload.
     assert_eq!(try_grant(grant(3, "dana-2", "r-2")).await, "grant_reused");
+
+    // An elevation, used again and again, has its verified signature
+    // remembered; a reload that takes the key away, or puts another key
+    // under the same kid, is still obeyed at once.
+    let window = elevation(
+        2,
+        "eve",
+        "Agent::\"support-bot\"",
+        "",
+        "e-r",
+        NOW,
+        NOW + 3600,
+    );
+    let elevate = |token: String| {
+        let server = &server;
+        async move {
+            let r = ask(
+                server,
+                with_grant(
+                    example(
+                        "support-bot",
+                        Some("alice"),
+                        "tickets:create",
+                        "Customer::\"C-100\"",
+                    ),
+                    &token,
+                ),
+            )
+            .await;
+            (r.decision, r.grant.expect("grant result").outcome)
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            elevate(window.clone()).await,
+            (ALLOW, "elevated".to_owned())
+        );
+    }
+    std::fs::write(
+        policies.join("finance.approvers.json"),
+        approvers_json(&[("dana-2", 3)], &[("eve-1", 5)]),
+    )
+    .expect("write");
+    server.wait_version(&version_of(&policies, &schemas)).await;
+    assert_eq!(
+        elevate(window.clone()).await,
+        (DENY, "grant_forged".to_owned())
+    );
+    std::fs::write(
+        policies.join("finance.approvers.json"),
+        approvers_json(&[("dana-2", 3)], &[("eve-2", 2)]),
+    )
+    .expect("write");
+    server.wait_version(&version_of(&policies, &schemas)).await;
+    assert_eq!(
+        elevate(window.clone()).await,
+        (DENY, "grant_unknown_key".to_owned())
+    );
     server.shutdown().await;
 }
 
@@ -803,6 +861,30 @@ when { !principal.vetted };
     assert_eq!(open.grant.expect("grant").outcome, "elevated");
     assert_eq!(
         open.agent.expect("agent side").determining_policies,
+        ["no-new-tickets-under-review", "no-new-tickets-unvetted"]
+    );
+    // The same with an entity the request brings (that set is elevated per
+    // request, not kept with the bundle's).
+    let brought = ask(
+        &server,
+        with_grant(
+            with_entities_json(
+                example(
+                    "support-bot",
+                    Some("alice"),
+                    "tickets:create",
+                    "Customer::\"C-900\"",
+                ),
+                r#"[{"uid": {"type": "Customer", "id": "C-900"},
+                     "attrs": {"region": "EMEA", "segment": "enterprise"}, "parents": []}]"#,
+            ),
+            &window,
+        ),
+    )
+    .await;
+    assert_eq!(brought.grant.expect("grant").outcome, "elevated");
+    assert_eq!(
+        brought.agent.expect("agent side").determining_policies,
         ["no-new-tickets-under-review", "no-new-tickets-unvetted"]
     );
     server.shutdown().await;

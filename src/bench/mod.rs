@@ -21,6 +21,7 @@ pub mod capacity;
 pub mod child;
 pub mod collector;
 pub mod driver;
+pub mod grants;
 pub mod limits;
 pub mod mix;
 pub mod reload;
@@ -96,6 +97,9 @@ pub struct BenchOptions {
     /// Generated bundle size of the latency-at-half-load phase (`None`
     /// skips it).
     pub capacity_policies: Option<usize>,
+    /// Users added to the example bundle for the grant measurements, one
+    /// point each (empty skips the phase).
+    pub grant_entities: Vec<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -505,6 +509,22 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         blocking(move || limits::measure(&p.sources, &s, &p.requests, t, MIN_CALLS)).await??
     };
 
+    let grants_report = if options.grant_entities.is_empty() {
+        None
+    } else {
+        progress(format!(
+            "grants: verifying a grant; an elevation's first use and later ones, the example bundle with {} more users",
+            options
+                .grant_entities
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let (sizes, t) = (options.grant_entities.clone(), options.scale_timing);
+        Some(blocking(move || grants::measure(&sizes, t, MIN_CALLS)).await??)
+    };
+
     // The servers under test.
     let floor = child::spawn_floor(&options.server_exe, scratch.path())?;
     let dirs = prepared
@@ -680,6 +700,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         mix,
         in_process: in_process_report,
         limits: limits_report,
+        grants: grants_report,
         runs,
         pairs,
         forms,

@@ -25,6 +25,8 @@ pub struct Report {
     pub in_process: InProcess,
     /// What rate and budget limits add to a decision.
     pub limits: super::limits::LimitsReport,
+    /// What verifying grants and applying elevations cost.
+    pub grants: Option<super::grants::GrantsReport>,
     /// Every sweep point, floor and leash.
     pub runs: Vec<Run>,
     /// leash against floor and in-process, point by point.
@@ -649,6 +651,28 @@ fn render_into(r: &Report, out: &mut String) -> std::fmt::Result {
         duration(r.limits.counting_ns_per_decision),
         r.limits.counting_share * 100.0
     )?;
+
+    if let Some(g) = &r.grants {
+        writeln!(
+            out,
+            "\ngrants (in-process; the example bundle with more users): verifying a grant {}, \
+             an elevation whose signature the bundle remembers {}",
+            duration(g.verify_ns),
+            duration(g.verify_remembered_ns)
+        )?;
+        for p in &g.points {
+            writeln!(
+                out,
+                "  {:>7} entities: an elevation's first use {} (builds the elevated entity set); \
+                 after that p50 {} elevated vs {} without ({:.2}x)",
+                p.entities,
+                duration(p.first_use_ns as f64),
+                duration(p.p50_elevated_ns as f64),
+                duration(p.p50_without_ns as f64),
+                p.p50_elevated_ns as f64 / p.p50_without_ns.max(1) as f64
+            )?;
+        }
+    }
 
     writeln!(
         out,

@@ -7,6 +7,7 @@
 pub mod approvals;
 pub mod approvers;
 mod diagnostic;
+pub mod elevated;
 mod index;
 pub mod limits;
 mod reserved;
@@ -99,6 +100,10 @@ pub struct Snapshot {
     pub gates: Gates,
     /// Who may approve what, with their public keys (`*.approvers.json`).
     pub approvers: Approvers,
+    /// Entity sets with an agent elevated into roles, built on first use
+    /// and dropped with the snapshot (the one thing in it that fills up
+    /// after the build, and only with what the bundle already determines).
+    pub elevated: elevated::ElevatedEntities,
 }
 
 /// Wall time of the steps of one build. Steps a [`BuildCache`] skipped
@@ -267,6 +272,7 @@ impl Snapshot {
             limits,
             gates,
             approvers,
+            elevated: elevated::ElevatedEntities::default(),
         })
     }
 
