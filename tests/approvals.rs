@@ -97,6 +97,26 @@ async fn a_gated_permit_asks_for_approval_with_a_fingerprint_of_exactly_that_req
     let huge = ask(refund(Some("bob"), "BA-100", r#"{"amount_cents": 500000}"#)).await;
     assert_eq!((huge.decision, huge.approval), (DENY, None));
 
+    // Deleting a knowledge-base article waits for a person too; writing
+    // one does not; and a support user, who may not delete, is not asked.
+    let kb = |user: &str, action: &str| {
+        example(
+            "onboarding-agent",
+            Some(user),
+            action,
+            "KbArticle::\"refund-runbook\"",
+        )
+    };
+    let delete = ask(kb("carol", "kb:delete")).await;
+    assert_eq!(delete.decision, APPROVAL_REQUIRED, "{delete:?}");
+    assert_eq!(
+        delete.approval.expect("approval").policies,
+        ["onboarding-agent-kb-delete"]
+    );
+    assert_eq!(ask(kb("carol", "kb:write")).await.decision, ALLOW);
+    let not_hers = ask(kb("alice", "kb:delete")).await;
+    assert_eq!((not_hers.decision, not_hers.approval), (DENY, None));
+
     // The same request, with keys in another order, escapes spelled out,
     // or typed values, has the same fingerprint: it is a request's, not a
     // spelling's.
@@ -153,7 +173,8 @@ async fn a_gated_permit_asks_for_approval_with_a_fingerprint_of_exactly_that_req
         .iter()
         .filter(|r| r["decision"] == "approval_required")
         .collect();
-    assert_eq!(asked.len(), 7);
+    // Seven refunds and one deletion.
+    assert_eq!(asked.len(), 8);
     assert_eq!(asked[0]["approval"]["fingerprint"], approval.fingerprint);
     assert_eq!(
         asked[0]["approval"]["policies"],

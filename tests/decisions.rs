@@ -854,7 +854,7 @@ async fn a_cedar_json_schema_works_like_the_cedar_syntax_one() {
     std::fs::write(dir.path().join("support-desk.cedarschema.json"), json).expect("write");
     let snapshot =
         leash::bundle::Snapshot::load_dirs(&repo_path("policies"), dir.path()).expect("loads");
-    assert_eq!(snapshot.reserved.action_count(), 19);
+    assert_eq!(snapshot.reserved.action_count(), 20);
     let server = TestServer::start(Some(snapshot), ServerOptions::default(), false).await;
     let resp = server
         .decide(example_request(

@@ -107,6 +107,7 @@ const EXAMPLE_ACTIONS: &[&str] = &[
     "email:send",
     "kb:read",
     "kb:write",
+    "kb:delete",
     "fs:read",
     "fs:write",
     "code:execute",
@@ -295,13 +296,19 @@ fn example_bundle_decides_as_cedar_does_per_side() {
         .run(&strategy, check)
         .expect("leash agrees with cedar-policy");
     // Random draws reach the gated permits only now and then, so every
-    // user, gated action, resource and amount for the agent that has them
-    // is checked as well.
-    let billing = EXAMPLE_AGENTS
-        .iter()
-        .position(|a| a.contains("billing-agent"))
-        .expect("billing agent");
-    for act in ["email:send", "payments:refund"] {
+    // user, resource and amount of each gated action, for the agent whose
+    // permit is gated, is checked as well.
+    let agent = |name: &str| {
+        EXAMPLE_AGENTS
+            .iter()
+            .position(|a| a.contains(name))
+            .expect("agent")
+    };
+    for (agent, act) in [
+        (agent("billing-agent"), "email:send"),
+        (agent("billing-agent"), "payments:refund"),
+        (agent("onboarding-agent"), "kb:delete"),
+    ] {
         let act = EXAMPLE_ACTIONS
             .iter()
             .position(|x| *x == act)
@@ -309,7 +316,7 @@ fn example_bundle_decides_as_cedar_does_per_side() {
         for u in std::iter::once(None).chain((0..EXAMPLE_USERS.len()).map(Some)) {
             for r in 0..EXAMPLE_RESOURCES.len() {
                 for amount in [0, 1200, 150000, 500001] {
-                    if let Err(e) = check((billing, u, act, (r, false), amount, r % 2)) {
+                    if let Err(e) = check((agent, u, act, (r, false), amount, r % 2)) {
                         panic!("leash disagrees with cedar-policy: {e}");
                     }
                 }

@@ -316,7 +316,7 @@ fn validate_accepts_the_example_bundle() {
     let (code, stdout, stderr) = Bundle::example().validate();
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stdout.starts_with("bundle valid: 32 policies, "),
+        stdout.starts_with("bundle valid: 33 policies, "),
         "{stdout}"
     );
 }
