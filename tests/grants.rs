@@ -399,22 +399,17 @@ async fn approver_keys_rotate_through_a_reload() {
         "grant_unknown_key"
     );
     // The new key is added beside the old one: both work.
-    let (policies, schemas) = (dir.path().join("policies"), dir.path().join("schemas"));
-    std::fs::write(
-        policies.join("finance.approvers.json"),
-        approvers_json(&[("dana-1", 1), ("dana-2", 3)], &[("eve-1", 2)]),
+    ship_approvers(
+        &server,
+        dir.path(),
+        &[("dana-1", 1), ("dana-2", 3)],
+        &[("eve-1", 2)],
     )
-    .expect("write");
-    server.wait_version(&version_of(&policies, &schemas)).await;
+    .await;
     assert_eq!(try_grant(grant(3, "dana-2", "r-2")).await, "used");
     assert_eq!(try_grant(grant(1, "dana-1", "r-3")).await, "used");
     // Then the old one is removed: its grants are refused at once.
-    std::fs::write(
-        policies.join("finance.approvers.json"),
-        approvers_json(&[("dana-2", 3)], &[("eve-1", 2)]),
-    )
-    .expect("write");
-    server.wait_version(&version_of(&policies, &schemas)).await;
+    ship_approvers(&server, dir.path(), &[("dana-2", 3)], &[("eve-1", 2)]).await;
     assert_eq!(
         try_grant(grant(1, "dana-1", "r-4")).await,
         "grant_unknown_key"
@@ -460,27 +455,33 @@ async fn approver_keys_rotate_through_a_reload() {
             (ALLOW, "elevated".to_owned())
         );
     }
-    std::fs::write(
-        policies.join("finance.approvers.json"),
-        approvers_json(&[("dana-2", 3)], &[("eve-1", 5)]),
-    )
-    .expect("write");
-    server.wait_version(&version_of(&policies, &schemas)).await;
+    ship_approvers(&server, dir.path(), &[("dana-2", 3)], &[("eve-1", 5)]).await;
     assert_eq!(
         elevate(window.clone()).await,
         (DENY, "grant_forged".to_owned())
     );
-    std::fs::write(
-        policies.join("finance.approvers.json"),
-        approvers_json(&[("dana-2", 3)], &[("eve-2", 2)]),
-    )
-    .expect("write");
-    server.wait_version(&version_of(&policies, &schemas)).await;
+    ship_approvers(&server, dir.path(), &[("dana-2", 3)], &[("eve-2", 2)]).await;
     assert_eq!(
         elevate(window.clone()).await,
         (DENY, "grant_unknown_key".to_owned())
     );
     server.shutdown().await;
+}
+
+/// Writes the approvers file and waits until the sidecar serves it.
+async fn ship_approvers(
+    server: &ReloadingServer,
+    dir: &Path,
+    dana: &[(&str, u8)],
+    eve: &[(&str, u8)],
+) {
+    let (policies, schemas) = (dir.join("policies"), dir.join("schemas"));
+    std::fs::write(
+        policies.join("finance.approvers.json"),
+        approvers_json(dana, eve),
+    )
+    .expect("write");
+    server.wait_version(&version_of(&policies, &schemas)).await;
 }
 
 fn leash(args: &[&str]) -> std::process::Output {
