@@ -93,8 +93,8 @@ pub struct Approvers {
     /// Every grantable role by its printed form, so a grant naming one is
     /// read without Cedar's parser (a few microseconds a call).
     role_names: HashMap<String, EntityUid>,
-    /// Digests of (kid, signed input, signature) that verified with these
-    /// keys. Dropped with the snapshot, so a key removed by a reload is
+    /// Digests of (public key, kid, signed input, signature) that
+    /// verified. Dropped with the snapshot, so a key removed by a reload is
     /// never trusted from memory.
     verified: Arc<Mutex<HashSet<[u8; 32]>>>,
 }
@@ -128,6 +128,9 @@ impl Approvers {
         let key = self.keys.get(kid).ok_or(SignatureError::UnknownKey)?;
         let digest: [u8; 32] = {
             let mut h = Sha256::new();
+            // The key itself is in the digest, so a remembered signature
+            // can only ever stand for a check with this very key.
+            h.update(key.key.as_bytes());
             h.update((kid.len() as u64).to_be_bytes());
             h.update(kid.as_bytes());
             h.update((input.len() as u64).to_be_bytes());

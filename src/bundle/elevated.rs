@@ -7,10 +7,10 @@
 //! lasts hours and a sidecar serves a handful of agents, so each
 //! (agent, roles) set is built once per snapshot, by one caller while any
 //! other waits for it, and shared after that. A reload drops them with the
-//! snapshot. Sets are only kept up to [`CAPACITY`]; past that each decision
-//! builds its own (correct, just slower).
+//! snapshot. At most [`CAPACITY`] sets are kept: a new one displaces the
+//! oldest, so sets of elevations long expired do not hold their places.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cedar_policy::{Entities, EntityUid};
@@ -25,7 +25,14 @@ type Built = Result<Arc<Entities>, String>;
 
 #[derive(Debug, Default)]
 pub struct ElevatedEntities {
-    sets: Mutex<HashMap<Key, Arc<OnceLock<Built>>>>,
+    sets: Mutex<Kept>,
+}
+
+/// The sets, and their keys oldest first.
+#[derive(Debug, Default)]
+struct Kept {
+    sets: HashMap<Key, Arc<OnceLock<Built>>>,
+    order: VecDeque<Key>,
 }
 
 impl ElevatedEntities {
@@ -41,24 +48,28 @@ impl ElevatedEntities {
         // A poisoned lock only means another thread panicked while holding
         // it; the map itself is still whole, so it is used as is.
         let slot = {
-            let mut sets = self
+            let mut kept = self
                 .sets
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match sets.get(&key) {
-                Some(slot) => Some(slot.clone()),
-                None if sets.len() < CAPACITY => {
+            match kept.sets.get(&key) {
+                Some(slot) => slot.clone(),
+                None => {
+                    if kept.sets.len() >= CAPACITY {
+                        if let Some(oldest) = kept.order.pop_front() {
+                            kept.sets.remove(&oldest);
+                        }
+                    }
                     let slot = Arc::new(OnceLock::new());
-                    sets.insert(key, slot.clone());
-                    Some(slot)
+                    kept.sets.insert(key.clone(), slot.clone());
+                    kept.order.push_back(key);
+                    slot
                 }
-                None => None,
             }
         };
-        match slot {
-            Some(slot) => slot.get_or_init(|| build().map(Arc::new)).clone(),
-            None => build().map(Arc::new),
-        }
+        // Built outside the lock: one caller builds, others with the same
+        // key wait for it, others with other keys go on.
+        slot.get_or_init(|| build().map(Arc::new)).clone()
     }
 
     /// How many elevated sets are kept.
@@ -66,6 +77,7 @@ impl ElevatedEntities {
         self.sets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sets
             .len()
     }
 
@@ -84,7 +96,7 @@ mod tests {
     }
 
     #[test]
-    fn builds_once_per_key_and_stops_keeping_at_capacity() {
+    fn builds_once_per_key_and_displaces_the_oldest_at_capacity() {
         let cache = ElevatedEntities::default();
         let calls = std::cell::Cell::new(0);
         let build = || {
@@ -98,14 +110,15 @@ mod tests {
         assert_eq!(calls.get(), 1);
         cache.get_or_build(&a, &[], build).expect("another key");
         assert_eq!((calls.get(), cache.len()), (2, 2));
-        for i in 0..CAPACITY + 3 {
+        // CAPACITY more keys: each built once, and the first two displaced.
+        for i in 0..CAPACITY {
             let agent = uid(&format!("Agent::\"x{i}\""));
             cache.get_or_build(&agent, &role, build).expect("built");
-            cache.get_or_build(&agent, &role, build).expect("built");
+            cache.get_or_build(&agent, &role, build).expect("kept");
         }
-        assert_eq!(cache.len(), CAPACITY);
-        // Within capacity: built once; past it: built every time.
-        assert_eq!(calls.get(), 2 + (CAPACITY - 2) + 2 * 5);
+        assert_eq!((calls.get(), cache.len()), (2 + CAPACITY, CAPACITY));
+        cache.get_or_build(&a, &role, build).expect("built again");
+        assert_eq!(calls.get(), 3 + CAPACITY);
         // An error is kept like a set: the same snapshot gives the same answer.
         let failing = || Err::<Entities, _>("no".to_owned());
         let fresh = ElevatedEntities::default();
