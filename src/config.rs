@@ -671,6 +671,14 @@ pub struct KeygenArgs {
     /// file is never overwritten).
     #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
+    /// The key's id in the approvers file, kept in the key file so
+    /// `leash grant` needs no --kid.
+    #[arg(long)]
+    pub kid: Option<String>,
+    /// The approver's id in the approvers file, kept in the key file so
+    /// `leash grant` needs no --approver.
+    #[arg(long)]
+    pub approver: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -687,12 +695,13 @@ pub enum GrantCommand {
         /// The approver's private key file (`leash keygen`).
         #[arg(long, value_name = "PATH")]
         key: PathBuf,
-        /// The key's id in the approvers file.
+        /// The key's id in the approvers file [default: the key file's `kid:`].
         #[arg(long)]
-        kid: String,
-        /// The approver's id in the approvers file.
+        kid: Option<String>,
+        /// The approver's id in the approvers file [default: the key file's
+        /// `approver:`].
         #[arg(long)]
-        approver: String,
+        approver: Option<String>,
         /// The request's fingerprint, `sha256:...`.
         #[arg(long)]
         fingerprint: String,
@@ -709,12 +718,13 @@ pub enum GrantCommand {
         /// The approver's private key file (`leash keygen`).
         #[arg(long, value_name = "PATH")]
         key: PathBuf,
-        /// The key's id in the approvers file.
+        /// The key's id in the approvers file [default: the key file's `kid:`].
         #[arg(long)]
-        kid: String,
-        /// The approver's id in the approvers file.
+        kid: Option<String>,
+        /// The approver's id in the approvers file [default: the key file's
+        /// `approver:`].
         #[arg(long)]
-        approver: String,
+        approver: Option<String>,
         /// The agent, e.g. `Agent::"support-bot"`.
         #[arg(long)]
         agent: String,

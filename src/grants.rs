@@ -511,23 +511,78 @@ pub fn generate_key() -> Result<SigningKey, getrandom::Error> {
     Ok(SigningKey::from_bytes(&seed))
 }
 
-/// The private key file's one line: `ed25519-private:` and the base64url
-/// of the 32-byte seed.
-pub fn private_key_text(key: &SigningKey) -> String {
-    format!("{PRIVATE_PREFIX}{}", URL_SAFE_NO_PAD.encode(key.to_bytes()))
+/// A private key file (`leash keygen`): the key, and the `kid` and
+/// approver it stands for when they were given, so signing needs only the
+/// file.
+#[derive(Debug)]
+pub struct KeyFile {
+    pub key: SigningKey,
+    pub kid: Option<String>,
+    pub approver: Option<String>,
 }
 
-/// Reads what [`private_key_text`] wrote.
-pub fn parse_private_key(text: &str) -> Result<SigningKey, String> {
-    let encoded = text
-        .trim()
-        .strip_prefix(PRIVATE_PREFIX)
-        .ok_or_else(|| format!("expected `{PRIVATE_PREFIX}` and the key (from `leash keygen`)"))?;
-    let seed: [u8; 32] = decode_base64(encoded)
-        .ok_or("not base64url")?
-        .try_into()
-        .map_err(|_| "not 32 bytes".to_owned())?;
-    Ok(SigningKey::from_bytes(&seed))
+/// The text of a key file: a comment, `kid:` and `approver:` lines when
+/// given, and `ed25519-private:` with the base64url of the 32-byte seed.
+pub fn key_file_text(key: &SigningKey, kid: Option<&str>, approver: Option<&str>) -> String {
+    let mut text =
+        "# leash approver key: keep it secret; its public half goes in an approvers file\n"
+            .to_owned();
+    if let Some(kid) = kid {
+        text.push_str(&format!("kid: {kid}\n"));
+    }
+    if let Some(approver) = approver {
+        text.push_str(&format!("approver: {approver}\n"));
+    }
+    text.push_str(&format!(
+        "{PRIVATE_PREFIX}{}\n",
+        URL_SAFE_NO_PAD.encode(key.to_bytes())
+    ));
+    text
+}
+
+/// Reads what [`key_file_text`] wrote (a file of the key line alone too).
+pub fn parse_key_file(text: &str) -> Result<KeyFile, String> {
+    let (mut key, mut kid, mut approver) = (None, None, None);
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        let field = |rest: &str, name: &str, slot: &mut Option<String>| {
+            let value = rest.trim();
+            if value.is_empty() {
+                return Err(format!("line {}: `{name}:` with no value", n + 1));
+            }
+            if slot.replace(value.to_owned()).is_some() {
+                return Err(format!("line {}: a second `{name}:`", n + 1));
+            }
+            Ok(())
+        };
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        } else if let Some(rest) = line.strip_prefix("kid:") {
+            field(rest, "kid", &mut kid)?;
+        } else if let Some(rest) = line.strip_prefix("approver:") {
+            field(rest, "approver", &mut approver)?;
+        } else if let Some(encoded) = line.strip_prefix(PRIVATE_PREFIX) {
+            let seed: [u8; 32] = decode_base64(encoded)
+                .ok_or_else(|| format!("line {}: the key is not base64url", n + 1))?
+                .try_into()
+                .map_err(|_| format!("line {}: the key is not 32 bytes", n + 1))?;
+            if key.replace(SigningKey::from_bytes(&seed)).is_some() {
+                return Err(format!("line {}: a second key", n + 1));
+            }
+        } else {
+            return Err(format!(
+                "line {}: expected `kid:`, `approver:` or `{PRIVATE_PREFIX}` and the key (from `leash keygen`)",
+                n + 1
+            ));
+        }
+    }
+    Ok(KeyFile {
+        key: key.ok_or_else(|| {
+            format!("no `{PRIVATE_PREFIX}` line: not a key file from `leash keygen`")
+        })?,
+        kid,
+        approver,
+    })
 }
 
 const PRIVATE_PREFIX: &str = "ed25519-private:";

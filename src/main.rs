@@ -200,7 +200,10 @@ fn keygen(args: &leash::config::KeygenArgs) -> ExitCode {
             .mode(0o600)
             .open(&args.out)
             .map_err(|e| anyhow::anyhow!("{}: {e}", args.out.display()))?;
-        writeln!(file, "{}", leash::grants::private_key_text(&key))?;
+        file.write_all(
+            leash::grants::key_file_text(&key, args.kid.as_deref(), args.approver.as_deref())
+                .as_bytes(),
+        )?;
         file.sync_all()?;
         Ok(leash::grants::public_key_text(&key))
     })();
@@ -212,6 +215,14 @@ fn keygen(args: &leash::config::KeygenArgs) -> ExitCode {
                  file's `public_key`",
                 args.out.display()
             );
+            if let (Some(kid), Some(approver)) = (&args.kid, &args.approver) {
+                let entry = serde_json::json!({
+                    "id": approver,
+                    "keys": [{"kid": kid, "public_key": public}],
+                    "may_approve": ["Action::\"…\""],
+                });
+                eprintln!("an approvers file entry for it: {entry}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -239,11 +250,13 @@ fn grant(args: &leash::config::GrantArgs) -> ExitCode {
             } else {
                 sign_grant(
                     key,
-                    kid,
+                    kid.as_deref(),
+                    approver.as_deref(),
                     ttl,
                     leash::grants::Claims {
                         grant: "approve".to_owned(),
-                        approver: approver.clone(),
+                        // Filled in from --approver or the key file.
+                        approver: String::new(),
                         fingerprint: fingerprint.clone(),
                         agent: String::new(),
                         role: String::new(),
@@ -272,11 +285,13 @@ fn grant(args: &leash::config::GrantArgs) -> ExitCode {
             };
             sign_grant(
                 key,
-                kid,
+                kid.as_deref(),
+                approver.as_deref(),
                 ttl,
                 leash::grants::Claims {
                     grant: "elevate".to_owned(),
-                    approver: approver.clone(),
+                    // Filled in from --approver or the key file.
+                    approver: String::new(),
                     fingerprint: String::new(),
                     agent: uid("--agent", agent)?,
                     role: uid("--role", role)?,
@@ -310,22 +325,41 @@ fn grant(args: &leash::config::GrantArgs) -> ExitCode {
 }
 
 /// Signs `claims` with the key in `key_file`, issued now and valid for `ttl`.
+/// Signs `claims` with the key in `key_file`; `kid` and the approver
+/// default to the ones the key file names.
 fn sign_grant(
     key_file: &std::path::Path,
-    kid: &str,
+    kid: Option<&str>,
+    approver: Option<&str>,
     ttl: &str,
     mut claims: leash::grants::Claims,
 ) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(key_file)
         .map_err(|e| anyhow::anyhow!("--key {}: {e}", key_file.display()))?;
-    let signing = leash::grants::parse_private_key(&text)
+    let file = leash::grants::parse_key_file(&text)
         .map_err(|e| anyhow::anyhow!("--key {}: {e}", key_file.display()))?;
+    let missing = |flag: &str| {
+        anyhow::anyhow!(
+            "--{flag}: not given, and {} names none (`leash keygen --kid … --approver …` \
+             keeps both in the key file)",
+            key_file.display()
+        )
+    };
+    let kid = kid
+        .map(str::to_owned)
+        .or(file.kid)
+        .ok_or_else(|| missing("kid"))?;
+    claims.approver = approver
+        .map(str::to_owned)
+        .or(file.approver)
+        .ok_or_else(|| missing("approver"))?;
+    let signing = file.key;
     let ttl = leash::config::parse_duration(ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
     claims.iat = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
     claims.exp = claims.iat + ttl.as_secs().max(1);
-    Ok(leash::grants::sign(&signing, kid, &claims)?)
+    Ok(leash::grants::sign(&signing, &kid, &claims)?)
 }
 
 fn audit(args: &AuditArgs) -> ExitCode {

@@ -515,11 +515,33 @@ async fn the_cli_makes_keys_and_grants_that_leash_accepts() {
             .success()
     );
 
-    // A bundle whose approver key is the one just made; the CLI signs with
-    // the wall clock, so this server runs on it too.
+    // A key file that names its kid and approver: signing needs only it.
+    let named_file = dir.path().join("dana-named.key");
+    let named = leash(&[
+        "keygen",
+        "--out",
+        named_file.to_str().expect("utf8"),
+        "--kid",
+        "dana-named",
+        "--approver",
+        "dana",
+    ]);
+    assert!(named.status.success(), "{named:?}");
+    assert!(
+        String::from_utf8_lossy(&named.stderr).contains("\"kid\":\"dana-named\""),
+        "{named:?}"
+    );
+    let named_public = String::from_utf8(named.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned();
+
+    // A bundle whose approver keys are the ones just made; the CLI signs
+    // with the wall clock, so this server runs on it too.
     let (policies, schemas) = bundle(dir.path());
     let file = serde_json::json!({"approvers": [{
-        "id": "dana", "keys": [{"kid": "dana-cli", "public_key": public}],
+        "id": "dana", "keys": [{"kid": "dana-cli", "public_key": public},
+                               {"kid": "dana-named", "public_key": named_public}],
         "may_approve": ["Action::\"billing\""]
     }]});
     std::fs::write(policies.join("finance.approvers.json"), file.to_string()).expect("write");
@@ -562,6 +584,28 @@ async fn the_cli_makes_keys_and_grants_that_leash_accepts() {
     );
     let r = ask(&server, with_grant(refund("bob", "BA-100", 12_345), &token)).await;
     assert_eq!(r.decision, ALLOW, "{r:?}");
+    // `leash grant approve --key … --fingerprint … --ttl …`, as an approver
+    // types it, with the names from the key file.
+    let fp2 = fingerprint_of(&server, refund("bob", "BA-100", 23_456)).await;
+    let short = leash(&[
+        "grant",
+        "approve",
+        "--key",
+        named_file.to_str().expect("utf8"),
+        "--fingerprint",
+        &fp2,
+        "--ttl",
+        "10m",
+    ]);
+    assert!(short.status.success(), "{short:?}");
+    let token2 = String::from_utf8(short.stdout).expect("utf8");
+    let r = ask(
+        &server,
+        with_grant(refund("bob", "BA-100", 23_456), token2.trim()),
+    )
+    .await;
+    assert_eq!(r.decision, ALLOW, "{r:?}");
+    assert_eq!(r.grant.expect("grant").approver, "dana");
     // An elevation grant from the CLI says what it grants.
     let elevated = leash(&[
         "grant",
@@ -601,6 +645,35 @@ async fn the_cli_makes_keys_and_grants_that_leash_accepts() {
         "abc",
     ]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--fingerprint"));
+    // A key file without names needs --kid and --approver.
+    let unnamed = leash(&[
+        "grant",
+        "approve",
+        "--key",
+        key_file.to_str().expect("utf8"),
+        "--fingerprint",
+        &fp2,
+    ]);
+    assert!(
+        !unnamed.status.success()
+            && String::from_utf8_lossy(&unnamed.stderr).contains("--kid: not given"),
+        "{unnamed:?}"
+    );
+    // A file that is not a key file is named, with the line at fault.
+    let not_a_key = dir.path().join("notes.txt");
+    std::fs::write(&not_a_key, "# mine\nhello\n").expect("write");
+    let refused = leash(&[
+        "grant",
+        "approve",
+        "--key",
+        not_a_key.to_str().expect("utf8"),
+        "--fingerprint",
+        &fp2,
+    ]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("line 2: expected `kid:`"),
+        "{refused:?}"
+    );
     server.shutdown().await;
 }
 
