@@ -968,3 +968,120 @@ when { !principal.vetted };
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn grant_uses_and_refusals_are_in_the_decisions_span() {
+    use leash::bench::collector::SpanCollector;
+    use leash::telemetry::{Protocol, TelemetryOptions, TraceOptions};
+
+    let collector = SpanCollector::start(true).await.expect("collector");
+    let mut trace = TraceOptions::new(collector.grpc_endpoint(), Protocol::Grpc);
+    trace.batch.schedule_delay = Duration::from_millis(20);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = bundle(dir.path());
+    let server = ReloadingServer::start_with(
+        &policies,
+        &schemas,
+        leash::reload::ReloadOptions::default(),
+        ServerOptions {
+            clock: Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW)),
+            telemetry: TelemetryOptions {
+                traces: Some(trace),
+                ..TelemetryOptions::default()
+            },
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let fp = fingerprint_of(&server, refund("bob", "BA-100", 30_000)).await;
+    let approval = |jti: &'static str, seed: u8| Grant {
+        seed,
+        kid: "dana-1",
+        approver: "dana",
+        fingerprint: &fp,
+        jti,
+        iat: NOW,
+        exp: NOW + 600,
+    };
+    let used = ask(
+        &server,
+        with_grant(
+            refund("bob", "BA-100", 30_000),
+            &approval("s-used", 1).token(),
+        ),
+    )
+    .await;
+    assert_eq!(used.decision, ALLOW);
+    // Signed with another key than dana-1's: forged.
+    let forged = ask(
+        &server,
+        with_grant(
+            refund("bob", "BA-100", 30_000),
+            &approval("s-forged", 9).token(),
+        ),
+    )
+    .await;
+    assert_eq!(forged.decision, DENY);
+    let window = elevation(
+        2,
+        "eve",
+        "Agent::\"support-bot\"",
+        "",
+        "s-up",
+        NOW,
+        NOW + 3600,
+    );
+    let up = ask(
+        &server,
+        with_grant(
+            example(
+                "support-bot",
+                Some("alice"),
+                "tickets:create",
+                "Customer::\"C-100\"",
+            ),
+            &window,
+        ),
+    )
+    .await;
+    assert_eq!(up.decision, ALLOW);
+
+    assert!(
+        server
+            .server
+            .telemetry()
+            .flush(Duration::from_secs(30))
+            .await,
+        "flushed"
+    );
+    assert!(collector.wait_for(4, Duration::from_secs(30)).await >= 4);
+    let spans = collector.spans();
+    let by_grant = |id: &str| {
+        spans
+            .iter()
+            .find(|s| s.attribute("leash.grant.id").as_deref() == Some(id))
+            .unwrap_or_else(|| panic!("no span for grant {id}"))
+    };
+    for (id, decision, outcome, approver, expires) in [
+        ("s-used", "allow", "used", "dana", NOW + 600),
+        ("s-forged", "deny", "grant_forged", "dana", NOW + 600),
+        ("s-up", "allow", "elevated", "eve", NOW + 3600),
+    ] {
+        let span = by_grant(id);
+        for (key, want) in [
+            ("leash.decision", decision.to_owned()),
+            ("leash.grant.outcome", outcome.to_owned()),
+            ("leash.grant.approver", approver.to_owned()),
+            ("leash.grant.expires_at", expires.to_string()),
+        ] {
+            assert_eq!(span.attribute(key), Some(want), "{id}: {key}");
+        }
+    }
+    // The request that asked for approval carries no grant attributes.
+    let asked = spans
+        .iter()
+        .find(|s| s.attribute("leash.decision").as_deref() == Some("approval_required"))
+        .expect("the approval request's span");
+    assert_eq!(asked.attribute("leash.grant.outcome"), None);
+    server.shutdown().await;
+}
