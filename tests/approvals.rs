@@ -250,16 +250,7 @@ async fn an_approval_request_is_in_the_decisions_span() {
         .await
         .expect("decides");
     let fingerprint = answer.approval.expect("approval").fingerprint;
-    assert!(
-        server
-            .server
-            .telemetry()
-            .flush(Duration::from_secs(30))
-            .await,
-        "flushed"
-    );
-    assert!(collector.wait_for(1, Duration::from_secs(30)).await >= 1);
-    let spans = collector.spans();
+    let spans = flushed_spans(&server.server, &collector, 1).await;
     let span = spans.first().expect("a span");
     for (key, want) in [
         ("leash.decision", "approval_required"),

@@ -106,6 +106,19 @@ fn refund(user: &str, account: &str, cents: i64) -> pb::IsAuthorizedRequest {
     )
 }
 
+/// The Support Bot opening a ticket for C-100 while working for `user`:
+/// allowed only in the escalation role.
+fn open_ticket(user: &str, grant: Option<&str>) -> pb::IsAuthorizedRequest {
+    let mut req = example(
+        "support-bot",
+        Some(user),
+        "tickets:create",
+        "Customer::\"C-100\"",
+    );
+    req.grants.extend(grant.map(str::to_owned));
+    req
+}
+
 fn with_grant(mut req: pb::IsAuthorizedRequest, token: &str) -> pb::IsAuthorizedRequest {
     req.grants.push(token.to_owned());
     req
@@ -433,19 +446,7 @@ async fn approver_keys_rotate_through_a_reload() {
     let elevate = |token: String| {
         let server = &server;
         async move {
-            let r = ask(
-                server,
-                with_grant(
-                    example(
-                        "support-bot",
-                        Some("alice"),
-                        "tickets:create",
-                        "Customer::\"C-100\"",
-                    ),
-                    &token,
-                ),
-            )
-            .await;
+            let r = ask(server, open_ticket("alice", Some(&token))).await;
             (r.decision, r.grant.expect("grant result").outcome)
         }
     };
@@ -761,18 +762,7 @@ async fn an_elevation_holds_only_within_its_window_for_its_agent_and_user() {
     )
     .await;
     // The Support Bot may not open tickets; in the escalation role it may.
-    let open = |user: &str, grant: Option<&str>| {
-        let mut req = example(
-            "support-bot",
-            Some(user),
-            "tickets:create",
-            "Customer::\"C-100\"",
-        );
-        if let Some(g) = grant {
-            req.grants.push(g.to_owned());
-        }
-        req
-    };
+    let open = open_ticket;
     let bot = "Agent::\"support-bot\"";
     // Issued two minutes ahead (beyond the 60 s forgiven for clock skew).
     let window = elevation(2, "eve", bot, "", "e-1", NOW + 120, NOW + 120 + 4 * 3600);
@@ -923,19 +913,7 @@ when { !principal.vetted };
     .await;
     assert_eq!(read.grant.expect("grant").outcome, "elevated");
     // ...but opening one stays forbidden by both rules.
-    let open = ask(
-        &server,
-        with_grant(
-            example(
-                "support-bot",
-                Some("alice"),
-                "tickets:create",
-                "Customer::\"C-100\"",
-            ),
-            &window,
-        ),
-    )
-    .await;
+    let open = ask(&server, open_ticket("alice", Some(&window))).await;
     assert_eq!(open.decision, DENY, "{open:?}");
     assert_eq!(open.grant.expect("grant").outcome, "elevated");
     assert_eq!(
@@ -1031,31 +1009,10 @@ async fn grant_uses_and_refusals_are_in_the_decisions_span() {
         NOW,
         NOW + 3600,
     );
-    let up = ask(
-        &server,
-        with_grant(
-            example(
-                "support-bot",
-                Some("alice"),
-                "tickets:create",
-                "Customer::\"C-100\"",
-            ),
-            &window,
-        ),
-    )
-    .await;
+    let up = ask(&server, open_ticket("alice", Some(&window))).await;
     assert_eq!(up.decision, ALLOW);
 
-    assert!(
-        server
-            .server
-            .telemetry()
-            .flush(Duration::from_secs(30))
-            .await,
-        "flushed"
-    );
-    assert!(collector.wait_for(4, Duration::from_secs(30)).await >= 4);
-    let spans = collector.spans();
+    let spans = flushed_spans(&server.server, &collector, 4).await;
     let by_grant = |id: &str| {
         spans
             .iter()

@@ -160,16 +160,7 @@ async fn a_limited_decision_says_so_in_its_span() {
     let server = server_with(dir.path(), "1/minute", options).await;
     assert_eq!(ask(&server, send("bot", None, None)).await.decision, ALLOW);
     assert_eq!(ask(&server, send("bot", None, None)).await.decision, DENY);
-    assert!(
-        server
-            .server
-            .telemetry()
-            .flush(Duration::from_secs(30))
-            .await,
-        "flushed"
-    );
-    assert!(collector.wait_for(2, Duration::from_secs(30)).await >= 2);
-    let spans = collector.spans();
+    let spans = flushed_spans(&server.server, &collector, 2).await;
     let allowed = spans
         .iter()
         .find(|s| s.attribute("leash.decision").as_deref() == Some("allow"))

@@ -56,20 +56,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-async fn flushed_spans(
-    server: &TestServer,
-    collector: &SpanCollector,
-    n: u64,
-) -> Vec<ReceivedSpan> {
-    assert!(
-        server.server.telemetry().flush(SPAN_WAIT).await,
-        "flush finished"
-    );
-    let got = collector.wait_for(n, SPAN_WAIT).await;
-    assert!(got >= n, "expected {n} spans, received {got}");
-    collector.spans()
-}
-
 #[tokio::test]
 async fn a_decision_is_a_span_in_the_callers_trace() {
     let collector = SpanCollector::start(true).await.expect("collector");
@@ -97,7 +83,7 @@ async fn a_decision_is_a_span_in_the_callers_trace() {
         .expect("decides")
         .into_inner();
 
-    let spans = flushed_spans(&server, &collector, 1).await;
+    let spans = flushed_spans(&server.server, &collector, 1).await;
     assert_eq!(spans.len(), 1, "one span per decision");
     let s = &spans[0];
     assert_eq!(hex(&s.span.trace_id), TRACE_ID, "joins the caller's trace");
@@ -213,7 +199,7 @@ async fn a_batch_is_a_span_with_one_child_per_item_over_http() {
         .into_inner();
     assert_eq!(resp.results.len(), 3);
 
-    let spans = flushed_spans(&server, &collector, 4).await;
+    let spans = flushed_spans(&server.server, &collector, 4).await;
     assert_eq!(spans.len(), 4, "a batch span and three item spans");
     let batch_span = spans
         .iter()
@@ -311,7 +297,7 @@ async fn configured_context_and_baggage_keys_are_recorded_and_sampling_follows_t
         .await
         .expect("decides");
 
-    let spans = flushed_spans(&server, &collector, 1).await;
+    let spans = flushed_spans(&server.server, &collector, 1).await;
     let ids: Vec<Option<String>> = spans
         .iter()
         .map(|s| s.attribute("leash.request_id"))

@@ -402,3 +402,17 @@ pub fn verified_audit_records(trail: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("record"))
         .collect()
 }
+
+/// Flushes `server`'s spans, waits until `collector` has received at least
+/// `n` (within 30 s), and returns every span received.
+pub async fn flushed_spans(
+    server: &Server,
+    collector: &leash::bench::collector::SpanCollector,
+    n: u64,
+) -> Vec<leash::bench::collector::ReceivedSpan> {
+    let wait = std::time::Duration::from_secs(30);
+    assert!(server.telemetry().flush(wait).await, "flush finished");
+    let got = collector.wait_for(n, wait).await;
+    assert!(got >= n, "expected {n} spans, received {got}");
+    collector.spans()
+}
