@@ -141,10 +141,11 @@ pub struct ServeArgs {
         default_value = "50ms"
     )]
     pub watch_settle: String,
-    /// Narrow each request to the policies whose scope can match it before
-    /// Cedar evaluates them (same answers, flat latency in bundle size).
-    /// `off` evaluates every policy on every request: for comparison, or as
-    /// a safety valve.
+    /// Narrow each request to the policies whose scope can match it, and a
+    /// request that brings entities to the bundle entities it can reach,
+    /// before Cedar evaluates it (same answers, flat latency in bundle
+    /// size). `off` evaluates every policy on every request, on a full copy
+    /// of the entities: for comparison, or as a safety valve.
     #[arg(long, env = "LEASH_POLICY_INDEX", value_enum, default_value_t = Switch::On)]
     pub policy_index: Switch,
     /// Log format: `json` (one object per line), `text`, or `auto`: text on

@@ -355,7 +355,7 @@ pub fn decide_with_grants(
     let mut entities = match &request.entities {
         EntitiesInput::None => &snapshot.entities,
         other => {
-            extended = with_request_entities(snapshot, other)?;
+            extended = with_request_entities(snapshot, other, request, &context)?;
             &extended
         }
     };
@@ -922,6 +922,8 @@ fn leash_expr(
 fn with_request_entities(
     snapshot: &Snapshot,
     input: &EntitiesInput,
+    request: &AuthzRequest,
+    context: &Context,
 ) -> Result<Entities, RequestError> {
     let (field, parsed): (&str, Vec<Entity>) = match input {
         EntitiesInput::None => return Ok(snapshot.entities.clone()),
@@ -966,9 +968,39 @@ fn with_request_entities(
             ));
         }
     }
-    snapshot
-        .entities
-        .clone()
-        .add_entities(parsed, Some(&snapshot.schema))
-        .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
+    let combined = match snapshot.reach.as_ref().and_then(|reach| {
+        let roots = [&request.agent, &request.action, &request.resource]
+            .into_iter()
+            .chain(request.on_behalf_of.as_ref())
+            .cloned()
+            .chain(context_refs(context)?);
+        reach.slice(&snapshot.entities, roots, &parsed)
+    }) {
+        // Only what the request can reach, with the request's entities; the
+        // schema's action entities come with it.
+        Some(mut slice) => {
+            slice.extend(parsed);
+            Entities::from_entities(slice, Some(&snapshot.schema))
+        }
+        None => snapshot
+            .entities
+            .clone()
+            .add_entities(parsed, Some(&snapshot.schema)),
+    };
+    combined.map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
+}
+
+/// The entities the context names (in records and sets too); `None` if it
+/// is not concrete.
+fn context_refs(context: &Context) -> Option<Vec<EntityUid>> {
+    match context.as_ref() {
+        cedar_policy_core::ast::Context::Value(values) => {
+            let mut out = Vec::new();
+            for value in values.values() {
+                crate::bundle::reach::value_refs(value, &mut out);
+            }
+            Some(out)
+        }
+        cedar_policy_core::ast::Context::RestrictedResidual(_) => None,
+    }
 }

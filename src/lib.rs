@@ -34,7 +34,10 @@
 //!   changing mid-read is read again; ConfigMap volumes through `..data`), and
 //!   a [`bundle::BuildCache`] lets a rebuild validate only changed files. Each
 //!   snapshot carries a [`bundle::PolicyIndex`]: policies filed by their scope,
-//!   so a request evaluates only those that could apply to it.
+//!   so a request evaluates only those that could apply to it; and
+//!   `bundle::reach`, the entity references that let a request bringing
+//!   entities be decided on the bundle entities it can reach; and
+//!   `bundle::elevated`, elevated entity sets built once per snapshot.
 //! - [`grants`]: signed approval grants (Ed25519 JWS) verified offline
 //!   against the approvers' keys in the bundle (`bundle::approvers`): a
 //!   valid grant for a gated request's fingerprint allows it once; every

@@ -100,7 +100,13 @@ fn quick_mode_completes_with_sane_figures() {
     );
     let points = grants["points"].as_array().expect("grant points");
     assert_eq!(points.len(), 1, "{grants}");
-    for key in ["first_use_ns", "p50_without_ns", "p50_elevated_ns"] {
+    for key in [
+        "first_use_ns",
+        "p50_without_ns",
+        "p50_elevated_ns",
+        "p50_request_entity_ns",
+        "p50_request_entity_full_copy_ns",
+    ] {
         assert!(points[0][key].as_u64().unwrap_or(0) > 0, "{key}: {grants}");
     }
 

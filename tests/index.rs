@@ -304,7 +304,7 @@ impl ActionScope {
 
 /// Conditions; those from `VALID_CONDITIONS` on pass strict validation
 /// against the engine-level schema, the rest raise type or attribute errors.
-const CONDITIONS: [&str; 10] = [
+const CONDITIONS: [&str; 14] = [
     "",
     "when { context.n > 1 }",
     // Overflows (an evaluation error) when the level is 2 or more.
@@ -313,12 +313,18 @@ const CONDITIONS: [&str; 10] = [
     "when { context.n * 4611686018427387904 > 1 }",
     "when { resource in Folder::\"f1\" }",
     "unless { principal.level > 1 }",
+    // Entities reached through attributes, a literal and the context (an
+    // owner or `who` that no one defines is an evaluation error).
+    "when { resource has owner && resource.owner.level > 0 }",
+    "when { resource has owner && resource.owner has manager && resource.owner.manager in Group::\"g1\" }",
+    "when { User::\"u2\".level > principal.level }",
+    "when { context has who && context.who.level > 1 }",
     // Not valid: errors Cedar raises only without a schema.
     "when { principal.missing == 1 }",
     "when { resource.level like \"x\" }",
     "when { principal.level + context.n > resource.level }",
 ];
-const VALID_CONDITIONS: usize = 7;
+const VALID_CONDITIONS: usize = 11;
 
 #[derive(Debug, Clone)]
 struct PolicyGen {
@@ -587,10 +593,10 @@ fn narrowed_sets_answer_as_the_full_set_in_cedar() {
 fn schema_text(world: &World) -> String {
     let mut s = String::from(
         "entity Group in [Group] = { level: Long };\n\
-         entity User in [Group] = { level: Long };\n\
+         entity User in [Group] = { level: Long, manager?: User };\n\
          entity Agent in [Group] = { level: Long };\n\
          entity Folder in [Folder] = { level: Long };\n\
-         entity Doc in [Folder] = { level: Long };\n\
+         entity Doc in [Folder] = { level: Long, owner?: User };\n\
          action \"grpA\";\n",
     );
     s.push_str(if world.grp_b_in_a {
@@ -609,7 +615,7 @@ fn schema_text(world: &World) -> String {
             format!(" in [{}]", parents.join(", "))
         };
         s.push_str(&format!(
-            "action \"{}\"{within} appliesTo {{ principal: [User, Agent], resource: [Doc, Folder], context: {{ n: Long }} }};\n",
+            "action \"{}\"{within} appliesTo {{ principal: [User, Agent], resource: [Doc, Folder], context: {{ n: Long, who?: User }} }};\n",
             ACTIONS[a]
         ));
     }
@@ -621,11 +627,43 @@ fn entity_json(uid_text: &str, parents: &[String], level: i64) -> Value {
         let (ty, id) = s.split_once("::\"").expect("uid");
         json!({"type": ty, "id": id.trim_end_matches('"')})
     };
+    // Docs have an owner and users a manager, chosen by level: a user of
+    // the bundle, one only some requests define, or one no one does.
+    let mut attrs = json!({"level": level});
+    if uid_text.starts_with("Doc::") && level != 0 {
+        attrs["owner"] = json!({"__entity": reference(OWNERS[level.rem_euclid(4) as usize])});
+    }
+    if uid_text.starts_with("User::") && level > 0 {
+        attrs["manager"] =
+            json!({"__entity": reference(OWNERS[(level + 1).rem_euclid(4) as usize])});
+    }
     json!({
         "uid": reference(uid_text),
-        "attrs": {"level": level},
+        "attrs": attrs,
         "parents": parents.iter().map(|p| reference(p)).collect::<Vec<_>>(),
     })
+}
+
+/// Owners and managers: bundle users, a request-only one, a ghost.
+const OWNERS: [&str; 4] = [
+    "User::\"u0\"",
+    "User::\"u1\"",
+    "User::\"u9\"",
+    "User::\"ghost\"",
+];
+
+/// The context of a request: `n`, and for some a `who` like an owner.
+fn context_json(n: i64) -> serde_json::Map<String, Value> {
+    let mut context = serde_json::Map::new();
+    context.insert("n".to_owned(), json!(n));
+    let who = ["", "User::\"u3\"", "User::\"u9\"", "User::\"ghost\""][n.rem_euclid(4) as usize];
+    if let Some((ty, id)) = who.split_once("::\"") {
+        context.insert(
+            "who".to_owned(),
+            json!({"__entity": {"type": ty, "id": id.trim_end_matches('"')}}),
+        );
+    }
+    context
 }
 
 fn sources(world: &World, policies: &[PolicyGen]) -> BundleSources {
@@ -726,9 +764,7 @@ fn indexed_and_full_engines_decide_identically() {
                     on_behalf_of: user.map(|u| uid(PRINCIPALS[ENGINE_PRINCIPALS[u]])),
                     action: uid(&action(*act)),
                     resource: uid(RESOURCES[ENGINE_RESOURCES[*resource]]),
-                    context: ContextInput::Json(
-                        json!({ "n": n }).as_object().cloned().unwrap_or_default(),
-                    ),
+                    context: ContextInput::Json(context_json(*n)),
                     entities: if sent.is_empty() {
                         EntitiesInput::None
                     } else {
@@ -811,10 +847,39 @@ async fn servers_with_and_without_the_index_agree_on_the_example_bundle() {
     }
     let mix = leash::bench::mix::parse("example mix", leash::bench::mix::EXAMPLE_MIX)
         .expect("example mix");
-    let requests: Vec<pb::IsAuthorizedRequest> = mix
+    let mut requests: Vec<pb::IsAuthorizedRequest> = mix
         .iter()
         .flat_map(|r| [r.json.clone(), r.typed.clone()])
         .collect();
+    // Requests that bring their ticket: decided on the reachable entities
+    // with the index, on a full copy without it.
+    for (user, ticket, customer, region) in [
+        ("alice", "T-900", "C-100", "EMEA"),
+        ("alice", "T-901", "C-200", "APAC"),
+        ("dave", "T-901", "C-200", "APAC"),
+        ("bob", "T-902", "C-404", "EMEA"),
+    ] {
+        for action in ["tickets:read", "tickets:update_status"] {
+            let mut request = with_entities_json(
+                example(
+                    "support-bot",
+                    Some(user),
+                    action,
+                    &format!("Ticket::\"{ticket}\""),
+                ),
+                &json!([{
+                    "uid": {"type": "Ticket", "id": ticket},
+                    "attrs": {"customer": {"__entity": {"type": "Customer", "id": customer}},
+                              "region": region, "tier": 2},
+                    "parents": [],
+                }])
+                .to_string(),
+            );
+            // Both servers answer with the id sent, not one of their own.
+            request.request_id = format!("{user}-{ticket}-{action}");
+            requests.push(request);
+        }
+    }
     let allowed = servers_agree(dir.path(), &requests).await;
     assert!(allowed > 0 && allowed < requests.len(), "{allowed} allowed");
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::driver::{self, Timing};
 use super::BenchError;
-use crate::bundle::{BundleSources, Snapshot, SourceFile};
+use crate::bundle::{BuildCache, BundleSources, Snapshot, SourceFile};
 use crate::engine::{self, RequestTime};
 use crate::grants::{self, Claims, Lifetimes};
 use crate::proto::v1 as pb;
@@ -34,6 +34,12 @@ pub struct ElevationPoint {
     /// (set already built).
     pub p50_without_ns: u64,
     pub p50_elevated_ns: u64,
+    /// A request that brings an entity of its own (a ticket), without a
+    /// grant: decided on the bundle entities it can reach.
+    pub p50_request_entity_ns: u64,
+    /// The same on a full copy of the bundle's entities, as with
+    /// `--policy-index off` (the bundle built without the index).
+    pub p50_request_entity_full_copy_ns: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -101,6 +107,28 @@ fn open_ticket(grant: Option<&str>) -> pb::IsAuthorizedRequest {
         action: uid("Action", "tickets:create"),
         resource: uid("Customer", "C-100"),
         grants: grant.map(str::to_owned).into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+/// The Support Bot reading, for Alice, a ticket the request brings.
+fn read_brought_ticket() -> pb::IsAuthorizedRequest {
+    pb::IsAuthorizedRequest {
+        principal: Some(pb::Principal {
+            agent: uid("Agent", "support-bot"),
+            on_behalf_of: uid("User", "alice"),
+        }),
+        action: uid("Action", "tickets:read"),
+        resource: uid("Ticket", "T-900"),
+        entities_input: Some(pb::is_authorized_request::EntitiesInput::EntitiesJson(
+            serde_json::json!([{
+                "uid": {"type": "Ticket", "id": "T-900"},
+                "attrs": {"customer": {"__entity": {"type": "Customer", "id": "C-100"}},
+                          "region": "EMEA", "tier": 1},
+                "parents": [],
+            }])
+            .to_string(),
+        )),
         ..Default::default()
     }
 }
@@ -194,7 +222,11 @@ pub fn measure(
                 first.allowed
             )));
         }
-        let (mut plain, mut elevated) = (Vec::new(), Vec::new());
+        let brought = read_brought_ticket();
+        if !decide(&snapshot, &brought)?.allowed {
+            return Err(task("the request with its own ticket was not allowed"));
+        }
+        let (mut plain, mut elevated, mut with_entity) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..ROUNDS {
             let run = |req: &pb::IsAuthorizedRequest| {
                 driver::time_sync(timing, min_calls, |_| {
@@ -206,18 +238,33 @@ pub fn measure(
             if round % 2 == 0 {
                 plain.push(run(&without)?);
                 elevated.push(run(&with)?);
+                with_entity.push(run(&brought)?);
             } else {
+                with_entity.push(run(&brought)?);
                 elevated.push(run(&with)?);
                 plain.push(run(&without)?);
             }
         }
         plain.sort_unstable();
         elevated.sort_unstable();
+        with_entity.sort_unstable();
+        let unsliced = Snapshot::build_cached(
+            &sources(&grants::public_key_text(&key), extra),
+            &mut BuildCache::new(false),
+        )
+        .map_err(|e| task(format!("the bundle without the index: {e:?}")))?;
+        let full_copy = driver::time_sync(timing, min_calls, |_| {
+            std::hint::black_box(decide(&unsliced, &brought)?);
+            Ok(())
+        })?
+        .p50_ns;
         points.push(ElevationPoint {
             entities: snapshot.entity_count(),
             first_use_ns: u64::try_from(first_use.as_nanos()).unwrap_or(u64::MAX),
             p50_without_ns: plain[ROUNDS / 2],
             p50_elevated_ns: elevated[ROUNDS / 2],
+            p50_request_entity_ns: with_entity[ROUNDS / 2],
+            p50_request_entity_full_copy_ns: full_copy,
         });
     }
     Ok(GrantsReport {

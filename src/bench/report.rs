@@ -664,12 +664,15 @@ fn render_into(r: &Report, out: &mut String) -> std::fmt::Result {
             writeln!(
                 out,
                 "  {:>7} entities: an elevation's first use {} (builds the elevated entity set); \
-                 after that p50 {} elevated vs {} without ({:.2}x)",
+                 after that p50 {} elevated vs {} without ({:.2}x); a request bringing an entity p50 {} \
+                 ({} on a full copy)",
                 p.entities,
                 duration(p.first_use_ns as f64),
                 duration(p.p50_elevated_ns as f64),
                 duration(p.p50_without_ns as f64),
-                p.p50_elevated_ns as f64 / p.p50_without_ns.max(1) as f64
+                p.p50_elevated_ns as f64 / p.p50_without_ns.max(1) as f64,
+                duration(p.p50_request_entity_ns as f64),
+                duration(p.p50_request_entity_full_copy_ns as f64)
             )?;
         }
     }

@@ -10,6 +10,7 @@ mod diagnostic;
 pub mod elevated;
 mod index;
 pub mod limits;
+pub mod reach;
 mod reserved;
 mod sources;
 
@@ -92,6 +93,10 @@ pub struct Snapshot {
     /// it was turned off (`--policy-index off`): every request evaluates
     /// the whole set.
     pub index: Option<PolicyIndex>,
+    /// What a request can reach in `entities`, so a request that brings
+    /// entities is decided on those alone; built with the index and off
+    /// with it (`--policy-index off` decides on a full copy, as Cedar would).
+    pub reach: Option<reach::EntityReach>,
     /// What each step of the build took.
     pub timings: BuildTimings,
     /// Rate and budget limits declared on permits (`@rate`, `@budget`).
@@ -254,6 +259,9 @@ impl Snapshot {
         let index = cache
             .index
             .then(|| PolicyIndex::build(&policies, &entities, &actions));
+        let reach = cache
+            .index
+            .then(|| reach::EntityReach::build(&policies, &entities));
         timings.index = began.elapsed();
         Ok(Self {
             version: sources.version(),
@@ -268,6 +276,7 @@ impl Snapshot {
             files: sources.files().map(|f| f.path.clone()).collect(),
             warnings,
             index,
+            reach,
             timings,
             limits,
             gates,
