@@ -351,37 +351,42 @@ pub fn decide_with_grants(
             .map_err(|e| request_validation_error(e, "principal.agent", &request.context))?;
     }
     let context = context.context;
+    // Elevations are read first: a role is an entity the decision reaches
+    // (its own ancestors become the agent's), so a request that brings
+    // entities must have it in its set.
+    let (roles, grant) = match crate::grants::elevations(snapshot, request, at, lifetimes) {
+        Ok(found) => {
+            let grant = found.first().map(|(_, g)| g.clone());
+            let mut roles: Vec<EntityUid> = found.into_iter().map(|(role, _)| role).collect();
+            roles.sort_unstable();
+            roles.dedup();
+            (roles, grant)
+        }
+        Err(refused) => (Vec::new(), Some(refused)),
+    };
     let extended;
     let mut entities = match &request.entities {
         EntitiesInput::None => &snapshot.entities,
         other => {
-            extended = with_request_entities(snapshot, other, request, &context)?;
+            extended = with_request_entities(snapshot, other, request, &context, &roles)?;
             &extended
         }
     };
-    let (elevated, grant) = match crate::grants::elevations(snapshot, request, at, lifetimes) {
-        Ok(roles) if roles.is_empty() => (None, None),
-        Ok(roles) => {
-            let grant = roles.first().map(|(_, g)| g.clone());
-            let mut roles: Vec<EntityUid> = roles.into_iter().map(|(role, _)| role).collect();
-            roles.sort_unstable();
-            roles.dedup();
-            // The bundle's own entities elevated are the same for every
-            // request with these roles, so they are built once per snapshot;
-            // with request entities the set is this request's alone.
-            let set = if matches!(request.entities, EntitiesInput::None) {
-                snapshot.elevated.get_or_build(&request.agent, &roles, || {
-                    elevate(&snapshot.entities, &request.agent, &roles)
-                })
-            } else {
-                elevate(entities, &request.agent, &roles).map(Arc::new)
-            }
-            .map_err(|e| {
-                RequestError::new("grants", format!("elevation could not be applied: {e}"))
-            })?;
-            (Some(set), grant)
+    let elevated = if roles.is_empty() {
+        None
+    } else {
+        // The bundle's own entities elevated are the same for every
+        // request with these roles, so they are built once per snapshot;
+        // with request entities the set is this request's alone.
+        let set = if matches!(request.entities, EntitiesInput::None) {
+            snapshot.elevated.get_or_build(&request.agent, &roles, || {
+                elevate(&snapshot.entities, &request.agent, &roles)
+            })
+        } else {
+            elevate(entities, &request.agent, &roles).map(Arc::new)
         }
-        Err(refused) => (None, Some(refused)),
+        .map_err(|e| RequestError::new("grants", format!("elevation could not be applied: {e}")))?;
+        Some(set)
     };
     if let Some(e) = &elevated {
         entities = e.as_ref();
@@ -924,6 +929,7 @@ fn with_request_entities(
     input: &EntitiesInput,
     request: &AuthzRequest,
     context: &Context,
+    roles: &[EntityUid],
 ) -> Result<Entities, RequestError> {
     let (field, parsed): (&str, Vec<Entity>) = match input {
         EntitiesInput::None => return Ok(snapshot.entities.clone()),
@@ -972,6 +978,7 @@ fn with_request_entities(
         let roots = [&request.agent, &request.action, &request.resource]
             .into_iter()
             .chain(request.on_behalf_of.as_ref())
+            .chain(roles)
             .cloned()
             .chain(context_refs(context)?);
         reach.slice(&snapshot.entities, roots, &parsed)

@@ -845,10 +845,12 @@ async fn an_elevation_holds_only_within_its_window_for_its_agent_and_user() {
 }
 
 #[tokio::test]
-async fn an_elevated_agent_keeps_its_attributes_and_tags() {
+async fn an_elevated_agent_keeps_its_attributes_tags_and_the_roles_ancestors() {
     // The bundle tags the Support Bot as under review and forbids opening
     // tickets to agents so tagged, and to unvetted agents: the role must not
     // lift either, so the elevated agent has to keep its tags and attributes.
+    // And the escalation role sits in a restricted one whose members may not
+    // change a ticket's status: the agent is in it too while elevated.
     let dir = tempfile::tempdir().expect("temp dir");
     let (policies, schemas) = bundle(dir.path());
     let schema_file = schemas.join("support-desk.cedarschema");
@@ -859,6 +861,7 @@ async fn an_elevated_agent_keeps_its_attributes_and_tags() {
         1,
     );
     assert_ne!(tagged, schema, "the schema's Agent declaration moved");
+    let tagged = tagged.replacen("entity AgentRole;", "entity AgentRole in [AgentRole];", 1);
     std::fs::write(&schema_file, tagged).expect("write schema");
     let agents_file = policies.join("entities/agents.entities.json");
     let mut agents: serde_json::Value =
@@ -872,6 +875,15 @@ async fn an_elevated_agent_keeps_its_attributes_and_tags() {
         .expect("support-bot");
     bot["tags"] = serde_json::json!({"status": "under_review"});
     bot["attrs"]["vetted"] = serde_json::json!(false);
+    let list = agents.as_array_mut().expect("array");
+    list.push(
+        serde_json::json!({"uid": {"type": "AgentRole", "id": "ticket-escalation"},
+        "attrs": {}, "parents": [{"type": "AgentRole", "id": "restricted"}]}),
+    );
+    list.push(
+        serde_json::json!({"uid": {"type": "AgentRole", "id": "restricted"},
+        "attrs": {}, "parents": []}),
+    );
     std::fs::write(&agents_file, agents.to_string()).expect("write agents");
     std::fs::write(
         policies.join("review.cedar"),
@@ -882,6 +894,9 @@ when { principal.hasTag("status") && principal.getTag("status") == "under_review
 @id("no-new-tickets-unvetted")
 forbid (principal is Agent, action == Action::"tickets:create", resource)
 when { !principal.vetted };
+
+@id("restricted-roles-keep-status")
+forbid (principal in AgentRole::"restricted", action == Action::"tickets:update_status", resource);
 "#,
     )
     .expect("write policy");
@@ -944,6 +959,37 @@ when { !principal.vetted };
         brought.agent.expect("agent side").determining_policies,
         ["no-new-tickets-under-review", "no-new-tickets-unvetted"]
     );
+    // The bot may change a status on its own; elevated it is in the
+    // restricted role through the escalation role, with or without an
+    // entity the request brings.
+    let status = |grant: Option<&str>, bring: bool| {
+        let mut req = example(
+            "support-bot",
+            Some("alice"),
+            "tickets:update_status",
+            "Ticket::\"T-1\"",
+        );
+        if bring {
+            req = with_entities_json(
+                req,
+                r#"[{"uid": {"type": "Customer", "id": "C-901"},
+                     "attrs": {"region": "EMEA", "segment": "smb"}, "parents": []}]"#,
+            );
+        }
+        req.grants.extend(grant.map(str::to_owned));
+        ask(&server, req)
+    };
+    assert_eq!(status(None, false).await.decision, ALLOW);
+    assert_eq!(status(None, true).await.decision, ALLOW);
+    for bring in [false, true] {
+        let r = status(Some(&window), bring).await;
+        assert_eq!(r.decision, DENY, "bring {bring}: {r:?}");
+        assert_eq!(
+            r.agent.expect("agent side").determining_policies,
+            ["restricted-roles-keep-status"],
+            "bring {bring}"
+        );
+    }
     server.shutdown().await;
 }
 
