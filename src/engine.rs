@@ -351,9 +351,9 @@ pub fn decide_with_grants(
             .map_err(|e| request_validation_error(e, "principal.agent", &request.context))?;
     }
     let context = context.context;
-    // Elevations are read first: a role is an entity the decision reaches
-    // (its own ancestors become the agent's), so a request that brings
-    // entities must have it in its set.
+    // Elevations are read first: a request that brings entities and is
+    // elevated is decided on a full copy of the bundle's entities (see
+    // `with_request_entities`).
     let (roles, grant) = match crate::grants::elevations(snapshot, request, at, lifetimes) {
         Ok(found) => {
             let grant = found.first().map(|(_, g)| g.clone());
@@ -974,11 +974,20 @@ fn with_request_entities(
             ));
         }
     }
-    let combined = match snapshot.reach.as_ref().and_then(|reach| {
+    // An elevation overwrites the agent in the set, and Cedar then derives
+    // anew the ancestors of every entity below the agent by walking their
+    // parents, which the reachable set may leave out (an entity between a
+    // reachable one and the agent). So an elevated request that brings
+    // entities is decided on the full copy.
+    let reach = if roles.is_empty() {
+        snapshot.reach.as_ref()
+    } else {
+        None
+    };
+    let combined = match reach.and_then(|reach| {
         let roots = [&request.agent, &request.action, &request.resource]
             .into_iter()
             .chain(request.on_behalf_of.as_ref())
-            .chain(roles)
             .cloned()
             .chain(context_refs(context)?);
         reach.slice(&snapshot.entities, roots, &parsed)

@@ -1081,3 +1081,108 @@ async fn grant_uses_and_refusals_are_in_the_decisions_span() {
     assert_eq!(asked.attribute("leash.grant.outcome"), None);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_elevated_request_that_brings_entities_sees_every_entity_below_the_agent() {
+    // `worker` is in `team`, which is in the agent `lead`. Elevating `lead`
+    // into `admin` makes `worker` a member of `admin` too, through `team`,
+    // which nothing in the request names. A forbid on documents written by
+    // members of `admin` must hold whether or not the request brings an
+    // entity of its own.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = (dir.path().join("policies"), dir.path().join("schemas"));
+    std::fs::create_dir_all(&policies).expect("mkdir");
+    std::fs::create_dir_all(&schemas).expect("mkdir");
+    std::fs::write(
+        schemas.join("s.cedarschema"),
+        r#"entity Role;
+entity Agent in [Agent, Role];
+entity Note;
+entity Doc = { author: Agent };
+action "read" appliesTo { principal: Agent, resource: Doc };
+"#,
+    )
+    .expect("schema");
+    std::fs::write(
+        policies.join("p.cedar"),
+        r#"@id("read-team-docs")
+permit (principal, action == Action::"read", resource) when { resource.author in principal };
+
+@id("admins-docs-stay-closed")
+forbid (principal, action == Action::"read", resource) when { resource.author in Role::"admin" };
+"#,
+    )
+    .expect("policies");
+    let entity = |ty: &str, id: &str, parents: serde_json::Value| serde_json::json!({"uid": {"type": ty, "id": id}, "attrs": {}, "parents": parents});
+    std::fs::write(
+        policies.join("e.entities.json"),
+        serde_json::json!([
+            entity("Role", "staff", serde_json::json!([])),
+            entity("Role", "admin", serde_json::json!([])),
+            entity("Agent", "lead", serde_json::json!([{"type": "Role", "id": "staff"}])),
+            entity("Agent", "team", serde_json::json!([{"type": "Agent", "id": "lead"}])),
+            entity("Agent", "worker", serde_json::json!([{"type": "Agent", "id": "team"}])),
+            {"uid": {"type": "Doc", "id": "d"}, "attrs": {"author": {"__entity": {"type": "Agent", "id": "worker"}}}, "parents": []},
+        ])
+        .to_string(),
+    )
+    .expect("entities");
+    std::fs::write(
+        policies.join("a.approvers.json"),
+        serde_json::json!({"approvers": [{
+            "id": "eve", "keys": [{"kid": "eve-1", "public_key": grants::public_key_text(&key(2))}],
+            "may_approve": ["Action::\"read\""], "may_elevate": ["Role::\"admin\""]
+        }]})
+        .to_string(),
+    )
+    .expect("approvers");
+    let server = ReloadingServer::start_with(
+        &policies,
+        &schemas,
+        leash::reload::ReloadOptions::default(),
+        ServerOptions {
+            clock: Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW)),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let token = grants::sign(
+        &key(2),
+        "eve-1",
+        &Claims {
+            grant: "elevate".to_owned(),
+            approver: "eve".to_owned(),
+            fingerprint: String::new(),
+            agent: "Agent::\"lead\"".to_owned(),
+            role: "Role::\"admin\"".to_owned(),
+            user: String::new(),
+            jti: "e-below".to_owned(),
+            iat: NOW,
+            exp: NOW + 3600,
+        },
+    )
+    .expect("signs");
+    let read = |grant: Option<&str>, bring: bool| {
+        let mut req = request("Agent::\"lead\"", None, "Action::\"read\"", "Doc::\"d\"");
+        if bring {
+            req = with_entities_json(
+                req,
+                r#"[{"uid": {"type": "Note", "id": "n"}, "attrs": {}, "parents": []}]"#,
+            );
+        }
+        req.grants.extend(grant.map(str::to_owned));
+        ask(&server, req)
+    };
+    for bring in [false, true] {
+        let plain = read(None, bring).await;
+        assert_eq!(plain.decision, ALLOW, "bring {bring}: {plain:?}");
+        let elevated = read(Some(&token), bring).await;
+        assert_eq!(elevated.decision, DENY, "bring {bring}: {elevated:?}");
+        assert_eq!(
+            elevated.agent.expect("agent side").determining_policies,
+            ["admins-docs-stay-closed"],
+            "bring {bring}"
+        );
+    }
+    server.shutdown().await;
+}
