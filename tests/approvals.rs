@@ -189,9 +189,7 @@ async fn a_gated_permit_asks_for_approval_with_a_fingerprint_of_exactly_that_req
 #[test]
 fn a_typo_in_a_leash_annotation_refuses_the_bundle() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (policies, schemas) = (dir.path().join("policies"), dir.path().join("schemas"));
-    std::fs::create_dir_all(&policies).expect("mkdir");
-    std::fs::create_dir_all(&schemas).expect("mkdir");
+    let (policies, schemas) = empty_bundle_dirs(dir.path());
     std::fs::write(
         schemas.join("s.cedarschema"),
         "entity Agent;\nentity Account;\naction \"refund\" appliesTo { principal: Agent, resource: Account };\n",

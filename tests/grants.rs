@@ -75,7 +75,7 @@ fn bundle(dir: &Path) -> (PathBuf, PathBuf) {
 async fn server(dir: &Path, audit: Option<&Path>) -> ReloadingServer {
     let (policies, schemas) = bundle(dir);
     let options = ServerOptions {
-        clock: Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW)),
+        clock: held_clock(),
         audit: match audit {
             Some(path) => AuditOptions {
                 target: AuditTarget::File(path.to_owned()),
@@ -85,9 +85,28 @@ async fn server(dir: &Path, audit: Option<&Path>) -> ReloadingServer {
         },
         ..ServerOptions::default()
     };
+    serve(&policies, &schemas, options).await
+}
+
+/// The clock leash's decisions read in these tests, held at `NOW`.
+fn held_clock() -> Clock {
+    Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW))
+}
+
+/// Default options with leash's clock held at `NOW`.
+fn held_options() -> ServerOptions {
+    ServerOptions {
+        clock: held_clock(),
+        ..ServerOptions::default()
+    }
+}
+
+/// A server on `policies` and `schemas` with `options` (whose clock the
+/// caller sets, usually `held_clock()`).
+async fn serve(policies: &Path, schemas: &Path, options: ServerOptions) -> ReloadingServer {
     ReloadingServer::start_with(
-        &policies,
-        &schemas,
+        policies,
+        schemas,
         leash::reload::ReloadOptions::default(),
         options,
     )
@@ -546,13 +565,7 @@ async fn the_cli_makes_keys_and_grants_that_leash_accepts() {
         "may_approve": ["Action::\"billing\""]
     }]});
     std::fs::write(policies.join("finance.approvers.json"), file.to_string()).expect("write");
-    let server = ReloadingServer::start_with(
-        &policies,
-        &schemas,
-        leash::reload::ReloadOptions::default(),
-        ServerOptions::default(),
-    )
-    .await;
+    let server = serve(&policies, &schemas, ServerOptions::default()).await;
     let fp = fingerprint_of(&server, refund("bob", "BA-100", 12_345)).await;
     let signed = leash(&[
         "grant",
@@ -750,11 +763,10 @@ fn elevation(
 async fn an_elevation_holds_only_within_its_window_for_its_agent_and_user() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (policies, schemas) = bundle(dir.path());
-    let clock = Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW));
-    let server = ReloadingServer::start_with(
+    let clock = held_clock();
+    let server = serve(
         &policies,
         &schemas,
-        leash::reload::ReloadOptions::default(),
         ServerOptions {
             clock: clock.clone(),
             ..ServerOptions::default()
@@ -900,16 +912,7 @@ forbid (principal in AgentRole::"restricted", action == Action::"tickets:update_
 "#,
     )
     .expect("write policy");
-    let server = ReloadingServer::start_with(
-        &policies,
-        &schemas,
-        leash::reload::ReloadOptions::default(),
-        ServerOptions {
-            clock: Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW)),
-            ..ServerOptions::default()
-        },
-    )
-    .await;
+    let server = serve(&policies, &schemas, held_options()).await;
     let bot = "Agent::\"support-bot\"";
     let window = elevation(2, "eve", bot, "", "e-tags", NOW, NOW + 3600);
     // Elevated, the bot may read a ticket through the role (the grant works)...
@@ -1003,12 +1006,11 @@ async fn grant_uses_and_refusals_are_in_the_decisions_span() {
     trace.batch.schedule_delay = Duration::from_millis(20);
     let dir = tempfile::tempdir().expect("temp dir");
     let (policies, schemas) = bundle(dir.path());
-    let server = ReloadingServer::start_with(
+    let server = serve(
         &policies,
         &schemas,
-        leash::reload::ReloadOptions::default(),
         ServerOptions {
-            clock: Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW)),
+            clock: held_clock(),
             telemetry: TelemetryOptions {
                 traces: Some(trace),
                 ..TelemetryOptions::default()
@@ -1090,9 +1092,7 @@ async fn an_elevated_request_that_brings_entities_sees_every_entity_below_the_ag
     // members of `admin` must hold whether or not the request brings an
     // entity of its own.
     let dir = tempfile::tempdir().expect("temp dir");
-    let (policies, schemas) = (dir.path().join("policies"), dir.path().join("schemas"));
-    std::fs::create_dir_all(&policies).expect("mkdir");
-    std::fs::create_dir_all(&schemas).expect("mkdir");
+    let (policies, schemas) = empty_bundle_dirs(dir.path());
     std::fs::write(
         schemas.join("s.cedarschema"),
         r#"entity Role;
@@ -1136,16 +1136,7 @@ forbid (principal, action == Action::"read", resource) when { resource.author in
         .to_string(),
     )
     .expect("approvers");
-    let server = ReloadingServer::start_with(
-        &policies,
-        &schemas,
-        leash::reload::ReloadOptions::default(),
-        ServerOptions {
-            clock: Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW)),
-            ..ServerOptions::default()
-        },
-    )
-    .await;
+    let server = serve(&policies, &schemas, held_options()).await;
     let token = grants::sign(
         &key(2),
         "eve-1",

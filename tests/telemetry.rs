@@ -575,10 +575,7 @@ async fn metrics_move_with_decisions_and_readiness_follows_the_bundle() {
 #[tokio::test]
 async fn reload_metrics_follow_refused_and_loaded_bundles() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let policies = dir.path().join("policies");
-    let schemas = dir.path().join("schemas");
-    std::fs::create_dir_all(&policies).expect("mkdir");
-    std::fs::create_dir_all(&schemas).expect("mkdir");
+    let (policies, schemas) = empty_bundle_dirs(dir.path());
     std::fs::write(
         schemas.join("s.cedarschema"),
         "entity User; entity Doc; action read appliesTo { principal: User, resource: Doc };",

@@ -416,3 +416,12 @@ pub async fn flushed_spans(
     assert!(got >= n, "expected {n} spans, received {got}");
     collector.spans()
 }
+
+/// `policies/` and `schemas/` under `dir`, created empty, for a test that
+/// writes its own bundle.
+pub fn empty_bundle_dirs(dir: &Path) -> (PathBuf, PathBuf) {
+    let (policies, schemas) = (dir.join("policies"), dir.join("schemas"));
+    std::fs::create_dir_all(&policies).expect("mkdir");
+    std::fs::create_dir_all(&schemas).expect("mkdir");
+    (policies, schemas)
+}
