@@ -828,6 +828,11 @@ pub struct BenchArgs {
     /// bundle, or `none` to skip the phase [default: 10000; quick: 1000].
     #[arg(long, value_name = "N|none")]
     pub capacity_policies: Option<String>,
+    /// Latency at half of maximum throughput: open-loop rounds, each
+    /// followed by the floor call at the same rate; the round of median p99
+    /// is reported [default: 3; quick: 1].
+    #[arg(long, value_name = "N")]
+    pub capacity_rounds: Option<usize>,
     /// Grants: users added to the example bundle for the elevation
     /// measurements, or `none` to skip the phase
     /// [default: 0,10000,100000; quick: 0].
@@ -978,6 +983,12 @@ impl BenchArgs {
                 }
             },
         };
+        if self.capacity_rounds == Some(0) {
+            problems.push(
+                "--capacity-rounds: 0 rounds measure nothing; give at least 1 (or --capacity-policies none to skip the phase)"
+                    .to_owned(),
+            );
+        }
         let grant_entities = match &self.grant_entities {
             None => crate::bench::grants::sizes(quick).to_vec(),
             Some(values) if values.len() == 1 && values[0].eq_ignore_ascii_case("none") => vec![],
@@ -1023,6 +1034,7 @@ impl BenchArgs {
             reload_policies,
             telemetry_rounds: self.telemetry_rounds.unwrap_or(if quick { 1 } else { 3 }),
             capacity_policies,
+            capacity_rounds: self.capacity_rounds.unwrap_or(if quick { 1 } else { 3 }),
             grant_entities,
         })
     }

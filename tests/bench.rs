@@ -52,6 +52,8 @@ fn quick_mode_completes_with_sane_figures() {
         "200",
         "--capacity-policies",
         "200",
+        "--capacity-rounds",
+        "2",
         "--json",
         json.to_str().expect("utf-8 path"),
     ]);
@@ -237,7 +239,42 @@ fn quick_mode_completes_with_sane_figures() {
             (offered - max / 2.0).abs() <= max * 0.05 + 3.0,
             "offered {offered}/s for a maximum of {max}/s"
         );
+        // Hundreds of milliseconds of the sidecar's CPU: never zero ticks.
+        assert_rounds("at half load", &run["at_half"], 2, true);
     }
+    // The floor, a round after each of the indexed sidecar's, at its rate.
+    let floor = &capacity["floor_at_same_rate"];
+    assert_sane_stats("floor at half load", floor);
+    // The empty call's server may use less than one 10 ms clock tick.
+    assert_rounds("floor at half load", floor, 2, false);
+    assert_eq!(
+        floor["per_sec"], runs[0]["at_half"]["per_sec"],
+        "{capacity}"
+    );
+}
+
+/// `at` reports `rounds` rounds and the median one's figures, with the
+/// server's CPU per call (above zero if `cpu_used`).
+fn assert_rounds(what: &str, at: &Value, rounds: usize, cpu_used: bool) {
+    let p99s: Vec<u64> = at["rounds_p99_ns"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: no rounds in {at}"))
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert_eq!(p99s.len(), rounds, "{what}: {at}");
+    let mut sorted = p99s.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        at["p99_ns"].as_u64(),
+        Some(sorted[rounds / 2]),
+        "{what}: {at}"
+    );
+    let cpu = at["server_cpu_us_per_call"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what}: no CPU per call in {at}"));
+    assert!(cpu.is_finite() && cpu >= 0.0, "{what}: {at}");
+    assert!(!cpu_used || cpu > 0.0, "{what}: {at}");
 }
 
 #[test]
@@ -333,6 +370,8 @@ fn bad_options_and_bad_mixes_are_named() {
         "lots",
         "--grant-entities",
         "many",
+        "--capacity-rounds",
+        "0",
     ]);
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     let err = stderr(&out);
@@ -354,6 +393,10 @@ fn bad_options_and_bad_mixes_are_named() {
     );
     assert!(
         err.contains("--grant-entities: `many` is not a number of users up to 1000000"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--capacity-rounds: 0 rounds measure nothing"),
         "{err}"
     );
 

@@ -3,6 +3,12 @@
 //! (calls scheduled at a fixed rate, latency from the scheduled instant), as
 //! a sidecar is sized in production: with headroom. Measured with the scope
 //! index and without it.
+//!
+//! The open-loop runs are rounds, each followed by the empty floor call at
+//! the same rate, and the round with the median p99 is reported with every
+//! round's p99 beside it: on a shared machine one disturbed second moves a
+//! single run's tail by milliseconds, and the floor's round shows whether
+//! the machine or the sidecar moved it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,7 +16,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::child;
+use super::child::{self, ServerProcess};
 use super::driver::{self, Stats, Timing};
 use super::workload::{self, WorkloadSpec};
 use super::{blocking, connect_uds, leash_run, progress, BenchError, Transport};
@@ -27,9 +33,9 @@ pub struct CapacityReport {
     /// With the scope index, then without it.
     pub runs: Vec<CapacityRun>,
     /// The empty floor call, open-loop at the rate offered to the indexed
-    /// sidecar: what the transport, the client and a shared machine cost
-    /// alone at that load.
-    pub floor_at_same_rate: Option<Stats>,
+    /// sidecar, a round after each of its rounds: what the transport, the
+    /// client and a shared machine cost alone at that load.
+    pub floor_at_same_rate: Option<AtRate>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -39,9 +45,38 @@ pub struct CapacityRun {
     /// in-flight count it was reached at.
     pub max_per_sec: f64,
     pub max_concurrency: usize,
-    /// Open-loop at half of `max_per_sec`: latency from each call's
-    /// scheduled instant; `per_sec` is the rate offered.
-    pub at_half: Stats,
+    /// Open-loop at half of `max_per_sec`.
+    pub at_half: AtRate,
+}
+
+/// Open-loop rounds at one rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct AtRate {
+    /// The round with the median p99: latency from each call's scheduled
+    /// instant; `per_sec` is the rate offered.
+    #[serde(flatten)]
+    pub median: Stats,
+    /// Each round's p99, in the order run.
+    pub rounds_p99_ns: Vec<u64>,
+    /// The server's CPU time (user + system) per call in the median round,
+    /// warm-up included; `None` where `/proc` cannot be read.
+    pub server_cpu_us_per_call: Option<f64>,
+}
+
+/// One open-loop round: figures and the server's CPU per call.
+type Round = (Stats, Option<f64>);
+
+impl AtRate {
+    fn of(mut rounds: Vec<Round>) -> Option<Self> {
+        let rounds_p99_ns = rounds.iter().map(|(s, _)| s.p99_ns).collect();
+        rounds.sort_by_key(|(s, _)| s.p99_ns);
+        let (median, cpu) = rounds.get(rounds.len() / 2).copied()?;
+        Some(Self {
+            median,
+            rounds_p99_ns,
+            server_cpu_us_per_call: cpu,
+        })
+    }
 }
 
 /// What to measure.
@@ -52,6 +87,8 @@ pub struct CapacityPlan {
     pub timing: Timing,
     /// In-flight counts tried for the maximum.
     pub concurrency: Vec<usize>,
+    /// Open-loop rounds at half of the maximum (at least one).
+    pub rounds: usize,
 }
 
 pub async fn measure(
@@ -81,6 +118,7 @@ pub async fn measure(
     let requests: Arc<Vec<pb::IsAuthorizedRequest>> =
         Arc::new(workload.requests.iter().map(|r| r.json.clone()).collect());
     let mut runs = Vec::with_capacity(2);
+    let mut floor_at_same_rate = None;
     for index in [true, false] {
         let label = if index { "on" } else { "off" };
         progress(format!(
@@ -124,10 +162,71 @@ pub async fn measure(
             }
         }
         let rate = max_per_sec / 2.0;
-        progress(format!("capacity: index {label}, open loop at {rate:.0}/s"));
-        let client = AuthorizerClient::new(connect_uds(&leash.uds).await?);
-        let mix = requests.clone();
-        let at_half = driver::drive_rate(rate, plan.timing, move |i| {
+        // The floor runs beside the indexed sidecar only: the goal is set
+        // for it, and the unindexed one is two orders of magnitude slower.
+        let floor = if index {
+            Some(child::spawn_floor(exe, &dir)?)
+        } else {
+            None
+        };
+        let mut rounds = Vec::new();
+        let mut floor_rounds = Vec::new();
+        let count = plan.rounds.max(1);
+        for round in 1..=count {
+            progress(format!(
+                "capacity: index {label}, open loop at {rate:.0}/s (round {round} of {count})"
+            ));
+            rounds.push(leash_at(&leash, rate, plan.timing, requests.clone()).await?);
+            if let Some(floor) = &floor {
+                progress(format!(
+                    "capacity: floor, open loop at {rate:.0}/s (round {round} of {count})"
+                ));
+                floor_rounds.push(floor_at(floor, rate, plan.timing).await?);
+            }
+        }
+        drop(floor);
+        drop(leash);
+        let at_half = AtRate::of(rounds)
+            .ok_or_else(|| BenchError::Task("no open-loop round was run".to_owned()))?;
+        if index {
+            floor_at_same_rate = AtRate::of(floor_rounds);
+        }
+        runs.push(CapacityRun {
+            index,
+            max_per_sec,
+            max_concurrency,
+            at_half,
+        });
+    }
+    Ok(CapacityReport {
+        policies: plan.policies,
+        runs,
+        floor_at_same_rate,
+    })
+}
+
+/// CPU per call of `process` over `calls` calls, from its CPU time before
+/// and after.
+fn cpu_per_call(process: &ServerProcess, before: Option<Duration>, calls: u64) -> Option<f64> {
+    let after = process.cpu_time()?;
+    let before = before?;
+    (calls > 0).then(|| after.saturating_sub(before).as_secs_f64() * 1e6 / calls as f64)
+}
+
+/// One open-loop round of the request mix against `leash` at `rate`.
+async fn leash_at(
+    leash: &ServerProcess,
+    rate: f64,
+    timing: Timing,
+    mix: Arc<Vec<pb::IsAuthorizedRequest>>,
+) -> Result<Round, BenchError> {
+    let uds = leash.uds.clone();
+    let before = leash.cpu_time();
+    let (stats, calls) = driver::drive_rate(
+        rate,
+        timing,
+        move || async move { Ok(AuthorizerClient::new(connect_uds(&uds).await?)) },
+        move |client, i| {
             let mut client = client.clone();
             let request = mix[i % mix.len()].clone();
             async move {
@@ -140,88 +239,95 @@ pub async fn measure(
                         status,
                     })
             }
-        })
-        .await?;
-        drop(leash);
-        runs.push(CapacityRun {
-            index,
-            max_per_sec,
-            max_concurrency,
-            at_half,
-        });
-    }
-    let floor_at_same_rate = match runs.first() {
-        Some(indexed) => Some(floor_at(exe, &dir, indexed.max_per_sec / 2.0, plan.timing).await?),
-        None => None,
-    };
-    Ok(CapacityReport {
-        policies: plan.policies,
-        runs,
-        floor_at_same_rate,
-    })
+        },
+    )
+    .await?;
+    Ok((stats, cpu_per_call(leash, before, calls)))
 }
 
-/// The empty floor call, open-loop at `rate`.
-async fn floor_at(exe: &Path, dir: &Path, rate: f64, timing: Timing) -> Result<Stats, BenchError> {
-    progress(format!("capacity: floor, open loop at {rate:.0}/s"));
-    let floor = child::spawn_floor(exe, dir)?;
-    let client = child::floor_client(connect_uds(&floor.uds).await?);
-    let stats = driver::drive_rate(rate, timing, move |_| {
-        let mut client = client.clone();
-        async move {
-            client
-                .empty(crate::proto::bench::v1::EmptyRequest {})
-                .await
-                .map(|r| drop(std::hint::black_box(r)))
-                .map_err(|status| BenchError::Rpc {
-                    what: "Floor/Empty".to_owned(),
-                    status,
-                })
-        }
-    })
+/// One open-loop round of the empty floor call at `rate`.
+async fn floor_at(floor: &ServerProcess, rate: f64, timing: Timing) -> Result<Round, BenchError> {
+    let uds = floor.uds.clone();
+    let before = floor.cpu_time();
+    let (stats, calls) = driver::drive_rate(
+        rate,
+        timing,
+        move || async move { Ok(child::floor_client(connect_uds(&uds).await?)) },
+        move |client, _| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .empty(crate::proto::bench::v1::EmptyRequest {})
+                    .await
+                    .map(|r| drop(std::hint::black_box(r)))
+                    .map_err(|status| BenchError::Rpc {
+                        what: "Floor/Empty".to_owned(),
+                        status,
+                    })
+            }
+        },
+    )
     .await?;
-    drop(floor);
-    Ok(stats)
+    Ok((stats, cpu_per_call(floor, before, calls)))
 }
 
 /// The capacity section of the text report.
 pub fn render_into(report: &CapacityReport, out: &mut String) -> std::fmt::Result {
     use std::fmt::Write as _;
+    let rounds = report
+        .runs
+        .first()
+        .map_or(0, |r| r.at_half.rounds_p99_ns.len());
     writeln!(
         out,
-        "\nlatency at half of maximum throughput ({} policies, Unix socket; open loop, latency from each call's scheduled start)",
+        "\nlatency at half of maximum throughput ({} policies, Unix socket; open loop, latency from each call's scheduled start; the round of median p99 of {rounds})",
         report.policies
     )?;
     writeln!(
         out,
-        "  {:<6} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10}",
-        "index", "max", "(in flight)", "offered", "p50", "p99", "p99.9"
+        "  {:<6} {:>10} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10}  p99 by round",
+        "index", "max", "(in)", "offered", "p50", "p99", "p99.9", "CPU/call"
     )?;
-    for run in &report.runs {
+    let line = |out: &mut String,
+                name: &str,
+                max: Option<(f64, usize)>,
+                at: &AtRate|
+     -> std::fmt::Result {
+        let (max, inflight) = match max {
+            Some((m, c)) => (super::report::rate(m), c.to_string()),
+            None => (String::new(), String::new()),
+        };
+        let rounds: Vec<String> = at
+            .rounds_p99_ns
+            .iter()
+            .map(|ns| super::report::duration(*ns as f64))
+            .collect();
         writeln!(
             out,
-            "  {:<6} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10}",
+            "  {:<6} {:>10} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
+            name,
+            max,
+            inflight,
+            super::report::rate(at.median.per_sec),
+            super::report::duration(at.median.p50_ns as f64),
+            super::report::duration(at.median.p99_ns as f64),
+            super::report::duration(at.median.p999_ns as f64),
+            at.server_cpu_us_per_call
+                .map(|us| super::report::duration(us * 1e3))
+                .unwrap_or_else(|| "-".to_owned()),
+            rounds.join(", "),
+        )
+    };
+    for run in &report.runs {
+        line(
+            out,
             if run.index { "on" } else { "off" },
-            super::report::rate(run.max_per_sec),
-            run.max_concurrency,
-            super::report::rate(run.at_half.per_sec),
-            super::report::duration(run.at_half.p50_ns as f64),
-            super::report::duration(run.at_half.p99_ns as f64),
-            super::report::duration(run.at_half.p999_ns as f64),
+            Some((run.max_per_sec, run.max_concurrency)),
+            &run.at_half,
         )?;
     }
     if let Some(floor) = &report.floor_at_same_rate {
-        writeln!(
-            out,
-            "  {:<6} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10}",
-            "floor",
-            "",
-            "",
-            super::report::rate(floor.per_sec),
-            super::report::duration(floor.p50_ns as f64),
-            super::report::duration(floor.p99_ns as f64),
-            super::report::duration(floor.p999_ns as f64),
-        )?;
+        line(out, "floor", None, floor)?;
     }
     Ok(())
 }

@@ -144,45 +144,76 @@ where
     Ok(Stats::from_histogram(&hist, measure_from.elapsed()))
 }
 
-/// Runs `call(i)` open-loop at `rate` calls per second: each call starts at
-/// its scheduled instant whether or not earlier calls have answered, as
-/// independent agents' tool calls arrive. A pacing thread keeps the
-/// schedule (sleeping to each instant, so no timer-wheel granularity), and
-/// latency is taken from the scheduled instant, so a client or server that
-/// falls behind shows in the figures rather than hiding them (no coordinated
-/// omission). Warm-up calls are made and discarded. The first failed call
-/// ends the run.
-pub async fn drive_rate<F, Fut>(rate: f64, timing: Timing, call: F) -> Result<Stats, BenchError>
+/// Runs `call(&client, i)` open-loop at `rate` calls per second, as
+/// independent agents' tool calls arrive: each call starts at its scheduled
+/// instant whether or not earlier calls have answered, and latency is taken
+/// from that instant, so a client or server that falls behind shows in the
+/// figures rather than hiding them (no coordinated omission). Warm-up calls
+/// are made and discarded. The first failed call ends the run. Returns the
+/// figures and the number of calls made, warm-up included.
+///
+/// The load generator is one thread running its own single-threaded
+/// runtime, woken by a kernel interval timer: pacing, calls, the client's
+/// connection and the answers all run there, so the generator adds no
+/// cross-thread wake-ups of its own to the latency it measures (on two
+/// cores shared with the sidecar, the pacing thread and multi-threaded
+/// runtime it replaces cost more than the calls they timed). `setup` makes
+/// the client on that runtime.
+pub async fn drive_rate<S, SFut, C, F, Fut>(
+    rate: f64,
+    timing: Timing,
+    setup: S,
+    call: F,
+) -> Result<(Stats, u64), BenchError>
 where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    S: FnOnce() -> SFut + Send + 'static,
+    SFut: Future<Output = Result<C, BenchError>>,
+    F: Fn(&C, usize) -> Fut + Send + 'static,
     Fut: Future<Output = Result<(), BenchError>> + Send + 'static,
 {
     if !(rate.is_finite() && rate > 0.0) {
         return Err(BenchError::Task(format!("cannot pace calls at {rate}/s")));
     }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
-    let start = Instant::now() + Duration::from_millis(10);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-open-loop".to_owned())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| BenchError::Task(format!("cannot start the load generator: {e}")))
+                .and_then(|rt| rt.block_on(open_loop(rate, timing, setup, call)));
+            let _ = tx.send(result);
+        })
+        .map_err(|e| BenchError::Task(format!("cannot start the load generator: {e}")))?;
+    rx.await
+        .map_err(|_| BenchError::Task("the load generator stopped without a result".to_owned()))?
+}
+
+/// The body of [`drive_rate`], on the generator's own runtime.
+async fn open_loop<S, SFut, C, F, Fut>(
+    rate: f64,
+    timing: Timing,
+    setup: S,
+    call: F,
+) -> Result<(Stats, u64), BenchError>
+where
+    S: FnOnce() -> SFut,
+    SFut: Future<Output = Result<C, BenchError>>,
+    F: Fn(&C, usize) -> Fut,
+    Fut: Future<Output = Result<(), BenchError>> + Send + 'static,
+{
+    let client = setup().await?;
+    // Whole nanoseconds, so the kernel's expirations and the instants
+    // latency is taken from are the same arithmetic.
+    let period_ns = ((1e9 / rate).round() as u64).max(1);
+    let period = Duration::from_nanos(period_ns);
+    let first = Duration::from_millis(10);
+    let ticker = ticker::Ticker::start(first, period)
+        .map_err(|e| BenchError::Task(format!("cannot start the load generator's timer: {e}")))?;
+    let start = Instant::now() + first;
     let measure_from = start + timing.warmup;
     let stop_at = measure_from + timing.measure;
-    let pacer = std::thread::Builder::new()
-        .name("bench-pacer".to_owned())
-        .spawn(move || {
-            for i in 0usize.. {
-                let at = start + Duration::from_secs_f64(i as f64 / rate);
-                if at >= stop_at {
-                    break;
-                }
-                let now = Instant::now();
-                if at > now {
-                    std::thread::sleep(at - now);
-                }
-                if tx.send((i, at)).is_err() {
-                    break;
-                }
-            }
-        })
-        .map_err(|e| BenchError::Task(format!("cannot start the pacing thread: {e}")))?;
-    let call = Arc::new(call);
     let mut tasks = tokio::task::JoinSet::new();
     let mut total = histogram()?;
     let mut absorb = |joined: Result<Result<(Instant, Instant), BenchError>, _>| {
@@ -194,21 +225,178 @@ where
         }
         Ok::<_, BenchError>(())
     };
-    while let Some((i, at)) = rx.recv().await {
-        let call = call.clone();
-        tasks.spawn(async move {
-            call(i).await?;
-            Ok::<_, BenchError>((at, Instant::now()))
-        });
-        // Collect answers as they come, so the set stays small.
-        while let Some(joined) = tasks.try_join_next() {
-            absorb(joined)?;
+    let mut next = 0u64;
+    'pacing: loop {
+        tokio::select! {
+            // Answers first: an answer that is ready is timed before the
+            // next call is sent.
+            biased;
+            Some(joined) = tasks.join_next() => absorb(joined)?,
+            expired = ticker.wait() => {
+                let expired = expired.map_err(|e| {
+                    BenchError::Task(format!("the load generator's timer failed: {e}"))
+                })?;
+                // More than one expiration: the generator fell behind; the
+                // late calls go now, timed from when they were due.
+                for _ in 0..expired {
+                    let at = start + Duration::from_nanos(next.saturating_mul(period_ns));
+                    if at >= stop_at {
+                        break 'pacing;
+                    }
+                    let i = usize::try_from(next).unwrap_or(usize::MAX);
+                    let pending = call(&client, i);
+                    tasks.spawn(async move {
+                        pending.await?;
+                        Ok::<_, BenchError>((at, Instant::now()))
+                    });
+                    next += 1;
+                }
+            }
         }
     }
     while let Some(joined) = tasks.join_next().await {
         absorb(joined)?;
     }
-    let _ = pacer.join();
     // Calls per second are those scheduled in the window: the offered rate.
-    Ok(Stats::from_histogram(&total, timing.measure))
+    Ok((Stats::from_histogram(&total, timing.measure), next))
+}
+
+/// A periodic timer the generator's runtime waits on.
+mod ticker {
+    use std::time::Duration;
+
+    /// On Linux, a `timerfd`: the kernel counts expirations at the exact
+    /// period and wakes the runtime's own poller, with no other thread.
+    #[cfg(target_os = "linux")]
+    pub struct Ticker {
+        fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+    }
+
+    #[cfg(target_os = "linux")]
+    impl Ticker {
+        /// First expiration after `first`, then every `period`.
+        pub fn start(first: Duration, period: Duration) -> std::io::Result<Self> {
+            use std::os::fd::FromRawFd as _;
+            // SAFETY: timerfd_create has no memory effects; the result is
+            // checked before it is used as a descriptor.
+            let raw = unsafe {
+                libc::timerfd_create(
+                    libc::CLOCK_MONOTONIC,
+                    libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+                )
+            };
+            if raw < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `raw` is a descriptor we just opened and own alone.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+            let spec = libc::itimerspec {
+                it_interval: timespec(period),
+                it_value: timespec(first),
+            };
+            // SAFETY: `spec` is a valid itimerspec on the stack; the old
+            // value is not asked for.
+            let set = unsafe {
+                libc::timerfd_settime(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    0,
+                    &spec,
+                    std::ptr::null_mut(),
+                )
+            };
+            if set < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: an `OwnedFd` always returns its own descriptor, which
+            // stays open until the `AsyncFd` (its owner) drops.
+            let fd = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            }?;
+            Ok(Self { fd })
+        }
+
+        /// Waits for the next expiration; returns how many have passed
+        /// since the last call (more than one if the caller was late).
+        pub async fn wait(&self) -> std::io::Result<u64> {
+            loop {
+                let mut ready = self.fd.readable().await?;
+                let read = ready.try_io(|fd| {
+                    let mut count = 0u64;
+                    // SAFETY: reads eight bytes into `count`, which is eight
+                    // bytes long.
+                    let n = unsafe {
+                        libc::read(
+                            std::os::fd::AsRawFd::as_raw_fd(fd.get_ref()),
+                            (&raw mut count).cast(),
+                            std::mem::size_of::<u64>(),
+                        )
+                    };
+                    if n < 0 {
+                        Err(std::io::Error::last_os_error())
+                    } else {
+                        Ok(count)
+                    }
+                });
+                match read {
+                    Ok(result) => return result,
+                    Err(_would_block) => continue,
+                }
+            }
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn timespec(d: Duration) -> libc::timespec {
+        libc::timespec {
+            tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+            // Below 10^9: fits any `c_long`.
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        }
+    }
+
+    /// Elsewhere, a pacing thread that sleeps to each expiration and
+    /// counts them into a channel.
+    #[cfg(not(target_os = "linux"))]
+    pub struct Ticker {
+        rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<()>>,
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    impl Ticker {
+        pub fn start(first: Duration, period: Duration) -> std::io::Result<Self> {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let start = std::time::Instant::now() + first;
+            std::thread::Builder::new()
+                .name("bench-pacer".to_owned())
+                .spawn(move || {
+                    for k in 0u32.. {
+                        let at = start + period * k;
+                        let now = std::time::Instant::now();
+                        if at > now {
+                            std::thread::sleep(at - now);
+                        }
+                        if tx.send(()).is_err() {
+                            break;
+                        }
+                    }
+                })?;
+            Ok(Self {
+                rx: tokio::sync::Mutex::new(rx),
+            })
+        }
+
+        pub async fn wait(&self) -> std::io::Result<u64> {
+            let mut rx = self.rx.lock().await;
+            match rx.recv().await {
+                Some(()) => {
+                    let mut n = 1;
+                    while rx.try_recv().is_ok() {
+                        n += 1;
+                    }
+                    Ok(n)
+                }
+                None => Err(std::io::Error::other("the pacing thread stopped")),
+            }
+        }
+    }
 }

@@ -97,6 +97,8 @@ pub struct BenchOptions {
     /// Generated bundle size of the latency-at-half-load phase (`None`
     /// skips it).
     pub capacity_policies: Option<usize>,
+    /// Open-loop rounds at half of the maximum, each followed by the floor.
+    pub capacity_rounds: usize,
     /// Users added to the example bundle for the grant measurements, one
     /// point each (empty skips the phase).
     pub grant_entities: Vec<usize>,
@@ -673,6 +675,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
                     } else {
                         vec![4, 16, 64]
                     },
+                    rounds: options.capacity_rounds,
                 },
             )
             .await?,
