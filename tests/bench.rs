@@ -241,6 +241,8 @@ fn quick_mode_completes_with_sane_figures() {
         );
         // Hundreds of milliseconds of the sidecar's CPU: never zero ticks.
         assert_rounds("at half load", &run["at_half"], 2, true);
+        let max_cpu = run["max_cpu_us_per_call"].as_f64().unwrap_or(0.0);
+        assert!(max_cpu > 0.0 && max_cpu.is_finite(), "{run}");
     }
     // The floor, a round after each of the indexed sidecar's, at its rate.
     let floor = &capacity["floor_at_same_rate"];

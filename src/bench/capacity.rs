@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::child::{self, ServerProcess};
 use super::driver::{self, Stats, Timing};
 use super::workload::{self, WorkloadSpec};
-use super::{blocking, connect_uds, leash_run, progress, BenchError, Transport};
+use super::{blocking, connect_uds, leash_run_counted, progress, BenchError, Transport};
 use crate::proto::v1 as pb;
 use crate::proto::v1::authorizer_client::AuthorizerClient;
 
@@ -45,6 +45,10 @@ pub struct CapacityRun {
     /// in-flight count it was reached at.
     pub max_per_sec: f64,
     pub max_concurrency: usize,
+    /// The sidecar's CPU time per call at the maximum: many calls share
+    /// each HTTP/2 read, write and wake-up there, so a call costs less than
+    /// one arriving alone (compare `at_half.server_cpu_us_per_call`).
+    pub max_cpu_us_per_call: Option<f64>,
     /// Open-loop at half of `max_per_sec`.
     pub at_half: AtRate,
 }
@@ -144,11 +148,13 @@ pub async fn measure(
         child::wait_serving(&mut leash, LOAD_TIMEOUT).await?;
         let mut max_per_sec = 0.0;
         let mut max_concurrency = 0;
+        let mut max_cpu_us_per_call = None;
         for &concurrency in &plan.concurrency {
             progress(format!(
                 "capacity: index {label}, {concurrency} in flight (closed loop)"
             ));
-            let stats = leash_run(
+            let before = leash.cpu_time();
+            let (stats, calls) = leash_run_counted(
                 &leash,
                 Transport::Uds,
                 concurrency,
@@ -159,6 +165,7 @@ pub async fn measure(
             if stats.per_sec > max_per_sec {
                 max_per_sec = stats.per_sec;
                 max_concurrency = concurrency;
+                max_cpu_us_per_call = cpu_per_call(&leash, before, calls);
             }
         }
         let rate = max_per_sec / 2.0;
@@ -195,6 +202,7 @@ pub async fn measure(
             index,
             max_per_sec,
             max_concurrency,
+            max_cpu_us_per_call,
             at_half,
         });
     }
@@ -285,17 +293,25 @@ pub fn render_into(report: &CapacityReport, out: &mut String) -> std::fmt::Resul
     )?;
     writeln!(
         out,
-        "  {:<6} {:>10} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10}  p99 by round",
-        "index", "max", "(in)", "offered", "p50", "p99", "p99.9", "CPU/call"
+        "  {:<6} {:>10} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}  p99 by round",
+        "index", "max", "(in)", "CPU/call", "offered", "p50", "p99", "p99.9", "CPU/call"
     )?;
+    let cpu = |us: Option<f64>| {
+        us.map(|us| super::report::duration(us * 1e3))
+            .unwrap_or_else(|| "-".to_owned())
+    };
     let line = |out: &mut String,
                 name: &str,
-                max: Option<(f64, usize)>,
+                max: Option<&CapacityRun>,
                 at: &AtRate|
      -> std::fmt::Result {
-        let (max, inflight) = match max {
-            Some((m, c)) => (super::report::rate(m), c.to_string()),
-            None => (String::new(), String::new()),
+        let (max, inflight, max_cpu) = match max {
+            Some(run) => (
+                super::report::rate(run.max_per_sec),
+                run.max_concurrency.to_string(),
+                cpu(run.max_cpu_us_per_call),
+            ),
+            None => (String::new(), String::new(), String::new()),
         };
         let rounds: Vec<String> = at
             .rounds_p99_ns
@@ -304,17 +320,16 @@ pub fn render_into(report: &CapacityReport, out: &mut String) -> std::fmt::Resul
             .collect();
         writeln!(
             out,
-            "  {:<6} {:>10} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
+            "  {:<6} {:>10} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
             name,
             max,
             inflight,
+            max_cpu,
             super::report::rate(at.median.per_sec),
             super::report::duration(at.median.p50_ns as f64),
             super::report::duration(at.median.p99_ns as f64),
             super::report::duration(at.median.p999_ns as f64),
-            at.server_cpu_us_per_call
-                .map(|us| super::report::duration(us * 1e3))
-                .unwrap_or_else(|| "-".to_owned()),
+            cpu(at.server_cpu_us_per_call),
             rounds.join(", "),
         )
     };
@@ -322,7 +337,7 @@ pub fn render_into(report: &CapacityReport, out: &mut String) -> std::fmt::Resul
         line(
             out,
             if run.index { "on" } else { "off" },
-            Some((run.max_per_sec, run.max_concurrency)),
+            Some(run),
             &run.at_half,
         )?;
     }

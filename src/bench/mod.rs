@@ -350,7 +350,7 @@ async fn leash_run(
 }
 
 /// [`leash_run`], also returning every call made, warm-up included.
-async fn leash_run_counted(
+pub(crate) async fn leash_run_counted(
     process: &ServerProcess,
     transport: Transport,
     concurrency: usize,
