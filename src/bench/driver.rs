@@ -1,7 +1,9 @@
-//! Closed-loop load: `concurrency` callers, each sending its next call as
-//! soon as the last one answered, for a fixed time after a warm-up. Latency
-//! goes into HDR histograms (one per caller, merged), so percentiles are
-//! exact to three significant digits without keeping every sample.
+//! Load drivers. Closed loop ([`drive`]): `concurrency` callers, each
+//! sending its next call as soon as the last one answered, for a fixed time
+//! after a warm-up. Open loop ([`drive_rate`]): calls at a fixed rate from
+//! one timer-paced thread. Latency goes into HDR histograms (one per caller,
+//! merged), so percentiles are exact to three significant digits without
+//! keeping every sample.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
