@@ -211,9 +211,11 @@ where
     let period_ns = ((1e9 / rate).round() as u64).max(1);
     let period = Duration::from_nanos(period_ns);
     let first = Duration::from_millis(10);
+    // Read before the timer is armed, so each call's instant is at or
+    // before its expiration: latency errs long, never short.
+    let start = Instant::now() + first;
     let ticker = ticker::Ticker::start(first, period)
         .map_err(|e| BenchError::Task(format!("cannot start the load generator's timer: {e}")))?;
-    let start = Instant::now() + first;
     let measure_from = start + timing.warmup;
     let stop_at = measure_from + timing.measure;
     let mut tasks = tokio::task::JoinSet::new();
