@@ -56,8 +56,9 @@ pub struct CapacityRun {
 /// Open-loop rounds at one rate.
 #[derive(Debug, Clone, Serialize)]
 pub struct AtRate {
-    /// The round with the median p99: latency from each call's scheduled
-    /// instant; `per_sec` is the rate offered.
+    /// The round with the median p99 (of an even count, the slower middle
+    /// one): latency from each call's scheduled instant; `per_sec` is the
+    /// rate offered.
     #[serde(flatten)]
     pub median: Stats,
     /// Each round's p99, in the order run.

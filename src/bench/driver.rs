@@ -342,7 +342,12 @@ mod ticker {
                     }
                 });
                 match read {
-                    Ok(result) => return result,
+                    Ok(result) => {
+                        // Read to the end: wait for the next expiration
+                        // rather than reading again to learn there is none.
+                        ready.clear_ready();
+                        return result;
+                    }
                     Err(_would_block) => continue,
                 }
             }
@@ -373,8 +378,9 @@ mod ticker {
             std::thread::Builder::new()
                 .name("bench-pacer".to_owned())
                 .spawn(move || {
-                    for k in 0u32.. {
-                        let at = start + period * k;
+                    let period_ns = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
+                    for k in 0u64.. {
+                        let at = start + Duration::from_nanos(period_ns.saturating_mul(k));
                         let now = std::time::Instant::now();
                         if at > now {
                             std::thread::sleep(at - now);
@@ -401,6 +407,88 @@ mod ticker {
                 }
                 None => Err(std::io::Error::other("the pacing thread stopped")),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing(warmup_ms: u64, measure_ms: u64) -> Timing {
+        Timing {
+            warmup: Duration::from_millis(warmup_ms),
+            measure: Duration::from_millis(measure_ms),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_open_loop_makes_every_scheduled_call_and_times_those_in_the_window() {
+        // One call per millisecond from the start: 50 in the warm-up, 200
+        // in the window, whatever the machine's speed (a late call is
+        // still made, and timed from when it was due).
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let (stats, calls) = drive_rate(
+            1000.0,
+            timing(50, 200),
+            || async { Ok(()) },
+            move |(), i| {
+                if let Ok(mut seen) = log.lock() {
+                    seen.push(i);
+                }
+                async { Ok(()) }
+            },
+        )
+        .await
+        .expect("the run completes");
+        assert_eq!(calls, 250);
+        assert_eq!(stats.calls, 200);
+        assert!((stats.per_sec - 1000.0).abs() < 1e-6, "{stats:?}");
+        assert!(
+            stats.p50_ns > 0 && stats.p50_ns <= stats.max_ns,
+            "{stats:?}"
+        );
+        let seen = seen.lock().expect("not poisoned").clone();
+        assert_eq!(
+            seen,
+            (0..250).collect::<Vec<_>>(),
+            "each call once, in order"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_ends_the_open_loop_with_its_error() {
+        let result = drive_rate(
+            1000.0,
+            timing(0, 100),
+            || async { Ok(()) },
+            |(), i| async move {
+                if i == 10 {
+                    Err(BenchError::Task("call 10 failed".to_owned()))
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        match result {
+            Err(BenchError::Task(message)) => assert_eq!(message, "call 10 failed"),
+            other => panic!("expected the call's error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rate_that_cannot_be_paced_is_refused() {
+        for rate in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let result = drive_rate(
+                rate,
+                timing(0, 10),
+                || async { Ok(()) },
+                |(), _| async { Ok(()) },
+            )
+            .await;
+            assert!(result.is_err(), "{rate}");
         }
     }
 }

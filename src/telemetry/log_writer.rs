@@ -65,6 +65,9 @@ impl QueuedStderr {
 /// once per line, and each wake-up it saves is CPU the decisions keep.
 const GATHER: Duration = Duration::from_millis(2);
 
+/// Bytes gathered before they are written whatever else is queued.
+const WRITE_AT: usize = 64 << 10;
+
 fn write_lines(lines: &Receiver<Message>) {
     let stderr = std::io::stderr();
     let mut batch: Vec<u8> = Vec::new();
@@ -75,7 +78,14 @@ fn write_lines(lines: &Receiver<Message>) {
         let mut next = Some(first);
         while let Some(message) = next.take().or_else(|| lines.try_recv().ok()) {
             match message {
-                Message::Line(line) => batch.extend_from_slice(&line),
+                Message::Line(line) => {
+                    batch.extend_from_slice(&line);
+                    // Lines arriving as fast as they are drained are still
+                    // written as they go, in bounded pieces.
+                    if batch.len() >= WRITE_AT {
+                        write_out(&stderr, &mut batch);
+                    }
+                }
                 Message::Flush(done) => {
                     write_out(&stderr, &mut batch);
                     let _ = stderr.lock().flush();
@@ -93,10 +103,6 @@ fn write_out(stderr: &std::io::Stderr, batch: &mut Vec<u8>) {
     if !batch.is_empty() {
         let _ = stderr.lock().write_all(batch);
         batch.clear();
-        // A burst's buffer is not kept for the quiet that follows it.
-        if batch.capacity() > 1 << 20 {
-            batch.shrink_to(64 << 10);
-        }
     }
 }
 
