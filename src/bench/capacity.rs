@@ -166,7 +166,7 @@ pub async fn measure(
             if stats.per_sec > max_per_sec {
                 max_per_sec = stats.per_sec;
                 max_concurrency = concurrency;
-                max_cpu_us_per_call = cpu_per_call(&leash, before, calls);
+                max_cpu_us_per_call = leash.cpu_us_per_call(before, calls);
             }
         }
         let rate = max_per_sec / 2.0;
@@ -214,14 +214,6 @@ pub async fn measure(
     })
 }
 
-/// CPU per call of `process` over `calls` calls, from its CPU time before
-/// and after.
-fn cpu_per_call(process: &ServerProcess, before: Option<Duration>, calls: u64) -> Option<f64> {
-    let after = process.cpu_time()?;
-    let before = before?;
-    (calls > 0).then(|| after.saturating_sub(before).as_secs_f64() * 1e6 / calls as f64)
-}
-
 /// One open-loop round of the request mix against `leash` at `rate`.
 async fn leash_at(
     leash: &ServerProcess,
@@ -251,7 +243,7 @@ async fn leash_at(
         },
     )
     .await?;
-    Ok((stats, cpu_per_call(leash, before, calls)))
+    Ok((stats, leash.cpu_us_per_call(before, calls)))
 }
 
 /// One open-loop round of the empty floor call at `rate`.
@@ -277,7 +269,7 @@ async fn floor_at(floor: &ServerProcess, rate: f64, timing: Timing) -> Result<Ro
         },
     )
     .await?;
-    Ok((stats, cpu_per_call(floor, before, calls)))
+    Ok((stats, floor.cpu_us_per_call(before, calls)))
 }
 
 /// The capacity section of the text report.

@@ -69,6 +69,14 @@ impl ServerProcess {
         ))
     }
 
+    /// CPU time per call over `calls` calls, given the CPU time read
+    /// before them; `None` where `/proc` cannot be read or no call was made.
+    pub fn cpu_us_per_call(&self, before: Option<Duration>, calls: u64) -> Option<f64> {
+        let after = self.cpu_time()?;
+        let before = before?;
+        (calls > 0).then(|| after.saturating_sub(before).as_secs_f64() * 1e6 / calls as f64)
+    }
+
     /// The last lines the process wrote to stderr.
     pub fn tail(&self) -> String {
         self.stderr_tail

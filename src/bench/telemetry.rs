@@ -129,12 +129,7 @@ pub async fn measure(
             let (stats, calls) =
                 leash_run_counted(&leash, Transport::Uds, IN_FLIGHT, timing, requests.clone())
                     .await?;
-            let cpu_us = match (cpu_before, leash.cpu_time()) {
-                (Some(a), Some(b)) if calls > 0 => {
-                    b.saturating_sub(a).as_secs_f64() * 1e6 / calls as f64
-                }
-                _ => 0.0,
-            };
+            let cpu_us = leash.cpu_us_per_call(cpu_before, calls).unwrap_or(0.0);
             dropped[i] += spans_dropped(&leash).await;
             // SIGTERM: the sidecar drains and flushes its span queue.
             leash.terminate(Duration::from_secs(30)).await;
