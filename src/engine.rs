@@ -25,6 +25,7 @@ use cedar_policy::{
 };
 use serde_json::{json, Map, Value};
 
+use crate::bundle::context_check::Shape;
 use crate::bundle::{LeashFields, Snapshot, LEASH_ATTR};
 use crate::service::convert::{extension, Extension};
 
@@ -50,8 +51,8 @@ pub enum ContextInput {
     /// `context_json`: a JSON object in Cedar's context format, parsed with
     /// the schema (so `__entity`/`__extn` escapes may be implicit).
     Json(Map<String, Value>),
-    /// `context`: typed values, already converted.
-    Typed(Vec<(String, RestrictedExpression)>),
+    /// `context`: typed values, already converted, with their shape.
+    Typed(Vec<(String, RestrictedExpression)>, Shape),
 }
 
 /// Request-scoped entities in the form the caller sent them.
@@ -345,10 +346,8 @@ pub fn decide_with_grants(
     // The context is the same for both sides, so it is checked against the
     // action's context type once, here, not in each side's Cedar request.
     if !context.validated {
-        context
-            .context
-            .validate(&snapshot.schema, &request.action)
-            .map_err(|e| request_validation_error(e, "principal.agent", &request.context))?;
+        check_context(snapshot, &request.action, &context.context, &context.shape)
+            .map_err(|e| request_validation_error(*e, "principal.agent", &request.context))?;
     }
     let context = context.context;
     // Elevations are read first: a request that brings entities and is
@@ -696,11 +695,13 @@ fn request_validation_error(
     RequestError::new(field, crate::bundle::cedar_message(&err))
 }
 
-/// A request's context, and whether it has been checked against the
-/// action's context type already.
+/// A request's context, whether it has been checked against the action's
+/// context type already, and its shape (`None`: not known, so a check is
+/// never skipped).
 struct BuiltContext {
     context: Context,
     validated: bool,
+    shape: Option<Shape>,
 }
 
 impl BuiltContext {
@@ -708,8 +709,40 @@ impl BuiltContext {
         Self {
             context,
             validated: false,
+            shape: None,
         }
     }
+
+    fn shaped(context: Context, shape: Shape) -> Self {
+        Self {
+            context,
+            validated: false,
+            shape: Some(shape),
+        }
+    }
+}
+
+/// Checks `context` against the context type of `action`, unless a context
+/// of the same shape passed for it before (see `bundle::context_check`).
+fn check_context(
+    snapshot: &Snapshot,
+    action: &EntityUid,
+    context: &Context,
+    shape: &Option<Shape>,
+) -> Result<(), Box<RequestValidationError>> {
+    let checks = &snapshot.context_checks;
+    if let Some(shape) = shape {
+        if checks.passed(action, shape) {
+            return Ok(());
+        }
+    }
+    context
+        .validate(&snapshot.schema, action)
+        .map_err(Box::new)?;
+    if let Some(shape) = shape {
+        checks.remember(action, shape);
+    }
+    Ok(())
 }
 
 /// The context of both sides: the caller's attributes plus, where the
@@ -738,6 +771,7 @@ fn build_context(
                 return Ok(BuiltContext {
                     context,
                     validated: true,
+                    shape: None,
                 });
             }
             let mut map = map.clone();
@@ -751,7 +785,7 @@ fn build_context(
             .map(BuiltContext::unchecked)
             .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
         }
-        ContextInput::Typed(pairs) => {
+        ContextInput::Typed(pairs, fields_shape) => {
             reserved(pairs.iter().any(|(k, _)| k == LEASH_ATTR))?;
             let mut seen = HashSet::new();
             if let Some((dup, _)) = pairs.iter().find(|(k, _)| !seen.insert(k.as_str())) {
@@ -761,21 +795,39 @@ fn build_context(
                 ));
             }
             let mut pairs = pairs.clone();
+            let mut shape = {
+                let mut record = Shape::default();
+                record.open_record();
+                record.append(fields_shape);
+                record
+            };
             if let Some(fields) = leash {
-                pairs.push((LEASH_ATTR.to_owned(), leash_expr(fields, request, now)));
+                shape.field(LEASH_ATTR);
+                pairs.push((
+                    LEASH_ATTR.to_owned(),
+                    leash_expr(fields, request, now, &mut shape),
+                ));
             }
+            shape.close_record();
             Context::from_pairs(pairs)
-                .map(BuiltContext::unchecked)
+                .map(|c| BuiltContext::shaped(c, shape))
                 .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
         }
-        ContextInput::Empty => match leash {
-            Some(fields) => {
-                Context::from_pairs([(LEASH_ATTR.to_owned(), leash_expr(fields, request, now))])
-                    .map(BuiltContext::unchecked)
-                    .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
-            }
-            None => Ok(BuiltContext::unchecked(Context::empty())),
-        },
+        ContextInput::Empty => {
+            let mut shape = Shape::default();
+            shape.open_record();
+            let built = match leash {
+                Some(fields) => {
+                    shape.field(LEASH_ATTR);
+                    let record = leash_expr(fields, request, now, &mut shape);
+                    Context::from_pairs([(LEASH_ATTR.to_owned(), record)])
+                        .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))?
+                }
+                None => Context::empty(),
+            };
+            shape.close_record();
+            Ok(BuiltContext::shaped(built, shape))
+        }
     }
 }
 
@@ -823,30 +875,56 @@ fn explicit_json_context(
     now: &RequestTime,
 ) -> Option<Context> {
     let mut pairs = Vec::with_capacity(map.len() + 1);
+    let mut shape = Shape::default();
+    shape.open_record();
     for (key, value) in map {
-        pairs.push((key.clone(), explicit_json_value(value, 0)?));
+        shape.field(key);
+        pairs.push((key.clone(), explicit_json_value(value, 0, &mut shape)?));
     }
     if let Some(fields) = leash {
-        pairs.push((LEASH_ATTR.to_owned(), leash_expr(fields, request, now)));
+        shape.field(LEASH_ATTR);
+        pairs.push((
+            LEASH_ATTR.to_owned(),
+            leash_expr(fields, request, now, &mut shape),
+        ));
     }
+    shape.close_record();
     let context = Context::from_pairs(pairs).ok()?;
-    context.validate(&snapshot.schema, &request.action).ok()?;
+    check_context(snapshot, &request.action, &context, &Some(shape)).ok()?;
     Some(context)
 }
 
-fn explicit_json_value(value: &Value, depth: usize) -> Option<RestrictedExpression> {
+fn explicit_json_value(
+    value: &Value,
+    depth: usize,
+    shape: &mut Shape,
+) -> Option<RestrictedExpression> {
     if depth > crate::service::convert::MAX_VALUE_DEPTH {
         return None;
     }
     match value {
-        Value::Bool(b) => Some(RestrictedExpression::new_bool(*b)),
-        Value::Number(n) => n.as_i64().map(RestrictedExpression::new_long),
-        Value::String(s) => Some(RestrictedExpression::new_string(s.clone())),
-        Value::Array(items) => items
-            .iter()
-            .map(|v| explicit_json_value(v, depth + 1))
-            .collect::<Option<Vec<_>>>()
-            .map(RestrictedExpression::new_set),
+        Value::Bool(b) => {
+            shape.bool();
+            Some(RestrictedExpression::new_bool(*b))
+        }
+        Value::Number(n) => {
+            shape.long();
+            n.as_i64().map(RestrictedExpression::new_long)
+        }
+        Value::String(s) => {
+            shape.string();
+            Some(RestrictedExpression::new_string(s.clone()))
+        }
+        Value::Array(items) => {
+            shape.open_set();
+            let items = items
+                .iter()
+                .map(|v| explicit_json_value(v, depth + 1, shape))
+                .collect::<Option<Vec<_>>>()
+                .map(RestrictedExpression::new_set);
+            shape.close_set();
+            items
+        }
         Value::Object(map) if map.keys().any(|k| k.starts_with("__")) => {
             if map.len() != 1 {
                 return None;
@@ -858,9 +936,9 @@ fn explicit_json_value(value: &Value, depth: usize) -> Option<RestrictedExpressi
                     return None;
                 };
                 let ty = crate::service::convert::type_name(ty)?;
-                return Some(RestrictedExpression::new_entity_uid(
-                    EntityUid::from_type_name_and_id(ty, cedar_policy::EntityId::new(id)),
-                ));
+                let uid = EntityUid::from_type_name_and_id(ty, cedar_policy::EntityId::new(id));
+                shape.entity(&uid);
+                return Some(RestrictedExpression::new_entity_uid(uid));
             }
             let Some(Value::Object(ext)) = map.get("__extn") else {
                 return None;
@@ -870,55 +948,78 @@ fn explicit_json_value(value: &Value, depth: usize) -> Option<RestrictedExpressi
             else {
                 return None;
             };
-            match function.as_str() {
-                "ip" => Some(extension(Extension::Ip, arg)),
-                "decimal" => Some(extension(Extension::Decimal, arg)),
-                "datetime" => Some(extension(Extension::Datetime, arg)),
-                "duration" => Some(extension(Extension::Duration, arg)),
-                _ => None,
-            }
+            let kind = match function.as_str() {
+                "ip" => Extension::Ip,
+                "decimal" => Extension::Decimal,
+                "datetime" => Extension::Datetime,
+                "duration" => Extension::Duration,
+                _ => return None,
+            };
+            shape.extension(kind.name());
+            Some(extension(kind, arg))
         }
-        Value::Object(map) => map
-            .iter()
-            .map(|(k, v)| explicit_json_value(v, depth + 1).map(|e| (k.clone(), e)))
-            .collect::<Option<Vec<_>>>()
-            .and_then(|fields| RestrictedExpression::new_record(fields).ok()),
+        Value::Object(map) => {
+            shape.open_record();
+            let fields = map
+                .iter()
+                .map(|(k, v)| {
+                    shape.field(k);
+                    explicit_json_value(v, depth + 1, shape).map(|e| (k.clone(), e))
+                })
+                .collect::<Option<Vec<_>>>();
+            shape.close_record();
+            fields.and_then(|fields| RestrictedExpression::new_record(fields).ok())
+        }
         Value::Null => None,
     }
 }
 
+/// The trusted `leash` record, its shape written to `shape`.
 fn leash_expr(
     fields: LeashFields,
     request: &AuthzRequest,
     now: &RequestTime,
+    shape: &mut Shape,
 ) -> RestrictedExpression {
     let mut record: Vec<(String, RestrictedExpression)> = Vec::with_capacity(4);
+    shape.open_record();
     if fields.agent {
+        shape.field("agent");
+        shape.entity(&request.agent);
         record.push((
             "agent".to_owned(),
             RestrictedExpression::new_entity_uid(request.agent.clone()),
         ));
     }
     if let (true, Some(user)) = (fields.user, &request.on_behalf_of) {
+        shape.field("user");
+        shape.entity(user);
         record.push((
             "user".to_owned(),
             RestrictedExpression::new_entity_uid(user.clone()),
         ));
     }
     if fields.delegated {
+        shape.field("delegated");
+        shape.bool();
         record.push((
             "delegated".to_owned(),
             RestrictedExpression::new_bool(request.on_behalf_of.is_some()),
         ));
     }
     if fields.now {
+        shape.field("now");
+        shape.extension(Extension::Datetime.name());
         record.push(("now".to_owned(), now.expression()));
     }
+    shape.close_record();
     // The keys above are distinct, so building the record cannot fail; if it
     // ever did, an empty record fails schema validation of the request (a
     // clear error), never an allow.
-    RestrictedExpression::new_record(record)
-        .unwrap_or_else(|_| RestrictedExpression::new_set(std::iter::empty()))
+    RestrictedExpression::new_record(record).unwrap_or_else(|_| {
+        shape.unusable();
+        RestrictedExpression::new_set(std::iter::empty())
+    })
 }
 
 /// The bundle's entities plus the request's. A request may add entities but

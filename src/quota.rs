@@ -362,7 +362,7 @@ fn cost_of(context: &ContextInput, attr: &str) -> Option<u128> {
             }
             _ => None,
         },
-        ContextInput::Typed(_) => match typed(context, attr)? {
+        ContextInput::Typed(..) => match typed(context, attr)? {
             cedar_policy::EvalResult::Long(n) => u64::try_from(n).ok().map(scaled),
             cedar_policy::EvalResult::ExtensionValue(text) => text
                 .strip_prefix("decimal(\"")
@@ -379,7 +379,7 @@ fn cost_of(context: &ContextInput, attr: &str) -> Option<u128> {
 fn session_of(context: &ContextInput) -> Option<String> {
     match context {
         ContextInput::Json(map) => map.get(SESSION_ATTR)?.as_str().map(str::to_owned),
-        ContextInput::Typed(_) => match typed(context, SESSION_ATTR)? {
+        ContextInput::Typed(..) => match typed(context, SESSION_ATTR)? {
             cedar_policy::EvalResult::String(s) => Some(s),
             _ => None,
         },
@@ -390,7 +390,7 @@ fn session_of(context: &ContextInput) -> Option<String> {
 /// A typed context attribute's value, read back through a one-attribute
 /// context: the public way to evaluate a restricted expression.
 fn typed(context: &ContextInput, attr: &str) -> Option<cedar_policy::EvalResult> {
-    let ContextInput::Typed(pairs) = context else {
+    let ContextInput::Typed(pairs, _) = context else {
         return None;
     };
     let (_, value) = pairs.iter().find(|(k, _)| k == attr)?;

@@ -6,6 +6,7 @@
 
 pub mod approvals;
 pub mod approvers;
+pub mod context_check;
 mod diagnostic;
 pub mod elevated;
 mod index;
@@ -83,6 +84,10 @@ pub struct Snapshot {
     pub actions: HashSet<EntityUid>,
     /// Which actions ask for the trusted `context.leash` record.
     pub reserved: ReservedContext,
+    /// Context shapes that passed the check against their action's context
+    /// type, so a context of the same shape is not checked again; off with
+    /// the index.
+    pub context_checks: context_check::ContextChecks,
     /// The file and position of each policy, by id.
     pub policy_origins: BTreeMap<String, PolicyOrigin>,
     /// The bundle's files, in load order.
@@ -214,6 +219,7 @@ impl Snapshot {
                 ReservedContext::default()
             }
         };
+        let context_checks = context_check::ContextChecks::scan(&fragments_json, cache.index);
 
         let began = Instant::now();
         let (warnings, clean) = validate(
@@ -272,6 +278,7 @@ impl Snapshot {
             entities,
             actions,
             reserved,
+            context_checks,
             policy_origins,
             files: sources.files().map(|f| f.path.clone()).collect(),
             warnings,

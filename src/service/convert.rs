@@ -7,6 +7,7 @@ use std::str::FromStr;
 use cedar_policy::{Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
 use serde_json::Value;
 
+use crate::bundle::context_check::Shape;
 use crate::engine::{AuthzRequest, ContextInput, EntitiesInput, RequestError};
 use crate::proto::v1 as pb;
 
@@ -42,10 +43,15 @@ pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestErr
         Some(C::ContextJson(text)) => ContextInput::Json(context_json(text)?),
         Some(C::Context(record)) => {
             let mut pairs = Vec::with_capacity(record.fields.len());
+            let mut shape = Shape::default();
             for (name, v) in &record.fields {
-                pairs.push((name.clone(), value(&format!("context.{name}"), v, 1)?));
+                shape.field(name);
+                pairs.push((
+                    name.clone(),
+                    value(&format!("context.{name}"), v, 1, &mut shape)?,
+                ));
             }
-            ContextInput::Typed(pairs)
+            ContextInput::Typed(pairs, shape)
         }
     };
     let entities = match &req.entities_input {
@@ -134,7 +140,7 @@ pub(crate) enum Extension {
 impl Extension {
     const ALL: [Self; 4] = [Self::Ip, Self::Decimal, Self::Datetime, Self::Duration];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Ip => "ip",
             Self::Decimal => "decimal",
@@ -202,7 +208,13 @@ pub fn entity_uid(field: &str, uid: Option<&pb::EntityUid>) -> Result<EntityUid,
     ))
 }
 
-fn value(path: &str, v: &pb::Value, depth: usize) -> Result<RestrictedExpression, RequestError> {
+/// A typed value, its shape written to `shape`.
+fn value(
+    path: &str,
+    v: &pb::Value,
+    depth: usize,
+    shape: &mut Shape,
+) -> Result<RestrictedExpression, RequestError> {
     if depth > MAX_VALUE_DEPTH {
         return Err(RequestError::new(
             path,
@@ -215,33 +227,51 @@ fn value(path: &str, v: &pb::Value, depth: usize) -> Result<RestrictedExpression
         .as_ref()
         .ok_or_else(|| RequestError::new(path, "value has no kind set"))?;
     Ok(match kind {
-        Kind::Bool(b) => RestrictedExpression::new_bool(*b),
-        Kind::Long(n) => RestrictedExpression::new_long(*n),
-        Kind::String(s) => RestrictedExpression::new_string(s.clone()),
-        Kind::Entity(uid) => RestrictedExpression::new_entity_uid(entity_uid(path, Some(uid))?),
+        Kind::Bool(b) => {
+            shape.bool();
+            RestrictedExpression::new_bool(*b)
+        }
+        Kind::Long(n) => {
+            shape.long();
+            RestrictedExpression::new_long(*n)
+        }
+        Kind::String(s) => {
+            shape.string();
+            RestrictedExpression::new_string(s.clone())
+        }
+        Kind::Entity(uid) => {
+            let uid = entity_uid(path, Some(uid))?;
+            shape.entity(&uid);
+            RestrictedExpression::new_entity_uid(uid)
+        }
         Kind::Set(set) => {
             let mut items = Vec::with_capacity(set.values.len());
+            shape.open_set();
             for (i, item) in set.values.iter().enumerate() {
-                items.push(value(&format!("{path}[{i}]"), item, depth + 1)?);
+                items.push(value(&format!("{path}[{i}]"), item, depth + 1, shape)?);
             }
+            shape.close_set();
             RestrictedExpression::new_set(items)
         }
         Kind::Record(record) => {
             let mut fields = Vec::with_capacity(record.fields.len());
+            shape.open_record();
             for (name, item) in &record.fields {
+                shape.field(name);
                 fields.push((
                     name.clone(),
-                    value(&format!("{path}.{name}"), item, depth + 1)?,
+                    value(&format!("{path}.{name}"), item, depth + 1, shape)?,
                 ));
             }
+            shape.close_record();
             RestrictedExpression::new_record(fields)
                 .map_err(|e| RequestError::new(path, crate::bundle::cedar_message(&e)))?
         }
         Kind::Extension(ext) => match ext.r#fn.as_str() {
-            "ip" | "ipaddr" => extension(Extension::Ip, &ext.arg),
-            "decimal" => extension(Extension::Decimal, &ext.arg),
-            "datetime" => extension(Extension::Datetime, &ext.arg),
-            "duration" => extension(Extension::Duration, &ext.arg),
+            "ip" | "ipaddr" => typed_extension(Extension::Ip, &ext.arg, shape),
+            "decimal" => typed_extension(Extension::Decimal, &ext.arg, shape),
+            "datetime" => typed_extension(Extension::Datetime, &ext.arg, shape),
+            "duration" => typed_extension(Extension::Duration, &ext.arg, shape),
             other => {
                 return Err(RequestError::new(
                     format!("{path}.fn"),
@@ -255,11 +285,21 @@ fn value(path: &str, v: &pb::Value, depth: usize) -> Result<RestrictedExpression
     })
 }
 
+fn typed_extension(kind: Extension, arg: &str, shape: &mut Shape) -> RestrictedExpression {
+    shape.extension(kind.name());
+    extension(kind, arg)
+}
+
 fn entity(path: &str, e: &pb::Entity) -> Result<Entity, RequestError> {
     let uid = entity_uid(&format!("{path}.uid"), e.uid.as_ref())?;
     let mut attrs = Vec::with_capacity(e.attrs.len());
     for (name, v) in &e.attrs {
-        attrs.push((name.clone(), value(&format!("{path}.attrs.{name}"), v, 1)?));
+        // An entity's attributes are not checked by shape: theirs is unused.
+        let unused = &mut Shape::default();
+        attrs.push((
+            name.clone(),
+            value(&format!("{path}.attrs.{name}"), v, 1, unused)?,
+        ));
     }
     let mut parents = Vec::with_capacity(e.parents.len());
     for (i, p) in e.parents.iter().enumerate() {
@@ -267,7 +307,11 @@ fn entity(path: &str, e: &pb::Entity) -> Result<Entity, RequestError> {
     }
     let mut tags = Vec::with_capacity(e.tags.len());
     for (name, v) in &e.tags {
-        tags.push((name.clone(), value(&format!("{path}.tags.{name}"), v, 1)?));
+        let unused = &mut Shape::default();
+        tags.push((
+            name.clone(),
+            value(&format!("{path}.tags.{name}"), v, 1, unused)?,
+        ));
     }
     Entity::new_with_tags(uid, attrs, parents, tags)
         .map_err(|err| RequestError::new(path, crate::bundle::cedar_message(&err)))
@@ -404,7 +448,7 @@ mod tests {
                 kind: Some(pb::value::Kind::Set(pb::ValueSet { values: vec![v] })),
             };
         }
-        let err = value("context.x", &v, 1).expect_err("too deep");
+        let err = value("context.x", &v, 1, &mut Shape::default()).expect_err("too deep");
         assert!(err.problem.contains("deeper than 32"), "{err}");
     }
 }
