@@ -256,19 +256,16 @@ pub struct RequestTime(String);
 impl RequestTime {
     /// The sidecar's clock now.
     pub fn now() -> Self {
-        Self(
-            chrono::Utc::now()
-                .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-                .to_string(),
-        )
+        Self::of(SystemTime::now())
     }
 
     /// The time `at`, e.g. from the server's [`crate::server::Clock`].
     pub fn of(at: std::time::SystemTime) -> Self {
+        // RFC 3339 in UTC to the millisecond, `2026-01-31T12:00:00.000Z`;
+        // the direct formatter, as a format string is parsed on every call.
         Self(
             chrono::DateTime::<chrono::Utc>::from(at)
-                .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-                .to_string(),
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         )
     }
 
@@ -1119,5 +1116,19 @@ fn context_refs(context: &Context) -> Option<Vec<EntityUid>> {
             Some(out)
         }
         cedar_policy_core::ast::Context::RestrictedResidual(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_time_is_rfc3339_utc_to_the_millisecond() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_769_860_800_500);
+        assert_eq!(RequestTime::of(at).as_str(), "2026-01-31T12:00:00.500Z");
+        let now = RequestTime::now();
+        assert_eq!(now.as_str().len(), "2026-01-31T12:00:00.500Z".len());
+        assert!(now.as_str().ends_with('Z'));
     }
 }

@@ -174,8 +174,18 @@ fn init_logging(format: LogFormat, filter: &str) -> Option<FlushOnExit> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let terminal = std::io::stderr().is_terminal();
+    let json = match format {
+        LogFormat::Text => false,
+        LogFormat::Auto => !terminal,
+        LogFormat::Json => true,
+    };
     let (writer, flush) = match QueuedStderr::start() {
-        Ok((writer, flush)) => (BoxMakeWriter::new(writer), Some(flush)),
+        Ok((writer, flush)) => {
+            if json {
+                leash::telemetry::log_writer::set_json_lines(&writer);
+            }
+            (BoxMakeWriter::new(writer), Some(flush))
+        }
         Err(e) => {
             eprintln!("warning: cannot start the log writer thread ({e}); logging directly");
             (BoxMakeWriter::new(std::io::stderr), None)

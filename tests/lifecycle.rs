@@ -505,6 +505,21 @@ fn serve_with_no_flags_serves_the_example_until_sigterm() {
         "{deny}"
     );
     assert!(deny["request_id"].as_str().is_some_and(|id| !id.is_empty()));
+    // The layout of every other line: RFC 3339 to the microsecond, target.
+    assert_eq!(deny["target"], "leash::telemetry");
+    assert!(
+        deny["timestamp"]
+            .as_str()
+            .is_some_and(|t| t.len() == 27 && t.ends_with('Z')),
+        "{deny}"
+    );
+    assert!(deny["policy_version"]
+        .as_str()
+        .is_some_and(|v| !v.is_empty()));
+    assert!(
+        deny.get("trace_id").is_none(),
+        "no trace, no trace_id: {deny}"
+    );
 
     let pid = child.id().to_string();
     assert!(Command::new("kill")

@@ -11,6 +11,7 @@
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Lines that fit in the queue; beyond, lines are dropped.
@@ -36,6 +37,70 @@ enum Message {
 #[derive(Debug, Clone)]
 pub struct QueuedStderr {
     queue: SyncSender<Message>,
+}
+
+/// The queue, when log lines are JSON: the deny line is then written
+/// directly (see [`DecisionLine`]) rather than through the subscriber.
+static JSON_LINES: OnceLock<QueuedStderr> = OnceLock::new();
+
+/// Called by the binary once its subscriber writes JSON into `queue`.
+pub fn set_json_lines(queue: &QueuedStderr) {
+    let _ = JSON_LINES.set(queue.clone());
+}
+
+/// One JSON log line built by hand, in the layout of the subscriber's JSON
+/// lines (`timestamp`, `level`, `message`, the fields, `target`), for the
+/// one event logged per denied call. Formatting it through the subscriber
+/// (a visitor per field, a map, then serialization) cost about 20,000
+/// instructions per deny, a tenth of the call; this costs a few thousand.
+pub struct DecisionLine {
+    line: Vec<u8>,
+}
+
+impl DecisionLine {
+    /// A line at `level` with `message`, or `None` when lines are not JSON
+    /// into the queue (text logs, tests): then use the subscriber.
+    pub fn start(level: &str, message: &str) -> Option<Self> {
+        JSON_LINES.get()?;
+        let mut line = Vec::with_capacity(512);
+        line.extend_from_slice(b"{\"timestamp\":\"");
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        line.extend_from_slice(now.as_bytes());
+        line.extend_from_slice(b"\",\"level\":");
+        let mut this = Self { line };
+        this.string(level);
+        this.field("message", message);
+        Some(this)
+    }
+
+    /// A string field; the subscriber leaves out absent ones, so do `None`s.
+    pub fn field<'a>(&mut self, name: &str, value: impl Into<Option<&'a str>>) -> &mut Self {
+        if let Some(value) = value.into() {
+            self.line.push(b',');
+            self.string(name);
+            self.line.push(b':');
+            self.string(value);
+        }
+        self
+    }
+
+    fn string(&mut self, text: &str) {
+        // Serializing a &str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut self.line, text);
+    }
+
+    /// Ends the line with its target and queues it (or drops and counts it
+    /// when the queue is full, as for every line).
+    pub fn send(mut self, target: &str) {
+        self.field("target", target);
+        self.line.extend_from_slice(b"}\n");
+        if let Some(queue) = JSON_LINES.get() {
+            drop(QueuedLine {
+                queue: &queue.queue,
+                line: self.line,
+            });
+        }
+    }
 }
 
 /// Held by `main` until exit: dropping it writes out what is queued.
@@ -170,6 +235,41 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for QueuedStderr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_decision_line_has_the_subscribers_layout() {
+        let (queue, lines) = mpsc::sync_channel(4);
+        set_json_lines(&QueuedStderr { queue });
+        let mut line = DecisionLine::start("INFO", "decision").expect("json lines are on");
+        line.field("agent", "Agent::\"a\"")
+            .field("on_behalf_of", None)
+            .field("reason", "line\nbreak");
+        line.send("leash::telemetry");
+        let Ok(Message::Line(bytes)) = lines.try_recv() else {
+            panic!("a line is queued");
+        };
+        assert!(bytes.ends_with(b"}\n"));
+        let text = String::from_utf8(bytes).expect("utf-8");
+        let parsed: serde_json::Value = serde_json::from_str(&text).expect("one JSON object");
+        let keys: Vec<&str> = parsed
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            ["timestamp", "level", "message", "agent", "reason", "target"]
+        );
+        assert_eq!(parsed["agent"], "Agent::\"a\"");
+        assert_eq!(parsed["reason"], "line\nbreak");
+        let timestamp = parsed["timestamp"].as_str().expect("timestamp");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(timestamp).is_ok(),
+            "{timestamp}"
+        );
+        assert_eq!(timestamp.len(), "2026-01-31T12:00:00.000000Z".len());
+    }
 
     #[test]
     fn a_full_queue_drops_and_counts_instead_of_blocking() {

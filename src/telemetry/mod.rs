@@ -603,23 +603,51 @@ fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
             policy_version = version,
             "decision"
         ),
-        (Ok(d), _) => info!(
-            request_id = view.request_id,
-            trace_id,
-            agent = agent.as_deref(),
-            on_behalf_of = user.as_deref(),
-            action = action.as_deref(),
-            resource = resource.as_deref(),
-            decision = outcome.as_str(),
-            reason = %view.audit_error.map_or_else(
+        (Ok(d), _) if tracing::enabled!(tracing::Level::INFO) => {
+            let reason = view.audit_error.map_or_else(
                 || d.deny_reason(),
-                |e| format!("audit trail unavailable: {e}")
-            ),
-            determining_policies = %d.determining.join(","),
-            error_policies = %d.errors.iter().map(|e| e.policy_id.as_str()).collect::<Vec<_>>().join(","),
-            policy_version = version,
-            "decision"
-        ),
+                |e| format!("audit trail unavailable: {e}"),
+            );
+            let determining = d.determining.join(",");
+            let errors = d
+                .errors
+                .iter()
+                .map(|e| e.policy_id.as_str())
+                .collect::<Vec<_>>()
+                .join(",");
+            match log_writer::DecisionLine::start("INFO", "decision") {
+                Some(mut line) => {
+                    line.field("request_id", view.request_id)
+                        .field("trace_id", trace_id)
+                        .field("agent", agent.as_deref())
+                        .field("on_behalf_of", user.as_deref())
+                        .field("action", action.as_deref())
+                        .field("resource", resource.as_deref())
+                        .field("decision", outcome.as_str())
+                        .field("reason", reason.as_str())
+                        .field("determining_policies", determining.as_str())
+                        .field("error_policies", errors.as_str())
+                        .field("policy_version", version);
+                    line.send(module_path!());
+                }
+                None => info!(
+                    request_id = view.request_id,
+                    trace_id,
+                    agent = agent.as_deref(),
+                    on_behalf_of = user.as_deref(),
+                    action = action.as_deref(),
+                    resource = resource.as_deref(),
+                    decision = outcome.as_str(),
+                    reason = %reason,
+                    determining_policies = %determining,
+                    error_policies = %errors,
+                    policy_version = version,
+                    "decision"
+                ),
+            }
+        }
+        // A deny with info turned off for this module.
+        (Ok(_), _) => {}
         (Err(e), _) => {
             // The problem text may quote context values: debug only.
             info!(
