@@ -793,7 +793,7 @@ fn build_context(
             }
             let mut pairs = pairs.clone();
             let mut shape = {
-                let mut record = Shape::default();
+                let mut record = Shape::new();
                 record.open_record();
                 record.append(fields_shape);
                 record
@@ -811,7 +811,7 @@ fn build_context(
                 .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
         }
         ContextInput::Empty => {
-            let mut shape = Shape::default();
+            let mut shape = Shape::new();
             shape.open_record();
             let built = match leash {
                 Some(fields) => {
@@ -872,7 +872,7 @@ fn explicit_json_context(
     now: &RequestTime,
 ) -> Option<Context> {
     let mut pairs = Vec::with_capacity(map.len() + 1);
-    let mut shape = Shape::default();
+    let mut shape = Shape::new();
     shape.open_record();
     for (key, value) in map {
         shape.field(key);

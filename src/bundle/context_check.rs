@@ -34,99 +34,139 @@ use serde_json::Value;
 /// callers send few distinct shapes, so this is rarely reached.
 pub const KEPT: usize = 4096;
 
+/// Longest shape key written (bytes). A larger context (a set of thousands
+/// of values, say) is not remembered and is checked every time, so the
+/// memory holds at most `KEPT` × this, and writing a shape costs at most
+/// this much work whatever the context's size.
+pub const MAX_KEY: usize = 1024;
+
 /// The shape of a context as it is built, value by value: a key that is
 /// equal for two contexts exactly when they have the same shape (lengths
-/// prefix every name, so no two shapes write the same key), plus the entity
-/// types seen.
+/// prefix every name and no value token starts with a digit, so no two
+/// shapes write the same key), plus the entity types seen. Made only inside
+/// the crate, by the code that builds the value it describes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shape {
     key: String,
     types: Vec<EntityTypeName>,
-    /// False once [`Shape::unusable`] was called.
+    /// False once the shape is too long or does not describe its value:
+    /// it is then never remembered nor found.
     usable: bool,
 }
 
-impl Default for Shape {
-    fn default() -> Self {
+impl Shape {
+    pub(crate) fn new() -> Self {
         Self {
             key: String::new(),
             types: Vec::new(),
             usable: true,
         }
     }
-}
 
-impl Shape {
-    pub fn bool(&mut self) {
-        self.key.push('b');
+    pub(crate) fn bool(&mut self) {
+        self.token('b');
     }
 
-    pub fn long(&mut self) {
-        self.key.push('l');
+    pub(crate) fn long(&mut self) {
+        self.token('l');
     }
 
-    pub fn string(&mut self) {
-        self.key.push('s');
+    pub(crate) fn string(&mut self) {
+        self.token('s');
     }
 
-    pub fn entity(&mut self, uid: &EntityUid) {
+    pub(crate) fn entity(&mut self, uid: &EntityUid) {
+        if !self.usable {
+            return;
+        }
         let ty = uid.type_name();
-        self.key.push('e');
+        self.token('e');
         self.name(&ty.to_string());
-        if !self.types.contains(ty) {
+        // At most MAX_KEY / 3 types fit in a usable key, so this stays short.
+        if self.usable && !self.types.contains(ty) {
             self.types.push(ty.clone());
         }
     }
 
     /// An extension value made by the constructor `name` (`decimal`, ...).
-    pub fn extension(&mut self, name: &str) {
-        self.key.push('x');
+    pub(crate) fn extension(&mut self, name: &str) {
+        self.token('x');
         self.name(name);
     }
 
-    pub fn open_set(&mut self) {
-        self.key.push('[');
+    pub(crate) fn open_set(&mut self) {
+        self.token('[');
     }
 
-    pub fn close_set(&mut self) {
-        self.key.push(']');
+    pub(crate) fn close_set(&mut self) {
+        self.token(']');
     }
 
-    pub fn open_record(&mut self) {
-        self.key.push('{');
+    pub(crate) fn open_record(&mut self) {
+        self.token('{');
     }
 
     /// A record field's name; its value's shape follows.
-    pub fn field(&mut self, name: &str) {
+    pub(crate) fn field(&mut self, name: &str) {
         self.name(name);
     }
 
-    pub fn close_record(&mut self) {
-        self.key.push('}');
+    pub(crate) fn close_record(&mut self) {
+        self.token('}');
     }
 
     /// Appends the shape of values written elsewhere (a typed context's
     /// fields, converted from the wire).
-    pub fn append(&mut self, other: &Shape) {
+    pub(crate) fn append(&mut self, other: &Shape) {
+        if !other.usable {
+            self.unusable();
+        }
+        if !self.usable {
+            return;
+        }
         self.key.push_str(&other.key);
         for ty in &other.types {
             if !self.types.contains(ty) {
                 self.types.push(ty.clone());
             }
         }
+        self.bound();
     }
 
-    /// Marks a shape that does not describe its value: no context of it is
-    /// ever taken as checked (`!` is written by nothing else).
-    pub fn unusable(&mut self) {
-        self.key.push('!');
+    /// Marks a shape that does not describe its value (or is too long): no
+    /// context of it is ever taken as checked, and nothing more is written.
+    pub(crate) fn unusable(&mut self) {
         self.usable = false;
+        self.key.clear();
+        self.key.push('!');
+        self.types.clear();
+    }
+
+    fn token(&mut self, token: char) {
+        if self.usable {
+            self.key.push(token);
+            self.bound();
+        }
     }
 
     fn name(&mut self, name: &str) {
+        if !self.usable {
+            return;
+        }
+        if name.len() > MAX_KEY {
+            self.unusable();
+            return;
+        }
         // Writing to a String cannot fail.
         let _ = write!(self.key, "{}:", name.len());
         self.key.push_str(name);
+        self.bound();
+    }
+
+    fn bound(&mut self) {
+        if self.key.len() > MAX_KEY {
+            self.unusable();
+        }
     }
 }
 
@@ -259,12 +299,12 @@ mod tests {
 
     #[test]
     fn names_are_length_prefixed_so_shapes_do_not_collide() {
-        let mut a = Shape::default();
+        let mut a = Shape::new();
         a.open_record();
         a.field("ab");
         a.string();
         a.close_record();
-        let mut b = Shape::default();
+        let mut b = Shape::new();
         b.open_record();
         b.field("a");
         b.field("bs");
@@ -284,12 +324,12 @@ mod tests {
             "App::Action::\"read\"",
             "Action::\"read\"",
         ] {
-            let mut shape = Shape::default();
+            let mut shape = Shape::new();
             shape.entity(&uid(entity));
             checks.remember(&action, &shape);
             assert!(!checks.passed(&action, &shape), "{entity}");
         }
-        let mut plain = Shape::default();
+        let mut plain = Shape::new();
         plain.entity(&uid("App::User::\"alice\""));
         checks.remember(&action, &plain);
         assert!(checks.passed(&action, &plain));
@@ -298,10 +338,36 @@ mod tests {
     }
 
     #[test]
+    fn large_contexts_are_never_remembered() {
+        let checks = ContextChecks::scan(&[], true);
+        let action = uid("Action::\"read\"");
+        let mut shape = Shape::new();
+        shape.open_record();
+        shape.field("tags");
+        shape.open_set();
+        for _ in 0..MAX_KEY {
+            shape.string();
+        }
+        shape.close_set();
+        shape.close_record();
+        assert!(shape.key.len() <= MAX_KEY);
+        checks.remember(&action, &shape);
+        assert!(!checks.passed(&action, &shape));
+        assert!(checks.is_empty());
+        // Unusable stays unusable when appended.
+        let mut outer = Shape::new();
+        outer.open_record();
+        outer.append(&shape);
+        outer.close_record();
+        checks.remember(&action, &outer);
+        assert!(checks.is_empty());
+    }
+
+    #[test]
     fn turned_off_remembers_nothing() {
         let checks = ContextChecks::scan(&[], false);
         let action = uid("Action::\"read\"");
-        let shape = Shape::default();
+        let shape = Shape::new();
         checks.remember(&action, &shape);
         assert!(!checks.passed(&action, &shape));
         assert!(checks.is_empty());
@@ -311,7 +377,7 @@ mod tests {
     fn memory_is_bounded() {
         let checks = ContextChecks::scan(&[], true);
         for i in 0..=KEPT {
-            checks.remember(&uid(&format!("Action::\"a{i}\"")), &Shape::default());
+            checks.remember(&uid(&format!("Action::\"a{i}\"")), &Shape::new());
         }
         assert!(checks.len() <= KEPT);
     }

@@ -43,7 +43,7 @@ pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestErr
         Some(C::ContextJson(text)) => ContextInput::Json(context_json(text)?),
         Some(C::Context(record)) => {
             let mut pairs = Vec::with_capacity(record.fields.len());
-            let mut shape = Shape::default();
+            let mut shape = Shape::new();
             for (name, v) in &record.fields {
                 shape.field(name);
                 pairs.push((
@@ -295,7 +295,7 @@ fn entity(path: &str, e: &pb::Entity) -> Result<Entity, RequestError> {
     let mut attrs = Vec::with_capacity(e.attrs.len());
     for (name, v) in &e.attrs {
         // An entity's attributes are not checked by shape: theirs is unused.
-        let unused = &mut Shape::default();
+        let unused = &mut Shape::new();
         attrs.push((
             name.clone(),
             value(&format!("{path}.attrs.{name}"), v, 1, unused)?,
@@ -307,7 +307,7 @@ fn entity(path: &str, e: &pb::Entity) -> Result<Entity, RequestError> {
     }
     let mut tags = Vec::with_capacity(e.tags.len());
     for (name, v) in &e.tags {
-        let unused = &mut Shape::default();
+        let unused = &mut Shape::new();
         tags.push((
             name.clone(),
             value(&format!("{path}.tags.{name}"), v, 1, unused)?,
@@ -448,7 +448,7 @@ mod tests {
                 kind: Some(pb::value::Kind::Set(pb::ValueSet { values: vec![v] })),
             };
         }
-        let err = value("context.x", &v, 1, &mut Shape::default()).expect_err("too deep");
+        let err = value("context.x", &v, 1, &mut Shape::new()).expect_err("too deep");
         assert!(err.problem.contains("deeper than 32"), "{err}");
     }
 }

@@ -238,6 +238,8 @@ mod tests {
 
     #[test]
     fn a_decision_line_has_the_subscribers_layout() {
+        // Sets the process-wide queue for this test binary; no other unit
+        // test logs a decision line.
         let (queue, lines) = mpsc::sync_channel(4);
         set_json_lines(&QueuedStderr { queue });
         let mut line = DecisionLine::start("INFO", "decision").expect("json lines are on");

@@ -603,6 +603,9 @@ fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
             policy_version = version,
             "decision"
         ),
+        // Level and target filters apply as to the `info!` below (same
+        // target); the hand-written line carries no span keys, and leash
+        // enters no tracing span around a decision.
         (Ok(d), _) if tracing::enabled!(tracing::Level::INFO) => {
             let reason = view.audit_error.map_or_else(
                 || d.deny_reason(),
