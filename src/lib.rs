@@ -37,7 +37,9 @@
 //!   so a request evaluates only those that could apply to it; and
 //!   `bundle::reach`, the entity references that let a request bringing
 //!   entities be decided on the bundle entities it can reach; and
-//!   `bundle::elevated`, elevated entity sets built once per snapshot.
+//!   `bundle::elevated`, elevated entity sets built once per snapshot; and
+//!   `bundle::context_check`, the context shapes that passed the schema
+//!   check, so a context of the same shape is not checked again.
 //! - [`grants`]: signed approval grants (Ed25519 JWS) verified offline
 //!   against the approvers' keys in the bundle (`bundle::approvers`): a
 //!   valid grant for a gated request's fingerprint allows it once; every
