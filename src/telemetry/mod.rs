@@ -576,8 +576,16 @@ pub struct DecisionView<'a> {
 /// One line per decision: DENY and invalid requests at info, ALLOW at
 /// debug. Never context values.
 fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
-    // The fields cost allocations; an ALLOW is only logged at debug.
-    if outcome == Outcome::Allow && !tracing::enabled!(tracing::Level::DEBUG) {
+    // The fields cost allocations: build them only for a line that is on.
+    // Level and target filters apply to the hand-written deny line below as
+    // to the macros (same target); it carries no span keys, and leash enters
+    // no tracing span around a decision.
+    let on = if outcome == Outcome::Allow {
+        tracing::enabled!(tracing::Level::DEBUG)
+    } else {
+        tracing::enabled!(tracing::Level::INFO)
+    };
+    if !on {
         return;
     }
     let trace_id = scope.trace_id();
@@ -603,10 +611,7 @@ fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
             policy_version = version,
             "decision"
         ),
-        // Level and target filters apply as to the `info!` below (same
-        // target); the hand-written line carries no span keys, and leash
-        // enters no tracing span around a decision.
-        (Ok(d), _) if tracing::enabled!(tracing::Level::INFO) => {
+        (Ok(d), _) => {
             let reason = view.audit_error.map_or_else(
                 || d.deny_reason(),
                 |e| format!("audit trail unavailable: {e}"),
@@ -649,8 +654,6 @@ fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
                 ),
             }
         }
-        // A deny with info turned off for this module.
-        (Ok(_), _) => {}
         (Err(e), _) => {
             // The problem text may quote context values: debug only.
             info!(
