@@ -58,7 +58,9 @@
 //! - [`server`]: listeners (loopback TCP, Unix socket 0600, admin HTTP, and a
 //!   health-only gRPC listener for the kubelet's probes),
 //!   health, reflection, gRPC status metrics, graceful drain; takes
-//!   already-bound listeners so tests bind port 0.
+//!   already-bound listeners so tests bind port 0. `server::uds` holds
+//!   Unix-socket connections registered for reading only, so a client
+//!   reading its answer does not wake the sidecar.
 //! - [`config`]: the command line and `LEASH_*` environment of the binary.
 //! - [`check`]: the client behind `leash check`.
 //! - [`bench`]: `leash bench`, the benchmark harness: a workload generator,

@@ -591,6 +591,45 @@ async fn context_keys_are_kept_in_clear_or_as_a_keyed_hash_when_configured() {
     ));
 }
 
+#[tokio::test]
+async fn a_caller_on_the_unix_socket_is_named_by_its_process_and_user() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.log");
+    let server = TestServer::start(
+        Some(example_snapshot()),
+        audited(&trail, SyncMode::Disk),
+        true,
+    )
+    .await;
+    let socket = server.uds.clone().expect("socket");
+    let mut client = leash::check::connect_uds(socket).await.expect("connects");
+    let answer = client
+        .is_authorized(allow())
+        .await
+        .expect("decides")
+        .into_inner();
+    assert_eq!(answer.decision, pb::Decision::Allow as i32);
+    // A batch over the same connection: every decision names the caller.
+    let batch = client
+        .batch_is_authorized(pb::BatchIsAuthorizedRequest {
+            requests: vec![allow(); 100],
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert_eq!(batch.results.len(), 100);
+    server.shutdown().await;
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .expect("own uid");
+    let recs = records(&trail);
+    assert_eq!(recs.len(), 101);
+    let expected = format!("unix:pid={},uid={uid}", std::process::id());
+    for record in &recs {
+        assert_eq!(record["caller"], expected.as_str());
+    }
+}
+
 #[test]
 fn the_trail_can_go_to_stdout_for_a_log_collector() {
     use std::io::{BufRead, BufReader};

@@ -10,7 +10,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -473,7 +473,7 @@ pub async fn serve_floor(uds: &Path) -> Result<(), BenchError> {
         .serve_with_incoming(incoming);
     let uds_server = tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming(UnixListenerStream::new(unix));
+        .serve_with_incoming(crate::server::uds::incoming(unix));
     let result = tokio::select! {
         r = tcp_server => r,
         r = uds_server => r,

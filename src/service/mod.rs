@@ -213,12 +213,13 @@ fn caller<T>(request: &Request<T>) -> String {
     }
     match request
         .extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
-        .and_then(|info| info.peer_cred)
+        .get::<Option<crate::server::uds::UnixPeer>>()
+        .copied()
+        .flatten()
     {
-        Some(cred) => match cred.pid() {
-            Some(pid) => format!("unix:pid={pid},uid={}", cred.uid()),
-            None => format!("unix:uid={}", cred.uid()),
+        Some(peer) => match peer.pid {
+            Some(pid) => format!("unix:pid={pid},uid={}", peer.uid),
+            None => format!("unix:uid={}", peer.uid),
         },
         None => "unknown".to_owned(),
     }

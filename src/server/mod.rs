@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt as _;
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
@@ -34,6 +34,8 @@ use crate::service::{AuthorizerService, DEFAULT_MAX_BATCH};
 use crate::telemetry::admin_http::{self, AdminState};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{Telemetry, TelemetryError, TelemetryOptions};
+
+pub mod uds;
 
 /// The service name health checks ask about, besides "" (the whole server).
 pub const AUTHORIZER_SERVICE: &str = "leash.v1.Authorizer";
@@ -424,9 +426,7 @@ impl Server {
                 }
                 Listener::Unix(l, path) => {
                     socket_paths.push(path);
-                    tasks.spawn(
-                        router.serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped),
-                    );
+                    tasks.spawn(router.serve_with_incoming_shutdown(uds::incoming(l), stopped));
                 }
                 Listener::Admin(_) | Listener::Health(_) => {}
             }
