@@ -25,6 +25,8 @@ use cedar_policy::{
 };
 use serde_json::{json, Map, Value};
 
+use cedar_policy_core::ast as cedar_ast;
+
 use crate::bundle::context_check::Shape;
 use crate::bundle::{LeashFields, Snapshot, LEASH_ATTR};
 use crate::service::convert::{extension, Extension};
@@ -278,9 +280,35 @@ impl RequestTime {
         &self.0
     }
 
-    /// The time as a Cedar `datetime` value.
+    /// The time as a Cedar `datetime` expression.
     fn expression(&self) -> RestrictedExpression {
         extension(Extension::Datetime, &self.0)
+    }
+
+    /// The time as a Cedar `datetime` value. Parsing one costs Cedar a few
+    /// regular-expression matches, and every request in the same
+    /// millisecond has the same time, so each thread keeps the last one.
+    fn value(&self) -> Result<cedar_ast::Value, String> {
+        thread_local! {
+            static LAST: std::cell::RefCell<Option<(String, cedar_ast::Value)>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let cached = LAST.with_borrow(|last| match last {
+            Some((time, value)) if *time == self.0 => Some(value.clone()),
+            _ => None,
+        });
+        if let Some(value) = cached {
+            return Ok(value);
+        }
+        let context = Context::from_pairs([("now".to_owned(), self.expression())])
+            .map_err(|e| crate::bundle::cedar_message(&e))?;
+        let value = match context.as_ref() {
+            cedar_ast::Context::Value(values) => values.get("now").cloned(),
+            cedar_ast::Context::RestrictedResidual(_) => None,
+        }
+        .ok_or_else(|| format!("`{}` did not evaluate to a datetime", self.0))?;
+        LAST.set(Some((self.0.clone(), value.clone())));
+        Ok(value)
     }
 }
 
@@ -791,37 +819,22 @@ fn build_context(
                     "attribute given twice",
                 ));
             }
-            let mut pairs = pairs.clone();
             let mut shape = {
                 let mut record = Shape::new();
                 record.open_record();
                 record.append(fields_shape);
                 record
             };
-            if let Some(fields) = leash {
-                shape.field(LEASH_ATTR);
-                pairs.push((
-                    LEASH_ATTR.to_owned(),
-                    leash_expr(fields, request, now, &mut shape),
-                ));
-            }
+            let built = with_leash(pairs.clone(), leash, request, now, &mut shape)
+                .map_err(|e| RequestError::new(field, e))?;
             shape.close_record();
-            Context::from_pairs(pairs)
-                .map(|c| BuiltContext::shaped(c, shape))
-                .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
+            Ok(BuiltContext::shaped(built, shape))
         }
         ContextInput::Empty => {
             let mut shape = Shape::new();
             shape.open_record();
-            let built = match leash {
-                Some(fields) => {
-                    shape.field(LEASH_ATTR);
-                    let record = leash_expr(fields, request, now, &mut shape);
-                    Context::from_pairs([(LEASH_ATTR.to_owned(), record)])
-                        .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))?
-                }
-                None => Context::empty(),
-            };
+            let built = with_leash(Vec::new(), leash, request, now, &mut shape)
+                .map_err(|e| RequestError::new(field, e))?;
             shape.close_record();
             Ok(BuiltContext::shaped(built, shape))
         }
@@ -871,22 +884,15 @@ fn explicit_json_context(
     leash: Option<LeashFields>,
     now: &RequestTime,
 ) -> Option<Context> {
-    let mut pairs = Vec::with_capacity(map.len() + 1);
+    let mut pairs = Vec::with_capacity(map.len());
     let mut shape = Shape::new();
     shape.open_record();
     for (key, value) in map {
         shape.field(key);
         pairs.push((key.clone(), explicit_json_value(value, 0, &mut shape)?));
     }
-    if let Some(fields) = leash {
-        shape.field(LEASH_ATTR);
-        pairs.push((
-            LEASH_ATTR.to_owned(),
-            leash_expr(fields, request, now, &mut shape),
-        ));
-    }
+    let context = with_leash(pairs, leash, request, now, &mut shape).ok()?;
     shape.close_record();
-    let context = Context::from_pairs(pairs).ok()?;
     check_context(snapshot, &request.action, &context, &Some(shape)).ok()?;
     Some(context)
 }
@@ -971,52 +977,81 @@ fn explicit_json_value(
     }
 }
 
-/// The trusted `leash` record, its shape written to `shape`.
-fn leash_expr(
+/// The context of `pairs` (the caller's attributes) plus, if policies read
+/// it, the trusted `leash` record, whose shape is written to `shape` after
+/// the caller's. The record is a Cedar value built directly, not an
+/// expression for Cedar to evaluate: so `now` is parsed once per
+/// millisecond on each thread instead of once per request (Cedar parses
+/// `datetime` strings with regular expressions), and its entity ids are not
+/// rebuilt as expressions. A test holds the result equal to evaluating the
+/// same record as an expression. Errors are Cedar's message.
+fn with_leash(
+    pairs: Vec<(String, RestrictedExpression)>,
+    leash: Option<LeashFields>,
+    request: &AuthzRequest,
+    now: &RequestTime,
+    shape: &mut Shape,
+) -> Result<Context, String> {
+    let cedar = |e: cedar_policy::ContextCreationError| crate::bundle::cedar_message(&e);
+    let Some(fields) = leash else {
+        return if pairs.is_empty() {
+            Ok(Context::empty())
+        } else {
+            Context::from_pairs(pairs).map_err(cedar)
+        };
+    };
+    shape.field(LEASH_ATTR);
+    let record = leash_value(fields, request, now, shape)?;
+    let mut values = if pairs.is_empty() {
+        std::collections::BTreeMap::new()
+    } else {
+        match Context::from_pairs(pairs).map_err(cedar)?.as_ref() {
+            cedar_ast::Context::Value(values) => (**values).clone(),
+            // Only `unknown(..)` makes a residual, and no input builds one.
+            cedar_ast::Context::RestrictedResidual(_) => {
+                return Err("the context is not a concrete record".to_owned())
+            }
+        }
+    };
+    values.insert(LEASH_ATTR.into(), record);
+    Ok(Context::from(cedar_ast::Context::Value(Arc::new(values))))
+}
+
+/// The trusted `leash` record as a Cedar value, its shape written to `shape`.
+fn leash_value(
     fields: LeashFields,
     request: &AuthzRequest,
     now: &RequestTime,
     shape: &mut Shape,
-) -> RestrictedExpression {
-    let mut record: Vec<(String, RestrictedExpression)> = Vec::with_capacity(4);
+) -> Result<cedar_ast::Value, String> {
+    let entity = |uid: &EntityUid| cedar_ast::Value::from(cedar_ast::EntityUID::from(uid.clone()));
+    let mut record = std::collections::BTreeMap::new();
     shape.open_record();
     if fields.agent {
         shape.field("agent");
         shape.entity(&request.agent);
-        record.push((
-            "agent".to_owned(),
-            RestrictedExpression::new_entity_uid(request.agent.clone()),
-        ));
+        record.insert("agent".into(), entity(&request.agent));
     }
     if let (true, Some(user)) = (fields.user, &request.on_behalf_of) {
         shape.field("user");
         shape.entity(user);
-        record.push((
-            "user".to_owned(),
-            RestrictedExpression::new_entity_uid(user.clone()),
-        ));
+        record.insert("user".into(), entity(user));
     }
     if fields.delegated {
         shape.field("delegated");
         shape.bool();
-        record.push((
-            "delegated".to_owned(),
-            RestrictedExpression::new_bool(request.on_behalf_of.is_some()),
-        ));
+        record.insert(
+            "delegated".into(),
+            cedar_ast::Value::from(request.on_behalf_of.is_some()),
+        );
     }
     if fields.now {
         shape.field("now");
         shape.extension(Extension::Datetime.name());
-        record.push(("now".to_owned(), now.expression()));
+        record.insert("now".into(), now.value()?);
     }
     shape.close_record();
-    // The keys above are distinct, so building the record cannot fail; if it
-    // ever did, an empty record fails schema validation of the request (a
-    // clear error), never an allow.
-    RestrictedExpression::new_record(record).unwrap_or_else(|_| {
-        shape.unusable();
-        RestrictedExpression::new_set(std::iter::empty())
-    })
+    Ok(cedar_ast::Value::record_arc(Arc::new(record), None))
 }
 
 /// The bundle's entities plus the request's. A request may add entities but
@@ -1130,5 +1165,117 @@ mod tests {
         let now = RequestTime::now();
         assert_eq!(now.as_str().len(), "2026-01-31T12:00:00.500Z".len());
         assert!(now.as_str().ends_with('Z'));
+    }
+
+    /// The context as Cedar evaluates it from expressions: the caller's
+    /// pairs and the `leash` record written as an expression.
+    fn evaluated(
+        pairs: &[(String, RestrictedExpression)],
+        fields: LeashFields,
+        request: &AuthzRequest,
+        now: &RequestTime,
+    ) -> Result<Context, String> {
+        let mut record = Vec::new();
+        if fields.agent {
+            let agent = RestrictedExpression::new_entity_uid(request.agent.clone());
+            record.push(("agent".to_owned(), agent));
+        }
+        if let (true, Some(user)) = (fields.user, &request.on_behalf_of) {
+            record.push((
+                "user".to_owned(),
+                RestrictedExpression::new_entity_uid(user.clone()),
+            ));
+        }
+        if fields.delegated {
+            let delegated = RestrictedExpression::new_bool(request.on_behalf_of.is_some());
+            record.push(("delegated".to_owned(), delegated));
+        }
+        if fields.now {
+            record.push(("now".to_owned(), now.expression()));
+        }
+        let mut all = pairs.to_vec();
+        all.push((
+            LEASH_ATTR.to_owned(),
+            RestrictedExpression::new_record(record).map_err(|e| e.to_string())?,
+        ));
+        Context::from_pairs(all).map_err(|e| crate::bundle::cedar_message(&e))
+    }
+
+    #[test]
+    fn the_leash_record_built_as_a_value_equals_the_one_cedar_evaluates() {
+        let uid = |s: &str| s.parse::<EntityUid>().expect("uid");
+        let mut request = AuthzRequest {
+            agent: uid(r#"Agent::"support-bot""#),
+            on_behalf_of: None,
+            action: uid(r#"Action::"tickets:read""#),
+            resource: uid(r#"Ticket::"T-1""#),
+            context: ContextInput::Empty,
+            entities: EntitiesInput::None,
+            grants: Vec::new(),
+        };
+        let caller = vec![
+            ("amount".to_owned(), extension(Extension::Decimal, "12.50")),
+            (
+                "tags".to_owned(),
+                RestrictedExpression::new_set([RestrictedExpression::new_string("a".to_owned())]),
+            ),
+        ];
+        // Repeated times take the per-thread cache; new ones replace it.
+        let times = [
+            "2026-01-31T12:00:00.500Z",
+            "2026-01-31T12:00:00.500Z",
+            "2026-01-31T12:00:00.501Z",
+            "1969-12-31T23:59:59.999Z",
+            "2026-01-31T12:00:00.501Z",
+        ];
+        let mut compared = 0;
+        for time in times {
+            let now = RequestTime::at(time);
+            for user in [true, false] {
+                request.on_behalf_of = user.then(|| uid(r#"User::"omar""#));
+                for bits in 0..16u8 {
+                    let fields = LeashFields {
+                        agent: bits & 1 != 0,
+                        user: bits & 2 != 0,
+                        delegated: bits & 4 != 0,
+                        now: bits & 8 != 0,
+                    };
+                    for pairs in [Vec::new(), caller.clone()] {
+                        let mut shape = Shape::new();
+                        let direct =
+                            with_leash(pairs.clone(), Some(fields), &request, &now, &mut shape);
+                        let expected = evaluated(&pairs, fields, &request, &now);
+                        assert_eq!(direct, expected, "{time} {fields:?} {} pairs", pairs.len());
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(compared, 5 * 2 * 16 * 2);
+        // Without the record: the caller's pairs alone, or the empty context.
+        let mut shape = Shape::new();
+        let now = RequestTime::at(times[0]);
+        assert_eq!(
+            with_leash(Vec::new(), None, &request, &now, &mut shape),
+            Ok(Context::empty())
+        );
+        assert_eq!(
+            with_leash(caller.clone(), None, &request, &now, &mut shape),
+            Context::from_pairs(caller.clone()).map_err(|e| crate::bundle::cedar_message(&e))
+        );
+        // A time Cedar refuses is the same error either way, cached or not.
+        let bad = RequestTime::at("2026-13-01T00:00:00.000Z");
+        let everything = LeashFields {
+            agent: true,
+            user: true,
+            delegated: true,
+            now: true,
+        };
+        let expected = evaluated(&caller, everything, &request, &bad);
+        assert!(expected.is_err());
+        for _ in 0..2 {
+            let direct = with_leash(caller.clone(), Some(everything), &request, &bad, &mut shape);
+            assert!(direct.is_err(), "{direct:?}");
+        }
     }
 }
