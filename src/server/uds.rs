@@ -27,7 +27,8 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 /// (`SO_PEERCRED`) when it was accepted; in each request's extensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnixPeer {
-    /// The peer's process id, where the platform reports it.
+    /// The peer's process id, as seen from the sidecar's pid namespace,
+    /// when the platform reports it and the process is visible there.
     pub pid: Option<i32>,
     /// The peer's user id.
     pub uid: u32,
@@ -49,7 +50,9 @@ impl UdsConn {
     /// for reading only. Must run inside the runtime.
     pub fn new(stream: tokio::net::UnixStream) -> io::Result<Self> {
         let peer = stream.peer_cred().ok().map(|cred| UnixPeer {
-            pid: cred.pid(),
+            // 0 when the peer's process is outside our pid namespace (a
+            // container without a shared process namespace): unknown.
+            pid: cred.pid().filter(|&pid| pid > 0),
             uid: cred.uid(),
         });
         // `into_std` leaves the socket non-blocking, as `AsyncFd` needs.
@@ -61,23 +64,31 @@ impl UdsConn {
         })
     }
 
-    /// Writes with `op` straight to the socket; on `WouldBlock`, waits for
-    /// room through the write registration (made on first need).
+    /// Writes with `op` (`len` bytes) straight to the socket; on
+    /// `WouldBlock`, waits for room through the write registration (made on
+    /// first need, kept while writes go through only in part).
     fn poll_write_with(
         &mut self,
         cx: &mut Context<'_>,
+        len: usize,
         op: impl Fn(&StdUnixStream) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         loop {
             if let Some(write) = &self.write {
                 let mut guard = ready!(write.poll_write_ready(cx))?;
-                let Ok(result) = guard.try_io(|fd| op(fd.get_ref())) else {
-                    continue;
-                };
-                // Room again: stop waking on every read the peer does.
-                drop(guard);
-                self.write = None;
-                return Poll::Ready(result);
+                match guard.try_io(|fd| op(fd.get_ref())) {
+                    Err(_would_block) => continue,
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Ok(result) => {
+                        // All of it went: the socket has room again, so stop
+                        // waking on every read the peer does.
+                        if matches!(result, Ok(n) if n == len) {
+                            drop(guard);
+                            self.write = None;
+                        }
+                        return Poll::Ready(result);
+                    }
+                }
             }
             match op(self.read.get_ref()) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -163,7 +174,7 @@ impl AsyncWrite for UdsConn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.get_mut()
-            .poll_write_with(cx, |mut s: &StdUnixStream| s.write(buf))
+            .poll_write_with(cx, buf.len(), |mut s: &StdUnixStream| s.write(buf))
     }
 
     fn poll_write_vectored(
@@ -171,8 +182,9 @@ impl AsyncWrite for UdsConn {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
         self.get_mut()
-            .poll_write_with(cx, |mut s: &StdUnixStream| s.write_vectored(bufs))
+            .poll_write_with(cx, len, |mut s: &StdUnixStream| s.write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -236,6 +248,8 @@ mod tests {
     #[tokio::test]
     async fn a_write_larger_than_the_socket_buffer_waits_for_room_then_stops_waiting() {
         let (mut conn, mut peer) = pair();
+        assert!(!watches_for_room(conn.read.as_raw_fd()));
+        let fd = conn.read.as_raw_fd();
         // Far more than a Unix socket's send buffer (about 200 KiB).
         let sent: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
         let expected = sent.clone();
@@ -248,6 +262,10 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!writer.is_finished(), "the whole write fit in the socket");
+        assert!(
+            watches_for_room(fd),
+            "a blocked write waits without a write registration"
+        );
         let mut received = vec![0u8; expected.len()];
         bounded(peer.read_exact(&mut received)).await.expect("read");
         assert!(
@@ -256,16 +274,24 @@ mod tests {
         );
         let (mut conn, dropped) = bounded(writer).await.expect("writer");
         assert!(dropped, "the write registration outlived the wait");
+        assert!(
+            !watches_for_room(fd),
+            "still registered for write readiness"
+        );
 
         // Small writes go straight through again; reads and shutdown work.
         conn.write_all(b"ping").await.expect("written");
         let mut ping = [0u8; 4];
         bounded(peer.read_exact(&mut ping)).await.expect("read");
         assert_eq!(&ping, b"ping");
-        peer.write_all(b"pong").await.expect("written");
-        let mut pong = [0u8; 4];
-        bounded(conn.read_exact(&mut pong)).await.expect("read");
-        assert_eq!(&pong, b"pong");
+        // Eight bytes read as four and four: a read that fills the buffer
+        // must not forget that more is waiting.
+        peer.write_all(b"pongpong").await.expect("written");
+        for _ in 0..2 {
+            let mut pong = [0u8; 4];
+            bounded(conn.read_exact(&mut pong)).await.expect("read");
+            assert_eq!(&pong, b"pong");
+        }
         conn.shutdown().await.expect("shut down");
         let mut rest = Vec::new();
         bounded(peer.read_to_end(&mut rest))
@@ -278,6 +304,78 @@ mod tests {
             bounded(conn.read(&mut after)).await.expect("end of stream"),
             0
         );
+    }
+
+    const EPOLLIN: u32 = 0x1;
+    const EPOLLOUT: u32 = 0x4;
+
+    /// Every (descriptor, events) registered in this process's epoll sets,
+    /// from `/proc/self/fdinfo`.
+    fn registrations() -> Vec<(i32, u32)> {
+        let mut found = Vec::new();
+        let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+            return found;
+        };
+        for fd in fds.flatten() {
+            let is_epoll = std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_string_lossy().contains("eventpoll"));
+            if !is_epoll {
+                continue;
+            }
+            let info = std::fs::read_to_string(format!(
+                "/proc/self/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            // `tfd:       12 events:       19 data: ...` (events in hex)
+            for line in info.lines().filter(|l| l.starts_with("tfd:")) {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if let (Some(tfd), Some(events)) = (words.get(1), words.get(3)) {
+                    if let (Ok(tfd), Ok(events)) = (tfd.parse(), u32::from_str_radix(events, 16)) {
+                        found.push((tfd, events));
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// What `/proc/self/fd/N` links to: `socket:[inode]` for a socket.
+    fn target(fd: i32) -> Option<std::path::PathBuf> {
+        std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()
+    }
+
+    /// Whether the reactor watches `fd`'s socket (through `fd` or a
+    /// duplicate) for write room; asserts that `fd` is watched for reading.
+    fn watches_for_room(fd: i32) -> bool {
+        let socket = target(fd);
+        assert!(socket.is_some(), "descriptor {fd} is not open");
+        let on_socket: Vec<(i32, u32)> = registrations()
+            .into_iter()
+            .filter(|(tfd, _)| target(*tfd) == socket)
+            .collect();
+        assert!(
+            on_socket
+                .iter()
+                .any(|(tfd, e)| *tfd == fd && e & EPOLLIN != 0),
+            "the socket is not registered for reading: {on_socket:?}"
+        );
+        on_socket.iter().any(|(_, e)| e & EPOLLOUT != 0)
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_watched_for_requests_only() {
+        let (conn, _peer) = pair();
+        // What spares a worker the wake-up each time a client reads an answer.
+        assert!(
+            !watches_for_room(conn.read.as_raw_fd()),
+            "registered for write readiness"
+        );
+        // The test can tell: tokio's own stream is watched for both.
+        let (ours, _other) = StdUnixStream::pair().expect("socket pair");
+        ours.set_nonblocking(true).expect("non-blocking");
+        let both = register(ours, Interest::READABLE | Interest::WRITABLE).expect("register");
+        assert!(watches_for_room(both.as_raw_fd()));
     }
 
     #[tokio::test]
