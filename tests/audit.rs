@@ -602,6 +602,16 @@ async fn a_caller_on_the_unix_socket_is_named_by_its_process_and_user() {
     )
     .await;
     let socket = server.uds.clone().expect("socket");
+    // A caller that sends garbage and hangs up costs the others nothing.
+    {
+        use tokio::io::AsyncWriteExt as _;
+        let mut rude = tokio::net::UnixStream::connect(&socket)
+            .await
+            .expect("connects");
+        rude.write_all(b"not HTTP/2 at all\r\n\r\n")
+            .await
+            .expect("writes");
+    }
     let mut client = leash::check::connect_uds(socket).await.expect("connects");
     let answer = client
         .is_authorized(allow())
