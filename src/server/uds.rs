@@ -11,7 +11,7 @@
 //! [`UdsConn`] registers the socket for reading only and writes straight to
 //! it. Only a write that would block (an answer larger than the socket
 //! buffer, a client not reading) registers a duplicate descriptor for write
-//! readiness, and drops it once that write has gone through.
+//! readiness, and drops it once a write goes through whole.
 
 use std::io::{self, IoSlice, Write as _};
 use std::net::Shutdown;
