@@ -951,13 +951,7 @@ fn explicit_json_value(
             else {
                 return None;
             };
-            let kind = match function.as_str() {
-                "ip" => Extension::Ip,
-                "decimal" => Extension::Decimal,
-                "datetime" => Extension::Datetime,
-                "duration" => Extension::Duration,
-                _ => return None,
-            };
+            let kind = Extension::named(function)?;
             shape.extension(kind.name());
             Some(extension(kind, arg))
         }

@@ -664,6 +664,36 @@ async fn bad_input_gets_invalid_argument_naming_the_field() {
         "context_json.leash: attribute is reserved: leash supplies it for this action"
     );
 
+    // A typed extension value names a constructor Cedar has (`ipaddr` is
+    // taken for `ip`; here the schema then refuses the undeclared attribute).
+    let typed_ext = |name: &str| {
+        let mut req = base();
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert(
+            "origin".to_owned(),
+            pb::Value {
+                kind: Some(pb::value::Kind::Extension(pb::ExtensionValue {
+                    r#fn: name.to_owned(),
+                    arg: "10.0.0.1".to_owned(),
+                })),
+            },
+        );
+        req.context_input = Some(pb::is_authorized_request::ContextInput::Context(
+            pb::Record { fields },
+        ));
+        req
+    };
+    assert_eq!(
+        invalid(&server, typed_ext("sqrt")).await,
+        "context.origin.fn: unknown extension constructor `sqrt`; expected `ip`, `decimal`, \
+         `datetime` or `duration`"
+    );
+    for name in ["ip", "ipaddr"] {
+        let msg = invalid(&server, typed_ext(name)).await;
+        assert!(!msg.contains("extension constructor"), "{name}: {msg}");
+        assert!(msg.contains("origin"), "{name}: {msg}");
+    }
+
     // A request may add entities but not redefine the bundle's: no
     // asserting one's own roles.
     let req = with_entities_json(

@@ -140,6 +140,11 @@ pub(crate) enum Extension {
 impl Extension {
     const ALL: [Self; 4] = [Self::Ip, Self::Decimal, Self::Datetime, Self::Duration];
 
+    /// The constructor called `name`.
+    pub(crate) fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Ip => "ip",
@@ -267,21 +272,25 @@ fn value(
             RestrictedExpression::new_record(fields)
                 .map_err(|e| RequestError::new(path, crate::bundle::cedar_message(&e)))?
         }
-        Kind::Extension(ext) => match ext.r#fn.as_str() {
-            "ip" | "ipaddr" => typed_extension(Extension::Ip, &ext.arg, shape),
-            "decimal" => typed_extension(Extension::Decimal, &ext.arg, shape),
-            "datetime" => typed_extension(Extension::Datetime, &ext.arg, shape),
-            "duration" => typed_extension(Extension::Duration, &ext.arg, shape),
-            other => {
+        Kind::Extension(ext) => {
+            // `ipaddr`, the extension's name, is taken for `ip` in typed values.
+            let name = if ext.r#fn == "ipaddr" {
+                "ip"
+            } else {
+                ext.r#fn.as_str()
+            };
+            let Some(kind) = Extension::named(name) else {
                 return Err(RequestError::new(
                     format!("{path}.fn"),
                     format!(
-                        "unknown extension constructor `{other}`; expected `ip`, `decimal`, \
-                         `datetime` or `duration`"
+                        "unknown extension constructor `{}`; expected `ip`, `decimal`, \
+                         `datetime` or `duration`",
+                        ext.r#fn
                     ),
-                ))
-            }
-        },
+                ));
+            };
+            typed_extension(kind, &ext.arg, shape)
+        }
     })
 }
 
