@@ -28,7 +28,7 @@ use serde_json::{json, Map, Value};
 use cedar_policy_core::ast as cedar_ast;
 
 use crate::bundle::context_check::Shape;
-use crate::bundle::{LeashFields, Snapshot, LEASH_ATTR};
+use crate::bundle::{policy_id_text, LeashFields, Snapshot, LEASH_ATTR};
 use crate::service::convert::{extension, Extension};
 
 /// A request, converted from the wire but not yet checked against a schema.
@@ -670,7 +670,7 @@ fn decide_side(
         .errors()
         .map(|e| match e {
             cedar_policy::AuthorizationError::PolicyEvaluationError(e) => PolicyError {
-                policy_id: e.policy_id().to_string(),
+                policy_id: policy_id_text(e.policy_id()),
                 message: e.inner().to_string(),
             },
         })
@@ -682,7 +682,7 @@ fn decide_side(
     let mut determining: Vec<String> = if cedar_allowed && !allowed {
         Vec::new()
     } else {
-        diagnostics.reason().map(ToString::to_string).collect()
+        diagnostics.reason().map(policy_id_text).collect()
     };
     determining.sort();
     Ok(SideDecision {

@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::bundle::uid_text;
 use crate::engine::{AuthzRequest, Decision, RequestError, SideDecision};
 use crate::proto::v1 as pb;
 
@@ -342,10 +343,10 @@ impl Audit {
         };
         let (agent, on_behalf_of, action, resource) = match entry.request {
             Some(req) => (
-                Some(req.agent.to_string()),
-                req.on_behalf_of.as_ref().map(ToString::to_string),
-                Some(req.action.to_string()),
-                Some(req.resource.to_string()),
+                Some(uid_text(&req.agent)),
+                req.on_behalf_of.as_ref().map(uid_text),
+                Some(uid_text(&req.action)),
+                Some(uid_text(&req.resource)),
             ),
             // Conversion failed: the references as sent.
             None => (

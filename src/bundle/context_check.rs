@@ -23,7 +23,6 @@
 //! (`--policy-index off`) nothing is remembered: every context is checked.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 use std::str::FromStr as _;
 use std::sync::RwLock;
 
@@ -81,7 +80,9 @@ impl Shape {
         }
         let ty = uid.type_name();
         self.token('e');
-        self.name(&ty.to_string());
+        let mut name = String::new();
+        super::push_type_name(&mut name, ty);
+        self.name(&name);
         // At most MAX_KEY / 3 types fit in a usable key, so this stays short.
         if self.usable && !self.types.contains(ty) {
             self.types.push(ty.clone());
@@ -157,8 +158,8 @@ impl Shape {
             self.unusable();
             return;
         }
-        // Writing to a String cannot fail.
-        let _ = write!(self.key, "{}:", name.len());
+        push_decimal(&mut self.key, name.len());
+        self.key.push(':');
         self.key.push_str(name);
         self.bound();
     }
@@ -279,6 +280,27 @@ impl ContextChecks {
             .types
             .iter()
             .all(|ty| ty.basename() != "Action" && !self.enums.contains(ty))
+    }
+}
+
+/// `n` in decimal, without the formatting machinery: a shape's names are
+/// length-prefixed about a dozen times per request, and `write!` cost more
+/// than the rest of the key.
+fn push_decimal(out: &mut String, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        // `n % 10` is below 10: the cast cannot truncate.
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        out.push(char::from(d));
     }
 }
 

@@ -11,6 +11,7 @@ mod diagnostic;
 pub mod elevated;
 mod index;
 pub mod limits;
+mod printed;
 pub mod reach;
 mod reserved;
 mod sources;
@@ -31,6 +32,7 @@ pub use approvers::Approvers;
 pub use diagnostic::Diagnostic;
 pub use index::{IndexStats, PolicyIndex};
 pub use limits::{Limit, LimitKey, Limits, Measure};
+pub use printed::{policy_id_text, push_type_name, uid_text};
 pub use reserved::{LeashFields, ReservedContext, LEASH_ATTR};
 pub use sources::{
     effective_root, BundleSources, ReadOutcome, SchemaFormat, SourceFile, TreeStamp,

@@ -40,7 +40,7 @@ pub use export::{BatchOptions, SpanCounters};
 pub use metrics::{Metrics, Outcome};
 pub use trace::{Protocol, SamplerChoice, TraceOptions};
 
-use crate::bundle::{LiveBundle, Snapshot};
+use crate::bundle::{uid_text, LiveBundle, Snapshot};
 use crate::engine::{AuthzRequest, Decision, RequestError, SideDecision};
 use crate::proto::v1 as pb;
 use crate::reload::ReloadStatus;
@@ -329,16 +329,16 @@ impl Telemetry {
             view.snapshot.version.clone(),
         ));
         if let Some(r) = view.request {
-            a.push(KeyValue::new("gen_ai.agent.id", r.agent.to_string()));
+            a.push(KeyValue::new("gen_ai.agent.id", uid_text(&r.agent)));
             if let Some(user) = &r.on_behalf_of {
-                a.push(KeyValue::new("leash.on_behalf_of", user.to_string()));
+                a.push(KeyValue::new("leash.on_behalf_of", uid_text(user)));
             }
-            a.push(KeyValue::new("leash.action", r.action.to_string()));
+            a.push(KeyValue::new("leash.action", uid_text(&r.action)));
             a.push(KeyValue::new(
                 "gen_ai.tool.name",
                 r.action.id().unescaped().to_owned(),
             ));
-            a.push(KeyValue::new("leash.resource", r.resource.to_string()));
+            a.push(KeyValue::new("leash.resource", uid_text(&r.resource)));
             self.context_attributes(view.wire, &mut a);
         }
         if let Some(e) = view.audit_error {
@@ -590,13 +590,13 @@ fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
     }
     let trace_id = scope.trace_id();
     let trace_id = trace_id.as_deref();
-    let agent = view.request.map(|r| r.agent.to_string());
+    let agent = view.request.map(|r| uid_text(&r.agent));
     let user = view
         .request
         .and_then(|r| r.on_behalf_of.as_ref())
-        .map(ToString::to_string);
-    let action = view.request.map(|r| r.action.to_string());
-    let resource = view.request.map(|r| r.resource.to_string());
+        .map(uid_text);
+    let action = view.request.map(|r| uid_text(&r.action));
+    let resource = view.request.map(|r| uid_text(&r.resource));
     let version = view.snapshot.version.as_str();
     match (&view.result, outcome) {
         (Ok(d), Outcome::Allow) => debug!(
