@@ -277,6 +277,41 @@ fn assert_rounds(what: &str, at: &Value, rounds: usize, cpu_used: bool) {
         .unwrap_or_else(|| panic!("{what}: no CPU per call in {at}"));
     assert!(cpu.is_finite() && cpu >= 0.0, "{what}: {at}");
     assert!(!cpu_used || cpu > 0.0, "{what}: {at}");
+    // What the machine did in each round, in cores: the generator (this
+    // bench) and the server both worked, and the parts add up.
+    let loads = at["rounds_load"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: no machine load in {at}"));
+    assert_eq!(loads.len(), rounds, "{what}: {at}");
+    for load in loads {
+        let cores = |name: &str| {
+            load[name]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{what}: no {name} in {load}"))
+        };
+        let (machine, server, bench, others) = (
+            cores("machine_cores"),
+            cores("server_cores"),
+            cores("bench_cores"),
+            cores("others_cores"),
+        );
+        assert!(
+            load["seconds"].as_f64().unwrap_or(0.0) > 0.0,
+            "{what}: {load}"
+        );
+        assert!(bench > 0.0 && machine > 0.0, "{what}: {load}");
+        assert!(!cpu_used || server > 0.0, "{what}: {load}");
+        assert!(
+            others >= 0.0 && cores("steal_cores") >= 0.0,
+            "{what}: {load}"
+        );
+        // Others are the machine less the two; clock ticks are 10 ms.
+        assert!(
+            (machine - server - bench - others).abs() < 0.05 || others == 0.0,
+            "{what}: {load}"
+        );
+        assert!(cores("server_wait_us_per_call") >= 0.0, "{what}: {load}");
+    }
 }
 
 #[test]

@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use super::child::{self, ServerProcess};
 use super::driver::{self, Stats, Timing};
+use super::machine::{self, Load};
 use super::workload::{self, WorkloadSpec};
 use super::{blocking, connect_uds, leash_run_counted, progress, BenchError, Transport};
 use crate::proto::v1 as pb;
@@ -66,20 +67,32 @@ pub struct AtRate {
     /// The server's CPU time (user + system) per call in the median round,
     /// warm-up included; `None` where `/proc` cannot be read.
     pub server_cpu_us_per_call: Option<f64>,
+    /// What the machine did during each round, in the order run: whether a
+    /// slow round's time went to the server, the generator or elsewhere.
+    pub rounds_load: Vec<Load>,
 }
 
-/// One open-loop round: figures and the server's CPU per call.
-type Round = (Stats, Option<f64>);
+/// One open-loop round: figures, the server's CPU per call and the
+/// machine's load.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Round {
+    pub stats: Stats,
+    pub server_cpu_us_per_call: Option<f64>,
+    pub load: Load,
+}
 
 impl AtRate {
-    fn of(mut rounds: Vec<Round>) -> Option<Self> {
-        let rounds_p99_ns = rounds.iter().map(|(s, _)| s.p99_ns).collect();
-        rounds.sort_by_key(|(s, _)| s.p99_ns);
-        let (median, cpu) = rounds.get(rounds.len() / 2).copied()?;
+    fn of(rounds: Vec<Round>) -> Option<Self> {
+        let rounds_p99_ns = rounds.iter().map(|r| r.stats.p99_ns).collect();
+        let rounds_load = rounds.iter().map(|r| r.load).collect();
+        let mut by_p99 = rounds;
+        by_p99.sort_by_key(|r| r.stats.p99_ns);
+        let median = by_p99.get(by_p99.len() / 2).copied()?;
         Some(Self {
-            median,
+            median: median.stats,
             rounds_p99_ns,
-            server_cpu_us_per_call: cpu,
+            server_cpu_us_per_call: median.server_cpu_us_per_call,
+            rounds_load,
         })
     }
 }
@@ -223,6 +236,7 @@ async fn leash_at(
 ) -> Result<Round, BenchError> {
     let uds = leash.uds.clone();
     let before = leash.cpu_time();
+    let machine = machine::Before::read(leash.pid());
     let (stats, calls) = driver::drive_rate(
         rate,
         timing,
@@ -243,13 +257,18 @@ async fn leash_at(
         },
     )
     .await?;
-    Ok((stats, leash.cpu_us_per_call(before, calls)))
+    Ok(Round {
+        stats,
+        server_cpu_us_per_call: leash.cpu_us_per_call(before, calls),
+        load: machine.load_since(leash.pid(), calls),
+    })
 }
 
 /// One open-loop round of the empty floor call at `rate`.
 async fn floor_at(floor: &ServerProcess, rate: f64, timing: Timing) -> Result<Round, BenchError> {
     let uds = floor.uds.clone();
     let before = floor.cpu_time();
+    let machine = machine::Before::read(floor.pid());
     let (stats, calls) = driver::drive_rate(
         rate,
         timing,
@@ -269,7 +288,11 @@ async fn floor_at(floor: &ServerProcess, rate: f64, timing: Timing) -> Result<Ro
         },
     )
     .await?;
-    Ok((stats, floor.cpu_us_per_call(before, calls)))
+    Ok(Round {
+        stats,
+        server_cpu_us_per_call: floor.cpu_us_per_call(before, calls),
+        load: machine.load_since(floor.pid(), calls),
+    })
 }
 
 /// The capacity section of the text report.
@@ -336,6 +359,35 @@ pub fn render_into(report: &CapacityReport, out: &mut String) -> std::fmt::Resul
     }
     if let Some(floor) = &report.floor_at_same_rate {
         line(out, "floor", None, floor)?;
+    }
+    writeln!(
+        out,
+        "  the machine in each round (cores busy, averaged over the round; waited: the server's threads ready to run without a CPU, per call):"
+    )?;
+    let cores = |c: Option<f64>| c.map_or_else(|| "-".to_owned(), |c| format!("{c:.2}"));
+    let mut rounds_of = |name: &str, at: &AtRate| -> std::fmt::Result {
+        for (i, (p99, load)) in at.rounds_p99_ns.iter().zip(&at.rounds_load).enumerate() {
+            writeln!(
+                out,
+                "    {:<6} round {}  p99 {:>8}  machine {:>5} = server {:>5} + bench {:>5} + others {:>5} (steal {:>5})  waited {:>8}",
+                name,
+                i + 1,
+                super::report::duration(*p99 as f64),
+                cores(load.machine_cores),
+                cores(load.server_cores),
+                cores(load.bench_cores),
+                cores(load.others_cores),
+                cores(load.steal_cores),
+                cpu(load.server_wait_us_per_call),
+            )?;
+        }
+        Ok(())
+    };
+    for run in &report.runs {
+        rounds_of(if run.index { "on" } else { "off" }, &run.at_half)?;
+    }
+    if let Some(floor) = &report.floor_at_same_rate {
+        rounds_of("floor", floor)?;
     }
     Ok(())
 }

@@ -54,19 +54,7 @@ impl ServerProcess {
     /// CPU time the process has used so far (user + system), from
     /// `/proc/PID/stat`; `None` where that cannot be read.
     pub fn cpu_time(&self) -> Option<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
-        // Fields after the command name, which is in parentheses and may
-        // hold spaces: utime and stime are the 12th and 13th of those.
-        let rest = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: u64 = fields.get(11)?.parse().ok()?;
-        let stime: u64 = fields.get(12)?.parse().ok()?;
-        // SAFETY: sysconf has no memory effects.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0)?;
-        Some(Duration::from_secs_f64(
-            (utime + stime) as f64 / ticks as f64,
-        ))
+        super::machine::process_cpu(self.child.id())
     }
 
     /// CPU time per call over `calls` calls, given the CPU time read

@@ -23,6 +23,7 @@ pub mod collector;
 pub mod driver;
 pub mod grants;
 pub mod limits;
+pub mod machine;
 pub mod mix;
 pub mod reload;
 pub mod report;
