@@ -39,7 +39,9 @@
 //!   entities be decided on the bundle entities it can reach; and
 //!   `bundle::elevated`, elevated entity sets built once per snapshot; and
 //!   `bundle::context_check`, the context shapes that passed the schema
-//!   check, so a context of the same shape is not checked again.
+//!   check, so a context of the same shape is not checked again; and
+//!   `bundle::printed`, Cedar's printed forms of entity references and
+//!   policy ids, written without the formatting machinery.
 //! - [`grants`]: signed approval grants (Ed25519 JWS) verified offline
 //!   against the approvers' keys in the bundle (`bundle::approvers`): a
 //!   valid grant for a gated request's fingerprint allows it once; every
@@ -65,7 +67,8 @@
 //! - [`check`]: the client behind `leash check`.
 //! - [`bench`]: `leash bench`, the benchmark harness: a workload generator,
 //!   in-process timing, and a real sidecar child process measured against an
-//!   empty gRPC floor over the same transport; an OTLP span collector for
+//!   empty gRPC floor over the same transport, with the machine's load in
+//!   each open-loop round (`bench::machine`); an OTLP span collector for
 //!   measuring (and testing) tracing.
 
 pub mod audit;
