@@ -70,6 +70,84 @@ pub struct AtRate {
     /// What the machine did during each round, in the order run: whether a
     /// slow round's time went to the server, the generator or elsewhere.
     pub rounds_load: Vec<Load>,
+    /// The sidecar's own decision times in each round, in the order run
+    /// (`None` for the floor, which has no metrics, or where the sidecar's
+    /// metrics could not be read).
+    pub rounds_decisions: Vec<Option<DecisionTimes>>,
+}
+
+/// A sidecar's own time per decision over one round, from its
+/// `leash_decision_duration_seconds` histogram: from the handler's start to
+/// its answer, so without the transport, HTTP/2 and the wait for a worker.
+/// Beside the round's p99 it says whether a slow tail was spent deciding.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct DecisionTimes {
+    /// Calls the bench made in the round, warm-up included, and decisions
+    /// the histogram counted meanwhile: the same, as each call is one
+    /// decision.
+    pub calls: u64,
+    pub decisions: u64,
+    /// Share of them that took longer than 250 µs, and than 1 ms.
+    pub over_250us: f64,
+    pub over_1ms: f64,
+}
+
+impl DecisionTimes {
+    /// From the histogram's cumulative buckets before and after a round.
+    fn between(before: &[(f64, f64)], after: &[(f64, f64)], calls: u64) -> Option<Self> {
+        // Bounds are read back from decimal text: equal within rounding.
+        let same = |bound: f64, le: f64| {
+            if le.is_infinite() {
+                bound == le
+            } else {
+                (bound - le).abs() <= le * 1e-9
+            }
+        };
+        let at = |buckets: &[(f64, f64)], le: f64| {
+            buckets
+                .iter()
+                .find(|(bound, _)| same(*bound, le))
+                .map(|(_, count)| *count)
+        };
+        let delta = |le: f64| Some(at(after, le)? - at(before, le)?);
+        let total = delta(f64::INFINITY)?;
+        if total <= 0.0 {
+            return None;
+        }
+        let over = |le: f64| delta(le).map(|within| ((total - within) / total).max(0.0));
+        Some(Self {
+            calls,
+            decisions: total as u64,
+            over_250us: over(0.000_25)?,
+            over_1ms: over(0.001)?,
+        })
+    }
+}
+
+/// The cumulative buckets `(le, count)` of a sidecar's decision-time
+/// histogram, read from its admin listener; `None` where it cannot be read.
+async fn decision_buckets(leash: &ServerProcess) -> Option<Vec<(f64, f64)>> {
+    let (status, text) = child::http_get(leash.admin_addr()?, "GET", "/metrics")
+        .await
+        .ok()?;
+    if status != 200 {
+        return None;
+    }
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("leash_decision_duration_seconds_bucket{le=\"")?;
+            let (le, rest) = rest.split_once("\"}")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = rest.split_whitespace().next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect();
+    (!buckets.is_empty()).then_some(buckets)
 }
 
 /// One open-loop round: figures, the server's CPU per call and the
@@ -79,12 +157,14 @@ pub(crate) struct Round {
     pub stats: Stats,
     pub server_cpu_us_per_call: Option<f64>,
     pub load: Load,
+    pub decisions: Option<DecisionTimes>,
 }
 
 impl AtRate {
     fn of(rounds: Vec<Round>) -> Option<Self> {
         let rounds_p99_ns = rounds.iter().map(|r| r.stats.p99_ns).collect();
         let rounds_load = rounds.iter().map(|r| r.load).collect();
+        let rounds_decisions = rounds.iter().map(|r| r.decisions).collect();
         let mut by_p99 = rounds;
         by_p99.sort_by_key(|r| r.stats.p99_ns);
         let median = by_p99.get(by_p99.len() / 2).copied()?;
@@ -93,6 +173,7 @@ impl AtRate {
             rounds_p99_ns,
             server_cpu_us_per_call: median.server_cpu_us_per_call,
             rounds_load,
+            rounds_decisions,
         })
     }
 }
@@ -237,6 +318,7 @@ async fn leash_at(
     let uds = leash.uds.clone();
     let before = leash.cpu_time();
     let machine = machine::Before::read(leash.pid());
+    let buckets = decision_buckets(leash).await;
     let (stats, calls) = driver::drive_rate(
         rate,
         timing,
@@ -261,6 +343,10 @@ async fn leash_at(
         stats,
         server_cpu_us_per_call: leash.cpu_us_per_call(before, calls),
         load: machine.load_since(leash.pid(), calls),
+        decisions: match (buckets, decision_buckets(leash).await) {
+            (Some(before), Some(after)) => DecisionTimes::between(&before, &after, calls),
+            _ => None,
+        },
     })
 }
 
@@ -292,6 +378,7 @@ async fn floor_at(floor: &ServerProcess, rate: f64, timing: Timing) -> Result<Ro
         stats,
         server_cpu_us_per_call: floor.cpu_us_per_call(before, calls),
         load: machine.load_since(floor.pid(), calls),
+        decisions: None,
     })
 }
 
@@ -362,14 +449,22 @@ pub fn render_into(report: &CapacityReport, out: &mut String) -> std::fmt::Resul
     }
     writeln!(
         out,
-        "  the machine in each round (cores busy, averaged over the round; waited: the server's threads ready to run without a CPU, per call):"
+        "  the machine in each round (cores busy, averaged over the round; waited: the server's threads ready to run without a CPU, per call; deciding: the sidecar's own time per decision, handler to answer, from its metrics):"
     )?;
     let cores = |c: Option<f64>| c.map_or_else(|| "-".to_owned(), |c| format!("{c:.2}"));
     let mut rounds_of = |name: &str, at: &AtRate| -> std::fmt::Result {
         for (i, (p99, load)) in at.rounds_p99_ns.iter().zip(&at.rounds_load).enumerate() {
+            let decided = match at.rounds_decisions.get(i).copied().flatten() {
+                Some(d) => format!(
+                    "  deciding over 250 µs {:.2}%, over 1 ms {:.2}%",
+                    d.over_250us * 100.0,
+                    d.over_1ms * 100.0
+                ),
+                None => String::new(),
+            };
             writeln!(
                 out,
-                "    {:<6} round {}  p99 {:>8}  machine {:>5} = server {:>5} + bench {:>5} + others {:>5} (steal {:>5})  waited {:>8}",
+                "    {:<6} round {}  p99 {:>8}  machine {:>5} = server {:>5} + bench {:>5} + others {:>5} (steal {:>5})  waited {:>8}{decided}",
                 name,
                 i + 1,
                 super::report::duration(*p99 as f64),
@@ -390,4 +485,42 @@ pub fn render_into(report: &CapacityReport, out: &mut String) -> std::fmt::Resul
         rounds_of("floor", floor)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decision_shares_come_from_the_buckets_difference() {
+        let before = [(0.000_25, 90.0), (0.001, 95.0), (f64::INFINITY, 100.0)];
+        // 1,000 more decisions: 900 within 250 µs, 990 within 1 ms.
+        let after = [
+            (0.000_25, 990.0),
+            (0.001, 1_085.0),
+            (f64::INFINITY, 1_100.0),
+        ];
+        let d = DecisionTimes::between(&before, &after, 1_000).expect("shares");
+        assert_eq!((d.calls, d.decisions), (1_000, 1_000));
+        assert!((d.over_250us - 0.1).abs() < 1e-12, "{d:?}");
+        assert!((d.over_1ms - 0.01).abs() < 1e-12, "{d:?}");
+        // The +Inf bucket is the total, not the first bucket below it.
+        let first = [
+            (0.000_025, 0.0),
+            (0.000_25, 90.0),
+            (0.001, 95.0),
+            (f64::INFINITY, 100.0),
+        ];
+        let later = [
+            (0.000_025, 0.0),
+            (0.000_25, 990.0),
+            (0.001, 1_085.0),
+            (f64::INFINITY, 1_100.0),
+        ];
+        let d = DecisionTimes::between(&first, &later, 1_000).expect("shares");
+        assert_eq!(d.decisions, 1_000, "{d:?}");
+        // No decision in the round, or a bucket missing: no figures.
+        assert!(DecisionTimes::between(&before, &before, 0).is_none());
+        assert!(DecisionTimes::between(&before, &after[1..], 1_000).is_none());
+    }
 }

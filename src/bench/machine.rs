@@ -5,10 +5,11 @@
 //! were ready to run but waiting for a CPU.
 //!
 //! Latency at half load is taken with the generator on the same cores as
-//! the server, so a round's tail can come from the server or from the
-//! machine: these figures, beside each round's p99, say which. Each figure
-//! is `None` where `/proc` cannot be read (other systems, a process that
-//! has exited).
+//! the server: these figures, beside each round's p99, say how busy the
+//! machine was and who kept it busy. They are averages over the round, so
+//! they show sustained load, not a stall of a few milliseconds (which can
+//! be enough to move a p99). Each figure is `None` where `/proc` cannot be
+//! read (other systems, a process that has exited).
 
 use std::time::{Duration, Instant};
 
@@ -70,7 +71,10 @@ fn parse_machine_ticks(stat: &str) -> Option<MachineTicks> {
 }
 
 /// Nanoseconds a process's live threads have waited on a run queue (ready,
-/// not running), summed from `/proc/PID/task/*/schedstat`.
+/// not running), summed from `/proc/PID/task/*/schedstat`. A thread that
+/// exits takes its waits with it, so across a round where one did the
+/// difference errs short (and saturates at zero); the sidecar's workers
+/// live as long as it does.
 fn run_delay(pid: u32) -> Option<Duration> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     let mut total = 0u64;
@@ -135,10 +139,13 @@ impl Before {
         let steal_cores = cores(machine_ticks.and_then(|(_, steal)| ticks(steal)));
         let server_cores = cores(delta(after.server_cpu, self.server_cpu));
         let bench_cores = cores(delta(after.own_cpu, self.own_cpu));
-        // Clock ticks are 10 ms: the difference can come out a little
-        // below zero on a quiet machine; it is none, not negative.
+        // Not clamped: the machine's busy time comes from the state sampled
+        // at each clock tick, the processes' from their exact run times, so
+        // the remainder is only good to about a tenth of a core either way
+        // (it reads -0.16 to +0.12 on an otherwise idle 2-core VM), and a
+        // negative remainder says so rather than hiding it.
         let others_cores = match (machine_cores, server_cores, bench_cores) {
-            (Some(m), Some(s), Some(b)) => Some((m - s - b).max(0.0)),
+            (Some(m), Some(s), Some(b)) => Some(m - s - b),
             _ => None,
         };
         let per_call = |d: Option<Duration>| {
@@ -174,8 +181,11 @@ pub struct Load {
     /// `leash bench` itself: the load generator, and the reading of the
     /// server's log.
     pub bench_cores: Option<f64>,
-    /// Everything else: other processes and the kernel's own threads (the
-    /// machine less the two above; clock ticks are 10 ms, so about ±0.01).
+    /// Everything else: other processes and the kernel's own threads. It
+    /// is the machine less the two above, which are measured differently
+    /// (sampled at clock ticks against exact run times), so it is good to
+    /// about ±0.1 cores and may be negative: a lot of other work shows, a
+    /// short burst does not.
     pub others_cores: Option<f64>,
     /// Time the hypervisor gave this machine's CPUs to someone else, as far
     /// as the machine reports it (some report none).
@@ -234,12 +244,14 @@ mod tests {
         // Spin until this process has used at least three clock ticks, so
         // the readings cannot be equal whatever the machine's speed.
         let start_cpu = process_cpu(pid).expect("own /proc/PID/stat");
+        let give_up = Instant::now() + Duration::from_secs(30);
         let mut spins = 0u64;
         while process_cpu(pid)
             .expect("own /proc/PID/stat")
             .saturating_sub(start_cpu)
             < Duration::from_millis(30)
         {
+            assert!(Instant::now() < give_up, "no CPU time counted in 30 s");
             spins = std::hint::black_box(spins.wrapping_add(1));
         }
         let load = before.load_since(pid, 10);
@@ -247,12 +259,11 @@ mod tests {
         let bench = load.bench_cores.expect("bench cores");
         assert!(server > 0.0 && bench > 0.0, "{load:?}");
         assert!(load.machine_cores.expect("machine cores") > 0.0, "{load:?}");
-        assert!(load.others_cores.expect("others") >= 0.0, "{load:?}");
-        assert!(load.steal_cores.expect("steal") >= 0.0, "{load:?}");
-        assert!(
-            load.server_wait_us_per_call.expect("waits") >= 0.0,
-            "{load:?}"
-        );
+        // Here the "server" is this process too, so its work is counted
+        // twice and the remainder means nothing; it is still computed.
+        assert!(load.others_cores.is_some(), "{load:?}");
+        assert!(load.steal_cores.is_some(), "{load:?}");
+        assert!(load.server_wait_us_per_call.is_some(), "{load:?}");
         assert!(load.seconds > 0.0, "{load:?}");
     }
 }

@@ -320,6 +320,15 @@ mod tests {
     }
 
     #[test]
+    fn length_prefixes_are_the_decimal_lengths() {
+        for n in [0, 1, 9, 10, 99, 100, 1024, 12_345, usize::MAX] {
+            let mut key = String::from("x");
+            push_decimal(&mut key, n);
+            assert_eq!(key, format!("x{n}"));
+        }
+    }
+
+    #[test]
     fn names_are_length_prefixed_so_shapes_do_not_collide() {
         let mut a = Shape::new();
         a.open_record();

@@ -90,6 +90,19 @@ mod tests {
     }
 
     #[test]
+    fn every_ascii_character_is_escaped_as_cedar_escapes_it() {
+        let ty = EntityTypeName::from_str("User").expect("type name");
+        for c in (0u8..=0x7f).map(char::from) {
+            for id in [c.to_string(), format!("a{c}b")] {
+                let uid = EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(&id));
+                assert_eq!(uid_text(&uid), uid.to_string(), "{id:?}");
+                let policy = PolicyId::new(&id);
+                assert_eq!(policy_id_text(&policy), policy.to_string(), "{id:?}");
+            }
+        }
+    }
+
+    #[test]
     fn policy_ids_print_as_cedar_prints_them() {
         for id in IDS {
             let id = PolicyId::new(id);
