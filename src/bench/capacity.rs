@@ -67,8 +67,9 @@ pub struct AtRate {
     /// The server's CPU time (user + system) per call in the median round,
     /// warm-up included; `None` where `/proc` cannot be read.
     pub server_cpu_us_per_call: Option<f64>,
-    /// What the machine did during each round, in the order run: whether a
-    /// slow round's time went to the server, the generator or elsewhere.
+    /// What the machine did during each round, in the order run: how busy
+    /// it was and who kept it busy (averages over the round, so a stall of a
+    /// few milliseconds does not show).
     pub rounds_load: Vec<Load>,
     /// The sidecar's own decision times in each round, in the order run
     /// (`None` for the floor, which has no metrics, or where the sidecar's
