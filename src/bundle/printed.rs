@@ -4,11 +4,8 @@
 //! formatting machinery cost about 2,000 instructions for each. The tests
 //! hold every form equal to Cedar's `Display`.
 
-/// `uid` as Cedar prints it, `Type::"id"` with the id escaped as Cedar
-/// escapes it, written without the formatting machinery: the deny line,
-/// the audit record and the span print the request's entities on every
-/// decision, and `to_string` cost about 2,000 instructions each. A test
-/// holds it equal to Cedar's `Display`.
+/// `uid` as Cedar prints it: `Type::"id"`, the id escaped as Cedar
+/// escapes it.
 pub fn uid_text(uid: &cedar_policy::EntityUid) -> String {
     let id = uid.id().unescaped();
     let mut out = String::with_capacity(id.len() + 32);
@@ -19,8 +16,8 @@ pub fn uid_text(uid: &cedar_policy::EntityUid) -> String {
     out
 }
 
-/// A policy id as Cedar prints it (escaped, so an id cannot break a text
-/// log line), for the same reason as [`uid_text`].
+/// A policy id as Cedar prints it: escaped, so an id cannot break a text
+/// log line.
 pub fn policy_id_text(id: &cedar_policy::PolicyId) -> String {
     let id: &str = id.as_ref();
     let mut out = String::with_capacity(id.len());
