@@ -389,10 +389,13 @@ pub fn decide_with_grants(
         Err(refused) => (Vec::new(), Some(refused)),
     };
     let extended;
+    // Kept for the approval fingerprint only when the bundle has gates.
+    let mut brought = Vec::new();
     let mut entities = match &request.entities {
         EntitiesInput::None => &snapshot.entities,
         other => {
-            extended = with_request_entities(snapshot, other, request, &context, &roles)?;
+            let keep = (!snapshot.gates.is_empty()).then_some(&mut brought);
+            extended = with_request_entities(snapshot, other, request, &context, &roles, keep)?;
             &extended
         }
     };
@@ -436,7 +439,7 @@ pub fn decide_with_grants(
         None => None,
     };
     let mut decision = combine(agent, on_behalf_of);
-    approval_gate(snapshot, request, &context, &mut decision);
+    approval_gate(snapshot, request, &context, &brought, &mut decision);
     if let Some(grant) = grant {
         if grant.outcome != "elevated" {
             // Refused: whatever the policies said, the answer is DENY.
@@ -484,11 +487,13 @@ fn elevate(
 
 /// Turns an ALLOW whose determining permits include a gated one
 /// (`@approval("required")`) into APPROVAL_REQUIRED, with the request's
-/// fingerprint for the approver.
+/// fingerprint for the approver. `brought` are the entities the request
+/// brings, parsed.
 pub fn approval_gate(
     snapshot: &Snapshot,
     request: &AuthzRequest,
     context: &Context,
+    brought: &[Entity],
     decision: &mut Decision,
 ) {
     if !decision.allowed || snapshot.gates.is_empty() {
@@ -505,18 +510,22 @@ pub fn approval_gate(
     }
     decision.allowed = false;
     decision.approval = Some(ApprovalRequest {
-        fingerprint: fingerprint(request, context),
+        fingerprint: fingerprint(request, context, brought),
         policies: gated,
     });
 }
 
 /// A stable fingerprint of what is asked: the agent, the user (if any), the
-/// action, the resource and the caller's context, without the trusted
-/// `context.leash` leash adds (it holds the time). The context is taken
-/// after parsing with the schema, each value in Cedar's canonical form
-/// (records by key, sets sorted), so the same request in JSON or typed form,
-/// with keys or set members in any order, has one fingerprint.
-pub fn fingerprint(request: &AuthzRequest, context: &Context) -> String {
+/// action, the resource, the caller's context, without the trusted
+/// `context.leash` leash adds (it holds the time), and the entities the
+/// request brings (`brought`), which the gated permit may read: an approval
+/// for one ticket's data is not one for other data under the same id. The
+/// context and entities are taken after parsing with the schema, each value
+/// in Cedar's canonical form (records by key, sets sorted), entities by
+/// uid with their parents sorted, so the same request in JSON or typed
+/// form, in any order, has one fingerprint. A request that brings no
+/// entities has the fingerprint it had before they were covered.
+pub fn fingerprint(request: &AuthzRequest, context: &Context, brought: &[Entity]) -> String {
     use sha2::{Digest, Sha256};
     let mut keys: Vec<String> = context
         .clone()
@@ -541,9 +550,38 @@ pub fn fingerprint(request: &AuthzRequest, context: &Context) -> String {
             canonical.push_str(&format!("context.{key:?}={value}\n"));
         }
     }
+    let mut entities: Vec<String> = brought.iter().map(canonical_entity).collect();
+    entities.sort_unstable();
+    for entity in entities {
+        canonical.push_str(&entity);
+    }
     let digest = Sha256::digest(canonical.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")
+}
+
+/// One request entity for the fingerprint: uid, parents sorted, then
+/// attributes and tags by name; names and uids quoted or printed as Cedar
+/// does, so none can pose as a separator.
+fn canonical_entity(entity: &Entity) -> String {
+    let core: &cedar_ast::Entity = entity.as_ref();
+    let mut parents: Vec<String> = core.ancestors().map(ToString::to_string).collect();
+    parents.sort_unstable();
+    let mut out = format!("entity={}\n", core.uid());
+    for parent in parents {
+        out.push_str(&format!("entity.parent={parent}\n"));
+    }
+    let attrs = core.attrs().map(|(name, value)| ("attr", name, value));
+    let tags = core.tags().map(|(name, value)| ("tag", name, value));
+    let mut fields: Vec<String> = attrs
+        .chain(tags)
+        .map(|(kind, name, value)| format!("entity.{kind}.{:?}={value}\n", name.as_str()))
+        .collect();
+    fields.sort_unstable();
+    for field in fields {
+        out.push_str(&field);
+    }
+    out
 }
 
 #[derive(Clone, Copy)]
@@ -1053,14 +1091,16 @@ fn leash_value(
 }
 
 /// The bundle's entities plus the request's. A request may add entities but
-/// never redefine one the bundle defines: the caller must not be able to
-/// assert its own roles or attributes.
+/// never redefine one the bundle defines, define its own principals, or
+/// define a parent the bundle's entities name: the caller must not be able
+/// to assert its own roles or attributes, or anyone else's.
 fn with_request_entities(
     snapshot: &Snapshot,
     input: &EntitiesInput,
     request: &AuthzRequest,
     context: &Context,
     roles: &[EntityUid],
+    keep: Option<&mut Vec<Entity>>,
 ) -> Result<Entities, RequestError> {
     let (field, parsed): (&str, Vec<Entity>) = match input {
         EntitiesInput::None => return Ok(snapshot.entities.clone()),
@@ -1089,6 +1129,15 @@ fn with_request_entities(
                 format!("`{uid}` is an action of the schema; a request may not define actions"),
             ));
         }
+        if snapshot.undefined_parents.contains(&uid) {
+            return Err(RequestError::new(
+                format!("{field}[{i}]"),
+                format!(
+                    "entity `{uid}` is a parent of entities in the policy bundle; a request \
+                     may not define it (its parents would become theirs)"
+                ),
+            ));
+        }
         if snapshot.entities.get(&uid).is_some() {
             return Err(RequestError::new(
                 format!("{field}[{i}]"),
@@ -1098,12 +1147,24 @@ fn with_request_entities(
                 ),
             ));
         }
+        if uid == request.agent || Some(&uid) == request.on_behalf_of.as_ref() {
+            return Err(RequestError::new(
+                format!("{field}[{i}]"),
+                format!(
+                    "entity `{uid}` is a principal of this request; its attributes and roles \
+                     come from the policy bundle, never from the request"
+                ),
+            ));
+        }
         if !seen.insert(uid.clone()) {
             return Err(RequestError::new(
                 format!("{field}[{i}]"),
                 format!("entity `{uid}` is given twice"),
             ));
         }
+    }
+    if let Some(keep) = keep {
+        keep.clone_from(&parsed);
     }
     // An elevation overwrites the agent in the set, and Cedar then derives
     // anew the ancestors of every entity below the agent by walking their

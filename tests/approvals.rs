@@ -153,6 +153,46 @@ async fn a_gated_permit_asks_for_approval_with_a_fingerprint_of_exactly_that_req
     others.push(approval.fingerprint.clone());
     let distinct: std::collections::HashSet<_> = others.iter().collect();
     assert_eq!(distinct.len(), others.len(), "{others:?}");
+    // An account the request brings is part of what is approved: the same
+    // data in another spelling has the same fingerprint, other data under
+    // the same id another.
+    let brought = |attrs: &str| {
+        with_entities_json(
+            refund(Some("bob"), "BA-900", &json),
+            &format!(
+                r#"[{{"uid": {{"type": "BillingAccount", "id": "BA-900"}}, "attrs": {attrs}, "parents": []}}]"#
+            ),
+        )
+    };
+    let emea = fingerprint(
+        ask(brought(
+            r#"{"customer": {"__entity": {"type": "Customer", "id": "C-100"}}, "region": "EMEA"}"#,
+        ))
+        .await,
+    );
+    let emea_reordered = fingerprint(
+        ask(brought(
+            r#"{"region": "EMEA", "customer": {"__entity": {"type": "Customer", "id": "C-100"}}}"#,
+        ))
+        .await,
+    );
+    let na = fingerprint(
+        ask(brought(
+            r#"{"customer": {"__entity": {"type": "Customer", "id": "C-100"}}, "region": "NA"}"#,
+        ))
+        .await,
+    );
+    let other_customer = fingerprint(
+        ask(brought(
+            r#"{"customer": {"__entity": {"type": "Customer", "id": "C-200"}}, "region": "EMEA"}"#,
+        ))
+        .await,
+    );
+    let bare = fingerprint(ask(refund(Some("bob"), "BA-900", &json)).await);
+    assert_eq!(emea, emea_reordered);
+    let brought_ones = [&emea, &na, &other_customer, &bare];
+    let distinct: std::collections::HashSet<_> = brought_ones.iter().collect();
+    assert_eq!(distinct.len(), brought_ones.len(), "{brought_ones:?}");
     let alone = ask(refund(None, "BA-100", &json)).await;
     assert_eq!((alone.decision, alone.approval), (DENY, None));
 
@@ -162,7 +202,7 @@ async fn a_gated_permit_asks_for_approval_with_a_fingerprint_of_exactly_that_req
             &metrics,
             "leash_decisions_total{decision=\"approval_required\",action=\"payments:refund\"}"
         ),
-        7.0,
+        12.0,
         "{metrics}"
     );
     server.shutdown().await;
@@ -173,8 +213,8 @@ async fn a_gated_permit_asks_for_approval_with_a_fingerprint_of_exactly_that_req
         .iter()
         .filter(|r| r["decision"] == "approval_required")
         .collect();
-    // Seven refunds and one deletion.
-    assert_eq!(asked.len(), 8);
+    // Twelve refunds and one deletion.
+    assert_eq!(asked.len(), 13);
     assert_eq!(asked[0]["approval"]["fingerprint"], approval.fingerprint);
     assert_eq!(
         asked[0]["approval"]["policies"],

@@ -766,6 +766,93 @@ async fn request_entities_extend_the_bundle() {
 }
 
 #[tokio::test]
+async fn a_request_cannot_define_its_principals() {
+    let server = TestServer::example().await;
+    // An agent the bundle does not know, claiming the escalation role and
+    // `vetted`: its roles and attributes would be the caller's word.
+    let req = with_entities_json(
+        example_request("new-bot", Some("alice"), "tickets:read", "Ticket::\"T-1\""),
+        r#"[{"uid": {"type": "Agent", "id": "new-bot"}, "attrs": {"display_name": "x", "vetted": true, "serves_departments": ["support"]}, "parents": [{"type": "AgentRole", "id": "ticket-escalation"}]}]"#,
+    );
+    assert_eq!(
+        invalid(&server, req).await,
+        "entities_json[0]: entity `Agent::\"new-bot\"` is a principal of this request; its \
+         attributes and roles come from the policy bundle, never from the request"
+    );
+    // The same for the user it acts for, in the typed form.
+    let mut req = example_request(
+        "support-bot",
+        Some("mallory"),
+        "tickets:read",
+        "Ticket::\"T-1\"",
+    );
+    req.entities_input = Some(pb::is_authorized_request::EntitiesInput::Entities(
+        pb::EntityList {
+            entities: vec![pb::Entity {
+                uid: Some(uid("User::\"mallory\"")),
+                attrs: Default::default(),
+                parents: vec![uid("Role::\"finance\"")],
+                tags: Default::default(),
+            }],
+        },
+    ));
+    assert_eq!(
+        invalid(&server, req).await,
+        "entities.entities[0]: entity `User::\"mallory\"` is a principal of this request; \
+         its attributes and roles come from the policy bundle, never from the request"
+    );
+    // Without the claim, the unknown agent holds no role: denied.
+    let req = example_request("new-bot", Some("alice"), "tickets:read", "Ticket::\"T-1\"");
+    assert_eq!(server.decide(req).await.expect("decides").decision, DENY);
+}
+
+#[tokio::test]
+async fn a_request_cannot_define_a_parent_the_bundle_names() {
+    // `Group::"contractors"` is named as a parent by a bundle user but not
+    // defined; a request defining it inside `Group::"admins"` would make
+    // that user an admin.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = empty_bundle_dirs(dir.path());
+    std::fs::write(
+        schemas.join("s.cedarschema"),
+        "entity Group in [Group];\nentity User in [Group];\nentity Doc;\n\
+         action read appliesTo { principal: [User], resource: [Doc] };\n",
+    )
+    .expect("write schema");
+    std::fs::write(
+        policies.join("p.cedar"),
+        "permit (principal in Group::\"admins\", action, resource);\n",
+    )
+    .expect("write policy");
+    std::fs::write(
+        policies.join("users.entities.json"),
+        r#"[{"uid": {"type": "User", "id": "eve"}, "attrs": {}, "parents": [{"type": "Group", "id": "contractors"}]},
+            {"uid": {"type": "Group", "id": "admins"}, "attrs": {}, "parents": []}]"#,
+    )
+    .expect("write entities");
+    let snapshot = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect("bundle loads");
+    let server = TestServer::start(Some(snapshot), ServerOptions::default(), false).await;
+    let base = || request("User::\"eve\"", None, "Action::\"read\"", "Doc::\"d\"");
+    let req = with_entities_json(
+        base(),
+        r#"[{"uid": {"type": "Group", "id": "contractors"}, "attrs": {}, "parents": [{"type": "Group", "id": "admins"}]}]"#,
+    );
+    assert_eq!(
+        invalid(&server, req).await,
+        "entities_json[0]: entity `Group::\"contractors\"` is a parent of entities in the \
+         policy bundle; a request may not define it (its parents would become theirs)"
+    );
+    // A new group of its own may still come with the request.
+    let req = with_entities_json(
+        base(),
+        r#"[{"uid": {"type": "Group", "id": "visitors"}, "attrs": {}, "parents": [{"type": "Group", "id": "admins"}]}]"#,
+    );
+    assert_eq!(server.decide(req).await.expect("decides").decision, DENY);
+    assert_eq!(server.decide(base()).await.expect("decides").decision, DENY);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn oversize_messages_are_resource_exhausted() {
     let server = TestServer::start(
         Some(example_snapshot()),

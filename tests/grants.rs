@@ -185,6 +185,65 @@ async fn fingerprint_of(server: &ReloadingServer, req: pb::IsAuthorizedRequest) 
 }
 
 #[tokio::test]
+async fn a_grant_used_by_a_call_that_could_not_be_recorded_stays_good() {
+    // The fingerprint, from a server without a trail on the same bundle.
+    let plain = tempfile::tempdir().expect("temp dir");
+    let asking = server(plain.path(), None).await;
+    let fp = fingerprint_of(&asking, refund("bob", "BA-100", 25_000)).await;
+    asking.shutdown().await;
+
+    // The trail reaches its file through a link to a device that is always
+    // full, then to a real file.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("audit.log");
+    std::os::unix::fs::symlink("/dev/full", &link).expect("symlink");
+    let server = server(dir.path(), Some(&link)).await;
+    let token = Grant {
+        seed: 1,
+        kid: "dana-1",
+        approver: "dana",
+        fingerprint: &fp,
+        jti: "g-unrecorded",
+        iat: NOW - 30,
+        exp: NOW + 570,
+    }
+    .token();
+    let call = || with_grant(refund("bob", "BA-100", 25_000), &token);
+    let unrecorded = ask(&server, call()).await;
+    assert_eq!(unrecorded.decision, DENY, "{unrecorded:?}");
+    let error = unrecorded.error.expect("says why");
+    assert!(
+        error.message.contains("audit trail unavailable"),
+        "{}",
+        error.message
+    );
+
+    let real = dir.path().join("real.log");
+    let swap = dir.path().join("swap");
+    std::os::unix::fs::symlink(&real, &swap).expect("symlink");
+    std::fs::rename(&swap, &link).expect("swap the link");
+    // Until leash finds the trail writable again, calls are still refused
+    // (and give the grant back each time); then the grant is used, once.
+    let deadline = tokio::time::Instant::now() + RELOAD_WAIT;
+    let allowed = loop {
+        let r = ask(&server, call()).await;
+        if r.error.is_none() {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "trail never came back: {r:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(allowed.decision, ALLOW, "{allowed:?}");
+    assert_eq!(allowed.grant.expect("grant result").outcome, "used");
+    let again = ask(&server, call()).await;
+    assert_eq!(
+        (again.decision, again.grant.expect("grant result").outcome),
+        (DENY, "grant_reused".to_owned())
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_approved_request_is_allowed_once_and_every_bad_grant_is_denied_saying_why() {
     let dir = tempfile::tempdir().expect("temp dir");
     let trail = dir.path().join("audit.log");

@@ -84,6 +84,10 @@ pub struct Snapshot {
     pub entities: Entities,
     /// The schema's actions, to reject an undeclared action by name.
     pub actions: HashSet<EntityUid>,
+    /// Ancestors that the bundle's entities name but the bundle does not
+    /// define. A request must not define one: its parents would become
+    /// every such entity's ancestors (roles the bundle never granted).
+    pub undefined_parents: HashSet<EntityUid>,
     /// Which actions ask for the trusted `context.leash` record.
     pub reserved: ReservedContext,
     /// Context shapes that passed the check against their action's context
@@ -263,6 +267,7 @@ impl Snapshot {
         cache.validated.extend(clean);
 
         let actions = action_uids(&schema);
+        let undefined_parents = undefined_parents(&entities);
         let began = Instant::now();
         let index = cache
             .index
@@ -279,6 +284,7 @@ impl Snapshot {
             schema,
             entities,
             actions,
+            undefined_parents,
             reserved,
             context_checks,
             policy_origins,
@@ -303,6 +309,22 @@ impl Snapshot {
     pub fn entity_count(&self) -> usize {
         self.entities.iter().count()
     }
+}
+
+/// The ancestors `entities` name without defining them (Cedar allows such
+/// dangling parents; an entity's ancestors are already transitive here).
+fn undefined_parents(entities: &Entities) -> HashSet<EntityUid> {
+    let mut out = HashSet::new();
+    for entity in entities.iter() {
+        let core: &cedar_policy_core::ast::Entity = entity.as_ref();
+        for parent in core.ancestors() {
+            let uid = EntityUid::from(parent.clone());
+            if !out.contains(&uid) && entities.get(&uid).is_none() {
+                out.insert(uid);
+            }
+        }
+    }
+    out
 }
 
 /// What one build leaves for the next (see [`Snapshot::build_cached`]),

@@ -225,6 +225,18 @@ fn caller<T>(request: &Request<T>) -> String {
     }
 }
 
+impl AuthorizerService {
+    /// A decision that could not be recorded is answered DENY, so the
+    /// single-use approval grant it used stays good for the retry. Limit
+    /// counters it moved are not given back: they over-count, which fails
+    /// closed, and the trail is out only until the disk takes writes again.
+    fn give_back_grant(&self, decision: &engine::Decision) {
+        if let Some(grant) = decision.grant.as_ref().filter(|g| g.outcome == "used") {
+            self.limiting.used_grants.release(&grant.grant_id);
+        }
+    }
+}
+
 /// The answer for a decision that could not be recorded: DENY, saying why.
 fn unrecorded(request_id: &str, version: &str, error: &str) -> pb::IsAuthorizedResponse {
     pb::IsAuthorizedResponse {
@@ -259,11 +271,14 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
         self.report(&scope, None, wire, &d, &snapshot, audit_error.as_deref());
         match (&d.result, audit_error) {
             (Err(err), _) => Err(Status::invalid_argument(err.to_string())),
-            (Ok(_), Some(e)) => Ok(Response::new(unrecorded(
-                &d.request_id,
-                &snapshot.version,
-                &e,
-            ))),
+            (Ok(decision), Some(e)) => {
+                self.give_back_grant(decision);
+                Ok(Response::new(unrecorded(
+                    &d.request_id,
+                    &snapshot.version,
+                    &e,
+                )))
+            }
             (Ok(decision), None) => Ok(Response::new(response(
                 &d.request_id,
                 decision,
@@ -325,7 +340,10 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
                         }),
                         ..Default::default()
                     },
-                    (Ok(_), Some(e)) => unrecorded(&d.request_id, &snapshot.version, e),
+                    (Ok(decision), Some(e)) => {
+                        self.give_back_grant(&decision);
+                        unrecorded(&d.request_id, &snapshot.version, e)
+                    }
                     (Ok(decision), None) => response(
                         &d.request_id,
                         &decision,
