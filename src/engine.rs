@@ -79,13 +79,36 @@ pub struct RequestError {
     pub problem: String,
 }
 
+/// Longest field path and problem text a [`RequestError`] keeps. Both can
+/// echo the caller's input (a field name, Cedar quoting a whole context),
+/// and the message travels in a gRPC trailer, a log line, a span and an
+/// audit record: a 4 MiB echo would overflow the client's header limit.
+pub const MAX_FIELD_TEXT: usize = 512;
+pub const MAX_PROBLEM_TEXT: usize = 2048;
+
 impl RequestError {
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
         Self {
-            field: field.into(),
-            problem: problem.into(),
+            field: bounded(field.into(), MAX_FIELD_TEXT),
+            problem: bounded(problem.into(), MAX_PROBLEM_TEXT),
         }
     }
+}
+
+/// `text` cut to at most `max` bytes (at a character boundary), saying how
+/// much was left out.
+fn bounded(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let left_out = text.len() - cut;
+    text.truncate(cut);
+    text.push_str(&format!("… ({left_out} bytes more)"));
+    text
 }
 
 /// A policy that raised an error while being evaluated.

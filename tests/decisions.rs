@@ -766,6 +766,29 @@ async fn request_entities_extend_the_bundle() {
 }
 
 #[tokio::test]
+async fn an_error_echoing_a_huge_input_stays_readable() {
+    let server = TestServer::example().await;
+    // A 100 kB field name: the path is cut, the problem still said.
+    let mut req = example_request(
+        "support-bot",
+        Some("alice"),
+        "kb:read",
+        "KbArticle::\"reset-password\"",
+    );
+    let name = "n".repeat(100_000);
+    req.context_input = Some(pb::is_authorized_request::ContextInput::Context(
+        pb::Record {
+            fields: [(name, pb::Value { kind: None })].into_iter().collect(),
+        },
+    ));
+    let message = invalid(&server, req).await;
+    assert!(message.len() < 4096, "{} bytes", message.len());
+    assert!(message.starts_with("context.nnnn"), "{message}");
+    assert!(message.contains("bytes more)"), "{message}");
+    assert!(message.ends_with(": value has no kind set"), "{message}");
+}
+
+#[tokio::test]
 async fn a_request_cannot_define_its_principals() {
     let server = TestServer::example().await;
     // An agent the bundle does not know, claiming the escalation role and

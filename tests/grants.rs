@@ -230,7 +230,10 @@ async fn a_grant_used_by_a_call_that_could_not_be_recorded_stays_good() {
         if r.error.is_none() {
             break r;
         }
-        assert!(tokio::time::Instant::now() < deadline, "trail never came back: {r:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "trail never came back: {r:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert_eq!(allowed.decision, ALLOW, "{allowed:?}");

@@ -44,12 +44,11 @@ pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestErr
         Some(C::Context(record)) => {
             let mut pairs = Vec::with_capacity(record.fields.len());
             let mut shape = Shape::new();
+            let root = FieldPath::Root("context");
             for (name, v) in &record.fields {
                 shape.field(name);
-                pairs.push((
-                    name.clone(),
-                    value(&format!("context.{name}"), v, 1, &mut shape)?,
-                ));
+                let path = FieldPath::Field(&root, name);
+                pairs.push((name.clone(), value(&path, v, 1, &mut shape)?));
             }
             ContextInput::Typed(pairs, shape)
         }
@@ -58,6 +57,9 @@ pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestErr
         None => EntitiesInput::None,
         Some(E::EntitiesJson(text)) => EntitiesInput::Json(entities_json(text)?),
         Some(E::Entities(list)) => {
+            if list.entities.len() > MAX_REQUEST_ENTITIES {
+                return Err(too_many_entities("entities.entities", list.entities.len()));
+            }
             let mut out = Vec::with_capacity(list.entities.len());
             for (i, e) in list.entities.iter().enumerate() {
                 out.push(entity(&format!("entities.entities[{i}]"), e)?);
@@ -91,6 +93,39 @@ pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestErr
         entities,
         grants: req.grants.clone(),
     })
+}
+
+/// Most entities one request may bring. Cedar computes every entity's
+/// ancestors when it takes them, so a long chain of parents among them
+/// costs time and memory that grow with the square of their number; a
+/// request brings its resource and a few related entities.
+pub const MAX_REQUEST_ENTITIES: usize = 500;
+
+fn too_many_entities(field: &str, count: usize) -> RequestError {
+    RequestError::new(
+        field,
+        format!("{count} entities; a request may bring at most {MAX_REQUEST_ENTITIES}"),
+    )
+}
+
+/// Where a value sits in the request, written out only for an error:
+/// writing it for every value would cost time that grows with the square of
+/// the input (a long field name times many set members).
+#[derive(Clone, Copy)]
+enum FieldPath<'a> {
+    Root(&'a str),
+    Field(&'a FieldPath<'a>, &'a str),
+    Index(&'a FieldPath<'a>, usize),
+}
+
+impl FieldPath<'_> {
+    fn render(&self) -> String {
+        match self {
+            Self::Root(root) => (*root).to_owned(),
+            Self::Field(parent, name) => format!("{}.{name}", parent.render()),
+            Self::Index(parent, i) => format!("{}[{i}]", parent.render()),
+        }
+    }
 }
 
 /// Most grants one request may present.
@@ -194,16 +229,23 @@ pub(crate) fn extension(kind: Extension, arg: &str) -> RestrictedExpression {
 }
 
 pub fn entity_uid(field: &str, uid: Option<&pb::EntityUid>) -> Result<EntityUid, RequestError> {
-    let uid = uid.ok_or_else(|| RequestError::new(field, "required"))?;
+    entity_uid_at(&FieldPath::Root(field), uid)
+}
+
+fn entity_uid_at(
+    field: &FieldPath<'_>,
+    uid: Option<&pb::EntityUid>,
+) -> Result<EntityUid, RequestError> {
+    let uid = uid.ok_or_else(|| RequestError::new(field.render(), "required"))?;
     if uid.r#type.is_empty() {
         return Err(RequestError::new(
-            format!("{field}.type"),
+            FieldPath::Field(field, "type").render(),
             "required (an entity type such as `User`)",
         ));
     }
     let type_name = type_name(&uid.r#type).ok_or_else(|| {
         RequestError::new(
-            format!("{field}.type"),
+            FieldPath::Field(field, "type").render(),
             format!("`{}` is not a valid entity type name", uid.r#type),
         )
     })?;
@@ -215,14 +257,14 @@ pub fn entity_uid(field: &str, uid: Option<&pb::EntityUid>) -> Result<EntityUid,
 
 /// A typed value, its shape written to `shape`.
 fn value(
-    path: &str,
+    path: &FieldPath<'_>,
     v: &pb::Value,
     depth: usize,
     shape: &mut Shape,
 ) -> Result<RestrictedExpression, RequestError> {
     if depth > MAX_VALUE_DEPTH {
         return Err(RequestError::new(
-            path,
+            path.render(),
             format!("values nest deeper than {MAX_VALUE_DEPTH} levels"),
         ));
     }
@@ -230,7 +272,7 @@ fn value(
     let kind = v
         .kind
         .as_ref()
-        .ok_or_else(|| RequestError::new(path, "value has no kind set"))?;
+        .ok_or_else(|| RequestError::new(path.render(), "value has no kind set"))?;
     Ok(match kind {
         Kind::Bool(b) => {
             shape.bool();
@@ -245,7 +287,7 @@ fn value(
             RestrictedExpression::new_string(s.clone())
         }
         Kind::Entity(uid) => {
-            let uid = entity_uid(path, Some(uid))?;
+            let uid = entity_uid_at(path, Some(uid))?;
             shape.entity(&uid);
             RestrictedExpression::new_entity_uid(uid)
         }
@@ -253,7 +295,7 @@ fn value(
             let mut items = Vec::with_capacity(set.values.len());
             shape.open_set();
             for (i, item) in set.values.iter().enumerate() {
-                items.push(value(&format!("{path}[{i}]"), item, depth + 1, shape)?);
+                items.push(value(&FieldPath::Index(path, i), item, depth + 1, shape)?);
             }
             shape.close_set();
             RestrictedExpression::new_set(items)
@@ -263,14 +305,12 @@ fn value(
             shape.open_record();
             for (name, item) in &record.fields {
                 shape.field(name);
-                fields.push((
-                    name.clone(),
-                    value(&format!("{path}.{name}"), item, depth + 1, shape)?,
-                ));
+                let item_path = FieldPath::Field(path, name);
+                fields.push((name.clone(), value(&item_path, item, depth + 1, shape)?));
             }
             shape.close_record();
             RestrictedExpression::new_record(fields)
-                .map_err(|e| RequestError::new(path, crate::bundle::cedar_message(&e)))?
+                .map_err(|e| RequestError::new(path.render(), crate::bundle::cedar_message(&e)))?
         }
         Kind::Extension(ext) => {
             // `ipaddr`, the extension's name, is taken for `ip` in typed values.
@@ -281,7 +321,7 @@ fn value(
             };
             let Some(kind) = Extension::named(name) else {
                 return Err(RequestError::new(
-                    format!("{path}.fn"),
+                    FieldPath::Field(path, "fn").render(),
                     format!(
                         "unknown extension constructor `{}`; expected `ip`, `decimal`, \
                          `datetime` or `duration`",
@@ -301,26 +341,25 @@ fn typed_extension(kind: Extension, arg: &str, shape: &mut Shape) -> RestrictedE
 
 fn entity(path: &str, e: &pb::Entity) -> Result<Entity, RequestError> {
     let uid = entity_uid(&format!("{path}.uid"), e.uid.as_ref())?;
+    let root = FieldPath::Root(path);
+    let attrs_path = FieldPath::Field(&root, "attrs");
     let mut attrs = Vec::with_capacity(e.attrs.len());
     for (name, v) in &e.attrs {
         // An entity's attributes are not checked by shape: theirs is unused.
         let unused = &mut Shape::new();
-        attrs.push((
-            name.clone(),
-            value(&format!("{path}.attrs.{name}"), v, 1, unused)?,
-        ));
+        let attr = FieldPath::Field(&attrs_path, name);
+        attrs.push((name.clone(), value(&attr, v, 1, unused)?));
     }
     let mut parents = Vec::with_capacity(e.parents.len());
     for (i, p) in e.parents.iter().enumerate() {
         parents.push(entity_uid(&format!("{path}.parents[{i}]"), Some(p))?);
     }
+    let tags_path = FieldPath::Field(&root, "tags");
     let mut tags = Vec::with_capacity(e.tags.len());
     for (name, v) in &e.tags {
         let unused = &mut Shape::new();
-        tags.push((
-            name.clone(),
-            value(&format!("{path}.tags.{name}"), v, 1, unused)?,
-        ));
+        let tag = FieldPath::Field(&tags_path, name);
+        tags.push((name.clone(), value(&tag, v, 1, unused)?));
     }
     Entity::new_with_tags(uid, attrs, parents, tags)
         .map_err(|err| RequestError::new(path, crate::bundle::cedar_message(&err)))
@@ -361,6 +400,9 @@ fn entities_json(text: &str) -> Result<Vec<Value>, RequestError> {
     match parse_json("entities_json", text)? {
         // An entities file holds an array; each entity's attributes are one
         // level below the array, as typed entity attributes are.
+        Value::Array(items) if items.len() > MAX_REQUEST_ENTITIES => {
+            Err(too_many_entities("entities_json", items.len()))
+        }
         Value::Array(items) => Ok(items),
         _ => Err(RequestError::new(
             "entities_json",
@@ -370,8 +412,9 @@ fn entities_json(text: &str) -> Result<Vec<Value>, RequestError> {
 }
 
 /// Nesting of Cedar values in a JSON document, counted as the typed form
-/// counts it: a set or record is one level; `__entity`/`__extn` escapes are
-/// single values.
+/// counts it: a set or record is one level; an `__entity`/`__extn` escape
+/// (an object with that one key) is a single value, though what it holds
+/// is still counted, so an escape key cannot hide deeper nesting beside it.
 fn json_depth(v: &Value) -> usize {
     // Iterative, so that a hostile document cannot overflow the stack here.
     let mut max = 0;
@@ -382,7 +425,17 @@ fn json_depth(v: &Value) -> usize {
             break;
         }
         match v {
-            Value::Object(map) if map.contains_key("__entity") || map.contains_key("__extn") => {}
+            Value::Object(map)
+                if map.len() == 1
+                    && (map.contains_key("__entity") || map.contains_key("__extn")) =>
+            {
+                for inner in map.values() {
+                    match inner {
+                        Value::Object(fields) => stack.extend(fields.values().map(|c| (c, depth))),
+                        other => stack.push((other, depth)),
+                    }
+                }
+            }
             Value::Object(map) => stack.extend(map.values().map(|c| (c, depth + 1))),
             Value::Array(items) => stack.extend(items.iter().map(|c| (c, depth + 1))),
             _ => {}
@@ -457,7 +510,82 @@ mod tests {
                 kind: Some(pb::value::Kind::Set(pb::ValueSet { values: vec![v] })),
             };
         }
-        let err = value("context.x", &v, 1, &mut Shape::new()).expect_err("too deep");
+        let err =
+            value(&FieldPath::Root("context.x"), &v, 1, &mut Shape::new()).expect_err("too deep");
         assert!(err.problem.contains("deeper than 32"), "{err}");
+        assert_eq!(
+            err.field,
+            format!("context.x{}", "[0]".repeat(MAX_VALUE_DEPTH))
+        );
+    }
+
+    #[test]
+    fn an_escape_key_does_not_hide_nesting_beside_it() {
+        let deep = format!("{}1{}", "[".repeat(40), "]".repeat(40));
+        for text in [
+            format!(r#"{{"__extn": 0, "a": {deep}}}"#),
+            format!(r#"{{"__entity": {{"type": "U", "id": "x", "more": {deep}}}}}"#),
+            format!(r#"{{"__extn": {deep}}}"#),
+        ] {
+            let v: Value = serde_json::from_str(&text).expect("json");
+            assert!(json_depth(&v) > MAX_VALUE_DEPTH, "{text}");
+        }
+    }
+
+    #[test]
+    fn paths_name_the_value_at_fault() {
+        use pb::value::Kind;
+        let bad = pb::Value {
+            kind: Some(Kind::Extension(pb::ExtensionValue {
+                r#fn: "sqrt".into(),
+                arg: "2".into(),
+            })),
+        };
+        let record = pb::Value {
+            kind: Some(Kind::Record(pb::Record {
+                fields: [("k".to_owned(), bad)].into_iter().collect(),
+            })),
+        };
+        let ok = pb::Value {
+            kind: Some(Kind::Bool(true)),
+        };
+        let set = pb::Value {
+            kind: Some(Kind::Set(pb::ValueSet {
+                values: vec![ok, record],
+            })),
+        };
+        let root = FieldPath::Root("context");
+        let err = value(&FieldPath::Field(&root, "x"), &set, 1, &mut Shape::new())
+            .expect_err("unknown constructor");
+        assert_eq!(err.field, "context.x[1].k.fn");
+        let no_type = pb::Value {
+            kind: Some(Kind::Entity(pb::EntityUid::default())),
+        };
+        let err = value(
+            &FieldPath::Root("entities.entities[0].attrs.owner"),
+            &no_type,
+            1,
+            &mut Shape::new(),
+        )
+        .expect_err("no type");
+        assert_eq!(err.field, "entities.entities[0].attrs.owner.type");
+    }
+
+    #[test]
+    fn a_request_brings_a_bounded_number_of_entities() {
+        let one = r#"{"uid": {"type": "T", "id": "x"}, "attrs": {}, "parents": []}"#;
+        let at_most = format!("[{}]", vec![one; MAX_REQUEST_ENTITIES].join(","));
+        assert_eq!(
+            entities_json(&at_most).expect("at the limit").len(),
+            MAX_REQUEST_ENTITIES
+        );
+        let over = format!("[{}]", vec![one; MAX_REQUEST_ENTITIES + 1].join(","));
+        let err = entities_json(&over).expect_err("over the limit");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "entities_json: 501 entities; a request may bring at most {MAX_REQUEST_ENTITIES}"
+            )
+        );
     }
 }
