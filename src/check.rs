@@ -17,13 +17,12 @@ use crate::proto::v1::authorizer_client::AuthorizerClient;
 pub enum CheckError {
     #[error("--{flag}: `{value}` is not a Cedar entity reference such as `User::\"alice\"`")]
     BadEntity { flag: &'static str, value: String },
-    #[error("--addr: `{0}` is not an address")]
+    #[error("--addr: `{0}` is not an address such as `127.0.0.1:50051`")]
     BadAddress(String),
-    #[error("cannot connect to {target}: {source}")]
-    Connect {
-        target: String,
-        source: tonic::transport::Error,
-    },
+    #[error("--addr: `{0}` has no port; the sidecar listens on 127.0.0.1:50051 by default")]
+    NoPort(String),
+    #[error("cannot connect to {target}: {reason}")]
+    Connect { target: String, reason: String },
     #[error("the sidecar refused the request: {code:?}: {message}")]
     Status { code: tonic::Code, message: String },
 }
@@ -47,13 +46,34 @@ pub async fn channel_tcp(addr: &str) -> Result<Channel, CheckError> {
     };
     let endpoint =
         Endpoint::from_shared(uri).map_err(|_| CheckError::BadAddress(addr.to_owned()))?;
+    // Without a port the URI means 80, which is never the sidecar.
+    if endpoint.uri().port().is_none() {
+        return Err(CheckError::NoPort(addr.to_owned()));
+    }
     endpoint
         .connect()
         .await
         .map_err(|source| CheckError::Connect {
             target: addr.to_owned(),
-            source,
+            reason: causes(&source),
         })
+}
+
+/// An error and its causes, each said once: the transport's errors wrap
+/// one another with the same words (`transport error: transport error:
+/// tcp connect error: tcp connect error: Connection refused`).
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut said: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !said.iter().any(|s| s.contains(&text)) {
+            said.retain(|s| !text.contains(s.as_str()));
+            said.push(text);
+        }
+        next = e.source();
+    }
+    said.join(": ")
 }
 
 /// A gRPC channel over the Unix socket at `path`.
@@ -71,7 +91,10 @@ pub async fn channel_uds(path: PathBuf) -> Result<Channel, CheckError> {
             }
         }))
         .await
-        .map_err(|source| CheckError::Connect { target, source })
+        .map_err(|source| CheckError::Connect {
+            target,
+            reason: causes(&source),
+        })
 }
 
 fn entity(flag: &'static str, value: &str) -> Result<pb::EntityUid, CheckError> {

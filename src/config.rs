@@ -50,7 +50,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Check a bundle as `serve` would, for a GitOps CI job (exit 0 valid, 1 invalid).
     Validate(ValidateArgs),
-    /// Ask a running sidecar for one decision (exit 0 allow, 2 deny, 1 error).
+    /// Ask a running sidecar for one decision (exit 0 allow, 2 deny, 3
+    /// approval required, 1 error).
     Check(CheckArgs),
     /// Show what a running sidecar serves and how its last reload went
     /// (exit 0, 2 when the last change was refused, 1 error).
@@ -60,7 +61,8 @@ pub enum Command {
     /// Make an approver's Ed25519 key pair: the private key to a file, the
     /// public key (for an `*.approvers.json` file) to standard output.
     Keygen(KeygenArgs),
-    /// Approval grants: `leash grant approve ...`, `leash grant inspect TOKEN`.
+    /// Approval and elevation grants: `leash grant approve ...`, `leash grant
+    /// elevate ...`, `leash grant inspect TOKEN`.
     Grant(GrantArgs),
     /// Measure leash against the floor (in-process decision, empty gRPC call)
     /// on this machine; `leash bench generate` writes a generated bundle.
@@ -71,13 +73,21 @@ pub enum Command {
     BenchFloor(BenchFloorArgs),
 }
 
+/// What a boolean flag's environment variable may say: `true`/`false`,
+/// `1`/`0`, `yes`/`no`, `on`/`off` (anything else is refused, so a typo never
+/// turns a switch such as `LEASH_AUDIT_FAIL_OPEN` on).
+fn boolish() -> clap::builder::BoolishValueParser {
+    clap::builder::BoolishValueParser::new()
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Directory of `*.cedar` policies and `*.entities.json` entity data
     /// (recursive). Without --policies/--schemas, the built-in example bundle.
     #[arg(long, env = "LEASH_POLICIES", value_name = "DIR", requires = "schemas")]
     pub policies: Option<PathBuf>,
-    /// Directory of the schema: `*.cedarschema` or `*.cedarschema.json`.
+    /// Directory of the schema: `*.cedarschema` (Cedar syntax), or
+    /// `*.cedarschema.json` or any other `*.json` (Cedar JSON).
     #[arg(long, env = "LEASH_SCHEMAS", value_name = "DIR", requires = "policies")]
     pub schemas: Option<PathBuf>,
     /// TCP address to serve on; port 0 picks one (logged). `none` disables TCP.
@@ -86,8 +96,8 @@ pub struct ServeArgs {
     /// Also (or, with `--listen none`, only) serve on this Unix socket, mode 0600.
     #[arg(long, env = "LEASH_UDS", value_name = "PATH")]
     pub uds: Option<PathBuf>,
-    /// Allow --listen on an address other than loopback.
-    #[arg(long, env = "LEASH_ALLOW_NON_LOOPBACK")]
+    /// Allow --listen and --admin-listen on an address other than loopback.
+    #[arg(long, env = "LEASH_ALLOW_NON_LOOPBACK", value_parser = boolish())]
     pub allow_non_loopback: bool,
     /// Largest number of requests in one BatchIsAuthorized call.
     #[arg(long, env = "LEASH_MAX_BATCH", value_name = "N", default_value_t = 100)]
@@ -131,7 +141,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LEASH_WATCH_POLL", value_name = "INTERVAL")]
     pub watch_poll: Option<String>,
     /// Do not watch the bundle; reload only on SIGHUP.
-    #[arg(long, env = "LEASH_NO_WATCH", conflicts_with = "watch_poll")]
+    #[arg(long, env = "LEASH_NO_WATCH", value_parser = boolish(), conflicts_with = "watch_poll")]
     pub no_watch: bool,
     /// Quiet time that ends a burst of file events before a reload starts.
     #[arg(
@@ -169,7 +179,7 @@ pub struct ServeArgs {
     pub audit_max_bytes: u64,
     /// Answer decisions even when their records cannot be written (logged
     /// loudly). By default leash fails closed: such decisions are DENY.
-    #[arg(long, env = "LEASH_AUDIT_FAIL_OPEN")]
+    #[arg(long, env = "LEASH_AUDIT_FAIL_OPEN", value_parser = boolish())]
     pub audit_fail_open: bool,
     /// Context attributes recorded in clear; others are redacted.
     #[arg(
@@ -390,7 +400,7 @@ impl TelemetryArgs {
     ) -> Option<TraceOptions> {
         let traces_endpoint = given(&self.otlp_traces_endpoint);
         let base_endpoint = given(&self.otlp_endpoint);
-        if !self.exporting(warnings) || (traces_endpoint.is_none() && base_endpoint.is_none()) {
+        if !self.exporting(warnings) {
             return None;
         }
         let first = problems.len();
@@ -414,18 +424,23 @@ impl TelemetryArgs {
         };
         // The specification's rule: a signal's own endpoint is used as
         // given; the base endpoint gets the signal's path over HTTP.
-        let (flag, given_url, endpoint) = match (traces_endpoint, base_endpoint) {
-            (Some(url), _) => ("--otlp-traces-endpoint", url, url.to_owned()),
-            (None, Some(base)) if protocol == Protocol::HttpProtobuf => (
+        // Without an endpoint nothing is exported, but the other values
+        // are still checked: a bad one is reported now, not when an
+        // endpoint is added later.
+        let endpoint = match (traces_endpoint, base_endpoint) {
+            (Some(url), _) => Some(("--otlp-traces-endpoint", url, url.to_owned())),
+            (None, Some(base)) if protocol == Protocol::HttpProtobuf => Some((
                 "--otlp-endpoint",
                 base,
                 format!("{}/v1/traces", base.trim_end_matches('/')),
-            ),
-            (None, Some(base)) => ("--otlp-endpoint", base, base.to_owned()),
-            (None, None) => return None,
+            )),
+            (None, Some(base)) => Some(("--otlp-endpoint", base, base.to_owned())),
+            (None, None) => None,
         };
-        if let Err(problem) = check_endpoint(given_url) {
-            problems.push(format!("{flag}: {problem}"));
+        if let Some((flag, given_url, _)) = &endpoint {
+            if let Err(problem) = check_endpoint(given_url) {
+                problems.push(format!("{flag}: {problem}"));
+            }
         }
         let millis =
             |flag: &str, value: &Option<String>, default: u64, problems: &mut Vec<String>| {
@@ -493,7 +508,13 @@ impl TelemetryArgs {
         ) {
             Ok(sampler) => sampler,
             Err(e) => {
-                problems.push(format!("--otel-traces-sampler: {e}"));
+                // A bad ratio is the argument's fault, not the sampler's.
+                let flag = if e.contains("is not a sampling ratio") {
+                    "--otel-traces-sampler-arg"
+                } else {
+                    "--otel-traces-sampler"
+                };
+                problems.push(format!("{flag}: {e}"));
                 SamplerChoice::ParentBasedAlwaysOn
             }
         };
@@ -518,6 +539,7 @@ impl TelemetryArgs {
         if problems.len() > first {
             return None;
         }
+        let (_, _, endpoint) = endpoint?;
         Some(TraceOptions {
             endpoint,
             protocol,
@@ -729,7 +751,7 @@ pub enum GrantCommand {
         /// The agent, e.g. `Agent::"support-bot"`.
         #[arg(long)]
         agent: String,
-        /// The role it joins, e.g. `Role::"ticket-escalation"`.
+        /// The role it joins, e.g. `AgentRole::"ticket-escalation"`.
         #[arg(long)]
         role: String,
         /// Only while acting for this user, e.g. `User::"alice"`.
@@ -1634,11 +1656,28 @@ mod tests {
                 "--otlp-protocol",
                 "--otlp-endpoint",
                 "--otlp-timeout",
-                "--otel-traces-sampler",
+                "--otel-traces-sampler-arg",
                 "--otel-resource-attributes",
             ],
             "{problems:#?}"
         );
+        // Without an endpoint nothing is exported, yet a bad value is
+        // still reported at startup.
+        let unexported = traces(&[
+            "--otel-traces-sampler",
+            "traceidratio",
+            "--otel-traces-sampler-arg",
+            "2",
+            "--otel-bsp-max-queue-size",
+            "0",
+        ])
+        .expect_err("refused without an endpoint too");
+        assert_eq!(unexported.len(), 2, "{unexported:?}");
+        assert!(
+            unexported[1].starts_with("--otel-traces-sampler-arg: `2`"),
+            "{unexported:?}"
+        );
+        assert!(traces(&[]).expect("no telemetry").is_none());
         assert!(
             problems[2].contains("TLS to the collector is not supported"),
             "{problems:?}"

@@ -28,7 +28,20 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and the version are answers (stdout, 0). A usage mistake
+            // exits 64 like every other bad setting: clap's own 2 would read
+            // as DENY from `check` and as a partial trail from `audit verify`.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),
@@ -214,7 +227,13 @@ fn keygen(args: &leash::config::KeygenArgs) -> ExitCode {
             .create_new(true)
             .mode(0o600)
             .open(&args.out)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", args.out.display()))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(
+                    "{} exists; refusing to overwrite a key (remove it, or choose another --out)",
+                    args.out.display()
+                ),
+                _ => anyhow::anyhow!("{}: {e}", args.out.display()),
+            })?;
         file.write_all(
             leash::grants::key_file_text(&key, args.kid.as_deref(), args.approver.as_deref())
                 .as_bytes(),
@@ -294,9 +313,14 @@ fn grant(args: &leash::config::GrantArgs) -> ExitCode {
             id,
         } => (|| {
             let uid = |flag: &str, text: &str| -> anyhow::Result<String> {
+                let example = match flag {
+                    "--agent" => "Agent::\"support-bot\"",
+                    "--user" => "User::\"alice\"",
+                    _ => "AgentRole::\"ticket-escalation\"",
+                };
                 text.parse::<cedar_policy::EntityUid>()
                     .map(|u| u.to_string())
-                    .map_err(|_| anyhow::anyhow!("{flag}: `{text}` is not an entity uid such as `Role::\"x\"`"))
+                    .map_err(|_| anyhow::anyhow!("{flag}: `{text}` is not an entity uid such as `{example}`"))
             };
             sign_grant(
                 key,
@@ -370,6 +394,9 @@ fn sign_grant(
         .ok_or_else(|| missing("approver"))?;
     let signing = file.key;
     let ttl = leash::config::parse_duration(ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+    if ttl.as_secs() == 0 {
+        anyhow::bail!("--ttl: a grant must be valid for at least a second, e.g. `10m`");
+    }
     claims.iat = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();

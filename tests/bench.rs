@@ -461,8 +461,8 @@ fn bad_options_and_bad_mixes_are_named() {
     let out = leash(&["bench", "--policies", "p"]);
     assert_eq!(
         out.status.code(),
-        Some(2),
-        "clap usage error: {}",
+        Some(64),
+        "a usage error: {}",
         stderr(&out)
     );
     assert!(stderr(&out).contains("--requests"), "{}", stderr(&out));

@@ -407,6 +407,52 @@ fn serve_exits_non_zero_on_an_invalid_bundle_and_bad_flags() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a loopback address"));
 }
 
+#[test]
+fn usage_mistakes_exit_64_never_a_decisions_code() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_leash"))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("runs and exits")
+    };
+    // `check` exits 2 for DENY and `audit verify` 2 for a partial trail:
+    // a typo must not read as either.
+    for (args, says) in [
+        (
+            &["check", "--usr", "bob"][..],
+            "unexpected argument '--usr'",
+        ),
+        (&["audit", "verify"][..], "required"),
+        (&["serve", "--max-batch", "lots"][..], "--max-batch"),
+    ] {
+        let out = run(args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    // A boolean switch's variable takes 1/0, yes/no, on/off, true/false;
+    // anything else is refused rather than read as on.
+    let out = run(
+        &["--listen", "none"],
+        &[("LEASH_AUDIT_FAIL_OPEN", "banana")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("--audit-fail-open"), "{stderr}");
+    let out = run(
+        &["--listen", "0.0.0.0:0"],
+        &[("LEASH_ALLOW_NON_LOOPBACK", "0")],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a loopback address"));
+    // Help is an answer.
+    let out = run(&["check", "--help"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--agent"));
+}
+
 /// The JSON log lines of a started `leash` child (stderr piped), one by
 /// one, each within 30 s.
 fn json_log_lines(child: &mut std::process::Child) -> impl FnMut() -> serde_json::Value {

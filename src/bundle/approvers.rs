@@ -245,7 +245,7 @@ impl Approvers {
                         )),
                         Err(_) => problem(format!(
                             "{at}.may_elevate[{r}]: `{text}` is not an entity uid such as \
-                             `Role::\"ticket-escalation\"`"
+                             `AgentRole::\"ticket-escalation\"`"
                         )),
                     }
                 }

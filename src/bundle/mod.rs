@@ -516,7 +516,7 @@ fn parse_schema(
         diagnostics.push(Diagnostic::plain(
             None,
             "no schema found: the schemas directory needs a `*.cedarschema` \
-             (Cedar syntax) or `*.cedarschema.json` (Cedar JSON) file; \
+             (Cedar syntax) or `*.cedarschema.json`/`*.json` (Cedar JSON) file; \
              policies are validated against it",
         ));
         return None;
