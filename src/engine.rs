@@ -394,8 +394,15 @@ pub fn decide_with_grants(
     // The context is the same for both sides, so it is checked against the
     // action's context type once, here, not in each side's Cedar request.
     if !context.validated {
-        check_context(snapshot, &request.action, &context.context, &context.shape)
-            .map_err(|e| request_validation_error(*e, "principal.agent", &request.context))?;
+        check_context(snapshot, &request.action, &context.context, &context.shape).map_err(
+            |e| {
+                let field = context_field(&request.context);
+                match context_mismatch(snapshot, &request.action, &context.context) {
+                    Some((path, problem)) => RequestError::new(format!("{field}{path}"), problem),
+                    None => request_validation_error(*e, "principal.agent", &request.context),
+                }
+            },
+        )?;
     }
     let context = context.context;
     // Elevations are read first: a request that brings entities and is
@@ -758,6 +765,101 @@ fn context_field(input: &ContextInput) -> &'static str {
     match input {
         ContextInput::Json(_) => "context_json",
         _ => "context",
+    }
+}
+
+/// The first attribute of a context that does not fit its action's context
+/// type, as its path below the context field (`.amount_cents`) and the
+/// problem, so the error names it; Cedar's own message names only the
+/// action and echoes the whole context. `None` when no attribute is found at
+/// fault (Cedar's message is used then). The trusted `leash` record is not
+/// looked at: leash builds it to the type.
+fn context_mismatch(
+    snapshot: &Snapshot,
+    action: &EntityUid,
+    context: &Context,
+) -> Option<(String, String)> {
+    let action_core: &cedar_ast::EntityUID = action.as_ref();
+    let schema: &cedar_policy_core::validator::ValidatorSchema = snapshot.schema.as_ref();
+    let ty = schema.context_type(action_core)?;
+    let cedar_ast::Context::Value(values) = context.as_ref() else {
+        return None;
+    };
+    let mut record: std::collections::BTreeMap<_, _> = (**values).clone();
+    record.remove(LEASH_ATTR);
+    let value = cedar_ast::Value::record_arc(Arc::new(record), None);
+    let (path, problem) = value_mismatch(String::new(), &value, ty, true)?;
+    Some((path, format!("{problem} (the context type of `{action}`)")))
+}
+
+/// Where `value` does not fit `ty`, as (path, problem); `None` if it fits
+/// as far as is looked (an entity's type is left to Cedar's message).
+/// `top` leaves out the attribute the trusted record is.
+fn value_mismatch(
+    path: String,
+    value: &cedar_ast::Value,
+    ty: &cedar_policy_core::validator::types::Type,
+    top: bool,
+) -> Option<(String, String)> {
+    use cedar_ast::{Literal, ValueKind};
+    use cedar_policy_core::validator::types::{OpenTag, Type};
+    match (ty, &value.value) {
+        (
+            Type::Record {
+                attrs,
+                open_attributes,
+            },
+            ValueKind::Record(record),
+        ) => {
+            for (name, attr) in attrs.iter() {
+                if top && name.as_str() == LEASH_ATTR {
+                    continue;
+                }
+                if attr.is_required && !record.contains_key(name) {
+                    return Some((
+                        format!("{path}.{name}"),
+                        format!("required, missing (a {})", attr.attr_type),
+                    ));
+                }
+            }
+            for (name, item) in record.iter() {
+                match attrs.get_attr(name) {
+                    Some(attr) => {
+                        let found =
+                            value_mismatch(format!("{path}.{name}"), item, &attr.attr_type, false);
+                        if found.is_some() {
+                            return found;
+                        }
+                    }
+                    None if *open_attributes == OpenTag::ClosedAttributes => {
+                        return Some((
+                            format!("{path}.{name}"),
+                            "not an attribute of this context".to_owned(),
+                        ))
+                    }
+                    None => {}
+                }
+            }
+            None
+        }
+        (Type::Set { element_type }, ValueKind::Set(set)) => {
+            let element = element_type.as_deref()?;
+            // Members have no order the caller gave: the path is the set's.
+            set.iter()
+                .find_map(|item| value_mismatch(path.clone(), item, element, false))
+                .map(|(path, problem)| (path, format!("a member: {problem}")))
+        }
+        (Type::Long, ValueKind::Lit(Literal::Long(_)))
+        | (Type::String, ValueKind::Lit(Literal::String(_)))
+        | (Type::Bool(_), ValueKind::Lit(Literal::Bool(_)))
+        | (Type::Entity(_), ValueKind::Lit(Literal::EntityUID(_)))
+        | (Type::Never, _) => None,
+        (Type::ExtensionType { name }, ValueKind::ExtensionValue(ext))
+            if ext.typename() == *name =>
+        {
+            None
+        }
+        (expected, _) => Some((path, format!("expected a {expected}, got `{value}`"))),
     }
 }
 

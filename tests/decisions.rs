@@ -646,7 +646,11 @@ async fn bad_input_gets_invalid_argument_naming_the_field() {
         ),
         r#"{"amount_cents": "twelve"}"#,
     );
-    assert!(invalid(&server, req).await.starts_with("context_json: "));
+    assert_eq!(
+        invalid(&server, req).await,
+        "context_json.amount_cents: expected a Long, got `\"twelve\"` (the context type of \
+         `Action::\"invoices:create\"`)"
+    );
     let req = with_context_json(base(), r#"{"amount_cents": 1"#);
     assert!(invalid(&server, req)
         .await
@@ -763,6 +767,64 @@ async fn request_entities_extend_the_bundle() {
     assert!(invalid(&server, req)
         .await
         .starts_with("entities_json[0]: "));
+}
+
+#[tokio::test]
+async fn a_context_that_does_not_fit_names_the_attribute() {
+    let server = TestServer::example().await;
+    let refund = || {
+        example_request(
+            "billing-agent",
+            Some("bob"),
+            "payments:refund",
+            "BillingAccount::\"BA-100\"",
+        )
+    };
+    let typed = |fields: Vec<(&str, pb::value::Kind)>| {
+        let mut req = refund();
+        req.context_input = Some(pb::is_authorized_request::ContextInput::Context(
+            pb::Record {
+                fields: fields
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), pb::Value { kind: Some(v) }))
+                    .collect(),
+            },
+        ));
+        req
+    };
+    use pb::value::Kind;
+    let of = "(the context type of `Action::\"payments:refund\"`)";
+    assert_eq!(
+        invalid(
+            &server,
+            typed(vec![("amount_cents", Kind::String("25000".into()))])
+        )
+        .await,
+        format!("context.amount_cents: expected a Long, got `\"25000\"` {of}")
+    );
+    assert_eq!(
+        invalid(&server, typed(vec![])).await,
+        format!("context.amount_cents: required, missing (a Long) {of}")
+    );
+    assert_eq!(
+        invalid(
+            &server,
+            typed(vec![
+                ("amount_cents", Kind::Long(5)),
+                ("extra", Kind::Bool(true))
+            ])
+        )
+        .await,
+        format!("context.extra: not an attribute of this context {of}")
+    );
+    let wrong_extension = with_context_json(
+        refund(),
+        r#"{"amount_cents": 5, "session_started": {"__extn": {"fn": "decimal", "arg": "1.0"}}}"#,
+    );
+    assert_eq!(
+        invalid(&server, wrong_extension).await,
+        format!("context_json.session_started: expected a datetime, got `decimal(\"1.0\")` {of}")
+    );
 }
 
 #[tokio::test]
