@@ -131,6 +131,8 @@ async fn the_call_past_the_rate_is_denied_with_a_retry_after_until_the_window_pa
         metric(&metrics, "leash_limited_total{reason=\"rate_limited\"}"),
         4.0
     );
+    // One counter live: the bot's (`other-send` has no limit).
+    assert_eq!(metric(&metrics, "leash_limit_keys"), 1.0, "{metrics}");
     server.shutdown().await;
     let limited: Vec<serde_json::Value> = verified_audit_records(&trail)
         .into_iter()

@@ -197,6 +197,8 @@ pub struct Server {
     telemetry: Arc<Telemetry>,
     /// The audit trail every decision is recorded in before it is answered.
     audit: Arc<Audit>,
+    /// Rate and budget counters, for the server's life.
+    quota: Arc<Quota>,
     /// Set when shutdown begins, for `/readyz`.
     draining: Arc<AtomicBool>,
     /// Serializes health updates.
@@ -224,11 +226,14 @@ impl Server {
                  their records cannot be written"
             );
         }
+        // For the server's life: reloads swap the bundle, not the counters.
+        let quota = Arc::new(Quota::new(options.max_limit_keys));
         let telemetry = Telemetry::start(
             &options.telemetry,
             live.clone(),
             status.clone(),
             audit.enabled().then(|| audit.status()),
+            quota.clone(),
         )?;
         Ok(Self {
             live,
@@ -237,6 +242,7 @@ impl Server {
             options,
             telemetry: Arc::new(telemetry),
             audit,
+            quota,
             draining: Arc::new(AtomicBool::new(false)),
             health_lock: tokio::sync::Mutex::new(()),
         })
@@ -342,8 +348,7 @@ impl Server {
             self.telemetry.clone(),
             self.audit.clone(),
             Limiting {
-                // For the server's life: reloads swap the bundle, not these.
-                quota: Arc::new(Quota::new(self.options.max_limit_keys)),
+                quota: self.quota.clone(),
                 used_grants: Arc::new(crate::grants::UsedGrants::default()),
                 lifetimes: crate::grants::Lifetimes {
                     approval: self.options.max_approval_ttl,

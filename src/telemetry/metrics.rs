@@ -112,12 +112,14 @@ pub struct Metrics {
 
 impl Metrics {
     /// Metrics over the served bundle (`live`), the reload history
-    /// (`status`), the span counters and, when it is on, the audit trail.
+    /// (`status`), the span counters, the limit counters and, when it is
+    /// on, the audit trail.
     pub fn new(
         live: Arc<LiveBundle>,
         status: Arc<ReloadStatus>,
         spans: Arc<SpanCounters>,
         audit: Option<Arc<AuditStatus>>,
+        quota: Arc<crate::quota::Quota>,
     ) -> Self {
         let mut registry = Registry::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
@@ -162,6 +164,7 @@ impl Metrics {
             status,
             spans,
             audit,
+            quota,
         }));
         Self {
             registry,
@@ -299,6 +302,7 @@ struct StateCollector {
     spans: Arc<SpanCounters>,
     /// `None` when the audit trail is off.
     audit: Option<Arc<AuditStatus>>,
+    quota: Arc<crate::quota::Quota>,
 }
 
 impl Collector for StateCollector {
@@ -420,6 +424,12 @@ impl Collector for StateCollector {
                 )?,
             )?;
         }
+        ConstGauge::new(clamp_i64(self.quota.keys())).encode(encoder.encode_descriptor(
+            "leash_limit_keys",
+            "Rate and budget counter keys held (at most --max-limit-keys; when all are live, limited permits are denied).",
+            None,
+            MetricType::Gauge,
+        )?)?;
         ConstCounter::new(super::log_writer::dropped_lines())
             .encode(encoder.encode_descriptor(
             "leash_log_lines_dropped",

@@ -119,6 +119,7 @@ impl Telemetry {
         live: Arc<LiveBundle>,
         status: Arc<ReloadStatus>,
         audit: Option<Arc<crate::audit::AuditStatus>>,
+        quota: Arc<crate::quota::Quota>,
     ) -> Result<Self, TelemetryError> {
         let spans = Arc::new(SpanCounters::default());
         let traces = match &options.traces {
@@ -127,7 +128,7 @@ impl Telemetry {
         };
         let metrics = options
             .metrics
-            .then(|| Arc::new(Metrics::new(live, status, spans.clone(), audit)));
+            .then(|| Arc::new(Metrics::new(live, status, spans.clone(), audit, quota)));
         Ok(Self {
             metrics,
             traces,
