@@ -164,33 +164,32 @@ async fn a_gated_permit_asks_for_approval_with_a_fingerprint_of_exactly_that_req
             ),
         )
     };
-    let emea = fingerprint(
-        ask(brought(
-            r#"{"customer": {"__entity": {"type": "Customer", "id": "C-100"}}, "region": "EMEA"}"#,
-        ))
-        .await,
-    );
-    let emea_reordered = fingerprint(
-        ask(brought(
-            r#"{"region": "EMEA", "customer": {"__entity": {"type": "Customer", "id": "C-100"}}}"#,
-        ))
-        .await,
-    );
-    let na = fingerprint(
-        ask(brought(
-            r#"{"customer": {"__entity": {"type": "Customer", "id": "C-100"}}, "region": "NA"}"#,
-        ))
-        .await,
-    );
-    let other_customer = fingerprint(
-        ask(brought(
-            r#"{"customer": {"__entity": {"type": "Customer", "id": "C-200"}}, "region": "EMEA"}"#,
-        ))
-        .await,
-    );
+    let account = |customer: &str, region: &str, reordered: bool| {
+        let customer =
+            format!(r#""customer": {{"__entity": {{"type": "Customer", "id": "{customer}"}}}}"#);
+        let region = format!(r#""region": "{region}""#);
+        if reordered {
+            format!("{{{region}, {customer}}}")
+        } else {
+            format!("{{{customer}, {region}}}")
+        }
+    };
+    let mut brought_fps = Vec::new();
+    for (customer, region, reordered) in [
+        ("C-100", "EMEA", false),
+        ("C-100", "EMEA", true),
+        ("C-100", "NA", false),
+        ("C-200", "EMEA", false),
+    ] {
+        let attrs = account(customer, region, reordered);
+        brought_fps.push(fingerprint(ask(brought(&attrs)).await));
+    }
+    let [emea, emea_reordered, na, other_customer] = &brought_fps[..] else {
+        panic!("four fingerprints");
+    };
     let bare = fingerprint(ask(refund(Some("bob"), "BA-900", &json)).await);
     assert_eq!(emea, emea_reordered);
-    let brought_ones = [&emea, &na, &other_customer, &bare];
+    let brought_ones = [emea, na, other_customer, &bare];
     let distinct: std::collections::HashSet<_> = brought_ones.iter().collect();
     assert_eq!(distinct.len(), brought_ones.len(), "{brought_ones:?}");
     let alone = ask(refund(None, "BA-100", &json)).await;
