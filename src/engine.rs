@@ -1272,6 +1272,15 @@ fn with_request_entities(
                 ),
             ));
         }
+        if roles.contains(&uid) {
+            return Err(RequestError::new(
+                format!("{field}[{i}]"),
+                format!(
+                    "entity `{uid}` is a role this request's elevation grant puts the agent in; \
+                     a request may not define it (its parents would become the agent's)"
+                ),
+            ));
+        }
         if uid == request.agent || Some(&uid) == request.on_behalf_of.as_ref() {
             return Err(RequestError::new(
                 format!("{field}[{i}]"),

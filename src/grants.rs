@@ -207,6 +207,12 @@ pub fn verify(
             ),
         })?;
     let c = &decoded.claims;
+    if c.jti.trim().is_empty() {
+        return Err((
+            Rejection::Forged,
+            "the grant has no id (`jti`); every leash grant has one".to_owned(),
+        ));
+    }
     let max_ttl = match c.grant.as_str() {
         "approve" if !c.fingerprint.is_empty() => limits.approval,
         "elevate" if !c.agent.is_empty() && !c.role.is_empty() => limits.elevation,
@@ -366,17 +372,21 @@ fn seconds(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Grant ids already used, each kept until its grant expires.
+/// Grant ids already used, by approver, each kept until its grant expires.
+/// Ids are the approver's to choose, so one approver's ids never use up
+/// another's.
 #[derive(Debug, Default)]
 pub struct UsedGrants {
-    used: Mutex<HashMap<String, u64>>,
+    used: Mutex<HashMap<(String, String), u64>>,
 }
 
 impl UsedGrants {
-    /// Marks `jti` used; false when it already was (or no slot is left).
-    fn take(&self, jti: &str, exp: u64, now: u64) -> Result<(), Rejection> {
+    /// Marks `approver`'s `jti` used; false when it already was (or no slot
+    /// is left).
+    fn take(&self, approver: &str, jti: &str, exp: u64, now: u64) -> Result<(), Rejection> {
+        let key = (approver.to_owned(), jti.to_owned());
         let mut used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
-        if used.contains_key(jti) {
+        if used.contains_key(&key) {
             return Err(Rejection::Reused);
         }
         if used.len() >= MAX_USED_GRANTS {
@@ -385,17 +395,17 @@ impl UsedGrants {
                 return Err(Rejection::Capacity);
             }
         }
-        used.insert(jti.to_owned(), exp);
+        used.insert(key, exp);
         Ok(())
     }
 
-    /// Gives `jti` back: the decision it was taken for did not allow after
-    /// all (a limit refused it).
-    pub fn release(&self, jti: &str) {
+    /// Gives `approver`'s `jti` back: the decision it was taken for did not
+    /// allow after all (a limit refused it, or it could not be recorded).
+    pub fn release(&self, approver: &str, jti: &str) {
         self.used
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(jti);
+            .remove(&(approver.to_owned(), jti.to_owned()));
     }
 
     /// Ids remembered now.
@@ -433,12 +443,15 @@ pub fn apply(
         return;
     }
     let now = seconds(now);
+    // Every approval grant is checked before one is used, so the answer
+    // does not depend on where a bad one sits in the list.
+    let mut approvals = Vec::new();
     for token in &request.grants {
         if decode(token).is_ok_and(|d| d.claims.grant == "elevate") {
             continue;
         }
-        let verified = match verify(snapshot, token, now, limits) {
-            Ok(v) => v,
+        match verify(snapshot, token, now, limits) {
+            Ok(v) => approvals.push(v.claims),
             Err((rejection, detail)) => {
                 // What an unverified grant claims is still worth recording
                 // (which grant, whose name it bears).
@@ -446,15 +459,17 @@ pub fn apply(
                 refuse(decision, rejection, claimed.as_ref(), detail);
                 return;
             }
-        };
-        let c = &verified.claims;
-        let Some(approval) = &decision.approval else {
-            continue;
-        };
-        if c.fingerprint != approval.fingerprint {
+        }
+    }
+    // A valid grant on a request that needs none is left unused.
+    let Some(wanted) = decision.approval.as_ref().map(|a| a.fingerprint.clone()) else {
+        return;
+    };
+    for c in &approvals {
+        if c.fingerprint != wanted {
             let detail = format!(
-                "grant `{}` approves {}, not this request ({})",
-                c.jti, c.fingerprint, approval.fingerprint
+                "grant `{}` approves {}, not this request ({wanted})",
+                c.jti, c.fingerprint
             );
             refuse(decision, Rejection::WrongFingerprint, Some(c), detail);
             return;
@@ -467,7 +482,9 @@ pub fn apply(
             refuse(decision, Rejection::UnauthorizedApprover, Some(c), detail);
             return;
         }
-        if let Err(rejection) = used.take(&c.jti, c.exp, now) {
+    }
+    if let Some(c) = approvals.first() {
+        if let Err(rejection) = used.take(&c.approver, &c.jti, c.exp, now) {
             let detail = match rejection {
                 Rejection::Reused => format!("grant `{}` was already used", c.jti),
                 _ => "every slot for used grant ids is taken by an unexpired grant".to_owned(),
@@ -487,7 +504,6 @@ pub fn apply(
                 c.approver, c.jti, c.exp
             ),
         });
-        return;
     }
 }
 

@@ -698,6 +698,17 @@ async fn bad_input_gets_invalid_argument_naming_the_field() {
         assert!(msg.contains("origin"), "{name}: {msg}");
     }
 
+    // An agent is not its own user: the user side would be the agent's.
+    let req = example_request("support-bot", None, "tickets:read", "Ticket::\"T-1\"");
+    let mut req = req;
+    if let Some(p) = req.principal.as_mut() {
+        p.on_behalf_of = p.agent.clone();
+    }
+    assert_eq!(
+        invalid(&server, req).await,
+        "principal.on_behalf_of: names the agent itself; leave it out for an agent acting on its own"
+    );
+
     // A request may add entities but not redefine the bundle's: no
     // asserting one's own roles.
     let req = with_entities_json(
@@ -889,6 +900,44 @@ async fn a_request_cannot_define_its_principals() {
     // Without the claim, the unknown agent holds no role: denied.
     let req = example_request("new-bot", Some("alice"), "tickets:read", "Ticket::\"T-1\"");
     assert_eq!(server.decide(req).await.expect("decides").decision, DENY);
+}
+
+#[test]
+fn a_leash_record_reached_through_another_namespace_refuses_the_bundle() {
+    // `Shared::Ctx` names `Inner` unqualified, inside `Shared`: were the
+    // action not known to ask for the trusted record, a caller could send
+    // `context.leash` itself and pass the forbid.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = empty_bundle_dirs(dir.path());
+    std::fs::write(
+        schemas.join("s.cedarschema"),
+        "namespace Shared {\n\
+           type Inner = { leash: { agent: App::Agent, delegated: Bool } };\n\
+           type Ctx = Inner;\n\
+         }\n\
+         namespace App {\n\
+           entity Agent;\n\
+           entity Doc;\n\
+           action \"go\" appliesTo { principal: [Agent], resource: [Doc], context: Shared::Ctx };\n\
+         }\n",
+    )
+    .expect("write schema");
+    std::fs::write(
+        policies.join("p.cedar"),
+        "permit (principal, action, resource);\n\
+         forbid (principal, action, resource) unless { context.leash.delegated };\n",
+    )
+    .expect("write policy");
+    let err = leash::bundle::Snapshot::load_dirs(&policies, &schemas)
+        .expect_err("refused, not served unprotected");
+    assert!(
+        err.diagnostics.iter().any(|d| {
+            d.message.starts_with(
+            "App::Action::\"go\": its context declares `leash` through types leash could not follow"
+        )
+        }),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]

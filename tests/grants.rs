@@ -1239,3 +1239,180 @@ forbid (principal, action == Action::"read", resource) when { resource.author in
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_request_cannot_define_the_role_its_elevation_grants() {
+    // Were the request to bring `AgentRole::"escalation"` inside `admin`,
+    // the elevation into `escalation` would make the agent an admin.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = empty_bundle_dirs(dir.path());
+    std::fs::write(
+        schemas.join("s.cedarschema"),
+        "entity AgentRole in [AgentRole];\nentity Agent in [AgentRole];\nentity Doc;\n\
+         action \"read\", \"admin\" appliesTo { principal: Agent, resource: Doc };\n",
+    )
+    .expect("schema");
+    std::fs::write(
+        policies.join("p.cedar"),
+        "@id(\"esc\")\npermit (principal in AgentRole::\"escalation\", action == Action::\"read\", resource);\n\
+         @id(\"adm\")\npermit (principal in AgentRole::\"admin\", action == Action::\"admin\", resource);\n",
+    )
+    .expect("policies");
+    std::fs::write(
+        policies.join("e.entities.json"),
+        r#"[{"uid": {"type": "Agent", "id": "bot"}, "attrs": {}, "parents": []}]"#,
+    )
+    .expect("entities");
+    std::fs::write(
+        policies.join("a.approvers.json"),
+        serde_json::json!({"approvers": [{
+            "id": "eve", "keys": [{"kid": "eve-1", "public_key": grants::public_key_text(&key(2))}],
+            "may_elevate": ["AgentRole::\"escalation\""]
+        }]})
+        .to_string(),
+    )
+    .expect("approvers");
+    let server = serve(&policies, &schemas, held_options()).await;
+    let token = grants::sign(
+        &key(2),
+        "eve-1",
+        &Claims {
+            grant: "elevate".to_owned(),
+            approver: "eve".to_owned(),
+            fingerprint: String::new(),
+            agent: "Agent::\"bot\"".to_owned(),
+            role: "AgentRole::\"escalation\"".to_owned(),
+            user: String::new(),
+            jti: "e-role".to_owned(),
+            iat: NOW,
+            exp: NOW + 3600,
+        },
+    )
+    .expect("signs");
+    let ask_for = |action: &str, grant: bool, bring: bool| {
+        let mut req = request(
+            "Agent::\"bot\"",
+            None,
+            &format!("Action::\"{action}\""),
+            "Doc::\"d\"",
+        );
+        if bring {
+            req = with_entities_json(
+                req,
+                r#"[{"uid": {"type": "AgentRole", "id": "escalation"}, "attrs": {}, "parents": [{"type": "AgentRole", "id": "admin"}]}]"#,
+            );
+        }
+        if grant {
+            req.grants.push(token.clone());
+        }
+        req
+    };
+    // The elevation does what it grants, and no more.
+    assert_eq!(
+        ask(&server, ask_for("read", true, false)).await.decision,
+        ALLOW
+    );
+    assert_eq!(
+        ask(&server, ask_for("admin", true, false)).await.decision,
+        DENY
+    );
+    let refused = server
+        .decide(ask_for("admin", true, true))
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        refused.message(),
+        "entities_json[0]: entity `AgentRole::\"escalation\"` is a role this request's elevation \
+         grant puts the agent in; a request may not define it (its parents would become the \
+         agent's)"
+    );
+    // Without the grant the same entity is only a role the agent is not in.
+    assert_eq!(
+        ask(&server, ask_for("admin", false, true)).await.decision,
+        DENY
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_approval_grant_is_checked_before_one_is_used_and_ids_are_each_approvers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = server(dir.path(), None).await;
+    let fp = fingerprint_of(&server, refund("bob", "BA-100", 25_000)).await;
+    let by_dana = |jti: &'static str| Grant {
+        seed: 1,
+        kid: "dana-1",
+        approver: "dana",
+        fingerprint: &fp,
+        jti,
+        iat: NOW - 30,
+        exp: NOW + 570,
+    };
+    let good = by_dana("d-1").token();
+    // A bad grant after a good one denies as it does before it, and the
+    // good one is not used up.
+    let mut forged = by_dana("d-2").token();
+    forged.push('A');
+    for order in [[&good, &forged], [&forged, &good]] {
+        let mut req = refund("bob", "BA-100", 25_000);
+        req.grants = order.iter().map(|t| (*t).clone()).collect();
+        let r = ask(&server, req).await;
+        assert_eq!(r.decision, DENY, "{r:?}");
+        assert_eq!(r.grant.expect("grant result").outcome, "grant_forged");
+    }
+    // A grant without an id is not a leash grant.
+    let r = ask(
+        &server,
+        with_grant(refund("bob", "BA-100", 25_000), &by_dana("").token()),
+    )
+    .await;
+    let grant = r.grant.expect("grant result");
+    assert_eq!(
+        (r.decision, grant.outcome.as_str()),
+        (DENY, "grant_forged"),
+        "{}",
+        grant.detail
+    );
+
+    // eve uses the id `shared` on an email approval; dana's grant of the
+    // same id is still good: ids are each approver's own.
+    let draft = with_context_json(
+        example(
+            "billing-agent",
+            Some("bob"),
+            "email:send",
+            "EmailTemplate::\"promo-draft\"",
+        ),
+        r#"{"recipient": {"__entity": {"type": "Customer", "id": "C-100"}}}"#,
+    );
+    let email_fp = fingerprint_of(&server, draft.clone()).await;
+    let by_eve = Grant {
+        seed: 2,
+        kid: "eve-1",
+        approver: "eve",
+        fingerprint: &email_fp,
+        jti: "shared",
+        iat: NOW - 30,
+        exp: NOW + 570,
+    };
+    assert_eq!(
+        ask(&server, with_grant(draft, &by_eve.token()))
+            .await
+            .decision,
+        ALLOW
+    );
+    let shared = by_dana("shared").token();
+    let r = ask(
+        &server,
+        with_grant(refund("bob", "BA-100", 25_000), &shared),
+    )
+    .await;
+    assert_eq!(r.decision, ALLOW, "{r:?}");
+    let r = ask(&server, with_grant(refund("bob", "BA-100", 25_000), &good)).await;
+    assert_eq!(
+        r.decision, ALLOW,
+        "the good grant was not used by the refused calls: {r:?}"
+    );
+    server.shutdown().await;
+}

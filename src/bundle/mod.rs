@@ -219,7 +219,13 @@ impl Snapshot {
         cache.use_schema(file_key_all(sources.schemas.iter().map(|(_, f)| f)));
 
         let reserved = match ReservedContext::scan(&fragments_json) {
-            Ok(reserved) => reserved,
+            Ok(reserved) => {
+                // Cedar's own reading of every action's context type must
+                // agree: an action whose `leash` the scan missed would take
+                // the trusted record from the caller.
+                diagnostics.extend(reserved.check_against(&schema));
+                reserved
+            }
             Err(mut found) => {
                 diagnostics.append(&mut found);
                 ReservedContext::default()

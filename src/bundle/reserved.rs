@@ -42,6 +42,47 @@ impl ReservedContext {
         self.by_action.get(action).copied()
     }
 
+    /// Diagnostics for every action whose context type, as Cedar resolves
+    /// it, has a `leash` attribute with other fields than the scan found
+    /// (none at all, say, when a common type leads through a namespace the
+    /// scan did not follow). Such an action would otherwise take the
+    /// trusted record from the caller, so the bundle is refused.
+    pub fn check_against(&self, schema: &cedar_policy::Schema) -> Vec<Diagnostic> {
+        use cedar_policy_core::validator::types::Type;
+        let validator: &cedar_policy_core::validator::ValidatorSchema = schema.as_ref();
+        let mut out = Vec::new();
+        for action in schema.actions() {
+            let core: &cedar_policy_core::ast::EntityUID = action.as_ref();
+            let Some(Type::Record { attrs, .. }) = validator.context_type(core) else {
+                continue;
+            };
+            let Some(leash) = attrs.get_attr(LEASH_ATTR) else {
+                continue;
+            };
+            let declared = match leash.attr_type.as_ref() {
+                Type::Record { attrs, .. } => LeashFields {
+                    agent: attrs.get_attr("agent").is_some(),
+                    user: attrs.get_attr("user").is_some(),
+                    delegated: attrs.get_attr("delegated").is_some(),
+                    now: attrs.get_attr("now").is_some(),
+                },
+                _ => LeashFields::default(),
+            };
+            if self.fields(action) != Some(declared) {
+                out.push(Diagnostic::plain(
+                    None,
+                    format!(
+                        "{action}: its context declares `{LEASH_ATTR}` through types leash could \
+                         not follow; declare the `{LEASH_ATTR}` record in the action's context \
+                         or in a common type of the action's own namespace, so leash fills it \
+                         and no caller can"
+                    ),
+                ));
+            }
+        }
+        out
+    }
+
     /// How many actions declare `context.leash`.
     pub fn action_count(&self) -> usize {
         self.by_action.len()

@@ -34,6 +34,12 @@ pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestErr
         Some(user) => Some(entity_uid("principal.on_behalf_of", Some(user))?),
         None => None,
     };
+    if on_behalf_of.as_ref() == Some(&agent) {
+        return Err(RequestError::new(
+            "principal.on_behalf_of",
+            "names the agent itself; leave it out for an agent acting on its own",
+        ));
+    }
     let action = entity_uid("action", req.action.as_ref())?;
     let resource = entity_uid("resource", req.resource.as_ref())?;
 

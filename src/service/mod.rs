@@ -110,7 +110,9 @@ impl AuthorizerService {
                                 if let Some(grant) =
                                     decision.grant.as_mut().filter(|g| g.outcome == "used")
                                 {
-                                    limiting.used_grants.release(&grant.grant_id);
+                                    limiting
+                                        .used_grants
+                                        .release(&grant.approver, &grant.grant_id);
                                     grant.outcome = "not_used";
                                 }
                             }
@@ -232,7 +234,9 @@ impl AuthorizerService {
     /// closed, and the trail is out only until the disk takes writes again.
     fn give_back_grant(&self, decision: &engine::Decision) {
         if let Some(grant) = decision.grant.as_ref().filter(|g| g.outcome == "used") {
-            self.limiting.used_grants.release(&grant.grant_id);
+            self.limiting
+                .used_grants
+                .release(&grant.approver, &grant.grant_id);
         }
     }
 }
