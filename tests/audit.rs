@@ -774,3 +774,97 @@ async fn queued_records_whose_write_failed_are_written_once_it_works() {
         Verdict::Intact(_)
     ));
 }
+
+/// The trail's files in `dir`, in chain order: rotated and set-aside files
+/// by name, then the active one.
+fn trail_files(dir: &Path, active: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p != active)
+        .collect();
+    files.sort();
+    files.push(active.to_owned());
+    files
+}
+
+/// A server on the trail at `path` that answers `n` decisions, then stops.
+async fn decide_on(path: &Path, n: usize) {
+    let server = TestServer::start(
+        Some(example_snapshot()),
+        audited(path, SyncMode::Disk),
+        false,
+    )
+    .await;
+    for _ in 0..n {
+        let resp = server.decide(allow()).await.expect("decides");
+        assert!(resp.error.is_none(), "{resp:?}");
+    }
+    server.shutdown().await;
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write as _;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .expect("open")
+        .write_all(text.as_bytes())
+        .expect("append");
+}
+
+#[tokio::test]
+async fn restarts_after_repeated_crashes_and_damage_keep_one_chain() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.log");
+    decide_on(&trail, 3).await;
+    // Two crashes mid-write at the same point, with no record between.
+    append(&trail, r#"{"seq":3,"pre"#);
+    decide_on(&trail, 0).await;
+    append(&trail, r#"{"seq":3,"pr"#);
+    decide_on(&trail, 2).await;
+    let files = trail_files(dir.path(), &trail);
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().expect("name").to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "audit.log.00000000000000000002.torn",
+            "audit.log.00000000000000000002.torn2",
+            "audit.log",
+        ]
+    );
+    // Each set-aside file ends in its partial line; the chain goes on.
+    let seqs: Vec<u64> = records(&trail)
+        .iter()
+        .map(|r| r["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, [3, 4]);
+    assert!(matches!(
+        chain::verify(&files[..1]).expect("readable"),
+        Verdict::TornTail { .. }
+    ));
+
+    // A complete line that is not a record: set aside too, not written
+    // after, and the chain continues from the last record.
+    append(&trail, "not a record\n");
+    decide_on(&trail, 1).await;
+    assert_eq!(records(&trail)[0]["seq"], 5);
+    let aside = dir.path().join("audit.log.00000000000000000004.torn");
+    assert!(lines(&aside).last().is_some_and(|l| l == "not a record"));
+
+    // A move cut short between its link and unlink: the active file is
+    // also a rotated one. It is kept under the rotated name only.
+    let rotated = dir.path().join("audit.log.00000000000000000005");
+    std::fs::hard_link(&trail, &rotated).expect("link");
+    decide_on(&trail, 1).await;
+    assert_eq!(records(&rotated).len(), 1);
+    let seqs: Vec<u64> = records(&trail)
+        .iter()
+        .map(|r| r["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, [6]);
+}

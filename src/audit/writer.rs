@@ -88,6 +88,8 @@ fn recover_head(path: &Path) -> Result<Head, String> {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
     }
+    unlink_if_also_rotated(path)?;
+    let existed = path.exists();
     let (text, torn) = last_record_text(path)?;
     let head = head_of(&text).0;
     let head = match head {
@@ -108,25 +110,100 @@ fn recover_head(path: &Path) -> Result<Head, String> {
             for rotated in rotated_files(path).iter().rev() {
                 let (text, _) = last_record_text(rotated)?;
                 if let Some(head) = head_of(&text).0 {
-                    found = Some(head);
+                    found = Some((head, rotated.clone()));
                     break;
                 }
             }
-            found
+            // Said aloud: an active file that went missing is how a chain
+            // would be restarted or continued by mistake.
+            match &found {
+                Some((head, rotated)) => warn!(
+                    file = %rotated.display(),
+                    next_seq = head.next_seq,
+                    existed,
+                    "the active audit file is empty or missing; the chain continues from the \
+                     newest rotated file"
+                ),
+                None => info!(
+                    file = %path.display(),
+                    existed,
+                    "no audit records yet: a new chain starts at seq 0"
+                ),
+            }
+            found.map(|(head, _)| head)
         }
     };
-    if torn {
+    // A complete line after the last record that is not one (damage, or
+    // an edit): writing after it would leave the chain broken for good.
+    let damaged = head.is_some() && !ends_in_a_record(&text);
+    if torn || damaged {
         let last = head.as_ref().map_or(0, |h| h.next_seq.saturating_sub(1));
-        let aside = rotated_name(path, last, "torn");
+        let aside = free_name(path, last);
         move_without_overwriting(path, &aside)?;
         warn!(
             file = %aside.display(),
             after_seq = last,
-            "the audit trail ended in a partial record (a crash mid-write); the file was set aside \
-             and the chain continues in a new one"
+            "{}; the file was set aside and the chain continues in a new one",
+            if torn {
+                "the audit trail ended in a partial record (a crash mid-write)"
+            } else {
+                "the audit trail ended in lines that are not audit records"
+            }
         );
     }
     Ok(head.unwrap_or_else(Head::genesis))
+}
+
+/// Whether the last complete line of `text` is an audit record.
+fn ends_in_a_record(text: &str) -> bool {
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => return true,
+    };
+    let last = complete
+        .trim_end_matches('\n')
+        .rsplit('\n')
+        .next()
+        .unwrap_or_default();
+    head_of(&format!("{last}\n")).0.is_some()
+}
+
+/// `PATH.<seq>.torn`, or `.torn2`, `.torn3`... when a file was set aside
+/// after the same record before (a second crash before a new record).
+fn free_name(path: &Path, last: u64) -> PathBuf {
+    let mut aside = rotated_name(path, last, "torn");
+    let mut n = 1;
+    while aside.exists() {
+        n += 1;
+        aside = rotated_name(path, last, &format!("torn{n}"));
+    }
+    aside
+}
+
+/// A crash between the two steps of a move without `renameat2` leaves the
+/// active file also under a rotated name; the rotated name is the one that
+/// counts, so the active name is dropped.
+fn unlink_if_also_rotated(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(active) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    if active.nlink() < 2 {
+        return Ok(());
+    }
+    let same = rotated_files(path).into_iter().find(|rotated| {
+        std::fs::metadata(rotated).is_ok_and(|m| m.dev() == active.dev() && m.ino() == active.ino())
+    });
+    if let Some(rotated) = same {
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove `{}`: {e}", path.display()))?;
+        sync_dir(path);
+        warn!(
+            file = %rotated.display(),
+            "the active audit file was also a rotated one (a move cut short); kept as rotated"
+        );
+    }
+    Ok(())
 }
 
 /// The end of the file at `path`, long enough to hold its last complete
@@ -145,17 +222,46 @@ fn last_record_text(path: &Path) -> Result<(String, bool), String> {
     Ok((read(u64::MAX)?, torn))
 }
 
-/// Renames `from` to `to`, failing rather than replacing an existing file.
+/// Renames `from` to `to` in one step, failing rather than replacing an
+/// existing file (`renameat2` with `RENAME_NOREPLACE`); where the file
+/// system lacks it, a link then an unlink (a crash between the two is
+/// repaired at the next start, see [`unlink_if_also_rotated`]).
 fn move_without_overwriting(from: &Path, to: &Path) -> Result<(), String> {
-    std::fs::hard_link(from, to)
-        .and_then(|()| std::fs::remove_file(from))
-        .map_err(|e| {
-            format!(
-                "cannot move `{}` to `{}`: {e}",
-                from.display(),
-                to.display()
-            )
-        })?;
+    use std::os::unix::ffi::OsStrExt as _;
+    let (Ok(c_from), Ok(c_to)) = (
+        std::ffi::CString::new(from.as_os_str().as_bytes()),
+        std::ffi::CString::new(to.as_os_str().as_bytes()),
+    ) else {
+        return Err(format!("`{}`: a path with a NUL byte", from.display()));
+    };
+    // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    let renamed = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c_from.as_ptr(),
+            libc::AT_FDCWD,
+            c_to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    let result = if renamed == 0 {
+        Ok(())
+    } else {
+        let error = std::io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::EINVAL | libc::ENOSYS) => {
+                std::fs::hard_link(from, to).and_then(|()| std::fs::remove_file(from))
+            }
+            _ => Err(error),
+        }
+    };
+    result.map_err(|e| {
+        format!(
+            "cannot move `{}` to `{}`: {e}",
+            from.display(),
+            to.display()
+        )
+    })?;
     sync_dir(from);
     Ok(())
 }
@@ -220,11 +326,16 @@ fn rotated_files(path: &Path) -> Vec<PathBuf> {
         return Vec::new();
     };
     let prefix = format!("{base}.");
-    // `PATH.<20 digits>` or `PATH.<20 digits>.torn`: nothing else (a
-    // compressed or backup copy) is part of the chain.
+    // `PATH.<20 digits>`, or `PATH.<20 digits>.torn` with an optional
+    // number: nothing else (a compressed or backup copy) is part of the
+    // chain.
     let ours = |name: &str| {
         name.strip_prefix(&prefix).is_some_and(|rest| {
-            let seq = rest.strip_suffix(".torn").unwrap_or(rest);
+            let seq = match rest.split_once(".torn") {
+                Some((seq, n)) if n.bytes().all(|b| b.is_ascii_digit()) => seq,
+                Some(_) => return false,
+                None => rest,
+            };
             seq.len() == 20 && seq.bytes().all(|b| b.is_ascii_digit())
         })
     };
