@@ -680,3 +680,47 @@ async fn health_listener_answers_probes_on_any_address_and_nothing_else() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn only_bundle_files_can_refuse_a_bundle_and_a_huge_one_does() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = (dir.path().join("policies"), dir.path().join("schemas"));
+    copy_dir(&repo_path("policies"), &policies);
+    copy_dir(&repo_path("schemas"), &schemas);
+    // A dangling link of another name, and a volume's `lost+found` (only
+    // root may read it; here it even holds a broken policy): neither is
+    // part of the bundle.
+    std::os::unix::fs::symlink(dir.path().join("gone"), policies.join("NOTES.md")).expect("link");
+    let lost = policies.join("lost+found");
+    std::fs::create_dir(&lost).expect("mkdir");
+    std::fs::write(lost.join("broken.cedar"), "permit (").expect("write");
+    let loaded = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect("loads");
+    assert_eq!(
+        loaded.version,
+        version_of(&repo_path("policies"), &repo_path("schemas"))
+    );
+    // A dangling link with a bundle file's name is a missing bundle file.
+    std::os::unix::fs::symlink(dir.path().join("gone"), policies.join("extra.cedar"))
+        .expect("link");
+    let err = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect_err("refused");
+    assert!(
+        err.diagnostics
+            .iter()
+            .any(|d| d.message.contains("extra.cedar")),
+        "{err:?}"
+    );
+    std::fs::remove_file(policies.join("extra.cedar")).expect("rm");
+    // A file past the limit is refused without being read (a sparse file:
+    // no disk is used).
+    let huge = std::fs::File::create(policies.join("dump.entities.json")).expect("create");
+    huge.set_len(leash::bundle::MAX_FILE_BYTES + 1)
+        .expect("sparse");
+    let err = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect_err("refused");
+    assert!(
+        err.diagnostics
+            .iter()
+            .any(|d| d.file.as_deref() == Some("policies/dump.entities.json")
+                && d.message.contains("bundle files over 256 MiB are refused")),
+        "{err:?}"
+    );
+}

@@ -35,7 +35,7 @@ pub use limits::{Limit, LimitKey, Limits, Measure};
 pub use printed::{policy_id_text, push_type_name, uid_text};
 pub use reserved::{LeashFields, ReservedContext, LEASH_ATTR};
 pub use sources::{
-    effective_root, BundleSources, ReadOutcome, SchemaFormat, SourceFile, TreeStamp,
+    effective_root, BundleSources, ReadOutcome, SchemaFormat, SourceFile, TreeStamp, MAX_FILE_BYTES,
 };
 
 /// Why a bundle was refused.

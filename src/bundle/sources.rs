@@ -60,22 +60,22 @@ impl BundleSources {
             ..Self::default()
         };
 
-        for (path, shown, _) in walk("policies", policies, &mut diagnostics) {
+        for (path, shown, meta) in walk("policies", policies, &mut diagnostics) {
             if shown.ends_with(ENTITIES_SUFFIX) {
-                if let Some(file) = read(&path, shown, &mut diagnostics) {
+                if let Some(file) = read(&path, shown, meta.len(), &mut diagnostics) {
                     sources.entities.push(file);
                 }
             } else if shown.ends_with(APPROVERS_SUFFIX) {
-                if let Some(file) = read(&path, shown, &mut diagnostics) {
+                if let Some(file) = read(&path, shown, meta.len(), &mut diagnostics) {
                     sources.approvers.push(file);
                 }
             } else if shown.ends_with(POLICY_SUFFIX) {
-                if let Some(file) = read(&path, shown, &mut diagnostics) {
+                if let Some(file) = read(&path, shown, meta.len(), &mut diagnostics) {
                     sources.policies.push(file);
                 }
             }
         }
-        for (path, shown, _) in walk("schemas", schemas, &mut diagnostics) {
+        for (path, shown, meta) in walk("schemas", schemas, &mut diagnostics) {
             let format = if shown.ends_with(SCHEMA_SUFFIX) {
                 SchemaFormat::Cedar
             } else if shown.ends_with(JSON_SUFFIX) {
@@ -83,7 +83,7 @@ impl BundleSources {
             } else {
                 continue;
             };
-            if let Some(file) = read(&path, shown, &mut diagnostics) {
+            if let Some(file) = read(&path, shown, meta.len(), &mut diagnostics) {
                 sources.schemas.push((format, file));
             }
         }
@@ -337,7 +337,9 @@ fn walk(
                 }
             };
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
+            // `lost+found` sits at the root of a mounted volume and only
+            // root may read it.
+            if name.starts_with('.') || name == "lost+found" {
                 continue;
             }
             let path = entry.path();
@@ -350,6 +352,10 @@ fn walk(
                     out.push((path, format!("{label}/{rel}"), meta));
                 }
                 Ok(_) => {}
+                // Only a file the bundle would read matters: a dangling
+                // link or a vanished temporary file of another name is
+                // not part of it.
+                Err(_) if !bundle_name(&name) => {}
                 Err(err) => diagnostics.push(Diagnostic::plain(
                     None,
                     format!("cannot read `{}`: {err}", path.display()),
@@ -361,7 +367,34 @@ fn walk(
     out
 }
 
-fn read(path: &Path, shown: String, diagnostics: &mut Vec<Diagnostic>) -> Option<SourceFile> {
+/// Largest bundle file read. A bundle of 100,000 policies is a few tens of
+/// MiB in all; a file past this is a mistake (a dump copied into the
+/// directory), and reading it whole could take the sidecar's memory.
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// Whether a file named `name` would be read as part of a bundle.
+fn bundle_name(name: &str) -> bool {
+    [POLICY_SUFFIX, JSON_SUFFIX, SCHEMA_SUFFIX]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
+}
+
+fn read(
+    path: &Path,
+    shown: String,
+    len: u64,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<SourceFile> {
+    if len > MAX_FILE_BYTES {
+        diagnostics.push(Diagnostic::plain(
+            Some(&shown),
+            format!(
+                "{len} bytes; bundle files over {} MiB are refused",
+                MAX_FILE_BYTES >> 20
+            ),
+        ));
+        return None;
+    }
     match std::fs::read_to_string(path) {
         Ok(text) => Some(SourceFile { path: shown, text }),
         Err(err) => {
