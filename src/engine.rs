@@ -832,10 +832,11 @@ fn value_mismatch(
                         }
                     }
                     None if *open_attributes == OpenTag::ClosedAttributes => {
+                        let of = if top { "this context" } else { "this record" };
                         return Some((
                             format!("{path}.{name}"),
-                            "not an attribute of this context".to_owned(),
-                        ))
+                            format!("not an attribute of {of}"),
+                        ));
                     }
                     None => {}
                 }

@@ -266,14 +266,23 @@ impl Audit {
         match self.sync {
             SyncMode::Disk => {
                 let (done, written) = oneshot::channel();
-                jobs.send(writer::Job {
-                    records,
-                    done: Some(done),
-                })
-                .await
-                .map_err(|_| "the audit writer has stopped".to_owned())?;
-                match tokio::time::timeout(WRITE_STALL, written).await {
-                    Ok(answer) => answer.map_err(|_| "the audit writer has stopped".to_owned())?,
+                let abandoned = Arc::new(AtomicBool::new(false));
+                // Queueing counts against the same bound as the write: a
+                // full queue behind a stalled disk refuses, it does not hang.
+                let queued_and_written = async {
+                    jobs.send(writer::Job {
+                        records,
+                        done: Some(done),
+                        abandoned: abandoned.clone(),
+                    })
+                    .await
+                    .map_err(|_| "the audit writer has stopped".to_owned())?;
+                    written
+                        .await
+                        .map_err(|_| "the audit writer has stopped".to_owned())
+                };
+                match tokio::time::timeout(WRITE_STALL, queued_and_written).await {
+                    Ok(answer) => answer?,
                     Err(_) => {
                         // A disk that does not answer (a hung network
                         // volume): refuse, and say so in health, until the
@@ -282,6 +291,9 @@ impl Audit {
                             "the audit write has not completed in {}s (a stalled disk?)",
                             WRITE_STALL.as_secs()
                         );
+                        // The decision is answered DENY: its records must
+                        // not be written saying otherwise.
+                        abandoned.store(true, Ordering::SeqCst);
                         self.status.failed(problem.clone());
                         Err(problem)
                     }
@@ -301,6 +313,7 @@ impl Audit {
                 jobs.send(writer::Job {
                     records,
                     done: None,
+                    abandoned: Arc::default(),
                 })
                 .await
                 .map_err(|_| "the audit writer has stopped".to_owned())

@@ -41,6 +41,10 @@ const TAIL_BYTES: u64 = 1 << 20;
 pub struct Job {
     pub records: Vec<super::Record>,
     pub done: Option<oneshot::Sender<Result<(), String>>>,
+    /// Set when the caller stopped waiting after `WRITE_STALL` and answered
+    /// DENY (a caller that merely went away, its client gone, leaves it
+    /// unset: its records are written as usual).
+    pub abandoned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Where sealed lines go.
@@ -519,6 +523,28 @@ pub fn run(
                 }
                 Err(_) => break,
             }
+        }
+        // A caller that stopped waiting (the write took longer than
+        // `WRITE_STALL`) was answered DENY: records saying otherwise are not
+        // written. The stall is an outage: its record, written first here,
+        // counts them as refused. (A write that completes just as the
+        // caller gives up is still written.)
+        let mut gave_up = 0u64;
+        batch.retain(|job| {
+            let gone = job.abandoned.load(std::sync::atomic::Ordering::SeqCst);
+            if gone {
+                gave_up += job.records.len() as u64;
+            }
+            !gone
+        });
+        if gave_up > 0 {
+            outage.failed(
+                &format!(
+                    "an audit write did not complete in {}s (a stalled disk?)",
+                    super::WRITE_STALL.as_secs()
+                ),
+                gave_up,
+            );
         }
         // In chain order: the end of an outage, records to retry, new ones.
         let mut next = head.clone();
