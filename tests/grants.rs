@@ -1416,3 +1416,39 @@ async fn every_approval_grant_is_checked_before_one_is_used_and_ids_are_each_app
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_grant_used_before_a_restart_stays_used() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.log");
+    let first = server(dir.path(), Some(&trail)).await;
+    let fp = fingerprint_of(&first, refund("bob", "BA-100", 25_000)).await;
+    let token = Grant {
+        seed: 1,
+        kid: "dana-1",
+        approver: "dana",
+        fingerprint: &fp,
+        jti: "before-restart",
+        iat: NOW - 30,
+        exp: NOW + 570,
+    }
+    .token();
+    let call = || with_grant(refund("bob", "BA-100", 25_000), &token);
+    assert_eq!(ask(&first, call()).await.decision, ALLOW);
+    first.shutdown().await;
+
+    // A new sidecar on the same trail: the trail says the grant was used.
+    let second = server(dir.path(), Some(&trail)).await;
+    let again = ask(&second, call()).await;
+    assert_eq!(
+        (again.decision, again.grant.expect("grant result").outcome),
+        (DENY, "grant_reused".to_owned())
+    );
+    second.shutdown().await;
+
+    // Without the trail's word (another file), it would have been taken.
+    let elsewhere = dir.path().join("other.log");
+    let third = server(dir.path(), Some(&elsewhere)).await;
+    assert_eq!(ask(&third, call()).await.decision, ALLOW);
+    third.shutdown().await;
+}

@@ -317,6 +317,59 @@ fn rotated_name(path: &Path, last_seq: u64, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Approval grants the trail at `path` records as used and that have not
+/// expired at `now` (seconds since the epoch), as (approver, grant id,
+/// expiry): a restarted sidecar must not let them be used again. Files are
+/// read newest first, line by line, and reading stops after a file whose
+/// last record is older than `horizon` before `now`: no grant used in it
+/// can still be valid. Unreadable files and lines are passed over (the
+/// trail's own checks report them).
+pub fn used_grants(path: &Path, now: u64, horizon: u64) -> Vec<(String, String, u64)> {
+    use std::io::BufRead as _;
+    let oldest = now.saturating_sub(horizon);
+    let mut files = rotated_files(path);
+    files.push(path.to_owned());
+    let mut found = Vec::new();
+    for file in files.iter().rev() {
+        let Ok(opened) = File::open(file) else {
+            continue;
+        };
+        let mut last_line = None;
+        for line in std::io::BufReader::new(opened).lines() {
+            let Ok(line) = line else {
+                break;
+            };
+            // Most records hold no used grant: skip them unparsed.
+            if line.contains(r#""outcome":"used""#) {
+                if let Ok(record) = serde_json::from_str::<Value>(&line) {
+                    let grant = &record["grant"];
+                    if let (Some(approver), Some(id), Some(exp)) = (
+                        grant["approver"].as_str(),
+                        grant["grant_id"].as_str(),
+                        grant["expires_at"].as_u64(),
+                    ) {
+                        if exp > now {
+                            found.push((approver.to_owned(), id.to_owned(), exp));
+                        }
+                    }
+                }
+            }
+            last_line = Some(line);
+        }
+        let newest = last_line
+            .and_then(|line| serde_json::from_str::<Value>(&line).ok())
+            .and_then(|record| {
+                let time = record["time"].as_str()?;
+                let at = chrono::DateTime::parse_from_rfc3339(time).ok()?;
+                u64::try_from(at.timestamp()).ok()
+            });
+        if newest.is_some_and(|t| t < oldest) {
+            break;
+        }
+    }
+    found
+}
+
 /// The rotated and set-aside files of the trail at `path`, in chain order.
 fn rotated_files(path: &Path) -> Vec<PathBuf> {
     let dir = path

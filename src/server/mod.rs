@@ -199,6 +199,8 @@ pub struct Server {
     audit: Arc<Audit>,
     /// Rate and budget counters, for the server's life.
     quota: Arc<Quota>,
+    /// Approval grants used, for the server's life (and from the trail).
+    used_grants: Arc<crate::grants::UsedGrants>,
     /// Set when shutdown begins, for `/readyz`.
     draining: Arc<AtomicBool>,
     /// Serializes health updates.
@@ -228,6 +230,28 @@ impl Server {
         }
         // For the server's life: reloads swap the bundle, not the counters.
         let quota = Arc::new(Quota::new(options.max_limit_keys));
+        let used_grants = Arc::new(crate::grants::UsedGrants::default());
+        // Grants used before a restart stay used: the trail says which.
+        if let crate::audit::AuditTarget::File(path) = &options.audit.target {
+            let now = options
+                .clock
+                .now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            // A grant lives at most this long after it was issued, and is
+            // used at most a minute (the allowed skew) before that.
+            let horizon = options.max_approval_ttl.as_secs() + 60;
+            let used = crate::audit::writer::used_grants(path, now, horizon);
+            for (approver, jti, exp) in &used {
+                used_grants.remember(approver, jti, *exp);
+            }
+            if !used.is_empty() {
+                info!(
+                    grants = used.len(),
+                    "approval grants the audit trail records as used are remembered as used"
+                );
+            }
+        }
         let telemetry = Telemetry::start(
             &options.telemetry,
             live.clone(),
@@ -243,6 +267,7 @@ impl Server {
             telemetry: Arc::new(telemetry),
             audit,
             quota,
+            used_grants,
             draining: Arc::new(AtomicBool::new(false)),
             health_lock: tokio::sync::Mutex::new(()),
         })
@@ -349,7 +374,7 @@ impl Server {
             self.audit.clone(),
             Limiting {
                 quota: self.quota.clone(),
-                used_grants: Arc::new(crate::grants::UsedGrants::default()),
+                used_grants: self.used_grants.clone(),
                 lifetimes: crate::grants::Lifetimes {
                     approval: self.options.max_approval_ttl,
                     elevation: self.options.max_elevation,
