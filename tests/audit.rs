@@ -356,11 +356,27 @@ async fn an_unwritable_trail_fails_closed_and_recovers() {
 #[tokio::test]
 async fn fail_open_answers_when_the_trail_cannot_be_written() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (server, _link) = server_on_full_disk(dir.path(), SyncMode::Disk, true).await;
+    let (server, link) = server_on_full_disk(dir.path(), SyncMode::Disk, true).await;
     let resp = server.decide(allow()).await.expect("answers");
     assert_eq!(resp.decision, ALLOW, "fail-open was chosen");
     assert_eq!(health(&server).await, ServingStatus::Serving as i32);
+    // When writing works again, the outage record counts the decision as
+    // answered without a record, not as refused.
+    let real = dir.path().join("real.log");
+    repoint(&link, &real);
+    let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
+    while !real.exists() || lines(&real).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the trail never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     server.shutdown().await;
+    let recs = records(&real);
+    assert_eq!(recs[0]["event"], "audit_unavailable");
+    assert_eq!(recs[0]["unrecorded_answered"], 1, "{:?}", recs[0]);
+    assert!(recs[0].get("refused_records").is_none(), "{:?}", recs[0]);
 }
 
 #[tokio::test]

@@ -212,13 +212,14 @@ impl Audit {
                 status.next_seq.store(head.next_seq, Ordering::Relaxed);
                 let (tx, rx) = mpsc::channel(QUEUE_RECORDS);
                 let for_writer = status.clone();
+                let fail_open = options.fail_open;
                 let linger = match options.sync {
                     SyncMode::Disk => std::time::Duration::ZERO,
                     SyncMode::Queued => writer::QUEUED_LINGER,
                 };
                 let thread = std::thread::Builder::new()
                     .name("leash-audit".to_owned())
-                    .spawn(move || writer::run(sink, head, rx, for_writer, linger))
+                    .spawn(move || writer::run(sink, head, rx, for_writer, linger, fail_open))
                     .map_err(AuditError::Thread)?;
                 (Some(tx), Some(thread))
             }
@@ -292,8 +293,11 @@ impl Audit {
                             WRITE_STALL.as_secs()
                         );
                         // The decision is answered DENY: its records must
-                        // not be written saying otherwise.
-                        abandoned.store(true, Ordering::SeqCst);
+                        // not be written saying otherwise. (Fail-open
+                        // answers it anyway: then they are written late.)
+                        if !self.fail_open() {
+                            abandoned.store(true, Ordering::SeqCst);
+                        }
                         self.status.failed(problem.clone());
                         Err(problem)
                     }

@@ -331,6 +331,10 @@ pub fn used_grants(path: &Path, now: u64, horizon: u64) -> Vec<(String, String, 
     files.push(path.to_owned());
     let mut found = Vec::new();
     for file in files.iter().rev() {
+        // Only regular files: a device (`/dev/full`, say) reads forever.
+        if !std::fs::metadata(file).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
         let Ok(opened) = File::open(file) else {
             continue;
         };
@@ -533,11 +537,15 @@ pub fn run(
     mut jobs: mpsc::Receiver<Job>,
     status: Arc<AuditStatus>,
     linger: Duration,
+    fail_open: bool,
 ) {
     // If this thread ends for any reason but a shutdown, the trail is
     // unavailable: decisions are refused and health says so.
     let _stopped = StoppedGuard(status.clone());
-    let mut outage = Outage::default();
+    let mut outage = Outage {
+        fail_open,
+        ..Outage::default()
+    };
     // Records already answered (queued mode) whose write failed: written
     // first, in their order, once writing works again.
     let mut retry: Vec<super::Record> = Vec::new();
@@ -625,7 +633,10 @@ pub fn run(
             Ok(()) => {
                 head = next;
                 status.written(written, head.next_seq);
-                outage = Outage::default();
+                outage = Outage {
+                    fail_open,
+                    ..Outage::default()
+                };
                 retry.clear();
             }
             Err(e) => {
@@ -695,6 +706,9 @@ struct Outage {
     since: Option<String>,
     error: String,
     refused_records: u64,
+    /// With `--audit-fail-open` the decisions were answered all the same:
+    /// the count is of decisions answered without a record.
+    fail_open: bool,
 }
 
 impl Outage {
@@ -721,8 +735,13 @@ impl Outage {
         );
         r.insert("error".into(), Value::from(self.error.clone()));
         // Decisions answered DENY (or refused) because they could not be
-        // recorded during the outage.
-        r.insert("refused_records".into(), Value::from(self.refused_records));
+        // recorded during the outage; with fail-open, answered unrecorded.
+        let key = if self.fail_open {
+            "unrecorded_answered"
+        } else {
+            "refused_records"
+        };
+        r.insert(key.into(), Value::from(self.refused_records));
         r
     }
 }
