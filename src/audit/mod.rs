@@ -103,6 +103,10 @@ pub struct AuditStatus {
     /// unavailable), for the outage record.
     refused: AtomicU64,
     next_seq: AtomicU64,
+    /// When the write in progress started (milliseconds since the Unix
+    /// epoch), 0 when none is: a queued-mode caller does not wait for
+    /// writes, so this is how it learns the disk has stalled.
+    write_started_ms: AtomicU64,
     /// Tells the server to flip health when availability changes.
     changes: watch::Sender<bool>,
 }
@@ -117,8 +121,22 @@ impl AuditStatus {
             write_errors: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             next_seq: AtomicU64::new(0),
+            write_started_ms: AtomicU64::new(0),
             changes,
         }
+    }
+
+    /// Marks a write started (`true`) or finished.
+    fn writing(&self, started: bool) {
+        let now = if started { unix_millis().max(1) } else { 0 };
+        self.write_started_ms.store(now, Ordering::SeqCst);
+    }
+
+    /// Whether the write in progress has taken longer than `WRITE_STALL`.
+    fn stalled(&self) -> bool {
+        let started = self.write_started_ms.load(Ordering::SeqCst);
+        let limit = u64::try_from(WRITE_STALL.as_millis()).unwrap_or(u64::MAX);
+        started != 0 && unix_millis().saturating_sub(started) > limit
     }
 
     pub fn available(&self) -> bool {
@@ -304,6 +322,12 @@ impl Audit {
                 }
             }
             SyncMode::Queued => {
+                if self.status.stalled() && self.status.available() {
+                    self.status.failed(format!(
+                        "an audit write has not completed in {}s (a stalled disk?)",
+                        WRITE_STALL.as_secs()
+                    ));
+                }
                 // Records queued while writes fail would be lost: refuse.
                 if !self.status.available() {
                     self.status
@@ -314,13 +338,24 @@ impl Audit {
                         .last_error()
                         .unwrap_or_else(|| "the audit trail is unavailable".to_owned()));
                 }
-                jobs.send(writer::Job {
+                // A full queue behind a stalled disk refuses, it does not
+                // hang (the records are then not answered, so not lost).
+                let queued = jobs.send(writer::Job {
                     records,
                     done: None,
                     abandoned: Arc::default(),
-                })
-                .await
-                .map_err(|_| "the audit writer has stopped".to_owned())
+                });
+                match tokio::time::timeout(WRITE_STALL, queued).await {
+                    Ok(sent) => sent.map_err(|_| "the audit writer has stopped".to_owned()),
+                    Err(_) => {
+                        let problem = format!(
+                            "the audit queue has been full for {}s (a stalled disk?)",
+                            WRITE_STALL.as_secs()
+                        );
+                        self.status.failed(problem.clone());
+                        Err(problem)
+                    }
+                }
             }
         }
     }
@@ -543,6 +578,12 @@ fn bounded(id: &str) -> String {
 
 /// What a context value not configured in is recorded as.
 const REDACTED: &str = "[redacted]";
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 fn now() -> String {
     chrono::Utc::now()

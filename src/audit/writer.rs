@@ -611,6 +611,15 @@ pub fn run(
         let mut next = head.clone();
         let mut bytes = String::with_capacity((records + retry.len() + 1) * 640);
         let refused = status.take_refused();
+        if refused > 0 && !outage.active() {
+            // Refused on the request path while this thread's own writes
+            // succeeded (a write that stalled, then finished): an outage
+            // all the same, and the trail says so.
+            let error = status
+                .last_error()
+                .unwrap_or_else(|| "the audit trail was unavailable".to_owned());
+            outage.failed(&error, 0);
+        }
         outage.refused_records += refused;
         let outage_ended = outage.active();
         if outage_ended {
@@ -628,7 +637,9 @@ pub fn run(
             continue;
         }
         let written = next.next_seq - head.next_seq;
+        status.writing(true);
         let result = sink.write(bytes.as_bytes(), next.next_seq.saturating_sub(1));
+        status.writing(false);
         match &result {
             Ok(()) => {
                 head = next;
