@@ -710,6 +710,14 @@ fn only_bundle_files_can_refuse_a_bundle_and_a_huge_one_does() {
         "{err:?}"
     );
     std::fs::remove_file(policies.join("extra.cedar")).expect("rm");
+    // So is one without an extension: it could be a directory of policies.
+    std::os::unix::fs::symlink(dir.path().join("gone"), policies.join("more")).expect("link");
+    let err = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect_err("refused");
+    assert!(
+        err.diagnostics.iter().any(|d| d.message.contains("more")),
+        "{err:?}"
+    );
+    std::fs::remove_file(policies.join("more")).expect("rm");
     // A file past the limit is refused without being read (a sparse file:
     // no disk is used).
     let huge = std::fs::File::create(policies.join("dump.entities.json")).expect("create");

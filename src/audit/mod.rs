@@ -103,8 +103,8 @@ pub struct AuditStatus {
     /// unavailable), for the outage record.
     refused: AtomicU64,
     next_seq: AtomicU64,
-    /// When the write in progress started (milliseconds since the Unix
-    /// epoch), 0 when none is: a queued-mode caller does not wait for
+    /// When the write in progress started (milliseconds on a monotonic
+    /// clock), 0 when none is: a queued-mode caller does not wait for
     /// writes, so this is how it learns the disk has stalled.
     write_started_ms: AtomicU64,
     /// Tells the server to flip health when availability changes.
@@ -128,7 +128,11 @@ impl AuditStatus {
 
     /// Marks a write started (`true`) or finished.
     fn writing(&self, started: bool) {
-        let now = if started { unix_millis().max(1) } else { 0 };
+        let now = if started {
+            monotonic_millis().max(1)
+        } else {
+            0
+        };
         self.write_started_ms.store(now, Ordering::SeqCst);
     }
 
@@ -136,7 +140,7 @@ impl AuditStatus {
     fn stalled(&self) -> bool {
         let started = self.write_started_ms.load(Ordering::SeqCst);
         let limit = u64::try_from(WRITE_STALL.as_millis()).unwrap_or(u64::MAX);
-        started != 0 && unix_millis().saturating_sub(started) > limit
+        started != 0 && monotonic_millis().saturating_sub(started) > limit
     }
 
     pub fn available(&self) -> bool {
@@ -286,6 +290,8 @@ impl Audit {
             SyncMode::Disk => {
                 let (done, written) = oneshot::channel();
                 let abandoned = Arc::new(AtomicBool::new(false));
+                let count = records.len() as u64;
+                let sent = AtomicBool::new(false);
                 // Queueing counts against the same bound as the write: a
                 // full queue behind a stalled disk refuses, it does not hang.
                 let queued_and_written = async {
@@ -296,6 +302,7 @@ impl Audit {
                     })
                     .await
                     .map_err(|_| "the audit writer has stopped".to_owned())?;
+                    sent.store(true, Ordering::SeqCst);
                     written
                         .await
                         .map_err(|_| "the audit writer has stopped".to_owned())
@@ -316,6 +323,10 @@ impl Audit {
                         if !self.fail_open() {
                             abandoned.store(true, Ordering::SeqCst);
                         }
+                        // Never queued: the writer will not count it.
+                        if !sent.load(Ordering::SeqCst) {
+                            self.status.refused.fetch_add(count, Ordering::Relaxed);
+                        }
                         self.status.failed(problem.clone());
                         Err(problem)
                     }
@@ -333,6 +344,14 @@ impl Audit {
                     self.status
                         .refused
                         .fetch_add(records.len() as u64, Ordering::Relaxed);
+                    // The writer may be idle, waiting for a job, and would
+                    // never learn of the refusal (nor probe its way back):
+                    // an empty job wakes it to write the outage record.
+                    let _ = jobs.try_send(writer::Job {
+                        records: Vec::new(),
+                        done: None,
+                        abandoned: Arc::default(),
+                    });
                     return Err(self
                         .status
                         .last_error()
@@ -340,6 +359,7 @@ impl Audit {
                 }
                 // A full queue behind a stalled disk refuses, it does not
                 // hang (the records are then not answered, so not lost).
+                let count = records.len() as u64;
                 let queued = jobs.send(writer::Job {
                     records,
                     done: None,
@@ -353,6 +373,7 @@ impl Audit {
                             WRITE_STALL.as_secs()
                         );
                         self.status.failed(problem.clone());
+                        self.status.refused.fetch_add(count, Ordering::Relaxed);
                         Err(problem)
                     }
                 }
@@ -579,10 +600,11 @@ fn bounded(id: &str) -> String {
 /// What a context value not configured in is recorded as.
 const REDACTED: &str = "[redacted]";
 
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+/// Milliseconds since the first call, on a clock that does not jump.
+fn monotonic_millis() -> u64 {
+    static START: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    u64::try_from(START.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 fn now() -> String {

@@ -231,12 +231,31 @@ fn last_record_text(path: &Path) -> Result<(String, bool), String> {
 /// system lacks it, a link then an unlink (a crash between the two is
 /// repaired at the next start, see [`unlink_if_also_rotated`]).
 fn move_without_overwriting(from: &Path, to: &Path) -> Result<(), String> {
+    let result = match rename_noreplace(from, to) {
+        Some(done) => done,
+        None => std::fs::hard_link(from, to).and_then(|()| std::fs::remove_file(from)),
+    };
+    result.map_err(|e| {
+        format!(
+            "cannot move `{}` to `{}`: {e}",
+            from.display(),
+            to.display()
+        )
+    })?;
+    sync_dir(from);
+    Ok(())
+}
+
+/// `renameat2(RENAME_NOREPLACE)`; `None` where the system or file system
+/// has no such call.
+#[cfg(target_os = "linux")]
+fn rename_noreplace(from: &Path, to: &Path) -> Option<std::io::Result<()>> {
     use std::os::unix::ffi::OsStrExt as _;
     let (Ok(c_from), Ok(c_to)) = (
         std::ffi::CString::new(from.as_os_str().as_bytes()),
         std::ffi::CString::new(to.as_os_str().as_bytes()),
     ) else {
-        return Err(format!("`{}`: a path with a NUL byte", from.display()));
+        return Some(Err(std::io::Error::other("a path with a NUL byte")));
     };
     // SAFETY: both are valid NUL-terminated paths that outlive the call.
     let renamed = unsafe {
@@ -248,26 +267,19 @@ fn move_without_overwriting(from: &Path, to: &Path) -> Result<(), String> {
             libc::RENAME_NOREPLACE,
         )
     };
-    let result = if renamed == 0 {
-        Ok(())
-    } else {
-        let error = std::io::Error::last_os_error();
-        match error.raw_os_error() {
-            Some(libc::EINVAL | libc::ENOSYS) => {
-                std::fs::hard_link(from, to).and_then(|()| std::fs::remove_file(from))
-            }
-            _ => Err(error),
-        }
-    };
-    result.map_err(|e| {
-        format!(
-            "cannot move `{}` to `{}`: {e}",
-            from.display(),
-            to.display()
-        )
-    })?;
-    sync_dir(from);
-    Ok(())
+    if renamed == 0 {
+        return Some(Ok(()));
+    }
+    let error = std::io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS) => None,
+        _ => Some(Err(error)),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn rename_noreplace(_from: &Path, _to: &Path) -> Option<std::io::Result<()>> {
+    None
 }
 
 /// Makes a new or renamed entry in the file's directory durable.
@@ -326,53 +338,76 @@ fn rotated_name(path: &Path, last_seq: u64, suffix: &str) -> PathBuf {
 /// trail's own checks report them).
 pub fn used_grants(path: &Path, now: u64, horizon: u64) -> Vec<(String, String, u64)> {
     use std::io::BufRead as _;
+    const USED: &str = r#""outcome":"used""#;
     let oldest = now.saturating_sub(horizon);
     let mut files = rotated_files(path);
     files.push(path.to_owned());
     let mut found = Vec::new();
+    let mut read: u64 = 0;
+    // One buffer for every line: most lines are only searched, not parsed.
+    let mut line = Vec::with_capacity(4096);
     for file in files.iter().rev() {
         // Only regular files: a device (`/dev/full`, say) reads forever.
         if !std::fs::metadata(file).is_ok_and(|m| m.is_file()) {
             continue;
         }
+        if read >= MAX_GRANT_SCAN_BYTES {
+            warn!(
+                read,
+                "the audit trail within the longest grant lifetime is larger than leash reads at \
+                 start; grants used in older records are not remembered"
+            );
+            break;
+        }
         let Ok(opened) = File::open(file) else {
             continue;
         };
-        let mut last_line = None;
-        for line in std::io::BufReader::new(opened).lines() {
-            let Ok(line) = line else {
-                break;
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, opened);
+        let mut last_time = None;
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n as u64,
+            }
+            // A damaged line is passed over, not the rest of the file.
+            let Ok(text) = std::str::from_utf8(&line) else {
+                continue;
             };
-            // Most records hold no used grant: skip them unparsed.
-            if line.contains(r#""outcome":"used""#) {
-                if let Ok(record) = serde_json::from_str::<Value>(&line) {
-                    let grant = &record["grant"];
-                    if let (Some(approver), Some(id), Some(exp)) = (
-                        grant["approver"].as_str(),
-                        grant["grant_id"].as_str(),
-                        grant["expires_at"].as_u64(),
-                    ) {
-                        if exp > now {
-                            found.push((approver.to_owned(), id.to_owned(), exp));
-                        }
-                    }
+            if let Some(at) = text.find(r#""time":""#) {
+                last_time = text[at + 8..].split('"').next().map(str::to_owned);
+            }
+            if !text.contains(USED) {
+                continue;
+            }
+            let Ok(record) = serde_json::from_str::<Value>(text) else {
+                continue;
+            };
+            let grant = &record["grant"];
+            if let (Some(approver), Some(id), Some(exp)) = (
+                grant["approver"].as_str(),
+                grant["grant_id"].as_str(),
+                grant["expires_at"].as_u64(),
+            ) {
+                if exp > now {
+                    found.push((approver.to_owned(), id.to_owned(), exp));
                 }
             }
-            last_line = Some(line);
         }
-        let newest = last_line
-            .and_then(|line| serde_json::from_str::<Value>(&line).ok())
-            .and_then(|record| {
-                let time = record["time"].as_str()?;
-                let at = chrono::DateTime::parse_from_rfc3339(time).ok()?;
-                u64::try_from(at.timestamp()).ok()
-            });
+        let newest = last_time.and_then(|time| {
+            let at = chrono::DateTime::parse_from_rfc3339(&time).ok()?;
+            u64::try_from(at.timestamp()).ok()
+        });
         if newest.is_some_and(|t| t < oldest) {
             break;
         }
     }
     found
 }
+
+/// Most bytes of trail read at start for used grants (newest first): at
+/// roughly a gigabyte a second, about a second before the sidecar serves.
+const MAX_GRANT_SCAN_BYTES: u64 = 1 << 30;
 
 /// The rotated and set-aside files of the trail at `path`, in chain order.
 fn rotated_files(path: &Path) -> Vec<PathBuf> {
@@ -649,6 +684,26 @@ pub fn run(
                     ..Outage::default()
                 };
                 retry.clear();
+                // Callers that gave up while this very write stalled were
+                // answered DENY, yet their records are now in the chain:
+                // the next outage record says how many of the records
+                // before it were written late.
+                let late: u64 = batch
+                    .iter()
+                    .filter(|job| job.abandoned.load(std::sync::atomic::Ordering::SeqCst))
+                    .map(|job| job.records.len() as u64)
+                    .sum();
+                if late > 0 {
+                    outage.failed(
+                        &format!(
+                            "an audit write completed after {}s, when its callers had been \
+                             answered DENY",
+                            super::WRITE_STALL.as_secs()
+                        ),
+                        0,
+                    );
+                    outage.late_records = late;
+                }
             }
             Err(e) => {
                 if status.available() {
@@ -720,6 +775,10 @@ struct Outage {
     /// With `--audit-fail-open` the decisions were answered all the same:
     /// the count is of decisions answered without a record.
     fail_open: bool,
+    /// Records written (just before this outage record's batch) after
+    /// their callers had been answered DENY: they record what was decided,
+    /// not what was answered.
+    late_records: u64,
 }
 
 impl Outage {
@@ -753,6 +812,9 @@ impl Outage {
             "refused_records"
         };
         r.insert(key.into(), Value::from(self.refused_records));
+        if self.late_records > 0 {
+            r.insert("late_records".into(), Value::from(self.late_records));
+        }
         r
     }
 }

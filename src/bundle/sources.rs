@@ -353,9 +353,11 @@ fn walk(
                 }
                 Ok(_) => {}
                 // Only a file the bundle would read matters: a dangling
-                // link or a vanished temporary file of another name is
-                // not part of it.
-                Err(_) if !bundle_name(&name) => {}
+                // link or a vanished temporary file named like no bundle
+                // file (`NOTES.md`, `x.tmp`) is not part of it. A name
+                // without an extension could be a directory of policies:
+                // that still refuses.
+                Err(_) if !bundle_name(&name) && name.contains('.') => {}
                 Err(err) => diagnostics.push(Diagnostic::plain(
                     None,
                     format!("cannot read `{}`: {err}", path.display()),
