@@ -794,6 +794,26 @@ fn malformed_approvers_files_refuse_the_bundle() {
     }
 }
 
+/// eve's elevation of `agent` into `role`, for an hour from `NOW`.
+fn eve_elevates(agent: &str, role: &str, jti: &str) -> String {
+    grants::sign(
+        &key(2),
+        "eve-1",
+        &Claims {
+            grant: "elevate".to_owned(),
+            approver: "eve".to_owned(),
+            fingerprint: String::new(),
+            agent: agent.to_owned(),
+            role: role.to_owned(),
+            user: String::new(),
+            jti: jti.to_owned(),
+            iat: NOW,
+            exp: NOW + 3600,
+        },
+    )
+    .expect("signs")
+}
+
 fn elevation(
     seed: u8,
     approver: &str,
@@ -1199,22 +1219,7 @@ forbid (principal, action == Action::"read", resource) when { resource.author in
     )
     .expect("approvers");
     let server = serve(&policies, &schemas, held_options()).await;
-    let token = grants::sign(
-        &key(2),
-        "eve-1",
-        &Claims {
-            grant: "elevate".to_owned(),
-            approver: "eve".to_owned(),
-            fingerprint: String::new(),
-            agent: "Agent::\"lead\"".to_owned(),
-            role: "Role::\"admin\"".to_owned(),
-            user: String::new(),
-            jti: "e-below".to_owned(),
-            iat: NOW,
-            exp: NOW + 3600,
-        },
-    )
-    .expect("signs");
+    let token = eve_elevates("Agent::\"lead\"", "Role::\"admin\"", "e-below");
     let read = |grant: Option<&str>, bring: bool| {
         let mut req = request("Agent::\"lead\"", None, "Action::\"read\"", "Doc::\"d\"");
         if bring {
@@ -1273,22 +1278,7 @@ async fn a_request_cannot_define_the_role_its_elevation_grants() {
     )
     .expect("approvers");
     let server = serve(&policies, &schemas, held_options()).await;
-    let token = grants::sign(
-        &key(2),
-        "eve-1",
-        &Claims {
-            grant: "elevate".to_owned(),
-            approver: "eve".to_owned(),
-            fingerprint: String::new(),
-            agent: "Agent::\"bot\"".to_owned(),
-            role: "AgentRole::\"escalation\"".to_owned(),
-            user: String::new(),
-            jti: "e-role".to_owned(),
-            iat: NOW,
-            exp: NOW + 3600,
-        },
-    )
-    .expect("signs");
+    let token = eve_elevates("Agent::\"bot\"", "AgentRole::\"escalation\"", "e-role");
     let ask_for = |action: &str, grant: bool, bring: bool| {
         let mut req = request(
             "Agent::\"bot\"",
