@@ -217,6 +217,12 @@ pub fn render(args: &CheckArgs, response: &pb::IsAuthorizedResponse) -> String {
     if let Some(grant) = &response.grant {
         out.push_str(&format!("  grant {}: {}\n", grant.outcome, grant.detail));
     }
+    // The first elevation is `grant` itself unless an approval decided.
+    for e in &response.elevated_by {
+        if response.grant.as_ref() != Some(e) {
+            out.push_str(&format!("  grant {}: {}\n", e.outcome, e.detail));
+        }
+    }
     if let Some(limited) = &response.limited {
         out.push_str(&format!("  limited: {}\n", limited.detail));
     }
@@ -355,4 +361,63 @@ fn timestamp(t: Option<&prost_types::Timestamp>) -> String {
     t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_else(|| "-".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(id: &str, outcome: &str, detail: &str) -> pb::GrantResult {
+        pb::GrantResult {
+            outcome: outcome.to_owned(),
+            grant_id: id.to_owned(),
+            approver: "eve".to_owned(),
+            expires_at: 1,
+            detail: detail.to_owned(),
+        }
+    }
+
+    #[test]
+    fn every_grant_is_shown_once() {
+        let args = CheckArgs {
+            addr: "127.0.0.1:9557".to_owned(),
+            uds: None,
+            agent: "Agent::\"billing-agent\"".to_owned(),
+            user: None,
+            action: "Action::\"payments:refund\"".to_owned(),
+            resource: "BillingAccount::\"BA-100\"".to_owned(),
+            context: None,
+            entities: None,
+            request_id: None,
+            grants: Vec::new(),
+        };
+        let lift = grant("e-1", "elevated", "lifted into escalation");
+        let mut response = pb::IsAuthorizedResponse {
+            grant: Some(lift.clone()),
+            elevated_by: vec![lift.clone()],
+            ..Default::default()
+        };
+        let shown = render(&args, &response);
+        assert_eq!(shown.matches("  grant ").count(), 1, "{shown}");
+        assert!(shown.contains("  grant elevated: lifted into escalation\n"));
+
+        response.grant = Some(grant("a-1", "used", "approved by dana"));
+        response
+            .elevated_by
+            .push(grant("e-2", "elevated", "lifted again"));
+        let shown = render(&args, &response);
+        let lines: Vec<&str> = shown
+            .lines()
+            .filter(|l| l.starts_with("  grant "))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "  grant used: approved by dana",
+                "  grant elevated: lifted into escalation",
+                "  grant elevated: lifted again"
+            ],
+            "{shown}"
+        );
+    }
 }

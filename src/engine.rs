@@ -148,8 +148,15 @@ pub struct Decision {
     /// `@approval("required")`: the decision is APPROVAL_REQUIRED, which is
     /// not an allow (`allowed` is false).
     pub approval: Option<ApprovalRequest>,
-    /// Set when the request presented a grant that was used or refused.
+    /// Set when the request presented a grant that was used or refused:
+    /// the approval grant used, the grant refused, or else the first
+    /// elevation applied.
     pub grant: Option<GrantUse>,
+    /// Every elevation grant applied to this decision, in the order
+    /// presented (outcome `elevated`), also when an approval grant then
+    /// decided: the audit trail must show each grant that widened the
+    /// agent's rights, not only the one in `grant`.
+    pub elevated_by: Vec<GrantUse>,
 }
 
 /// What became of a grant the request presented.
@@ -408,16 +415,27 @@ pub fn decide_with_grants(
     // Elevations are read first: a request that brings entities and is
     // elevated is decided on a full copy of the bundle's entities (see
     // `with_request_entities`).
-    let (roles, grant) = match crate::grants::elevations(snapshot, request, at, lifetimes) {
-        Ok(found) => {
-            let grant = found.first().map(|(_, g)| g.clone());
-            let mut roles: Vec<EntityUid> = found.into_iter().map(|(role, _)| role).collect();
-            roles.sort_unstable();
-            roles.dedup();
-            (roles, grant)
-        }
-        Err(refused) => (Vec::new(), Some(refused)),
-    };
+    let (roles, grant, elevated_by) =
+        match crate::grants::elevations(snapshot, request, at, lifetimes) {
+            Ok(found) => {
+                let mut roles = Vec::with_capacity(found.len());
+                let mut elevated_by: Vec<GrantUse> = Vec::with_capacity(found.len());
+                for (role, g) in found {
+                    roles.push(role);
+                    // The same grant presented twice is one grant.
+                    if !elevated_by
+                        .iter()
+                        .any(|e| e.approver == g.approver && e.grant_id == g.grant_id)
+                    {
+                        elevated_by.push(g);
+                    }
+                }
+                roles.sort_unstable();
+                roles.dedup();
+                (roles, elevated_by.first().cloned(), elevated_by)
+            }
+            Err(refused) => (Vec::new(), Some(refused), Vec::new()),
+        };
     let extended;
     // Kept for the approval fingerprint only when the bundle has gates.
     let mut brought = Vec::new();
@@ -479,6 +497,7 @@ pub fn decide_with_grants(
         }
         decision.grant = Some(grant);
     }
+    decision.elevated_by = elevated_by;
     Ok(decision)
 }
 
@@ -702,6 +721,7 @@ fn combine(agent: SideDecision, user: Option<SideDecision>) -> Decision {
         limited: None,
         approval: None,
         grant: None,
+        elevated_by: Vec::new(),
     }
 }
 

@@ -1134,8 +1134,21 @@ async fn grant_uses_and_refusals_are_in_the_decisions_span() {
     );
     let up = ask(&server, open_ticket("alice", Some(&window))).await;
     assert_eq!(up.decision, ALLOW);
+    // An approval used on an elevated request: the span names both.
+    let lift = elevation(
+        2,
+        "eve",
+        "Agent::\"billing-agent\"",
+        "",
+        "s-lift",
+        NOW,
+        NOW + 3600,
+    );
+    let lifted = with_grant(refund("bob", "BA-100", 30_000), &lift);
+    let both = ask(&server, with_grant(lifted, &approval("s-both", 1).token())).await;
+    assert_eq!(both.decision, ALLOW, "{both:?}");
 
-    let spans = flushed_spans(&server.server, &collector, 4).await;
+    let spans = flushed_spans(&server.server, &collector, 5).await;
     let by_grant = |id: &str| {
         spans
             .iter()
@@ -1146,6 +1159,7 @@ async fn grant_uses_and_refusals_are_in_the_decisions_span() {
         ("s-used", "allow", "used", "dana", NOW + 600),
         ("s-forged", "deny", "grant_forged", "dana", NOW + 600),
         ("s-up", "allow", "elevated", "eve", NOW + 3600),
+        ("s-both", "allow", "used", "dana", NOW + 600),
     ] {
         let span = by_grant(id);
         for (key, want) in [
@@ -1156,6 +1170,12 @@ async fn grant_uses_and_refusals_are_in_the_decisions_span() {
         ] {
             assert_eq!(span.attribute(key), Some(want), "{id}: {key}");
         }
+        let elevated_by = match id {
+            "s-up" => Some("s-up".to_owned()),
+            "s-both" => Some("s-lift".to_owned()),
+            _ => None,
+        };
+        assert_eq!(span.attribute("leash.elevated_by"), elevated_by, "{id}");
     }
     // The request that asked for approval carries no grant attributes.
     let asked = spans
@@ -1441,4 +1461,115 @@ async fn a_grant_used_before_a_restart_stays_used() {
     let third = server(dir.path(), Some(&elsewhere)).await;
     assert_eq!(ask(&third, call()).await.decision, ALLOW);
     third.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_approval_used_on_an_elevated_request_is_recorded_with_every_elevation() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.log");
+    let server = server(dir.path(), Some(&trail)).await;
+    // The Billing Agent elevated twice by eve (the same role, two grants;
+    // one of them presented twice), asking for a refund dana must approve.
+    let billing = "Agent::\"billing-agent\"";
+    let first = elevation(2, "eve", billing, "", "e-first", NOW, NOW + 3600);
+    let second = elevation(2, "eve", billing, "", "e-second", NOW, NOW + 1800);
+    let elevated = || {
+        let mut req = refund("bob", "BA-100", 25_000);
+        req.grants = vec![first.clone(), second.clone(), first.clone()];
+        req
+    };
+    fn ids(r: &pb::IsAuthorizedResponse) -> Vec<(&str, &str, u64)> {
+        r.elevated_by
+            .iter()
+            .map(|g| (g.grant_id.as_str(), g.outcome.as_str(), g.expires_at))
+            .collect()
+    }
+    let both = [
+        ("e-first", "elevated", NOW + 3600),
+        ("e-second", "elevated", NOW + 1800),
+    ];
+    let asked = ask(&server, elevated()).await;
+    assert_eq!(asked.decision, APPROVAL_REQUIRED, "{asked:?}");
+    assert_eq!(ids(&asked), both);
+    // With no approval yet, the first elevation is the grant shown.
+    assert_eq!(asked.grant.as_ref().expect("grant").grant_id, "e-first");
+    let fp = asked.approval.expect("approval").fingerprint;
+
+    let approval = Grant {
+        seed: 1,
+        kid: "dana-1",
+        approver: "dana",
+        fingerprint: &fp,
+        jti: "a-refund",
+        iat: NOW,
+        exp: NOW + 600,
+    }
+    .token();
+    let approved = ask(&server, with_grant(elevated(), &approval)).await;
+    assert_eq!(approved.decision, ALLOW, "{approved:?}");
+    let used = approved.grant.as_ref().expect("grant");
+    assert_eq!(
+        (used.grant_id.as_str(), used.outcome.as_str()),
+        ("a-refund", "used")
+    );
+    assert_eq!(ids(&approved), both);
+    let again = ask(&server, with_grant(elevated(), &approval)).await;
+    assert_eq!(
+        (
+            again.decision,
+            again.grant.as_ref().expect("grant").outcome.as_str()
+        ),
+        (DENY, "grant_reused")
+    );
+    assert_eq!(ids(&again), both);
+    // Without elevations, nothing is listed.
+    let plain = ask(&server, refund("bob", "BA-100", 25_000)).await;
+    assert!(
+        plain.elevated_by.is_empty() && plain.grant.is_none(),
+        "{plain:?}"
+    );
+    // Each grant is counted once per decision: two elevations in each of
+    // three, the approval used once and refused once.
+    let (_, metrics) = http_get(server.admin_addr, "GET", "/metrics").await;
+    for (outcome, count) in [("elevated", 6.0), ("used", 1.0), ("grant_reused", 1.0)] {
+        let series = format!("leash_grants_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(metric(&metrics, &series), count, "{series}");
+    }
+    server.shutdown().await;
+
+    // The trail keeps the approval and both elevations of each decision.
+    let records = verified_audit_records(&trail);
+    assert_eq!(records.len(), 4, "{records:?}");
+    let elevations = |r: &serde_json::Value| {
+        r["elevated_by"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .map(|g| {
+                        format!(
+                            "{}/{}/{}",
+                            g["approver"].as_str().unwrap_or("?"),
+                            g["grant_id"].as_str().unwrap_or("?"),
+                            g["outcome"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let recorded_both = ["eve/e-first/elevated", "eve/e-second/elevated"];
+    for (record, decision, grant, outcome) in [
+        (&records[0], "approval_required", "e-first", "elevated"),
+        (&records[1], "allow", "a-refund", "used"),
+        (&records[2], "deny", "a-refund", "grant_reused"),
+    ] {
+        assert_eq!(record["decision"], decision, "{record}");
+        assert_eq!(record["grant"]["grant_id"], grant, "{record}");
+        assert_eq!(record["grant"]["outcome"], outcome, "{record}");
+        assert_eq!(elevations(record), recorded_both, "{record}");
+    }
+    assert!(records[1]["elevated_by"][0]["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("AgentRole::\"ticket-escalation\"")));
+    assert_eq!(records[3].get("elevated_by"), None, "{}", records[3]);
 }

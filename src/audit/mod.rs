@@ -22,7 +22,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::bundle::uid_text;
-use crate::engine::{AuthzRequest, Decision, RequestError, SideDecision};
+use crate::engine::{AuthzRequest, Decision, GrantUse, RequestError, SideDecision};
 use crate::proto::v1 as pb;
 
 /// Requests (a batch is one) waiting for the writer at most; beyond,
@@ -443,6 +443,7 @@ impl Audit {
             context: self.context(entry.wire),
             decision: "invalid",
             determining_policies: None,
+            elevated_by: None,
             invalid: None,
             latency_us: entry.latency_us,
             limited: None,
@@ -466,13 +467,9 @@ impl Audit {
                 } else {
                     "deny"
                 };
-                record.grant = d.grant.as_ref().map(|g| GrantRecord {
-                    approver: g.approver.clone(),
-                    detail: g.detail.clone(),
-                    expires_at: g.expires_at,
-                    grant_id: g.grant_id.clone(),
-                    outcome: g.outcome,
-                });
+                record.grant = d.grant.as_ref().map(GrantRecord::of);
+                record.elevated_by = (!d.elevated_by.is_empty())
+                    .then(|| d.elevated_by.iter().map(GrantRecord::of).collect());
                 record.approval = d.approval.as_ref().map(|a| ApprovalRecord {
                     fingerprint: a.fingerprint.clone(),
                     policies: a.policies.clone(),
@@ -636,6 +633,10 @@ pub struct Record {
     pub decision: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub determining_policies: Option<Vec<String>>,
+    /// Every elevation grant applied, also when `grant` is the approval
+    /// that decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub elevated_by: Option<Vec<GrantRecord>>,
     /// A grant the request presented: used, or why it was refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grant: Option<GrantRecord>,
@@ -670,6 +671,18 @@ pub struct GrantRecord {
     pub expires_at: u64,
     pub grant_id: String,
     pub outcome: &'static str,
+}
+
+impl GrantRecord {
+    fn of(g: &GrantUse) -> Self {
+        Self {
+            approver: g.approver.clone(),
+            detail: g.detail.clone(),
+            expires_at: g.expires_at,
+            grant_id: g.grant_id.clone(),
+            outcome: g.outcome,
+        }
+    }
 }
 
 /// The approval a gated permit asks for.

@@ -440,12 +440,17 @@ fn response(
             policies: a.policies.clone(),
             max_grant_ttl_seconds: max_ttl.as_secs(),
         }),
-        grant: d.grant.as_ref().map(|g| pb::GrantResult {
-            outcome: g.outcome.to_owned(),
-            grant_id: g.grant_id.clone(),
-            approver: g.approver.clone(),
-            expires_at: g.expires_at,
-            detail: g.detail.clone(),
-        }),
+        grant: d.grant.as_ref().map(grant_result),
+        elevated_by: d.elevated_by.iter().map(grant_result).collect(),
+    }
+}
+
+fn grant_result(g: &crate::engine::GrantUse) -> pb::GrantResult {
+    pb::GrantResult {
+        outcome: g.outcome.to_owned(),
+        grant_id: g.grant_id.clone(),
+        approver: g.approver.clone(),
+        expires_at: g.expires_at,
+        detail: g.detail.clone(),
     }
 }

@@ -210,11 +210,16 @@ impl Telemetry {
             {
                 metrics.limited(limited.reason);
             }
-            if let Ok(Decision {
-                grant: Some(grant), ..
-            }) = &view.result
-            {
-                metrics.grant(grant.outcome);
+            if let Ok(d) = &view.result {
+                if let Some(grant) = &d.grant {
+                    metrics.grant(grant.outcome);
+                }
+                // Each grant once: the first elevation may be `grant` itself.
+                for e in &d.elevated_by {
+                    if d.grant.as_ref() != Some(e) {
+                        metrics.grant(e.outcome);
+                    }
+                }
             }
         }
         log_decision(view, outcome, scope);
@@ -363,6 +368,11 @@ impl Telemetry {
                         "leash.grant.expires_at",
                         i64::try_from(grant.expires_at).unwrap_or(i64::MAX),
                     ));
+                }
+                if !d.elevated_by.is_empty() {
+                    let ids: Vec<String> =
+                        d.elevated_by.iter().map(|e| e.grant_id.clone()).collect();
+                    a.push(KeyValue::new("leash.elevated_by", string_array(&ids)));
                 }
                 if let Some(approval) = &d.approval {
                     a.push(KeyValue::new(
