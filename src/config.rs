@@ -678,13 +678,23 @@ pub struct AuditArgs {
 #[derive(Debug, Clone, Subcommand)]
 pub enum AuditCommand {
     /// Check a trail's hash chain: exit 0 intact, 1 broken (the first bad
-    /// record is named), 2 intact but ending in a partial record (a crash
-    /// mid-write).
+    /// record is named) or short of an anchor, 2 intact but ending in a
+    /// partial record (a crash mid-write).
     Verify {
         /// The trail's files in chain order: rotated files oldest first
         /// (`audit.log.*` sorts so), then the active one.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// A head kept outside the trail (the `audit trail head` log line's
+        /// seq and hash, or an earlier verify's): the trail must hold that
+        /// record with that hash, so records cut from the end or a trail
+        /// rewritten from scratch fail. May be given more than once.
+        #[arg(long = "anchor", value_name = "SEQ:HASH")]
+        anchors: Vec<crate::audit::chain::Anchor>,
+        /// The files must begin with the trail's first record (seq 0): fail
+        /// when older files are missing instead of noting it.
+        #[arg(long)]
+        from_start: bool,
     },
 }
 

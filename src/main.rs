@@ -405,9 +405,25 @@ fn sign_grant(
 }
 
 fn audit(args: &AuditArgs) -> ExitCode {
-    use leash::audit::chain::{verify, Verdict};
-    let AuditCommand::Verify { files } = &args.command;
-    match verify(files) {
+    use leash::audit::chain::{verify_anchored, Verdict};
+    let AuditCommand::Verify {
+        files,
+        anchors,
+        from_start,
+    } = &args.command;
+    let verdict = verify_anchored(files, anchors);
+    // Asked for the whole trail: a missing start fails, whatever else.
+    if let Ok(Verdict::Intact(summary) | Verdict::TornTail { summary, .. }) = &verdict {
+        if *from_start && summary.starts_mid_chain {
+            println!(
+                "audit trail INCOMPLETE: the files start at seq {}, not at the trail's first \
+                 record (seq 0): older files are missing",
+                summary.first_seq.unwrap_or_default()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+    match verdict {
         Ok(Verdict::Intact(summary)) => {
             println!(
                 "audit trail intact: {} records{}",
@@ -415,6 +431,10 @@ fn audit(args: &AuditArgs) -> ExitCode {
                 describe(&summary)
             );
             ExitCode::SUCCESS
+        }
+        Ok(Verdict::Unanchored { seq, problem }) => {
+            println!("audit trail does not reach anchor seq {seq}: {problem}");
+            ExitCode::FAILURE
         }
         Ok(Verdict::TornTail {
             summary,
@@ -457,7 +477,7 @@ fn audit(args: &AuditArgs) -> ExitCode {
 fn describe(summary: &leash::audit::chain::Summary) -> String {
     match (summary.first_seq, summary.last_seq, &summary.last_hash) {
         (Some(first), Some(last), Some(hash)) => format!(
-            ", seq {first} to {last}{}; head {hash}",
+            ", seq {first} to {last}{}; head {last}:{hash}",
             if summary.starts_mid_chain {
                 " (the trail's start is not among these files; the first link was taken on trust)"
             } else {

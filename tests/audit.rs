@@ -425,6 +425,122 @@ async fn rotation_and_restarts_continue_one_chain() {
     ));
 }
 
+/// A real trail of `n` decisions in `dir`, rotated at 4 KiB: its files in
+/// chain order.
+async fn rotated_trail(dir: &Path, n: usize) -> Vec<PathBuf> {
+    let trail = dir.join("audit.log");
+    let mut options = audited(&trail, SyncMode::Disk);
+    options.audit.max_file_bytes = 4096;
+    let server = TestServer::start(Some(example_snapshot()), options, false).await;
+    for _ in 0..n {
+        server.decide(allow()).await.expect("decides");
+    }
+    server.shutdown().await;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p != &trail)
+        .collect();
+    files.sort();
+    files.push(trail);
+    files
+}
+
+/// `leash audit verify ARGS... FILES...`: exit code and stdout.
+fn verify_cli(args: &[&str], files: &[PathBuf]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(["audit", "verify"])
+        .args(args)
+        .args(files)
+        .output()
+        .expect("runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test]
+async fn anchors_and_from_start_catch_a_trail_cut_short_or_rewritten() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let files = rotated_trail(dir.path(), 30).await;
+    assert!(files.len() >= 3, "rotated at 4 KiB: {files:?}");
+    let all: Vec<serde_json::Value> = files.iter().flat_map(|f| records(f)).collect();
+    assert_eq!(all.len(), 30);
+    let anchor = |r: &serde_json::Value| {
+        format!(
+            "{}:{}",
+            r["seq"].as_u64().expect("seq"),
+            r["hash"].as_str().expect("hash")
+        )
+    };
+    let head = anchor(&all[29]);
+    let middle = anchor(&all[12]);
+
+    // The whole trail reaches every anchor, from its start.
+    let (code, out) = verify_cli(
+        &["--anchor", &head, "--anchor", &middle, "--from-start"],
+        &files,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("30 records"), "{out}");
+    // The head verify prints is an anchor as it stands.
+    assert!(out.contains(&format!("; head {head}")), "{out}");
+
+    // Records cut from the end: still a valid chain, but short of the head.
+    let cut = dir.path().join("cut.log");
+    let every: Vec<String> = files.iter().flat_map(|f| lines(f)).collect();
+    std::fs::write(&cut, every[..28].join("\n") + "\n").expect("write");
+    let shortened = [cut];
+    assert_eq!(verify_cli(&[], &shortened).0, 0);
+    let (code, out) = verify_cli(&["--anchor", &head], &shortened);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("does not reach anchor seq 29") && out.contains("cut from the end"),
+        "{out}"
+    );
+
+    // A trail rewritten from scratch is a valid chain too, but not the one
+    // anchored.
+    let other = tempfile::tempdir().expect("temp dir");
+    let rewritten = rotated_trail(other.path(), 30).await;
+    assert_eq!(verify_cli(&[], &rewritten).0, 0);
+    let (code, out) = verify_cli(&["--anchor", &middle], &rewritten);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("(seq 12)") && out.contains("not the anchored one"),
+        "{out}"
+    );
+
+    // Without the oldest file: noted, or a failure with --from-start; the
+    // first link can be anchored by the record before it.
+    let later = &files[1..];
+    let first = records(&later[0])[0]["seq"].as_u64().expect("seq");
+    let (code, out) = verify_cli(&[], later);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("start is not among these files"), "{out}");
+    let (code, out) = verify_cli(&["--from-start"], later);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("start at seq {first}")), "{out}");
+    let before = anchor(&all[first as usize - 1]);
+    assert_eq!(verify_cli(&["--anchor", &before], later).0, 0);
+    let wrong = format!("{}:{}", first - 1, "ab".repeat(32));
+    let (code, out) = verify_cli(&["--anchor", &wrong], later);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not the anchored hash of seq"), "{out}");
+    let (code, out) = verify_cli(&["--anchor", &anchor(&all[0])], later);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("give the older files"), "{out}");
+
+    // A malformed anchor is a usage error naming the flag.
+    let (code, out) = verify_cli(&["--anchor", "12:xyz"], &files);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("--anchor") && out.contains("64 hex digits"),
+        "{out}"
+    );
+}
+
 /// A `leash serve` process with its audit trail at `trail`; returns it and
 /// its gRPC address once its bundle is loaded.
 fn spawn_serving(trail: &Path, sync: &str) -> (std::process::Child, String) {

@@ -176,6 +176,12 @@ pub enum Verdict {
         seq: Option<u64>,
         problem: String,
     },
+    /// Every record verifies, but the records do not reach an anchor.
+    Unanchored {
+        /// The anchor's seq.
+        seq: u64,
+        problem: String,
+    },
 }
 
 /// What an intact trail holds.
@@ -198,9 +204,90 @@ pub struct VerifyError {
     pub source: std::io::Error,
 }
 
+/// A record's hash kept outside the trail (the `audit trail head` log line,
+/// `leash_audit_next_seq`, an earlier `verify`'s head): the trail must
+/// hold that record with that hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+
+    /// `SEQ:HASH`, as `verify` prints a head and the log records it.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (seq, hash) = text
+            .split_once(':')
+            .ok_or_else(|| format!("`{text}`: expected SEQ:HASH, e.g. 41:8e2c…"))?;
+        let seq = seq
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{seq}`: the seq is not a whole number"))?;
+        let hash = hash.trim().to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "`{hash}`: the hash is not 64 hex digits (a SHA-256)"
+            ));
+        }
+        Ok(Self { seq, hash })
+    }
+}
+
 /// Verifies `files` as one trail, in the order given (rotated files
 /// first, oldest first, then the active one).
 pub fn verify(files: &[PathBuf]) -> Result<Verdict, VerifyError> {
+    verify_anchored(files, &[])
+}
+
+/// [`verify`], and every anchor must be a record of the trail with the
+/// hash it gives (or, one before the first record, that record's
+/// `prev_hash`). A trail rewritten from scratch fails at the anchor's
+/// record; one cut from the end is `Unanchored`.
+pub fn verify_anchored(files: &[PathBuf], anchors: &[Anchor]) -> Result<Verdict, VerifyError> {
+    let verdict = walk(files, anchors)?;
+    let summary = match &verdict {
+        Verdict::Intact(summary) | Verdict::TornTail { summary, .. } => summary,
+        Verdict::Broken { .. } | Verdict::Unanchored { .. } => return Ok(verdict),
+    };
+    // Anchors inside the records' range were checked on the way.
+    let (first, last) = match (summary.first_seq, summary.last_seq) {
+        (Some(first), Some(last)) => (first, last),
+        _ => {
+            return Ok(match anchors.first() {
+                Some(a) => Verdict::Unanchored {
+                    seq: a.seq,
+                    problem: "the trail holds no records".to_owned(),
+                },
+                None => verdict,
+            })
+        }
+    };
+    for a in anchors {
+        if a.seq > last {
+            return Ok(Verdict::Unanchored {
+                seq: a.seq,
+                problem: format!(
+                    "the trail ends at seq {last}, before the anchored record: records were cut \
+                     from the end"
+                ),
+            });
+        }
+        if a.seq.saturating_add(1) < first {
+            return Ok(Verdict::Unanchored {
+                seq: a.seq,
+                problem: format!(
+                    "the files start at seq {first}, after the anchored record: give the older \
+                     files to check it"
+                ),
+            });
+        }
+    }
+    Ok(verdict)
+}
+
+fn walk(files: &[PathBuf], anchors: &[Anchor]) -> Result<Verdict, VerifyError> {
     let mut head: Option<Head> = None;
     let mut summary = Summary {
         records: 0,
@@ -270,6 +357,21 @@ pub fn verify(files: &[PathBuf]) -> Result<Verdict, VerifyError> {
                     }
                     summary.starts_mid_chain = claimed_seq != 0;
                     summary.first_seq = Some(claimed_seq);
+                    if let Some(a) = claimed_seq
+                        .checked_sub(1)
+                        .and_then(|before| anchors.iter().find(|a| a.seq == before))
+                    {
+                        if a.hash != prev {
+                            return Ok(broken(
+                                seq,
+                                format!(
+                                    "its prev_hash is not the anchored hash of seq {}: the \
+                                     trail was rewritten",
+                                    a.seq
+                                ),
+                            ));
+                        }
+                    }
                 }
                 Some(expected) => {
                     if claimed_seq != expected.next_seq {
@@ -290,6 +392,14 @@ pub fn verify(files: &[PathBuf]) -> Result<Verdict, VerifyError> {
                                 .to_owned(),
                         ));
                     }
+                }
+            }
+            if let Some(a) = anchors.iter().find(|a| a.seq == claimed_seq) {
+                if a.hash != hash {
+                    return Ok(broken(
+                        seq,
+                        "its hash is not the anchored one: the trail was rewritten".to_owned(),
+                    ));
                 }
             }
             head = Some(Head {
