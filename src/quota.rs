@@ -38,11 +38,11 @@ pub const DEFAULT_MAX_LIMIT_KEYS: usize = 262_144;
 
 /// What one counter counts: a limit, and whose allowances (the agent, and
 /// the user or session where the limit is kept per agent and user or
-/// session).
+/// session; the user alone where it is kept per user).
 #[derive(Debug, Clone, Copy, Hash)]
 struct Key<'a> {
     limit: &'a str,
-    agent: &'a EntityUid,
+    whose: &'a EntityUid,
     with: With<'a>,
 }
 
@@ -249,8 +249,14 @@ pub fn apply(
                     }
                 },
             };
+            // Whose allowance: the agent, or for a per-user limit the user
+            // (an autonomous agent's own calls count as its own).
+            let whose = match (limit.key, &request.on_behalf_of) {
+                (LimitKey::User, Some(user)) => user,
+                _ => &request.agent,
+            };
             let with = match limit.key {
-                LimitKey::Agent => With::Nobody,
+                LimitKey::Agent | LimitKey::User => With::Nobody,
                 LimitKey::AgentAndUser => request
                     .on_behalf_of
                     .as_ref()
@@ -273,7 +279,7 @@ pub fn apply(
                 limit: limit.clone(),
                 key: quota.digest(&Key {
                     limit: limit.identity(),
-                    agent: &request.agent,
+                    whose,
                     with,
                 }),
                 cost,
@@ -413,7 +419,7 @@ mod tests {
             limit: limit.clone(),
             key: q.digest(&Key {
                 limit: limit.identity(),
-                agent: &agent,
+                whose: &agent,
                 with: With::Nobody,
             }),
             cost,

@@ -428,3 +428,108 @@ fn malformed_limits_refuse_the_bundle_naming_the_file_and_policy() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit `minutes`"));
 }
+
+#[tokio::test]
+async fn a_per_user_limit_counts_a_users_calls_through_every_agent_together() {
+    // The user side's permit carries the limit: two calls an hour per user,
+    // whichever agent acts for them. A permit both sides match counts an
+    // autonomous agent's calls as its own.
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(dir.path().join("policies")).expect("mkdir");
+    std::fs::create_dir_all(dir.path().join("schemas")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("policies/call.cedar"),
+        "@id(\"agents-send\")\npermit (principal is Agent, action == Action::\"send\", resource);\n\
+         @id(\"users-send\")\n@rate(\"2/hour\")\n@limit_key(\"user\")\n\
+         permit (principal is User, action == Action::\"send\", resource);\n\
+         @id(\"anyone-buy\")\n@rate(\"2/hour\")\n@limit_key(\"user\")\n\
+         permit (principal, action == Action::\"buy\", resource);\n",
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("schemas/mail.cedarschema"), SCHEMA).expect("write");
+    let clock = Clock::manual(start_time());
+    let snapshot = Snapshot::load_dirs(&dir.path().join("policies"), &dir.path().join("schemas"))
+        .expect("bundle loads");
+    let server = TestServer::start(
+        Some(snapshot),
+        ServerOptions {
+            clock: clock.clone(),
+            ..ServerOptions::default()
+        },
+        false,
+    )
+    .await;
+    let decision =
+        |r: pb::IsAuthorizedResponse| (r.decision, r.limited.map(|l| (l.reason, l.policy_id)));
+    let limited = |policy: &str| (DENY, Some(("rate_limited".to_owned(), policy.to_owned())));
+    // ann's two calls an hour, through two agents: the third, through
+    // either, is over.
+    assert_eq!(
+        decision(ask(&server, send("a1", Some("ann"), None)).await),
+        (ALLOW, None)
+    );
+    assert_eq!(
+        decision(ask(&server, send("a2", Some("ann"), None)).await),
+        (ALLOW, None)
+    );
+    assert_eq!(
+        decision(ask(&server, send("a1", Some("ann"), None)).await),
+        limited("users-send")
+    );
+    assert_eq!(
+        decision(ask(&server, send("a3", Some("ann"), None)).await),
+        limited("users-send")
+    );
+    // Bob has two of his own through the same agents.
+    assert_eq!(
+        decision(ask(&server, send("a1", Some("bob"), None)).await),
+        (ALLOW, None)
+    );
+    assert_eq!(
+        decision(ask(&server, send("a2", Some("bob"), None)).await),
+        (ALLOW, None)
+    );
+    // Agents alone are not limited by the users' permit.
+    for _ in 0..3 {
+        assert_eq!(
+            decision(ask(&server, send("a1", None, None)).await),
+            (ALLOW, None)
+        );
+    }
+    // A permit for anyone: an autonomous agent's calls are its own, apart
+    // from the users it acts for.
+    let buy = |agent: &str, user: Option<&str>| {
+        request(
+            &format!("Agent::\"{agent}\""),
+            user.map(|u| format!("User::\"{u}\"")).as_deref(),
+            "Action::\"buy\"",
+            "Mailbox::\"out\"",
+        )
+    };
+    assert_eq!(decision(ask(&server, buy("a1", None)).await), (ALLOW, None));
+    assert_eq!(
+        decision(ask(&server, buy("a1", Some("ann"))).await),
+        (ALLOW, None)
+    );
+    assert_eq!(decision(ask(&server, buy("a1", None)).await), (ALLOW, None));
+    assert_eq!(
+        decision(ask(&server, buy("a1", None)).await),
+        limited("anyone-buy")
+    );
+    // Both sides match one permit, counted once: ann's second call is good.
+    assert_eq!(
+        decision(ask(&server, buy("a2", Some("ann"))).await),
+        (ALLOW, None)
+    );
+    assert_eq!(
+        decision(ask(&server, buy("a1", Some("ann"))).await),
+        limited("anyone-buy")
+    );
+    // An hour later, ann's allowance is back.
+    clock.advance(Duration::from_secs(3600));
+    assert_eq!(
+        decision(ask(&server, send("a3", Some("ann"), None)).await),
+        (ALLOW, None)
+    );
+    server.shutdown().await;
+}

@@ -13,9 +13,12 @@
 //!   `Long` or `decimal` context attribute `attr` over allowed decisions
 //!   stays within N per window, in the attribute's own unit (`2500000/day`
 //!   of `amount_cents`, or `25000.00/day` of a decimal `amount`);
-//! - `@limit_key("agent")` (the default), `@limit_key("agent+user")` or
-//!   `@limit_key("agent+session")`: whose allowances are counted apart; a
-//!   session is the request's `context.session_id` (a String).
+//! - `@limit_key("agent")` (the default), `@limit_key("agent+user")`,
+//!   `@limit_key("agent+session")` or `@limit_key("user")`: whose
+//!   allowances are counted apart; a session is the request's
+//!   `context.session_id` (a String); `user` counts each user's calls
+//!   through every agent together (a user's own quota, whichever agent acts
+//!   for them).
 //!
 //! `unit` is `second`, `minute`, `hour` or `day`; a rate's N is a whole
 //! number, a budget's may have up to four decimal places (Cedar's
@@ -51,6 +54,9 @@ pub enum LimitKey {
     AgentAndUser,
     /// The agent and the request's `context.session_id`.
     AgentAndSession,
+    /// The user the agent acts for, through any agent; an autonomous
+    /// agent's calls count as its own.
+    User,
 }
 
 /// What a limit counts.
@@ -204,9 +210,11 @@ fn parse(id: &str, effect: Effect, found: &Found<'_>) -> Result<Vec<Limit>, Stri
         None | Some("agent") => LimitKey::Agent,
         Some("agent+user") => LimitKey::AgentAndUser,
         Some("agent+session") => LimitKey::AgentAndSession,
+        Some("user") => LimitKey::User,
         Some(other) => {
             return Err(format!(
-                "`@limit_key(\"{other}\")`: expected `agent`, `agent+user` or `agent+session`"
+                "`@limit_key(\"{other}\")`: expected `agent`, `agent+user`, `agent+session` or \
+                 `user`"
             ))
         }
     };
@@ -434,8 +442,8 @@ mod tests {
                 "top-level context attribute",
             ),
             (
-                r#"@limit_key("user") @rate("1/day") permit (principal, action, resource);"#,
-                "expected `agent`, `agent+user` or `agent+session`",
+                r#"@limit_key("users") @rate("1/day") permit (principal, action, resource);"#,
+                "expected `agent`, `agent+user`, `agent+session` or `user`",
             ),
             (
                 r#"@limit_key("agent") permit (principal, action, resource);"#,
