@@ -987,10 +987,17 @@ async fn restarts_after_repeated_crashes_and_damage_keep_one_chain() {
     assert_eq!(records(&trail)[0]["seq"], 5);
     let aside = dir.path().join("audit.log.00000000000000000004.torn");
     assert!(lines(&aside).last().is_some_and(|l| l == "not a record"));
+    // So is a line that is JSON but not a record (it used to be taken for
+    // the last record, and leash refused to start).
+    append(&trail, "{}\n");
+    decide_on(&trail, 1).await;
+    assert_eq!(records(&trail)[0]["seq"], 6);
+    let aside = dir.path().join("audit.log.00000000000000000005.torn");
+    assert!(lines(&aside).last().is_some_and(|l| l == "{}"));
 
     // A move cut short between its link and unlink: the active file is
     // also a rotated one. It is kept under the rotated name only.
-    let rotated = dir.path().join("audit.log.00000000000000000005");
+    let rotated = dir.path().join("audit.log.00000000000000000006");
     std::fs::hard_link(&trail, &rotated).expect("link");
     decide_on(&trail, 1).await;
     assert_eq!(records(&rotated).len(), 1);
@@ -998,5 +1005,5 @@ async fn restarts_after_repeated_crashes_and_damage_keep_one_chain() {
         .iter()
         .map(|r| r["seq"].as_u64().expect("seq"))
         .collect();
-    assert_eq!(seqs, [6]);
+    assert_eq!(seqs, [7]);
 }

@@ -446,17 +446,19 @@ fn read(path: &Path) -> Result<(String, Option<usize>), VerifyError> {
 }
 
 /// The head after the last complete record of `text` (a file's contents),
-/// and whether the text ends in a partial line.
+/// and whether the text ends in a partial line. A line is a record when it
+/// is a JSON object with a `seq` and a `hash`: a later line that is other
+/// JSON (`{}`) is damage after the last record, not the record itself.
 pub fn head_of(text: &str) -> (Option<Head>, bool) {
     let torn = !text.is_empty() && !text.ends_with('\n');
     let head = text
         .split_inclusive('\n')
         .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| serde_json::from_str::<Map<String, Value>>(l.trim_end()).ok())
-        .next_back()
-        .and_then(|record| {
+        .rev()
+        .find_map(|l| {
+            let record = serde_json::from_str::<Map<String, Value>>(l.trim_end()).ok()?;
             Some(Head {
-                next_seq: record.get("seq")?.as_u64()? + 1,
+                next_seq: record.get("seq")?.as_u64()?.checked_add(1)?,
                 prev_hash: record.get("hash")?.as_str()?.to_owned(),
             })
         });
