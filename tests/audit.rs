@@ -544,11 +544,27 @@ async fn anchors_and_from_start_catch_a_trail_cut_short_or_rewritten() {
 /// A `leash serve` process with its audit trail at `trail`; returns it and
 /// its gRPC address once its bundle is loaded.
 fn spawn_serving(trail: &Path, sync: &str) -> (std::process::Child, String) {
+    spawn_serving_to(trail.as_os_str(), sync, std::process::Stdio::inherit())
+}
+
+/// [`spawn_serving`] with the trail on stdout, a pipe nobody reads until
+/// the test says: once the pipe's buffer is full, the trail's write blocks
+/// as on a hung disk.
+fn spawn_serving_to_pipe(sync: &str) -> (std::process::Child, String) {
+    spawn_serving_to("-".as_ref(), sync, std::process::Stdio::piped())
+}
+
+fn spawn_serving_to(
+    trail: &std::ffi::OsStr,
+    sync: &str,
+    stdout: std::process::Stdio,
+) -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
         .args(["--log-format", "json", "--audit-sync", sync, "--audit-log"])
         .arg(trail)
+        .stdout(stdout)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("starts");
@@ -1006,4 +1022,251 @@ async fn restarts_after_repeated_crashes_and_damage_keep_one_chain() {
         .map(|r| r["seq"].as_u64().expect("seq"))
         .collect();
     assert_eq!(seqs, [7]);
+}
+
+/// Reads `pipe` to its end on a thread of its own; the text read so far.
+fn drain(mut pipe: std::process::ChildStdout) -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    use std::io::Read as _;
+    let read = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = read.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.lock().expect("lock").extend_from_slice(&buf[..n]);
+        }
+    });
+    read
+}
+
+/// The records a drained trail holds, once its chain verifies.
+fn drained_records(dir: &Path, read: &std::sync::Mutex<Vec<u8>>) -> Vec<serde_json::Value> {
+    let path = dir.join("drained.log");
+    std::fs::write(&path, &*read.lock().expect("lock")).expect("write");
+    assert!(
+        matches!(
+            chain::verify(std::slice::from_ref(&path)).expect("readable"),
+            Verdict::Intact(_)
+        ),
+        "the trail's chain must verify"
+    );
+    records(&path)
+}
+
+async fn grpc_health(addr: &str) -> i32 {
+    let channel = leash::check::channel_tcp(addr).await.expect("connect");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status
+}
+
+fn numbered(n: u64) -> pb::IsAuthorizedRequest {
+    let mut req = allow();
+    req.request_id = format!("r-{n}");
+    req
+}
+
+#[tokio::test]
+async fn disk_mode_a_write_stalled_past_the_bound_is_refused_then_its_record_is_marked_late() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, addr) = spawn_serving_to_pipe("disk");
+    let pipe = child.stdout.take().expect("stdout");
+    let mut client = leash::check::connect_tcp(&addr).await.expect("connect");
+    // One call at a time until the pipe is full and a write stalls: that
+    // call waits out the 10 s bound and is refused.
+    let mut n = 0u64;
+    let stalled = loop {
+        let r = client
+            .is_authorized(numbered(n))
+            .await
+            .expect("answers")
+            .into_inner();
+        if r.error.is_some() {
+            break r;
+        }
+        assert_eq!(r.decision, ALLOW, "{r:?}");
+        n += 1;
+        assert!(n < 1_000_000, "the pipe never filled");
+    };
+    assert_eq!(stalled.decision, DENY);
+    let message = stalled.error.expect("error").message;
+    assert!(
+        message.contains("audit trail unavailable") && message.contains("has not completed in 10s"),
+        "{message}"
+    );
+    assert_eq!(grpc_health(&addr).await, ServingStatus::NotServing as i32);
+    // A call made during the stall waits behind it and is refused too.
+    let behind = client
+        .is_authorized(numbered(n + 1))
+        .await
+        .expect("answers")
+        .into_inner();
+    assert_eq!(behind.decision, DENY, "{behind:?}");
+    assert!(behind.error.is_some(), "{behind:?}");
+
+    // The disk answers again: the stalled write completes, and the next
+    // decision is recorded after an outage record saying one record before
+    // it was written after its caller had been answered DENY, and one was
+    // refused.
+    let read = drain(pipe);
+    let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
+    let last = n + 2;
+    loop {
+        let r = client
+            .is_authorized(numbered(last))
+            .await
+            .expect("answers")
+            .into_inner();
+        if r.error.is_none() {
+            assert_eq!(r.decision, ALLOW);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never recovered: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(grpc_health(&addr).await, ServingStatus::Serving as i32);
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    // The reader reaches the pipe's end once the child is gone.
+    let deadline = std::time::Instant::now() + RECOVERY_WAIT;
+    let recs = loop {
+        let text = read.lock().expect("lock").clone();
+        if String::from_utf8_lossy(&text).contains(&format!("\"r-{last}\"")) {
+            break drained_records(dir.path(), &read);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last record never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let position = |id: &str| {
+        recs.iter()
+            .position(|r| r["request_id"] == id)
+            .unwrap_or_else(|| panic!("no record of {id}"))
+    };
+    let late = position(&format!("r-{n}"));
+    assert_eq!(recs[late]["decision"], "allow");
+    let outage = recs
+        .iter()
+        .position(|r| r["event"] == "audit_unavailable")
+        .expect("an outage record");
+    assert!(
+        late < outage,
+        "the late record comes before the outage record"
+    );
+    assert_eq!(recs[outage]["late_records"], 1, "{}", recs[outage]);
+    assert_eq!(recs[outage]["refused_records"], 1, "{}", recs[outage]);
+    assert_eq!(position(&format!("r-{last}")), outage + 1);
+    // The call refused behind the stall is not recorded as if allowed.
+    let behind = format!("r-{}", n + 1);
+    assert!(recs.iter().all(|r| r["request_id"] != behind.as_str()));
+    // Every call answered ALLOW before the stall has its record.
+    for i in 0..n {
+        position(&format!("r-{i}"));
+    }
+}
+
+#[tokio::test]
+async fn queued_mode_a_write_stalled_past_the_bound_refuses_until_it_completes_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, addr) = spawn_serving_to_pipe("queued");
+    let pipe = child.stdout.take().expect("stdout");
+    let mut client = leash::check::connect_tcp(&addr).await.expect("connect");
+    // Calls are answered once queued; paced, so the queue never fills and
+    // what ends them is the write in progress for over 10 s.
+    let mut n = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let refused = loop {
+        let r = client
+            .is_authorized(numbered(n))
+            .await
+            .expect("answers")
+            .into_inner();
+        if r.error.is_some() {
+            break r;
+        }
+        assert_eq!(r.decision, ALLOW, "{r:?}");
+        n += 1;
+        assert!(tokio::time::Instant::now() < deadline, "no stall detected");
+        // Fast while the pipe fills, then a call every 20 ms.
+        if n > 2_000 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert_eq!(refused.decision, DENY);
+    let message = refused.error.expect("error").message;
+    assert!(message.contains("has not completed in 10s"), "{message}");
+    assert_eq!(grpc_health(&addr).await, ServingStatus::NotServing as i32);
+
+    let read = drain(pipe);
+    let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
+    let last = n + 1;
+    loop {
+        let r = client
+            .is_authorized(numbered(last))
+            .await
+            .expect("answers")
+            .into_inner();
+        if r.error.is_none() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never recovered: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // SIGKILL would lose what is queued (the queued mode's documented
+    // risk): stop with SIGTERM, which writes the queue first.
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(stopped.success());
+    child.wait().expect("wait");
+    let deadline = std::time::Instant::now() + RECOVERY_WAIT;
+    let recs = loop {
+        let text = read.lock().expect("lock").clone();
+        if String::from_utf8_lossy(&text).contains(&format!("\"r-{last}\"")) {
+            break drained_records(dir.path(), &read);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last record never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Nothing answered is lost: every call answered ALLOW has its record,
+    // the refused one has none, and the outage record counts it.
+    let ids: std::collections::HashSet<&str> = recs
+        .iter()
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
+    for i in 0..n {
+        assert!(ids.contains(format!("r-{i}").as_str()), "r-{i} lost");
+    }
+    let refused_id = format!("r-{n}");
+    assert!(
+        !ids.contains(refused_id.as_str()),
+        "a refused call was recorded"
+    );
+    let outage = recs
+        .iter()
+        .find(|r| r["event"] == "audit_unavailable")
+        .expect("an outage record");
+    assert!(
+        outage["refused_records"].as_u64().is_some_and(|c| c >= 1),
+        "{outage}"
+    );
 }
