@@ -422,11 +422,10 @@ pub fn decide_with_grants(
                 let mut elevated_by: Vec<GrantUse> = Vec::with_capacity(found.len());
                 for (role, g) in found {
                     roles.push(role);
-                    // The same grant presented twice is one grant.
-                    if !elevated_by
-                        .iter()
-                        .any(|e| e.approver == g.approver && e.grant_id == g.grant_id)
-                    {
+                    // The same grant presented twice is one grant; two
+                    // grants that share an id (but not role or expiry) are
+                    // both recorded.
+                    if !elevated_by.contains(&g) {
                         elevated_by.push(g);
                     }
                 }

@@ -414,12 +414,14 @@ fn audit(args: &AuditArgs) -> ExitCode {
     let verdict = verify_anchored(files, anchors);
     // Asked for the whole trail: a missing start fails, whatever else.
     if let Ok(Verdict::Intact(summary) | Verdict::TornTail { summary, .. }) = &verdict {
-        if *from_start && summary.starts_mid_chain {
-            println!(
-                "audit trail INCOMPLETE: the files start at seq {}, not at the trail's first \
-                 record (seq 0): older files are missing",
-                summary.first_seq.unwrap_or_default()
-            );
+        if *from_start && summary.first_seq != Some(0) {
+            match summary.first_seq {
+                Some(first) => println!(
+                    "audit trail INCOMPLETE: the files start at seq {first}, not at the trail's \
+                     first record (seq 0): older files are missing"
+                ),
+                None => println!("audit trail INCOMPLETE: the files hold no records"),
+            }
             return ExitCode::FAILURE;
         }
     }
@@ -459,12 +461,16 @@ fn audit(args: &AuditArgs) -> ExitCode {
             line,
             seq,
             problem,
+            verified_to,
         }) => {
             println!(
                 "audit trail BROKEN at `{}` line {line}{}: {problem}",
                 file.display(),
                 seq.map_or_else(String::new, |s| format!(" (seq {s})"))
             );
+            if let Some((seq, hash)) = verified_to {
+                println!("the records before it verify, up to head {seq}:{hash}");
+            }
             ExitCode::FAILURE
         }
         Err(e) => {

@@ -532,6 +532,23 @@ async fn anchors_and_from_start_catch_a_trail_cut_short_or_rewritten() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("give the older files"), "{out}");
 
+    // An empty trail is not the whole trail, and reaches no anchor.
+    let empty = dir.path().join("empty.log");
+    std::fs::write(&empty, "").expect("write");
+    let (code, out) = verify_cli(&["--from-start"], std::slice::from_ref(&empty));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("hold no records"), "{out}");
+    let (code, out) = verify_cli(&["--anchor", &head], &[empty]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("holds no records"), "{out}");
+    // A trail ending in a record cut short by a crash, anchored past it:
+    // short of the anchor (1), not merely torn (2).
+    let torn = dir.path().join("torn.log");
+    std::fs::write(&torn, every[..28].join("\n") + "\n" + &every[28][..20]).expect("write");
+    assert_eq!(verify_cli(&[], std::slice::from_ref(&torn)).0, 2);
+    let (code, out) = verify_cli(&["--anchor", &head], &[torn]);
+    assert_eq!(code, 1, "{out}");
+
     // A malformed anchor is a usage error naming the flag.
     let (code, out) = verify_cli(&["--anchor", "12:xyz"], &files);
     assert_eq!(code, 64, "{out}");
@@ -962,6 +979,16 @@ fn append(path: &Path, text: &str) {
         .expect("append");
 }
 
+/// The last line of `path` that is a record (lines after it are damage).
+fn records_before_damage(path: &Path) -> serde_json::Value {
+    lines(path)
+        .iter()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|r| r.get("hash").is_some())
+        .expect("a record")
+}
+
 #[tokio::test]
 async fn restarts_after_repeated_crashes_and_damage_keep_one_chain() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -1010,6 +1037,40 @@ async fn restarts_after_repeated_crashes_and_damage_keep_one_chain() {
     assert_eq!(records(&trail)[0]["seq"], 6);
     let aside = dir.path().join("audit.log.00000000000000000005.torn");
     assert!(lines(&aside).last().is_some_and(|l| l == "{}"));
+    // It links to the last record, not to the line set aside.
+    let record_5 = records_before_damage(&aside);
+    assert_eq!(records(&trail)[0]["prev_hash"], record_5["hash"]);
+    // The damage stays in the set-aside files, so verify stops at the first
+    // and names the head before it; anchored there, the files after it
+    // verify, up to the next damage, and so on to the end.
+    let files = trail_files(dir.path(), &trail);
+    let after = |name: &str| {
+        files
+            .iter()
+            .position(|f| f.ends_with(name))
+            .expect("set aside")
+            + 1
+    };
+    let head_before = |out: &str| {
+        out.split("up to head ")
+            .nth(1)
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|| panic!("no head before the damage: {out}"))
+    };
+    let (code, out) = verify_cli(&[], &files);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("00000000000000000004.torn"), "{out}");
+    let head_4 = head_before(&out);
+    assert!(head_4.starts_with("4:"), "{out}");
+    let from = after("audit.log.00000000000000000004.torn");
+    let (code, out) = verify_cli(&["--anchor", &head_4], &files[from..]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("00000000000000000005.torn"), "{out}");
+    let head_5 = head_before(&out);
+    assert!(head_5.starts_with("5:"), "{out}");
+    let from = after("audit.log.00000000000000000005.torn");
+    let (code, out) = verify_cli(&["--anchor", &head_5], &files[from..]);
+    assert_eq!(code, 0, "{out}");
 
     // A move cut short between its link and unlink: the active file is
     // also a rotated one. It is kept under the rotated name only.

@@ -1144,7 +1144,19 @@ async fn grant_uses_and_refusals_are_in_the_decisions_span() {
         NOW,
         NOW + 3600,
     );
-    let lifted = with_grant(refund("bob", "BA-100", 30_000), &lift);
+    let lift_again = elevation(
+        2,
+        "eve",
+        "Agent::\"billing-agent\"",
+        "",
+        "s-lift2",
+        NOW,
+        NOW + 1800,
+    );
+    let lifted = with_grant(
+        with_grant(refund("bob", "BA-100", 30_000), &lift),
+        &lift_again,
+    );
     let both = ask(&server, with_grant(lifted, &approval("s-both", 1).token())).await;
     assert_eq!(both.decision, ALLOW, "{both:?}");
 
@@ -1172,7 +1184,7 @@ async fn grant_uses_and_refusals_are_in_the_decisions_span() {
         }
         let elevated_by = match id {
             "s-up" => Some("s-up".to_owned()),
-            "s-both" => Some("s-lift".to_owned()),
+            "s-both" => Some("s-lift,s-lift2".to_owned()),
             _ => None,
         };
         assert_eq!(span.attribute("leash.elevated_by"), elevated_by, "{id}");
@@ -1473,9 +1485,17 @@ async fn an_approval_used_on_an_elevated_request_is_recorded_with_every_elevatio
     let billing = "Agent::\"billing-agent\"";
     let first = elevation(2, "eve", billing, "", "e-first", NOW, NOW + 3600);
     let second = elevation(2, "eve", billing, "", "e-second", NOW, NOW + 1800);
+    // Another grant under the first one's id (reissued with a shorter
+    // window): a grant of its own, recorded too.
+    let reissued = elevation(2, "eve", billing, "", "e-first", NOW, NOW + 900);
     let elevated = || {
         let mut req = refund("bob", "BA-100", 25_000);
-        req.grants = vec![first.clone(), second.clone(), first.clone()];
+        req.grants = vec![
+            first.clone(),
+            second.clone(),
+            first.clone(),
+            reissued.clone(),
+        ];
         req
     };
     fn ids(r: &pb::IsAuthorizedResponse) -> Vec<(&str, &str, u64)> {
@@ -1487,6 +1507,7 @@ async fn an_approval_used_on_an_elevated_request_is_recorded_with_every_elevatio
     let both = [
         ("e-first", "elevated", NOW + 3600),
         ("e-second", "elevated", NOW + 1800),
+        ("e-first", "elevated", NOW + 900),
     ];
     let asked = ask(&server, elevated()).await;
     assert_eq!(asked.decision, APPROVAL_REQUIRED, "{asked:?}");
@@ -1528,10 +1549,10 @@ async fn an_approval_used_on_an_elevated_request_is_recorded_with_every_elevatio
         plain.elevated_by.is_empty() && plain.grant.is_none(),
         "{plain:?}"
     );
-    // Each grant is counted once per decision: two elevations in each of
+    // Each grant is counted once per decision: three elevations in each of
     // three, the approval used once and refused once.
     let (_, metrics) = http_get(server.admin_addr, "GET", "/metrics").await;
-    for (outcome, count) in [("elevated", 6.0), ("used", 1.0), ("grant_reused", 1.0)] {
+    for (outcome, count) in [("elevated", 9.0), ("used", 1.0), ("grant_reused", 1.0)] {
         let series = format!("leash_grants_total{{outcome=\"{outcome}\"}}");
         assert_eq!(metric(&metrics, &series), count, "{series}");
     }
@@ -1557,7 +1578,11 @@ async fn an_approval_used_on_an_elevated_request_is_recorded_with_every_elevatio
             })
             .unwrap_or_default()
     };
-    let recorded_both = ["eve/e-first/elevated", "eve/e-second/elevated"];
+    let recorded_both = [
+        "eve/e-first/elevated",
+        "eve/e-second/elevated",
+        "eve/e-first/elevated",
+    ];
     for (record, decision, grant, outcome) in [
         (&records[0], "approval_required", "e-first", "elevated"),
         (&records[1], "allow", "a-refund", "used"),

@@ -175,6 +175,9 @@ pub enum Verdict {
         /// The record's own `seq`, when it has one.
         seq: Option<u64>,
         problem: String,
+        /// The last record before it, which verified (seq and hash): the
+        /// anchor to verify the files after damage with.
+        verified_to: Option<(u64, String)>,
     },
     /// Every record verifies, but the records do not reach an anchor.
     Unanchored {
@@ -204,9 +207,9 @@ pub struct VerifyError {
     pub source: std::io::Error,
 }
 
-/// A record's hash kept outside the trail (the `audit trail head` log line,
-/// `leash_audit_next_seq`, an earlier `verify`'s head): the trail must
-/// hold that record with that hash.
+/// A record's hash kept outside the trail (the `audit trail head` log
+/// line's `seq` and `hash`, or the head an earlier `verify` printed): the
+/// trail must hold that record with that hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Anchor {
     pub seq: u64,
@@ -314,11 +317,13 @@ fn walk(files: &[PathBuf], anchors: &[Anchor]) -> Result<Verdict, VerifyError> {
                 }
                 continue;
             };
+            let verified_to = summary.last_seq.zip(summary.last_hash.clone());
             let broken = |seq: Option<u64>, problem: String| Verdict::Broken {
                 file: path.clone(),
                 line: line_no,
                 seq,
                 problem,
+                verified_to: verified_to.clone(),
             };
             let record: Map<String, Value> = match serde_json::from_str(line) {
                 Ok(Value::Object(map)) => map,
@@ -357,20 +362,19 @@ fn walk(files: &[PathBuf], anchors: &[Anchor]) -> Result<Verdict, VerifyError> {
                     }
                     summary.starts_mid_chain = claimed_seq != 0;
                     summary.first_seq = Some(claimed_seq);
-                    if let Some(a) = claimed_seq
-                        .checked_sub(1)
-                        .and_then(|before| anchors.iter().find(|a| a.seq == before))
-                    {
-                        if a.hash != prev {
-                            return Ok(broken(
-                                seq,
-                                format!(
-                                    "its prev_hash is not the anchored hash of seq {}: the \
-                                     trail was rewritten",
-                                    a.seq
-                                ),
-                            ));
-                        }
+                    // Every anchor for that seq: two that disagree cannot
+                    // both hold.
+                    if let Some(a) = claimed_seq.checked_sub(1).and_then(|before| {
+                        anchors.iter().find(|a| a.seq == before && a.hash != prev)
+                    }) {
+                        return Ok(broken(
+                            seq,
+                            format!(
+                                "its prev_hash is not the anchored hash of seq {}: the trail \
+                                 was rewritten",
+                                a.seq
+                            ),
+                        ));
                     }
                 }
                 Some(expected) => {
@@ -394,16 +398,23 @@ fn walk(files: &[PathBuf], anchors: &[Anchor]) -> Result<Verdict, VerifyError> {
                     }
                 }
             }
-            if let Some(a) = anchors.iter().find(|a| a.seq == claimed_seq) {
-                if a.hash != hash {
-                    return Ok(broken(
-                        seq,
-                        "its hash is not the anchored one: the trail was rewritten".to_owned(),
-                    ));
-                }
+            if anchors
+                .iter()
+                .any(|a| a.seq == claimed_seq && a.hash != hash)
+            {
+                return Ok(broken(
+                    seq,
+                    "its hash is not the anchored one: the trail was rewritten".to_owned(),
+                ));
             }
+            let Some(next_seq) = claimed_seq.checked_add(1) else {
+                return Ok(broken(
+                    seq,
+                    "its seq is the largest there is: no record can follow it".to_owned(),
+                ));
+            };
             head = Some(Head {
-                next_seq: claimed_seq + 1,
+                next_seq,
                 prev_hash: hash.to_owned(),
             });
             summary.records += 1;
@@ -416,6 +427,7 @@ fn walk(files: &[PathBuf], anchors: &[Anchor]) -> Result<Verdict, VerifyError> {
                 line,
                 seq: None,
                 problem: "the line is not UTF-8".to_owned(),
+                verified_to: summary.last_seq.zip(summary.last_hash.clone()),
             });
         }
     }
@@ -447,8 +459,9 @@ fn read(path: &Path) -> Result<(String, Option<usize>), VerifyError> {
 
 /// The head after the last complete record of `text` (a file's contents),
 /// and whether the text ends in a partial line. A line is a record when it
-/// is a JSON object with a `seq` and a `hash`: a later line that is other
-/// JSON (`{}`) is damage after the last record, not the record itself.
+/// is a JSON object with a `seq` and a `hash` that is its own: a later line
+/// that is other JSON (`{}`, or a record edited) is damage after the last
+/// record, not the record itself.
 pub fn head_of(text: &str) -> (Option<Head>, bool) {
     let torn = !text.is_empty() && !text.ends_with('\n');
     let head = text
@@ -456,11 +469,105 @@ pub fn head_of(text: &str) -> (Option<Head>, bool) {
         .filter(|l| l.ends_with('\n'))
         .rev()
         .find_map(|l| {
-            let record = serde_json::from_str::<Map<String, Value>>(l.trim_end()).ok()?;
+            let record = serde_json::from_str::<Map<String, Value>>(&l[..l.len() - 1]).ok()?;
+            let hash = record.get("hash")?.as_str()?;
+            if hex(&Sha256::digest(body_of(&record).as_bytes())) != hash {
+                return None;
+            }
             Some(Head {
                 next_seq: record.get("seq")?.as_u64()?.checked_add(1)?,
-                prev_hash: record.get("hash")?.as_str()?.to_owned(),
+                prev_hash: hash.to_owned(),
             })
         });
     (head, torn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two sealed records from genesis, as leash writes them.
+    fn two_records() -> (String, Head) {
+        let mut head = Head::genesis();
+        let mut text = String::new();
+        for n in 0..2 {
+            let mut record = Map::new();
+            record.insert("n".to_owned(), Value::from(n));
+            text.push_str(&seal(record, &mut head));
+        }
+        (text, head)
+    }
+
+    #[test]
+    fn the_head_is_the_last_line_that_is_a_record_with_its_own_hash() {
+        let (text, head) = two_records();
+        assert_eq!(head_of(&text), (Some(head.clone()), false));
+        // JSON that is not a record, a blank line, a record whose hash is
+        // not its own, and one at the end of the seq range: all damage
+        // after the last record, which stays the head.
+        let forged = text
+            .lines()
+            .last()
+            .map(|l| l.replace(r#""n":1"#, r#""n":7"#))
+            .expect("a line");
+        // Hashed as leash would, but with a seq nothing can follow.
+        let mut record = Map::new();
+        record.insert("prev_hash".to_owned(), Value::from(GENESIS));
+        record.insert("seq".to_owned(), Value::from(u64::MAX));
+        let body = body_of(&record);
+        let last = with_hash(body.clone(), &hex(&Sha256::digest(body.as_bytes())));
+        // Alone, it is a trail verify refuses rather than overflows on.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let alone = dir.path().join("max.log");
+        std::fs::write(&alone, format!("{last}\n")).expect("write");
+        match verify(&[alone]).expect("reads") {
+            Verdict::Broken { problem, .. } => assert!(problem.contains("largest"), "{problem}"),
+            other => panic!("{other:?}"),
+        }
+        for damage in [
+            "{}\n".to_owned(),
+            "\n".to_owned(),
+            forged + "\n",
+            last + "\n",
+        ] {
+            assert_eq!(
+                head_of(&format!("{text}{damage}")),
+                (Some(head.clone()), false),
+                "{damage:?}"
+            );
+        }
+        // A partial line is torn; nothing at all is no head.
+        assert_eq!(head_of(&format!("{text}{{\"seq\":2")), (Some(head), true));
+        assert_eq!(head_of("{}\n"), (None, false));
+    }
+
+    #[test]
+    fn conflicting_anchors_for_one_record_fail_in_either_order() {
+        let (text, head) = two_records();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("trail.log");
+        std::fs::write(&path, &text).expect("write");
+        let good = Anchor {
+            seq: 1,
+            hash: head.prev_hash.clone(),
+        };
+        let bad = Anchor {
+            seq: 1,
+            hash: "ab".repeat(32),
+        };
+        let files = [path];
+        assert!(matches!(
+            verify_anchored(&files, std::slice::from_ref(&good)).expect("reads"),
+            Verdict::Intact(_)
+        ));
+        for anchors in [[good.clone(), bad.clone()], [bad, good]] {
+            assert!(
+                matches!(
+                    verify_anchored(&files, &anchors).expect("reads"),
+                    Verdict::Broken { seq: Some(1), .. }
+                ),
+                "{anchors:?}"
+            );
+        }
+    }
 }

@@ -158,17 +158,13 @@ fn recover_head(path: &Path) -> Result<Head, String> {
     Ok(head.unwrap_or_else(Head::genesis))
 }
 
-/// Whether the last complete line of `text` is an audit record.
+/// Whether the last complete line of `text` is an audit record (an empty
+/// line is not: leash writes none).
 fn ends_in_a_record(text: &str) -> bool {
-    let complete = match text.rfind('\n') {
-        Some(end) => &text[..=end],
-        None => return true,
+    let Some(end) = text.rfind('\n') else {
+        return true;
     };
-    let last = complete
-        .trim_end_matches('\n')
-        .rsplit('\n')
-        .next()
-        .unwrap_or_default();
+    let last = text[..end].rsplit('\n').next().unwrap_or_default();
     head_of(&format!("{last}\n")).0.is_some()
 }
 
