@@ -102,6 +102,11 @@ pub struct ServeArgs {
     /// Largest number of requests in one BatchIsAuthorized call.
     #[arg(long, env = "LEASH_MAX_BATCH", value_name = "N", default_value_t = 100)]
     pub max_batch: usize,
+    /// Threads that decide requests. Default: one per CPU the process may
+    /// use (its affinity and its container's CPU limit); set it to the
+    /// CPUs the sidecar is meant to have when that is fewer.
+    #[arg(long, env = "LEASH_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
     /// Most rate and budget counters (one per limit and agent, or agent and
     /// user) held at once; idle ones make room. When every one is live, a
     /// limited decision is denied (`limit_capacity`) rather than uncounted.
@@ -870,6 +875,11 @@ pub struct BenchArgs {
     /// [default: 0,10000,100000; quick: 0].
     #[arg(long, value_name = "N,N,...|none", value_delimiter = ',')]
     pub grant_entities: Option<Vec<String>>,
+    /// `--worker-threads` for every sidecar the bench starts, to measure a
+    /// sidecar sized smaller than the machine [default: the sidecar's own,
+    /// one per usable CPU].
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -901,6 +911,9 @@ pub struct BenchFloorArgs {
 
 /// The largest batch the sidecar accepts by default, and so the largest
 /// batch `leash bench` sends.
+/// Most `--worker-threads`: far more than a sidecar has CPUs.
+const MAX_WORKER_THREADS: usize = 1024;
+
 const BENCH_MAX_BATCH: usize = crate::service::DEFAULT_MAX_BATCH;
 
 impl BenchArgs {
@@ -1015,6 +1028,14 @@ impl BenchArgs {
                 }
             },
         };
+        if self
+            .worker_threads
+            .is_some_and(|n| n == 0 || n > MAX_WORKER_THREADS)
+        {
+            problems.push(format!(
+                "--worker-threads: must be between 1 and {MAX_WORKER_THREADS}"
+            ));
+        }
         if self.capacity_rounds == Some(0) {
             problems.push(
                 "--capacity-rounds: 0 rounds measure nothing; give at least 1 (or --capacity-policies none to skip the phase)"
@@ -1061,7 +1082,10 @@ impl BenchArgs {
             batch_size: self.batch_size,
             scale,
             scale_timing,
-            server_exe,
+            server: crate::bench::child::ServerCommand {
+                exe: server_exe,
+                worker_threads: self.worker_threads,
+            },
             reload_changes,
             reload_policies,
             telemetry_rounds: self.telemetry_rounds.unwrap_or(if quick { 1 } else { 3 }),
@@ -1077,6 +1101,8 @@ pub use crate::bundle::BundleLocation;
 /// A checked `serve` configuration.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    /// Runtime worker threads; `None` for one per usable CPU.
+    pub worker_threads: Option<usize>,
     pub bundle: BundleLocation,
     pub tcp: Option<SocketAddr>,
     pub uds: Option<PathBuf>,
@@ -1118,6 +1144,14 @@ impl ServeArgs {
         }
         if self.max_batch == 0 {
             problems.push("--max-batch: must be at least 1".to_owned());
+        }
+        if self
+            .worker_threads
+            .is_some_and(|n| n == 0 || n > MAX_WORKER_THREADS)
+        {
+            problems.push(format!(
+                "--worker-threads: must be between 1 and {MAX_WORKER_THREADS}"
+            ));
         }
         if self.max_message_bytes < 1024 {
             problems.push("--max-message-bytes: must be at least 1024".to_owned());
@@ -1225,6 +1259,7 @@ impl ServeArgs {
             return Err(problems);
         }
         Ok(ServeConfig {
+            worker_threads: self.worker_threads,
             bundle,
             tcp,
             uds: self.uds.clone(),

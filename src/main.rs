@@ -57,7 +57,19 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    runtime_with(None)
+}
+
+/// The multi-threaded runtime with `workers` threads, or one per CPU the
+/// process may use (std's count, which honours affinity and cgroup quotas).
+/// Set explicitly either way: tokio would otherwise read
+/// `TOKIO_WORKER_THREADS` and panic on a value it cannot parse.
+fn runtime_with(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let workers = workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
         .context("cannot start the async runtime")
@@ -78,7 +90,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    let result = runtime().and_then(|rt| {
+    let result = runtime_with(config.worker_threads).and_then(|rt| {
         let served = rt.block_on(serve_async(config));
         // A blocking task may still be stamping a hung network file system;
         // exiting must not wait for it.
@@ -95,6 +107,12 @@ fn serve(args: ServeArgs) -> ExitCode {
 }
 
 async fn serve_async(config: leash::config::ServeConfig) -> anyhow::Result<()> {
+    // What this sidecar was sized to, for whoever reads its first lines.
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+        "starting"
+    );
     let mut listeners = Vec::new();
     if let Some(addr) = config.tcp {
         listeners.push(bind_tcp(addr).await?);

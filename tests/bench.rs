@@ -397,18 +397,33 @@ fn a_bundle_on_disk_with_its_request_file_and_the_example() {
     assert_eq!(report["mix"]["requests"], 512);
     assert_eq!(report["scale"].as_array().map(Vec::len), Some(0));
     assert!(report["capacity"].is_null(), "{}", report["capacity"]);
+    // The sidecar's own default, as it said at start.
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    assert_eq!(report["sidecar_worker_threads"], cpus);
+    assert_eq!(report["sidecar_worker_threads_set"], false);
 
+    // A sidecar sized to one worker thread says so.
     let json = dir.path().join("example.json");
     let mut args = vec![
         "bench",
         "--example",
+        "--worker-threads",
+        "1",
         "--json",
         json.to_str().expect("utf-8"),
     ];
     args.extend(short);
     let out = leash(&args);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("sidecar: 1 worker thread (--worker-threads)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let report = read_json(&json);
+    assert_eq!(report["sidecar_worker_threads"], 1);
+    assert_eq!(report["sidecar_worker_threads_set"], true);
     assert_eq!(report["bundle"]["source"], "built-in example bundle");
     assert!(report["mix"]["allowed"].as_u64().unwrap_or(0) > 0);
     assert!(report["mix"]["denied"].as_u64().unwrap_or(0) > 0);
@@ -429,6 +444,8 @@ fn bad_options_and_bad_mixes_are_named() {
         "--grant-entities",
         "many",
         "--capacity-rounds",
+        "0",
+        "--worker-threads",
         "0",
     ]);
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
@@ -455,6 +472,10 @@ fn bad_options_and_bad_mixes_are_named() {
     );
     assert!(
         err.contains("--capacity-rounds: 0 rounds measure nothing"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--worker-threads: must be between 1 and 1024"),
         "{err}"
     );
 

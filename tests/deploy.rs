@@ -257,6 +257,16 @@ fn every_variant_is_hardened_probed_and_serves_decisions_on_loopback_only() {
             );
         }
 
+        // No CPU limit, so the worker threads are sized explicitly (else one
+        // per node CPU), to a count `leash serve` accepts.
+        let workers = env(leash, "LEASH_WORKER_THREADS").expect("worker threads sized");
+        assert!(
+            workers
+                .parse::<usize>()
+                .is_ok_and(|n| (1..=1024).contains(&n)),
+            "{variant}: {workers}"
+        );
+
         // The bundle leash reads is mounted (read-only) in leash.
         for name in ["--policies", "--schemas"] {
             let dir = flag(leash, name).expect("bundle directory");

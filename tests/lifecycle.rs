@@ -732,3 +732,57 @@ fn only_bundle_files_can_refuse_a_bundle_and_a_huge_one_does() {
         "{err:?}"
     );
 }
+
+/// Spawns `leash serve` on loopback with `envs` set and returns its
+/// `starting` line's `worker_threads`, once the bundle is loaded.
+fn worker_threads_with(envs: &[(&str, &str)]) -> u64 {
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leash"));
+    cmd.current_dir(cwd.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
+        .args(["--audit-log", "none", "--log-format", "json"])
+        .env_remove("LEASH_WORKER_THREADS")
+        .env_remove("TOKIO_WORKER_THREADS")
+        .stderr(std::process::Stdio::piped());
+    for (key, value) in envs {
+        cmd.env(key, value);
+    }
+    let mut child = cmd.spawn().expect("starts");
+    let mut next_line = json_log_lines(&mut child);
+    let mut workers = None;
+    loop {
+        let line = next_line();
+        if line["message"] == "starting" {
+            workers = line["worker_threads"].as_u64();
+        }
+        if line["message"] == "policy bundle loaded" {
+            break;
+        }
+    }
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    workers.expect("the starting line says how many workers")
+}
+
+#[test]
+fn worker_threads_default_to_the_usable_cpus_and_follow_the_flag_only() {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    assert_eq!(worker_threads_with(&[]), cpus as u64);
+    // tokio's own variable is not read (it would panic on this value).
+    assert_eq!(
+        worker_threads_with(&[
+            ("LEASH_WORKER_THREADS", "1"),
+            ("TOKIO_WORKER_THREADS", "lots")
+        ]),
+        1
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(["serve", "--worker-threads", "0"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--worker-threads: must be between 1 and"),
+        "{out:?}"
+    );
+}

@@ -192,7 +192,7 @@ pub struct CapacityPlan {
 }
 
 pub async fn measure(
-    exe: &Path,
+    server: &child::ServerCommand,
     scratch: &Path,
     plan: &CapacityPlan,
 ) -> Result<CapacityReport, BenchError> {
@@ -236,7 +236,7 @@ pub async fn measure(
             source,
         })?;
         let mut leash = child::spawn_leash(
-            exe,
+            server,
             Some((&dir.join("policies"), &dir.join("schemas"))),
             &run_dir,
             &extra,
@@ -268,7 +268,7 @@ pub async fn measure(
         // The floor runs beside the indexed sidecar only: the goal is set
         // for it, and the unindexed one is two orders of magnitude slower.
         let floor = if index {
-            Some(child::spawn_floor(exe, &dir)?)
+            Some(child::spawn_floor(&server.exe, &dir)?)
         } else {
             None
         };

@@ -37,6 +37,22 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// The worker threads a sidecar said it runs (its `starting` line), while
+    /// that line is among the last it wrote: read it once it is serving.
+    pub fn worker_threads(&self) -> Option<usize> {
+        let tail = self.stderr_tail.lock().ok()?;
+        tail.iter().find_map(|line| {
+            if !line.contains("\"starting\"") {
+                return None;
+            }
+            let value: serde_json::Value = serde_json::from_str(line).ok()?;
+            (value.get("message")?.as_str()? == "starting")
+                .then(|| value.get("worker_threads")?.as_u64())
+                .flatten()
+                .and_then(|n| usize::try_from(n).ok())
+        })
+    }
+
     /// The admin HTTP listener's address, if it has one and logged it.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.lock().ok().and_then(|a| *a)
@@ -139,6 +155,16 @@ impl Memory {
     }
 }
 
+/// The `leash` executable the bench starts as its sidecars, and how they
+/// are sized.
+#[derive(Debug, Clone)]
+pub struct ServerCommand {
+    pub exe: PathBuf,
+    /// `--worker-threads` for every sidecar; `None` for the sidecar's own
+    /// default (one per usable CPU).
+    pub worker_threads: Option<usize>,
+}
+
 /// Starts `leash serve` on the bundle in `policies`/`schemas` (or the
 /// built-in example), on loopback port 0 and a Unix socket in `dir`.
 /// Returns once the listeners are bound; [`wait_serving`] waits for the bundle.
@@ -146,15 +172,22 @@ impl Memory {
 /// `extra` flags are passed on; unless they set `--admin-listen`, the admin
 /// listener (and so metrics, as in production) is on, on a free port.
 pub fn spawn_leash(
-    exe: &Path,
+    server: &ServerCommand,
     bundle: Option<(&Path, &Path)>,
     dir: &Path,
     extra: &[String],
 ) -> Result<ServerProcess, BenchError> {
     let uds = dir.join("leash.sock");
-    let mut cmd = Command::new(exe);
+    let mut cmd = Command::new(&server.exe);
     cmd.arg("serve")
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(
+            server
+                .worker_threads
+                .map(|n| ["--worker-threads".to_owned(), n.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .arg("--uds")
         .arg(&uds);
     if !extra.iter().any(|a| a == "--admin-listen") {
@@ -180,8 +213,10 @@ pub fn spawn_leash(
 }
 
 /// Variables of the calling shell the bench must not pass to the sidecar:
-/// it decides logging, listeners and telemetry itself.
-const CONTROLLED_ENV: [&str; 27] = [
+/// it decides logging, listeners and telemetry itself, and the sidecar runs
+/// its default worker threads (one per usable CPU), as its figures say.
+const CONTROLLED_ENV: [&str; 28] = [
+    "LEASH_WORKER_THREADS",
     "LEASH_LOG",
     "LEASH_LOG_FORMAT",
     "LEASH_LISTEN",

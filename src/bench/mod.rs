@@ -86,8 +86,9 @@ pub struct BenchOptions {
     pub scale: Vec<usize>,
     /// Measuring time per scale point (in-process and sidecar each).
     pub scale_timing: Timing,
-    /// The `leash` executable to start as the sidecar and the floor.
-    pub server_exe: PathBuf,
+    /// The `leash` executable to start as the sidecar and the floor, and
+    /// flags for every sidecar.
+    pub server: child::ServerCommand,
     /// Changes timed from file write to decision (0 skips the reload phase).
     pub reload_changes: usize,
     /// Generated bundle size for decisions under reload; `None` uses the
@@ -546,13 +547,14 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
     };
 
     // The servers under test.
-    let floor = child::spawn_floor(&options.server_exe, scratch.path())?;
+    let floor = child::spawn_floor(&options.server.exe, scratch.path())?;
     let dirs = prepared
         .dirs
         .as_ref()
         .map(|(p, s)| (p.as_path(), s.as_path()));
-    let mut leash = child::spawn_leash(&options.server_exe, dirs, scratch.path(), &[])?;
+    let mut leash = child::spawn_leash(&options.server, dirs, scratch.path(), &[])?;
     let ready = child::wait_serving(&mut leash, Duration::from_secs(600)).await?;
+    let workers = leash.worker_threads();
     let memory_loaded = leash.memory();
     check_sidecar(&leash, &snapshot, &prepared.requests).await?;
     progress(format!(
@@ -637,7 +639,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
     let telemetry = if options.telemetry_rounds > 0 {
         Some(
             telemetry::measure(
-                &options.server_exe,
+                &options.server,
                 scratch.path(),
                 dirs,
                 options.telemetry_rounds,
@@ -654,7 +656,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
     let reload = if options.reload_changes > 0 {
         Some(
             reload::measure(
-                &options.server_exe,
+                &options.server,
                 scratch.path(),
                 reload::ReloadPlan {
                     changes: options.reload_changes,
@@ -682,7 +684,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
     let capacity = match options.capacity_policies {
         Some(policies) => Some(
             capacity::measure(
-                &options.server_exe,
+                &options.server,
                 scratch.path(),
                 &capacity::CapacityPlan {
                     policies,
@@ -706,6 +708,8 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         leash_version: env!("CARGO_PKG_VERSION"),
         mode: if options.quick { "quick" } else { "full" },
         machine,
+        sidecar_worker_threads: workers,
+        sidecar_worker_threads_set: options.server.worker_threads.is_some(),
         note: "client, floor server and sidecar run on the same machine and share its cores",
         timing: report::TimingReport::of(options),
         bundle: BundleReport {
@@ -783,7 +787,7 @@ async fn scale_point(
         &["--policy-index".to_owned(), "off".to_owned()][..],
     ] {
         let mut leash = child::spawn_leash(
-            &options.server_exe,
+            &options.server,
             Some((&dir.join("policies"), &dir.join("schemas"))),
             scratch,
             extra,

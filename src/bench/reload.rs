@@ -75,7 +75,7 @@ pub struct ReloadPlan {
 /// Runs both measurements. `sources` (with `policies` policies) and
 /// `requests` are the main bundle and its mix.
 pub async fn measure(
-    exe: &Path,
+    server: &child::ServerCommand,
     scratch: &Path,
     plan: ReloadPlan,
     sources: &BundleSources,
@@ -84,7 +84,7 @@ pub async fn measure(
 ) -> Result<ReloadReport, BenchError> {
     let dir = scratch.join("reload-main");
     write_sources(sources, &dir)?;
-    let mut leash = spawn_in(exe, &dir)?;
+    let mut leash = spawn_in(server, &dir)?;
     child::wait_serving(&mut leash, CHANGE_TIMEOUT).await?;
     progress(format!(
         "hot reload: {} changes, file written → first decision on the new version",
@@ -117,7 +117,7 @@ pub async fn measure(
             progress(format!(
                 "hot reload: decisions while a {n}-policy bundle reloads, against at rest"
             ));
-            leash = spawn_in(exe, &big)?;
+            leash = spawn_in(server, &big)?;
             child::wait_serving(&mut leash, CHANGE_TIMEOUT).await?;
             under_reload(&leash, &big, plan.timing, requests, n).await?
         }
@@ -133,9 +133,9 @@ pub async fn measure(
 
 /// Starts a watching sidecar on `dir/policies` + `dir/schemas`, with its
 /// socket in `dir`.
-fn spawn_in(exe: &Path, dir: &Path) -> Result<ServerProcess, BenchError> {
+fn spawn_in(server: &child::ServerCommand, dir: &Path) -> Result<ServerProcess, BenchError> {
     child::spawn_leash(
-        exe,
+        server,
         Some((&dir.join("policies"), &dir.join("schemas"))),
         dir,
         &[],

@@ -18,6 +18,11 @@ pub struct Report {
     pub leash_version: &'static str,
     pub mode: &'static str,
     pub machine: Machine,
+    /// The worker threads the main sidecar said it runs (`None` if it did
+    /// not say), and whether the bench set them (`--worker-threads`) or
+    /// they are the sidecar's default, one per usable CPU.
+    pub sidecar_worker_threads: Option<usize>,
+    pub sidecar_worker_threads_set: bool,
     pub note: &'static str,
     pub timing: TimingReport,
     pub bundle: BundleReport,
@@ -418,6 +423,18 @@ fn render_into(r: &Report, out: &mut String) -> std::fmt::Result {
         "machine: {}, {} cores, {}; {}",
         r.machine.cpu, r.machine.cores, r.machine.os, r.note
     )?;
+    if let Some(n) = r.sidecar_worker_threads {
+        writeln!(
+            out,
+            "sidecar: {n} worker thread{} ({})",
+            if n == 1 { "" } else { "s" },
+            if r.sidecar_worker_threads_set {
+                "--worker-threads"
+            } else {
+                "its default, one per usable CPU"
+            }
+        )?;
+    }
     if r.machine.build == "debug" {
         writeln!(
             out,

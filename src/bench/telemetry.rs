@@ -90,7 +90,7 @@ impl Mode {
 /// Runs every mode `rounds` times over the Unix socket with the bundle in
 /// `dirs` (or the built-in one).
 pub async fn measure(
-    exe: &Path,
+    server: &child::ServerCommand,
     scratch: &Path,
     dirs: Option<(&Path, &Path)>,
     rounds: usize,
@@ -122,7 +122,7 @@ pub async fn measure(
             let dir = scratch.join(format!("telemetry-{}-{round}", mode.name()));
             std::fs::create_dir_all(&dir).map_err(io("creating a scratch directory"))?;
             let extra = flags(mode, &collector, &stuck, &dir);
-            let mut leash = child::spawn_leash(exe, dirs, &dir, &extra)?;
+            let mut leash = child::spawn_leash(server, dirs, &dir, &extra)?;
             child::wait_serving(&mut leash, Duration::from_secs(600)).await?;
             let before = collector.span_count();
             let cpu_before = leash.cpu_time();
