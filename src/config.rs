@@ -909,11 +909,11 @@ pub struct BenchFloorArgs {
     pub uds: PathBuf,
 }
 
-/// The largest batch the sidecar accepts by default, and so the largest
-/// batch `leash bench` sends.
 /// Most `--worker-threads`: far more than a sidecar has CPUs.
 const MAX_WORKER_THREADS: usize = 1024;
 
+/// The largest batch the sidecar accepts by default, and so the largest
+/// batch `leash bench` sends.
 const BENCH_MAX_BATCH: usize = crate::service::DEFAULT_MAX_BATCH;
 
 impl BenchArgs {

@@ -743,6 +743,8 @@ fn worker_threads_with(envs: &[(&str, &str)]) -> u64 {
         .args(["--audit-log", "none", "--log-format", "json"])
         .env_remove("LEASH_WORKER_THREADS")
         .env_remove("TOKIO_WORKER_THREADS")
+        .env_remove("LEASH_LOG")
+        .env_remove("RUST_LOG")
         .stderr(std::process::Stdio::piped());
     for (key, value) in envs {
         cmd.env(key, value);
@@ -766,15 +768,26 @@ fn worker_threads_with(envs: &[(&str, &str)]) -> u64 {
 
 #[test]
 fn worker_threads_default_to_the_usable_cpus_and_follow_the_flag_only() {
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    assert_eq!(worker_threads_with(&[]), cpus as u64);
-    // tokio's own variable is not read (it would panic on this value).
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) as u64;
+    assert_eq!(worker_threads_with(&[]), cpus);
+    // tokio's own variable is not read: not a bad value (tokio would
+    // panic), nor a good one.
+    assert_eq!(
+        worker_threads_with(&[("TOKIO_WORKER_THREADS", "lots")]),
+        cpus
+    );
+    let other = (cpus + 1).to_string();
+    assert_eq!(
+        worker_threads_with(&[("TOKIO_WORKER_THREADS", &other)]),
+        cpus
+    );
+    // Ours is, whatever the CPU count.
     assert_eq!(
         worker_threads_with(&[
-            ("LEASH_WORKER_THREADS", "1"),
+            ("LEASH_WORKER_THREADS", &other),
             ("TOKIO_WORKER_THREADS", "lots")
         ]),
-        1
+        cpus + 1
     );
     let out = Command::new(env!("CARGO_BIN_EXE_leash"))
         .args(["serve", "--worker-threads", "0"])

@@ -32,30 +32,29 @@ pub struct ServerProcess {
     pub uds: PathBuf,
     /// The last lines the process wrote to stderr, for error reports.
     stderr_tail: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    /// The admin HTTP address, once the process has logged it.
-    admin: std::sync::Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    /// What the process logged about itself: its admin address and
+    /// worker threads.
+    announced: std::sync::Arc<std::sync::Mutex<Announced>>,
+}
+
+/// Read from a server's log as it starts.
+#[derive(Debug, Default)]
+struct Announced {
+    /// The admin HTTP address (`listening ... (admin)`).
+    admin: Option<SocketAddr>,
+    /// The sidecar's worker threads (its `starting` line).
+    worker_threads: Option<usize>,
 }
 
 impl ServerProcess {
-    /// The worker threads a sidecar said it runs (its `starting` line), while
-    /// that line is among the last it wrote: read it once it is serving.
+    /// The worker threads a sidecar said it runs (its `starting` line).
     pub fn worker_threads(&self) -> Option<usize> {
-        let tail = self.stderr_tail.lock().ok()?;
-        tail.iter().find_map(|line| {
-            if !line.contains("\"starting\"") {
-                return None;
-            }
-            let value: serde_json::Value = serde_json::from_str(line).ok()?;
-            (value.get("message")?.as_str()? == "starting")
-                .then(|| value.get("worker_threads")?.as_u64())
-                .flatten()
-                .and_then(|n| usize::try_from(n).ok())
-        })
+        self.announced.lock().ok().and_then(|a| a.worker_threads)
     }
 
     /// The admin HTTP listener's address, if it has one and logged it.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.lock().ok().and_then(|a| *a)
+        self.announced.lock().ok().and_then(|a| a.admin)
     }
 
     pub fn pid(&self) -> u32 {
@@ -213,8 +212,9 @@ pub fn spawn_leash(
 }
 
 /// Variables of the calling shell the bench must not pass to the sidecar:
-/// it decides logging, listeners and telemetry itself, and the sidecar runs
-/// its default worker threads (one per usable CPU), as its figures say.
+/// it decides logging, listeners, telemetry and worker threads itself (the
+/// sidecar's default unless `leash bench --worker-threads` says), as its
+/// figures say.
 const CONTROLLED_ENV: [&str; 28] = [
     "LEASH_WORKER_THREADS",
     "LEASH_LOG",
@@ -272,14 +272,14 @@ fn spawn(
     let stdin = child.stdin.take();
     let stderr = child.stderr.take();
     let tail = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let admin = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let announced = std::sync::Arc::new(std::sync::Mutex::new(Announced::default()));
     let (tx, rx) = mpsc::channel::<SocketAddr>();
     if let Some(stderr) = stderr {
-        let (tail, admin) = (tail.clone(), admin.clone());
+        let (tail, announced) = (tail.clone(), announced.clone());
         // Drains stderr for the life of the process (a full pipe would
         // block the server), picks out the addresses it bound, and keeps
         // the last lines for error reports.
-        std::thread::spawn(move || drain(stderr, &tx, &tail, &admin));
+        std::thread::spawn(move || drain(stderr, &tx, &tail, &announced));
     }
     let mut process = ServerProcess {
         name,
@@ -288,7 +288,7 @@ fn spawn(
         tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
         uds,
         stderr_tail: tail,
-        admin,
+        announced,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -322,7 +322,7 @@ fn drain(
     stderr: impl Read,
     tx: &mpsc::Sender<SocketAddr>,
     tail: &std::sync::Mutex<Vec<String>>,
-    admin: &std::sync::Mutex<Option<SocketAddr>>,
+    announced: &std::sync::Mutex<Announced>,
 ) {
     for line in BufReader::new(stderr).lines() {
         let Ok(line) = line else { break };
@@ -331,11 +331,17 @@ fn drain(
                 let _ = tx.send(addr);
             }
             Some(Listening::Admin(addr)) => {
-                if let Ok(mut admin) = admin.lock() {
-                    *admin = Some(addr);
+                if let Ok(mut announced) = announced.lock() {
+                    announced.admin = Some(addr);
                 }
             }
-            None => {}
+            None => {
+                if let Some(n) = worker_threads(&line) {
+                    if let Ok(mut announced) = announced.lock() {
+                        announced.worker_threads = Some(n);
+                    }
+                }
+            }
         }
         if let Ok(mut tail) = tail.lock() {
             if tail.len() >= 40 {
@@ -344,6 +350,19 @@ fn drain(
             tail.push(line);
         }
     }
+}
+
+/// The worker threads in a sidecar's `starting` log line (JSON).
+fn worker_threads(line: &str) -> Option<usize> {
+    // As for `listening`: parse only the lines that can be this one.
+    if !line.contains("\"starting\"") {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    if value.get("message")?.as_str()? != "starting" {
+        return None;
+    }
+    usize::try_from(value.get("worker_threads")?.as_u64()?).ok()
 }
 
 enum Listening {
