@@ -40,29 +40,12 @@ fn allow() -> pb::IsAuthorizedRequest {
 }
 
 async fn health(server: &TestServer) -> i32 {
-    let channel = leash::check::channel_tcp(&server.addr.to_string())
-        .await
-        .expect("connect");
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("health answers")
-        .into_inner()
-        .status
+    grpc_health(&server.addr.to_string()).await
 }
 
 /// Polls health until it is `want` (bounded by [`RECOVERY_WAIT`]).
 async fn wait_health(server: &TestServer, want: ServingStatus) {
-    let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
-    while health(server).await != want as i32 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "health never became {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_grpc_health(&server.addr.to_string(), want).await;
 }
 
 /// A server whose trail reaches its file through a link to a device that is
@@ -394,15 +377,8 @@ async fn rotation_and_restarts_continue_one_chain() {
         }
         server.shutdown().await;
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
-        .expect("dir")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p != &trail)
-        .collect();
-    files.sort();
-    assert!(files.len() >= 2, "rotated at 4 KiB: {files:?}");
-    files.push(trail.clone());
+    let files = trail_files(dir.path(), &trail);
+    assert!(files.len() >= 3, "rotated at 4 KiB: {files:?}");
     match chain::verify(&files).expect("readable") {
         Verdict::Intact(summary) => {
             assert_eq!(summary.records, decided);
@@ -436,15 +412,7 @@ async fn rotated_trail(dir: &Path, n: usize) -> Vec<PathBuf> {
         server.decide(allow()).await.expect("decides");
     }
     server.shutdown().await;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .expect("dir")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p != &trail)
-        .collect();
-    files.sort();
-    files.push(trail);
-    files
+    trail_files(dir, &trail)
 }
 
 /// `leash audit verify ARGS... FILES...`: exit code and stdout.
@@ -1057,19 +1025,24 @@ async fn restarts_after_repeated_crashes_and_damage_keep_one_chain() {
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|| panic!("no head before the damage: {out}"))
     };
-    let (code, out) = verify_cli(&[], &files);
-    assert_eq!(code, 1, "{out}");
-    assert!(out.contains("00000000000000000004.torn"), "{out}");
-    let head_4 = head_before(&out);
-    assert!(head_4.starts_with("4:"), "{out}");
-    let from = after("audit.log.00000000000000000004.torn");
-    let (code, out) = verify_cli(&["--anchor", &head_4], &files[from..]);
-    assert_eq!(code, 1, "{out}");
-    assert!(out.contains("00000000000000000005.torn"), "{out}");
-    let head_5 = head_before(&out);
-    assert!(head_5.starts_with("5:"), "{out}");
-    let from = after("audit.log.00000000000000000005.torn");
-    let (code, out) = verify_cli(&["--anchor", &head_5], &files[from..]);
+    let mut anchor: Option<String> = None;
+    let mut from = 0;
+    for seq in [4u64, 5] {
+        let damaged = format!("audit.log.{seq:020}.torn");
+        let args = match &anchor {
+            Some(head) => vec!["--anchor", head.as_str()],
+            None => Vec::new(),
+        };
+        let (code, out) = verify_cli(&args, &files[from..]);
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains(&damaged), "{out}");
+        let head = head_before(&out);
+        assert!(head.starts_with(&format!("{seq}:")), "{out}");
+        from = after(&damaged);
+        anchor = Some(head);
+    }
+    let head = anchor.expect("the head before the last damage");
+    let (code, out) = verify_cli(&["--anchor", &head], &files[from..]);
     assert_eq!(code, 0, "{out}");
 
     // A move cut short between its link and unlink: the active file is
@@ -1116,6 +1089,19 @@ fn drained_records(dir: &Path, read: &std::sync::Mutex<Vec<u8>>) -> Vec<serde_js
     records(&path)
 }
 
+/// Polls `addr`'s health until it is `want` (bounded by
+/// [`RECOVERY_WAIT`]): the server flips it just after it answers.
+async fn wait_grpc_health(addr: &str, want: ServingStatus) {
+    let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
+    while grpc_health(addr).await != want as i32 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health never became {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn grpc_health(addr: &str) -> i32 {
     let channel = leash::check::channel_tcp(addr).await.expect("connect");
     HealthClient::new(channel)
@@ -1126,6 +1112,80 @@ async fn grpc_health(addr: &str) -> i32 {
         .expect("health answers")
         .into_inner()
         .status
+}
+
+/// Asks `r-{n}` until it is answered without an audit error (within
+/// [`RECOVERY_WAIT`]): the trail has come back. It must then be an ALLOW.
+async fn retry_until_recorded(
+    client: &mut pb::authorizer_client::AuthorizerClient<tonic::transport::Channel>,
+    n: u64,
+) {
+    let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
+    loop {
+        let r = ask_numbered(client, n).await;
+        if r.error.is_none() {
+            assert_eq!(r.decision, ALLOW, "{r:?}");
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never recovered: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The records drained from a stopped sidecar's trail, once the record of
+/// `r-{last}` has been read (within [`RECOVERY_WAIT`]).
+fn drained_through(
+    dir: &Path,
+    read: &std::sync::Mutex<Vec<u8>>,
+    last: u64,
+) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + RECOVERY_WAIT;
+    let id = format!("\"r-{last}\"");
+    while !String::from_utf8_lossy(&read.lock().expect("lock")).contains(&id) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last record never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drained_records(dir, read)
+}
+
+/// Asks `r-0`, `r-1`, ... (each an ALLOW) until one is refused with an
+/// error, calls after the first `unpaced` 20 ms apart, for at most two
+/// minutes: the refused call's number and answer.
+async fn ask_until_refused(
+    client: &mut pb::authorizer_client::AuthorizerClient<tonic::transport::Channel>,
+    unpaced: u64,
+) -> (u64, pb::IsAuthorizedResponse) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut n = 0;
+    loop {
+        let r = ask_numbered(client, n).await;
+        if r.error.is_some() {
+            return (n, r);
+        }
+        assert_eq!(r.decision, ALLOW, "{r:?}");
+        assert!(tokio::time::Instant::now() < deadline, "never refused");
+        if n >= unpaced {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        n += 1;
+    }
+}
+
+async fn ask_numbered(
+    client: &mut pb::authorizer_client::AuthorizerClient<tonic::transport::Channel>,
+    n: u64,
+) -> pb::IsAuthorizedResponse {
+    client
+        .is_authorized(numbered(n))
+        .await
+        .expect("answers")
+        .into_inner()
 }
 
 fn numbered(n: u64) -> pb::IsAuthorizedRequest {
@@ -1142,33 +1202,16 @@ async fn disk_mode_a_write_stalled_past_the_bound_is_refused_then_its_record_is_
     let mut client = leash::check::connect_tcp(&addr).await.expect("connect");
     // One call at a time until the pipe is full and a write stalls: that
     // call waits out the 10 s bound and is refused.
-    let mut n = 0u64;
-    let stalled = loop {
-        let r = client
-            .is_authorized(numbered(n))
-            .await
-            .expect("answers")
-            .into_inner();
-        if r.error.is_some() {
-            break r;
-        }
-        assert_eq!(r.decision, ALLOW, "{r:?}");
-        n += 1;
-        assert!(n < 1_000_000, "the pipe never filled");
-    };
+    let (n, stalled) = ask_until_refused(&mut client, u64::MAX).await;
     assert_eq!(stalled.decision, DENY);
     let message = stalled.error.expect("error").message;
     assert!(
         message.contains("audit trail unavailable") && message.contains("has not completed in 10s"),
         "{message}"
     );
-    assert_eq!(grpc_health(&addr).await, ServingStatus::NotServing as i32);
+    wait_grpc_health(&addr, ServingStatus::NotServing).await;
     // A call made during the stall waits behind it and is refused too.
-    let behind = client
-        .is_authorized(numbered(n + 1))
-        .await
-        .expect("answers")
-        .into_inner();
+    let behind = ask_numbered(&mut client, n + 1).await;
     assert_eq!(behind.decision, DENY, "{behind:?}");
     assert!(behind.error.is_some(), "{behind:?}");
 
@@ -1177,40 +1220,13 @@ async fn disk_mode_a_write_stalled_past_the_bound_is_refused_then_its_record_is_
     // it was written after its caller had been answered DENY, and one was
     // refused.
     let read = drain(pipe);
-    let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
     let last = n + 2;
-    loop {
-        let r = client
-            .is_authorized(numbered(last))
-            .await
-            .expect("answers")
-            .into_inner();
-        if r.error.is_none() {
-            assert_eq!(r.decision, ALLOW);
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never recovered: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(grpc_health(&addr).await, ServingStatus::Serving as i32);
+    retry_until_recorded(&mut client, last).await;
+    wait_grpc_health(&addr, ServingStatus::Serving).await;
     child.kill().expect("kill");
     child.wait().expect("wait");
     // The reader reaches the pipe's end once the child is gone.
-    let deadline = std::time::Instant::now() + RECOVERY_WAIT;
-    let recs = loop {
-        let text = read.lock().expect("lock").clone();
-        if String::from_utf8_lossy(&text).contains(&format!("\"r-{last}\"")) {
-            break drained_records(dir.path(), &read);
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the last record never arrived"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let recs = drained_through(dir.path(), &read, last);
     let position = |id: &str| {
         recs.iter()
             .position(|r| r["request_id"] == id)
@@ -1244,50 +1260,18 @@ async fn queued_mode_a_write_stalled_past_the_bound_refuses_until_it_completes_a
     let (mut child, addr) = spawn_serving_to_pipe("queued");
     let pipe = child.stdout.take().expect("stdout");
     let mut client = leash::check::connect_tcp(&addr).await.expect("connect");
-    // Calls are answered once queued; paced, so the queue never fills and
-    // what ends them is the write in progress for over 10 s.
-    let mut n = 0u64;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let refused = loop {
-        let r = client
-            .is_authorized(numbered(n))
-            .await
-            .expect("answers")
-            .into_inner();
-        if r.error.is_some() {
-            break r;
-        }
-        assert_eq!(r.decision, ALLOW, "{r:?}");
-        n += 1;
-        assert!(tokio::time::Instant::now() < deadline, "no stall detected");
-        // Fast while the pipe fills, then a call every 20 ms.
-        if n > 2_000 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
+    // Calls are answered once queued; paced after the first 2,000 (the
+    // pipe is full by then), so the queue never fills and what ends them is
+    // the write in progress for over 10 s.
+    let (n, refused) = ask_until_refused(&mut client, 2_000).await;
     assert_eq!(refused.decision, DENY);
     let message = refused.error.expect("error").message;
     assert!(message.contains("has not completed in 10s"), "{message}");
-    assert_eq!(grpc_health(&addr).await, ServingStatus::NotServing as i32);
+    wait_grpc_health(&addr, ServingStatus::NotServing).await;
 
     let read = drain(pipe);
-    let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
     let last = n + 1;
-    loop {
-        let r = client
-            .is_authorized(numbered(last))
-            .await
-            .expect("answers")
-            .into_inner();
-        if r.error.is_none() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never recovered: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    retry_until_recorded(&mut client, last).await;
     // SIGKILL would lose what is queued (the queued mode's documented
     // risk): stop with SIGTERM, which writes the queue first.
     let stopped = std::process::Command::new("kill")
@@ -1296,18 +1280,7 @@ async fn queued_mode_a_write_stalled_past_the_bound_refuses_until_it_completes_a
         .expect("kill runs");
     assert!(stopped.success());
     child.wait().expect("wait");
-    let deadline = std::time::Instant::now() + RECOVERY_WAIT;
-    let recs = loop {
-        let text = read.lock().expect("lock").clone();
-        if String::from_utf8_lossy(&text).contains(&format!("\"r-{last}\"")) {
-            break drained_records(dir.path(), &read);
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the last record never arrived"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let recs = drained_through(dir.path(), &read, last);
     // Nothing answered is lost: every call answered ALLOW has its record,
     // the refused one has none, and the outage record counts it.
     let ids: std::collections::HashSet<&str> = recs
