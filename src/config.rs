@@ -271,6 +271,10 @@ pub struct TelemetryArgs {
     /// [default: 10000].
     #[arg(long, env = "OTEL_EXPORTER_OTLP_TIMEOUT", value_name = "MS")]
     pub otlp_timeout: Option<String>,
+    /// Longest one span export request may take (overrides
+    /// --otlp-timeout).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", value_name = "MS")]
+    pub otlp_traces_timeout: Option<String>,
     /// `service.name` of leash's spans [default: `service.name` of the
     /// resource attributes, else `leash`].
     #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "NAME")]
@@ -405,9 +409,9 @@ impl TelemetryArgs {
     ) -> Option<TraceOptions> {
         let traces_endpoint = given(&self.otlp_traces_endpoint);
         let base_endpoint = given(&self.otlp_endpoint);
-        if !self.exporting(warnings) {
-            return None;
-        }
+        // Checked even when export is off, so a bad value is reported now,
+        // not when export is turned on later.
+        let exporting = self.exporting(warnings);
         let first = problems.len();
         let (protocol_flag, protocol_text) = match (
             given(&self.otlp_traces_protocol),
@@ -480,7 +484,15 @@ impl TelemetryArgs {
                 }
             };
         let defaults = BatchOptions::default();
-        let timeout = millis("--otlp-timeout", &self.otlp_timeout, 10_000, problems);
+        let timeout = match given(&self.otlp_traces_timeout) {
+            Some(_) => millis(
+                "--otlp-traces-timeout",
+                &self.otlp_traces_timeout,
+                10_000,
+                problems,
+            ),
+            None => millis("--otlp-timeout", &self.otlp_timeout, 10_000, problems),
+        };
         let schedule_delay = millis(
             "--otel-bsp-schedule-delay",
             &self.otel_bsp_schedule_delay,
@@ -541,7 +553,7 @@ impl TelemetryArgs {
                     .map(|(_, v)| v.clone())
             })
             .unwrap_or_else(|| "leash".to_owned());
-        if problems.len() > first {
+        if problems.len() > first || !exporting {
             return None;
         }
         let (_, _, endpoint) = endpoint?;
@@ -584,14 +596,16 @@ fn check_endpoint(url: &str) -> Result<(), String> {
     }
 }
 
-/// OpenTelemetry's durations: a bare number is milliseconds; `2s`, `500ms`
-/// are accepted too.
+/// OpenTelemetry's durations: a bare number is milliseconds (`250` and
+/// `250.0` alike); `2s`, `500ms` are accepted too.
 pub fn parse_millis(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
-    match trimmed.parse::<u64>() {
-        Ok(ms) => Ok(Duration::from_millis(ms)),
-        Err(_) => parse_duration(trimmed),
+    if !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        // A bare number: the same reading and bounds as `…ms`.
+        return parse_duration(&format!("{trimmed}ms"))
+            .map_err(|_| format!("`{text}` is not a number of milliseconds up to a day"));
     }
+    parse_duration(trimmed)
 }
 
 /// `key=value,key2=value2`, values percent-decoded (W3C baggage format).
@@ -912,6 +926,10 @@ pub struct BenchFloorArgs {
 /// Most `--worker-threads`: far more than a sidecar has CPUs.
 const MAX_WORKER_THREADS: usize = 1024;
 
+/// Longest `--drain-timeout`, in seconds: an hour is past any pod's grace
+/// period, and the bound keeps the value a `Duration` can hold.
+const MAX_DRAIN_TIMEOUT: f64 = 3600.0;
+
 /// The largest batch the sidecar accepts by default, and so the largest
 /// batch `leash bench` sends.
 const BENCH_MAX_BATCH: usize = crate::service::DEFAULT_MAX_BATCH;
@@ -1156,9 +1174,11 @@ impl ServeArgs {
         if self.max_message_bytes < 1024 {
             problems.push("--max-message-bytes: must be at least 1024".to_owned());
         }
-        if !(self.drain_timeout.is_finite() && self.drain_timeout >= 0.0) {
+        if !(self.drain_timeout.is_finite()
+            && (0.0..=MAX_DRAIN_TIMEOUT).contains(&self.drain_timeout))
+        {
             problems.push(format!(
-                "--drain-timeout: `{}` is not a number of seconds",
+                "--drain-timeout: `{}` is not a number of seconds from 0 to {MAX_DRAIN_TIMEOUT}",
                 self.drain_timeout
             ));
         }
@@ -1760,6 +1780,61 @@ mod tests {
         assert!(parse_resource_attributes("x=%zz").is_err());
         assert_eq!(parse_millis("250"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_millis("2s"), Ok(Duration::from_secs(2)));
+        // A bare number is milliseconds with or without a fraction.
+        assert_eq!(parse_millis("250.0"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_millis(" 2.5 "), Ok(Duration::from_micros(2500)));
+        assert!(parse_millis("86400001").is_err(), "more than a day");
+        assert!(parse_millis("1.2.3").is_err());
+    }
+
+    #[test]
+    fn the_span_timeout_overrides_the_general_one_and_off_still_checks() {
+        let endpoint = ["--otlp-endpoint", "http://c:4318"];
+        let with = |args: &[&str]| {
+            let mut argv = endpoint.to_vec();
+            argv.extend_from_slice(args);
+            traces(&argv).expect("valid").expect("on").timeout
+        };
+        assert_eq!(with(&[]), Duration::from_secs(10));
+        assert_eq!(with(&["--otlp-timeout", "3000"]), Duration::from_secs(3));
+        assert_eq!(
+            with(&["--otlp-timeout", "3000", "--otlp-traces-timeout", "500.0"]),
+            Duration::from_millis(500)
+        );
+        let bad = traces(&["--otlp-traces-timeout", "soon"]).expect_err("refused");
+        assert!(bad[0].starts_with("--otlp-traces-timeout: "), "{bad:?}");
+        // Export turned off: values are checked all the same.
+        for off in [
+            &["--otel-sdk-disabled"][..],
+            &["--otel-traces-exporter", "none"][..],
+        ] {
+            let mut argv = off.to_vec();
+            argv.extend_from_slice(&["--otel-traces-sampler", "traceidratio"]);
+            argv.extend_from_slice(&["--otel-traces-sampler-arg", "2"]);
+            let problems = traces(&argv).expect_err("refused while off");
+            assert!(
+                problems[0].starts_with("--otel-traces-sampler-arg: `2`"),
+                "{problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_drain_timeout_is_bounded() {
+        for bad in ["1e20", "-1", "3601", "NaN"] {
+            let flag = format!("--drain-timeout={bad}");
+            let problems = serve(&[flag.as_str()])
+                .resolve()
+                .expect_err("refused, not a panic");
+            assert!(
+                problems[0].starts_with("--drain-timeout: "),
+                "{bad}: {problems:?}"
+            );
+        }
+        let config = serve(&["--drain-timeout", "3600"])
+            .resolve()
+            .expect("valid");
+        assert_eq!(config.options.drain_timeout, Duration::from_secs(3600));
     }
 
     #[test]

@@ -217,6 +217,17 @@ async fn a_grant_used_by_a_call_that_could_not_be_recorded_stays_good() {
         "{}",
         error.message
     );
+    // Counted as what happened: the grant was given back, not used.
+    let (_, metrics) = http_get(server.admin_addr, "GET", "/metrics").await;
+    assert_eq!(
+        metric_or_zero(&metrics, "leash_grants_total{outcome=\"used\"}"),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "leash_grants_total{outcome=\"not_used\"}"),
+        1.0
+    );
 
     let real = dir.path().join("real.log");
     let swap = dir.path().join("swap");

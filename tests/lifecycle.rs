@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use leash::proto::v1 as pb;
 use leash::server::ServerOptions;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -798,4 +799,95 @@ fn worker_threads_default_to_the_usable_cpus_and_follow_the_flag_only() {
         String::from_utf8_lossy(&out.stderr).contains("--worker-threads: must be between 1 and"),
         "{out:?}"
     );
+}
+
+#[tokio::test]
+async fn text_logs_quote_caller_text_so_it_cannot_forge_a_line() {
+    use std::io::{BufRead, BufReader};
+    /// Stops the server however the test ends.
+    struct Serving(std::process::Child);
+    impl Drop for Serving {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Serving(
+        Command::new(env!("CARGO_BIN_EXE_leash"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
+            .args([
+                "--audit-log",
+                "none",
+                "--log-format",
+                "text",
+                "--log",
+                "info",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starts"),
+    );
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = || {
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("the server logs in time")
+    };
+    let mut addr = None;
+    loop {
+        let line = next();
+        if let Some((_, rest)) = line.split_once("listening address=") {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line.contains("policy bundle loaded") {
+            break;
+        }
+    }
+    let client = leash::check::connect_tcp(&addr.expect("address logged"))
+        .await
+        .expect("connect");
+    // A context key with a line break and a fake log line in it, on a
+    // value with no kind: the request is invalid and its field path (the
+    // key) is logged.
+    let key = "a\n2026-11-24T00:00:00.000000Z  INFO leash::telemetry: forged decision=allow";
+    let mut req = example("support-bot", None, "tickets:read", "Ticket::\"T-1\"");
+    req.context_input = Some(pb::is_authorized_request::ContextInput::Context(
+        pb::Record {
+            fields: [(key.to_owned(), pb::Value { kind: None })].into(),
+        },
+    ));
+    let refused = decide_with(&client, req).await.expect_err("invalid");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    // Then a plain deny, whose line ends what the invalid one wrote.
+    let deny = example(
+        "support-bot",
+        None,
+        "secrets:read",
+        "SystemResource::\"vault\"",
+    );
+    assert_eq!(
+        decide_with(&client, deny).await.expect("decides").decision,
+        DENY
+    );
+    let mut invalid_line = None;
+    loop {
+        let line = next();
+        assert!(
+            !line.contains("forged") || line.contains("invalid request"),
+            "a caller's text began a line of its own: {line}"
+        );
+        if line.contains("invalid request") {
+            invalid_line = Some(line);
+        } else if line.contains("secrets:read") {
+            break;
+        }
+    }
+    let invalid_line = invalid_line.expect("the invalid request is logged");
+    assert!(invalid_line.contains(r"a\n2026"), "{invalid_line}");
 }

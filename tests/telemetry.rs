@@ -639,3 +639,88 @@ async fn reload_metrics_follow_refused_and_loaded_bundles() {
     assert!(text.contains(&format!("version=\"{version}\"")), "{text}");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn spans_count_what_callers_were_answered_and_keep_caller_text_small() {
+    let collector = SpanCollector::start(true).await.expect("collector");
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The audit trail reaches its file through a link to a device that is
+    // always full: every record is refused, so every decision is a DENY.
+    let link = dir.path().join("audit.log");
+    std::os::unix::fs::symlink("/dev/full", &link).expect("symlink");
+    let mut options = traced(http_endpoint(&collector), Protocol::HttpProtobuf);
+    options.audit = leash::audit::AuditOptions {
+        target: leash::audit::AuditTarget::File(link),
+        ..leash::audit::AuditOptions::default()
+    };
+    let server = TestServer::start(Some(example_snapshot()), options, false).await;
+    let allowed = || {
+        example(
+            "support-bot",
+            Some("omar"),
+            "tickets:read",
+            "Ticket::\"T-1\"",
+        )
+    };
+    let mut long_id = allowed();
+    long_id.request_id = "r".repeat(10_000);
+    let mut long_resource = allowed();
+    long_resource.resource = Some(uid(&format!("Ticket::\"{}\"", "t".repeat(2_000))));
+    let batch = pb::BatchIsAuthorizedRequest {
+        requests: vec![allowed(), allowed(), long_id, long_resource],
+    };
+    let resp = server
+        .client
+        .clone()
+        .batch_is_authorized(with_trace(batch, true))
+        .await
+        .expect("batch answers")
+        .into_inner();
+    let decisions: Vec<i32> = resp.results.iter().map(|r| r.decision).collect();
+    assert_eq!(decisions, vec![DENY; 4], "{resp:?}");
+    let problem = |i: usize| resp.results[i].error.as_ref().map(|e| e.message.clone());
+    assert!(
+        problem(0).is_some_and(|m| m.contains("audit trail unavailable")),
+        "{resp:?}"
+    );
+    assert!(
+        problem(3).is_some_and(|m| m.contains("resource.id: 2000 bytes; at most 1024")),
+        "{:?}",
+        problem(3)
+    );
+
+    let spans = flushed_spans(&server.server, &collector, 5).await;
+    let batch_span = spans
+        .iter()
+        .find(|s| s.span.name == "leash.v1.Authorizer/BatchIsAuthorized")
+        .expect("batch span");
+    let count = |key: &str| batch_span.attribute(key);
+    assert_eq!(
+        (
+            count("leash.batch.allowed"),
+            count("leash.batch.denied"),
+            count("leash.batch.invalid")
+        ),
+        (Some("0".into()), Some("2".into()), Some("2".into())),
+        "items the trail refused were answered DENY"
+    );
+    let item = |i: usize| {
+        spans
+            .iter()
+            .find(|s| {
+                s.span.name == "leash.decision"
+                    && s.attribute("leash.batch.index") == Some(i.to_string())
+            })
+            .expect("item span")
+    };
+    assert_eq!(item(0).attribute("leash.decision").as_deref(), Some("deny"));
+    assert!(item(0).attribute("leash.audit.error").is_some());
+    let shown = item(2).attribute("leash.request_id").expect("request id");
+    assert_eq!(shown, format!("{}…(cut)", "r".repeat(256)));
+    assert_eq!(resp.results[2].request_id, shown);
+    assert_eq!(
+        item(3).attribute("leash.invalid.field").as_deref(),
+        Some("resource.id")
+    );
+    server.shutdown().await;
+}

@@ -451,7 +451,7 @@ impl Audit {
             on_behalf_of_side: None,
             policy_version: entry.policy_version.to_owned(),
             prev_hash: String::new(),
-            request_id: bounded(entry.request_id),
+            request_id: crate::service::convert::shown_request_id(entry.request_id),
             resource,
             seq: 0,
             time: now(),
@@ -578,20 +578,6 @@ impl Audit {
                 .collect(),
         )
     }
-}
-
-/// A request id as recorded: an invalid request may carry one of any
-/// length (up to the message limit); records stay small.
-fn bounded(id: &str) -> String {
-    const MAX: usize = crate::service::convert::MAX_REQUEST_ID_LEN;
-    if id.len() <= MAX {
-        return id.to_owned();
-    }
-    let mut end = MAX;
-    while !id.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…(cut)", &id[..end])
 }
 
 /// What a context value not configured in is recorded as.

@@ -18,6 +18,25 @@ pub const MAX_VALUE_DEPTH: usize = 32;
 /// Longest accepted `request_id`.
 pub const MAX_REQUEST_ID_LEN: usize = 256;
 
+/// Longest accepted entity type name or entity id, in bytes. Ids go into
+/// every span, deny line and audit record of the call, and the queues in
+/// front of those count items, not bytes; 1 KiB is five times what managed
+/// Cedar services accept for an id.
+pub const MAX_ENTITY_ID_LEN: usize = 1024;
+
+/// A request id as logged, traced and recorded: an invalid request may carry
+/// one of any length (up to the message limit); those stay small.
+pub fn shown_request_id(id: &str) -> String {
+    if id.len() <= MAX_REQUEST_ID_LEN {
+        return id.to_owned();
+    }
+    let mut end = MAX_REQUEST_ID_LEN;
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…(cut)", &id[..end])
+}
+
 pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestError> {
     if req.request_id.len() > MAX_REQUEST_ID_LEN {
         return Err(RequestError::new(
@@ -243,6 +262,17 @@ fn entity_uid_at(
     uid: Option<&pb::EntityUid>,
 ) -> Result<EntityUid, RequestError> {
     let uid = uid.ok_or_else(|| RequestError::new(field.render(), "required"))?;
+    for (part, text) in [("type", &uid.r#type), ("id", &uid.id)] {
+        if text.len() > MAX_ENTITY_ID_LEN {
+            return Err(RequestError::new(
+                FieldPath::Field(field, part).render(),
+                format!(
+                    "{} bytes; at most {MAX_ENTITY_ID_LEN} are accepted",
+                    text.len()
+                ),
+            ));
+        }
+    }
     if uid.r#type.is_empty() {
         return Err(RequestError::new(
             FieldPath::Field(field, "type").render(),

@@ -232,11 +232,16 @@ impl AuthorizerService {
     /// single-use approval grant it used stays good for the retry. Limit
     /// counters it moved are not given back: they over-count, which fails
     /// closed, and the trail is out only until the disk takes writes again.
-    fn give_back_grant(&self, decision: &engine::Decision) {
-        if let Some(grant) = decision.grant.as_ref().filter(|g| g.outcome == "used") {
-            self.limiting
-                .used_grants
-                .release(&grant.approver, &grant.grant_id);
+    /// Done before the decision is reported, so metrics and the span say
+    /// `not_used` for a grant that was given back.
+    fn give_back_grant(&self, decided: &mut Decided) {
+        if let Ok(decision) = &mut decided.result {
+            if let Some(grant) = decision.grant.as_mut().filter(|g| g.outcome == "used") {
+                self.limiting
+                    .used_grants
+                    .release(&grant.approver, &grant.grant_id);
+                grant.outcome = "not_used";
+            }
         }
     }
 }
@@ -268,21 +273,21 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
         let at = self.limiting.clock.now();
         let now = RequestTime::of(at);
         let wire = request.get_ref();
-        let d = self.decide(&snapshot, wire, (at, &now), scope.started());
+        let mut d = self.decide(&snapshot, wire, (at, &now), scope.started());
         let audit_error = self
             .record(&scope, &self.caller(&request), &snapshot, &[(wire, &d)])
             .await;
+        if audit_error.is_some() {
+            self.give_back_grant(&mut d);
+        }
         self.report(&scope, None, wire, &d, &snapshot, audit_error.as_deref());
         match (&d.result, audit_error) {
             (Err(err), _) => Err(Status::invalid_argument(err.to_string())),
-            (Ok(decision), Some(e)) => {
-                self.give_back_grant(decision);
-                Ok(Response::new(unrecorded(
-                    &d.request_id,
-                    &snapshot.version,
-                    &e,
-                )))
-            }
+            (Ok(_), Some(e)) => Ok(Response::new(unrecorded(
+                &d.request_id,
+                &snapshot.version,
+                &e,
+            ))),
             (Ok(decision), None) => Ok(Response::new(response(
                 &d.request_id,
                 decision,
@@ -313,7 +318,7 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
         let snapshot = self.snapshot(&scope)?;
         let at = self.limiting.clock.now();
         let now = RequestTime::of(at);
-        let decided: Vec<Decided> = requests
+        let mut decided: Vec<Decided> = requests
             .iter()
             .map(|req| self.decide(&snapshot, req, (at, &now), Instant::now()))
             .collect();
@@ -323,6 +328,9 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
         let audit_error = self
             .record(&scope, &self.caller(&request), &snapshot, &items)
             .await;
+        if audit_error.is_some() {
+            decided.iter_mut().for_each(|d| self.give_back_grant(d));
+        }
         let mut counts = BatchCounts::default();
         let results = requests
             .iter()
@@ -330,7 +338,7 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
             .enumerate()
             .map(|(i, (wire, d))| {
                 self.report(&scope, Some(i), wire, &d, &snapshot, audit_error.as_deref());
-                counts.add(&d.result);
+                counts.add(&d.result, audit_error.is_some());
                 match (d.result, &audit_error) {
                     // Fail closed: an item that cannot be decided is a DENY
                     // that says why.
@@ -344,10 +352,7 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
                         }),
                         ..Default::default()
                     },
-                    (Ok(decision), Some(e)) => {
-                        self.give_back_grant(&decision);
-                        unrecorded(&d.request_id, &snapshot.version, e)
-                    }
+                    (Ok(_), Some(e)) => unrecorded(&d.request_id, &snapshot.version, e),
                     (Ok(decision), None) => response(
                         &d.request_id,
                         &decision,
@@ -369,7 +374,7 @@ fn request_id(given: &str) -> String {
     if given.is_empty() {
         uuid::Uuid::new_v4().to_string()
     } else {
-        given.to_owned()
+        convert::shown_request_id(given)
     }
 }
 

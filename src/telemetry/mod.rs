@@ -524,9 +524,11 @@ pub struct BatchCounts {
 }
 
 impl BatchCounts {
-    pub fn add(&mut self, result: &Result<Decision, RequestError>) {
+    /// Counts what the caller was answered: an item whose record the trail
+    /// refused was answered DENY, and `approval_required` is a DENY.
+    pub fn add(&mut self, result: &Result<Decision, RequestError>, unrecorded: bool) {
         match result {
-            Ok(d) if d.allowed => self.allowed += 1,
+            Ok(d) if d.allowed && !unrecorded => self.allowed += 1,
             Ok(_) => self.denied += 1,
             Err(_) => self.invalid += 1,
         }
@@ -585,7 +587,9 @@ pub struct DecisionView<'a> {
 }
 
 /// One line per decision: DENY and invalid requests at info, ALLOW at
-/// debug. Never context values.
+/// debug. Never context values. Caller text is recorded as strings, not
+/// with `%` (Display): the text format quotes and escapes strings, so a
+/// newline in a field path or a grant's key id cannot forge a log line.
 fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
     // The fields cost allocations: build them only for a line that is on.
     // Level and target filters apply to the hand-written deny line below as
@@ -618,7 +622,7 @@ fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
             action = action.as_deref(),
             resource = resource.as_deref(),
             decision = "allow",
-            determining_policies = %d.determining.join(","),
+            determining_policies = d.determining.join(",").as_str(),
             policy_version = version,
             "decision"
         ),
@@ -657,9 +661,9 @@ fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
                     action = action.as_deref(),
                     resource = resource.as_deref(),
                     decision = outcome.as_str(),
-                    reason = %reason,
-                    determining_policies = %determining,
-                    error_policies = %errors,
+                    reason = reason.as_str(),
+                    determining_policies = determining.as_str(),
+                    error_policies = errors.as_str(),
                     policy_version = version,
                     "decision"
                 ),
@@ -675,11 +679,15 @@ fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
                 action = action.as_deref(),
                 resource = resource.as_deref(),
                 decision = "invalid",
-                field = %e.field,
+                field = e.field.as_str(),
                 policy_version = version,
                 "invalid request"
             );
-            debug!(request_id = view.request_id, problem = %e.problem, "invalid request detail");
+            debug!(
+                request_id = view.request_id,
+                problem = e.problem.as_str(),
+                "invalid request detail"
+            );
         }
     }
 }
