@@ -925,3 +925,53 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+#[test]
+fn the_subset_cache_is_bounded_by_the_policies_it_holds() {
+    use leash::bundle::SUBSET_POLICIES_KEPT;
+    // Every request matches the 300 unscoped forbids and its user's own
+    // permit: 301 policies a subset, one subset per user.
+    const UNSCOPED: usize = 300;
+    const USERS: usize = 400;
+    let mut set = PolicySet::new();
+    for i in 0..UNSCOPED {
+        let text = format!("forbid (principal, action, resource) when {{ context.n == {i} }};");
+        let id = PolicyId::new(format!("f{i}"));
+        set.add(Policy::parse(Some(id), text).expect("parses"))
+            .expect("unique");
+    }
+    for u in 0..USERS {
+        let text = format!("permit (principal == User::\"u{u}\", action, resource);");
+        let id = PolicyId::new(format!("p{u}"));
+        set.add(Policy::parse(Some(id), text).expect("parses"))
+            .expect("unique");
+    }
+    let act = uid("Action::\"a\"");
+    let entities =
+        Entities::from_entities([entity("Action::\"a\"", &[], None)], None).expect("entities");
+    let index = PolicyIndex::build(&set, &entities, &HashSet::from([act.clone()]));
+    let resource = uid("Doc::\"d\"");
+    let mut last = None;
+    for u in 0..USERS {
+        let principal = uid(&format!("User::\"u{u}\""));
+        let subset = index
+            .select(&principal, &act, &resource, &entities)
+            .expect("narrowed");
+        assert_eq!(subset.policies().count(), UNSCOPED + 1);
+        let held = index.cache_size();
+        assert!(
+            held.policies <= SUBSET_POLICIES_KEPT,
+            "{held:?} after {u} users"
+        );
+        assert_eq!(held.policies, held.subsets * (UNSCOPED + 1), "{held:?}");
+        last = Some((principal, subset));
+    }
+    // The test fills the cache past its bound.
+    const { assert!(USERS * (UNSCOPED + 1) > SUBSET_POLICIES_KEPT) };
+    // The latest subset is still kept, and handed out again.
+    let (principal, subset) = last.expect("selected");
+    let again = index
+        .select(&principal, &act, &resource, &entities)
+        .expect("narrowed");
+    assert!(std::sync::Arc::ptr_eq(&subset, &again));
+}

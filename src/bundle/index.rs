@@ -229,13 +229,34 @@ pub struct PolicyIndex {
     /// Subsets already assembled, by the policies they hold: assembling one
     /// costs more than evaluating it, and a bundle's requests fall into far
     /// fewer distinct subsets than there are requests.
-    subsets: RwLock<HashMap<Vec<u32>, Arc<PolicySet>>>,
+    subsets: RwLock<Subsets>,
     stats: IndexStats,
 }
 
-/// Most subsets kept; when full the cache starts again, so its memory stays
-/// bounded whatever the traffic (a few MiB at this size).
+/// Most subsets kept.
 const SUBSETS_KEPT: usize = 4096;
+
+/// Most policies held in all kept subsets together. Each holds a copy of
+/// its policies (with their source text, some hundreds of bytes each), so
+/// the count of sets alone does not bound memory: 4,096 sets of 2,000
+/// policies each (a bundle with many unscoped policies) would be gigabytes.
+/// This keeps the cache to tens of MiB; a subset larger than it is
+/// assembled each time and not kept.
+pub const SUBSET_POLICIES_KEPT: usize = 65_536;
+
+/// The assembled subsets and how many policies they hold in all.
+#[derive(Debug, Default)]
+struct Subsets {
+    sets: HashMap<Vec<u32>, Arc<PolicySet>>,
+    policies: usize,
+}
+
+/// What the subset cache holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSize {
+    pub subsets: usize,
+    pub policies: usize,
+}
 
 impl PolicyIndex {
     /// Indexes `policies`. `entities` must hold the schema's action entities
@@ -268,7 +289,7 @@ impl PolicyIndex {
             by_resource: HashMap::new(),
             by_action: HashMap::new(),
             unkeyed: Vec::new(),
-            subsets: RwLock::new(HashMap::new()),
+            subsets: RwLock::new(Subsets::default()),
             stats: IndexStats::default(),
         };
         for policy in policies.policies() {
@@ -409,7 +430,7 @@ impl PolicyIndex {
             .subsets
             .read()
             .ok()
-            .and_then(|cache| cache.get(&matched).cloned())
+            .and_then(|cache| cache.sets.get(&matched).cloned())
         {
             return Some(set);
         }
@@ -419,13 +440,38 @@ impl PolicyIndex {
             self.add(&mut set, &entry.policy)?;
         }
         let set = Arc::new(set);
-        if let Ok(mut cache) = self.subsets.write() {
-            if cache.len() >= SUBSETS_KEPT {
-                cache.clear();
-            }
-            cache.insert(matched, Arc::clone(&set));
+        if matched.len() <= SUBSET_POLICIES_KEPT {
+            let dropped = match self.subsets.write() {
+                // Another request may have kept the same subset meanwhile.
+                Ok(mut cache) if !cache.sets.contains_key(&matched) => {
+                    // Full: start again. The old sets are freed after the
+                    // lock is released, so other requests do not wait on it.
+                    let full = cache.sets.len() >= SUBSETS_KEPT
+                        || cache.policies + matched.len() > SUBSET_POLICIES_KEPT;
+                    let dropped = full.then(|| std::mem::take(&mut *cache));
+                    cache.policies += matched.len();
+                    cache.sets.insert(matched, Arc::clone(&set));
+                    dropped
+                }
+                _ => None,
+            };
+            drop(dropped);
         }
         Some(set)
+    }
+
+    /// How many subsets the cache holds, and policies in them.
+    pub fn cache_size(&self) -> CacheSize {
+        self.subsets.read().map_or(
+            CacheSize {
+                subsets: 0,
+                policies: 0,
+            },
+            |cache| CacheSize {
+                subsets: cache.sets.len(),
+                policies: cache.policies,
+            },
+        )
     }
 
     fn add(&self, set: &mut PolicySet, policy: &Policy) -> Option<()> {
