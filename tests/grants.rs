@@ -1609,3 +1609,70 @@ async fn an_approval_used_on_an_elevated_request_is_recorded_with_every_elevatio
         .is_some_and(|d| d.contains("AgentRole::\"ticket-escalation\"")));
     assert_eq!(records[3].get("elevated_by"), None, "{}", records[3]);
 }
+
+#[tokio::test]
+async fn elevated_requests_are_decided_alike_with_and_without_the_index() {
+    // A forbid the agent reaches only through the role an elevation puts it
+    // in: the index must look the agent's ancestors up in the elevated
+    // entities, or it would leave the forbid out and allow.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = bundle(dir.path());
+    std::fs::write(
+        policies.join("escalated-read.cedar"),
+        "@id(\"escalated-may-not-read-t1\")\n\
+         forbid (principal in AgentRole::\"ticket-escalation\", \
+         action == Action::\"tickets:read\", resource == Ticket::\"T-1\");\n",
+    )
+    .expect("write");
+    let serve_with = |policy_index: bool| {
+        ReloadingServer::start_with(
+            &policies,
+            &schemas,
+            leash::reload::ReloadOptions {
+                policy_index,
+                ..Default::default()
+            },
+            held_options(),
+        )
+    };
+    let indexed = serve_with(true).await;
+    let full = serve_with(false).await;
+    let bot = "Agent::\"support-bot\"";
+    let window = elevation(2, "eve", bot, "", "e-index", NOW, NOW + 3600);
+    let read = |grant: Option<&str>| {
+        let mut req = example(
+            "support-bot",
+            Some("omar"),
+            "tickets:read",
+            "Ticket::\"T-1\"",
+        );
+        req.grants.extend(grant.map(str::to_owned));
+        req
+    };
+    let cases = [
+        (read(None), ALLOW, ""),
+        (read(Some(&window)), DENY, "escalated-may-not-read-t1"),
+        (
+            open_ticket("omar", Some(&window)),
+            ALLOW,
+            "agent-role-ticket-escalation",
+        ),
+        (open_ticket("omar", None), DENY, ""),
+    ];
+    for (i, (mut req, want, policy)) in cases.into_iter().enumerate() {
+        req.request_id = format!("case-{i}");
+        let a = ask(&indexed, req.clone()).await;
+        let b = ask(&full, req).await;
+        assert_eq!(a, b, "case {i}: the index changed the answer");
+        assert_eq!(a.decision, want, "case {i}: {a:?}");
+        if !policy.is_empty() {
+            let agent = a.agent.expect("agent side");
+            assert!(
+                agent.determining_policies.iter().any(|p| p == policy),
+                "case {i}: {agent:?}"
+            );
+        }
+    }
+    indexed.shutdown().await;
+    full.shutdown().await;
+}
