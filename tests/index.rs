@@ -6,8 +6,8 @@
 //!   narrowed set must give the full set's decision, determining policies
 //!   and errors (with their messages), with request-scoped entities that add
 //!   ancestors.
-//! - Engine level: random schemas and validated bundles built twice, with
-//!   the index and without; every decision, both sides of delegated
+//! - Engine level: random schemas (in a namespace or none) and validated
+//!   bundles built twice, with the index and without; every decision, both sides of delegated
 //!   requests included, must be equal in full.
 //! - Server level: two real servers, `--policy-index on` and `off`, over
 //!   the example bundle and a generated harness bundle, answer every request
@@ -79,6 +79,31 @@ fn uid(s: &str) -> EntityUid {
 
 fn action(i: usize) -> String {
     format!("Action::\"{}\"", ACTIONS[i])
+}
+
+/// `text` (policies, entity references, entity JSON) with every type in
+/// namespace `NS` when `ns`: the engine-level test runs each bundle both
+/// ways, as index keys are names that must match whatever the namespace.
+fn qualify(text: &str, ns: bool) -> String {
+    if !ns {
+        return text.to_owned();
+    }
+    let mut out = text.to_owned();
+    for t in ["User", "Group", "Agent", "Folder", "Doc", "Action"] {
+        out = out.replace(&format!("{t}::\""), &format!("NS::{t}::\""));
+        out = out.replace(&format!("is {t}"), &format!("is NS::{t}"));
+        out = out.replace(
+            &format!("\"type\":\"{t}\""),
+            &format!("\"type\":\"NS::{t}\""),
+        );
+    }
+    out
+}
+
+/// A JSON value with its types qualified as [`qualify`] does.
+fn qualify_json<T: serde::Serialize + serde::de::DeserializeOwned>(value: T, ns: bool) -> T {
+    let text = serde_json::to_string(&value).expect("json");
+    serde_json::from_str(&qualify(&text, ns)).expect("json")
 }
 
 /// The entity graph and action groups of one case.
@@ -666,17 +691,22 @@ fn context_json(n: i64) -> serde_json::Map<String, Value> {
     context
 }
 
-fn sources(world: &World, policies: &[PolicyGen]) -> BundleSources {
+fn sources(world: &World, policies: &[PolicyGen], ns: bool) -> BundleSources {
     let text: String = policies
         .iter()
         .enumerate()
-        .map(|(i, p)| p.render(&format!("p{i}")))
+        .map(|(i, p)| qualify(&p.render(&format!("p{i}")), ns))
         .collect();
     let entities: Vec<Value> = world
         .entities()
         .iter()
-        .map(|(u, parents, level)| entity_json(u, parents, *level))
+        .map(|(u, parents, level)| qualify_json(entity_json(u, parents, *level), ns))
         .collect();
+    let schema = if ns {
+        format!("namespace NS {{\n{}}}\n", schema_text(world))
+    } else {
+        schema_text(world)
+    };
     BundleSources {
         origin: "property test".to_owned(),
         policies: vec![SourceFile {
@@ -688,7 +718,7 @@ fn sources(world: &World, policies: &[PolicyGen]) -> BundleSources {
             SchemaFormat::Cedar,
             SourceFile {
                 path: "schemas/s.cedarschema".to_owned(),
-                text: schema_text(world),
+                text: schema,
             },
         )],
         entities: vec![SourceFile {
@@ -710,6 +740,7 @@ fn indexed_and_full_engines_decide_identically() {
     let strategy = (
         World::strategy(),
         prop::collection::vec(PolicyGen::strategy(VALID_CONDITIONS), 0..24),
+        any::<bool>(),
         prop::collection::vec(
             (
                 0..ENGINE_PRINCIPALS.len(),
@@ -727,14 +758,15 @@ fn indexed_and_full_engines_decide_identically() {
     let decided = AtomicUsize::new(0);
     let delegated = AtomicUsize::new(0);
     let errors_seen = AtomicUsize::new(0);
+    let namespaced = AtomicUsize::new(0);
     let now = RequestTime::at("2026-01-31T12:00:00.000Z");
     let mut runner = TestRunner::new(Config {
         cases: 150,
         ..Config::default()
     });
     runner
-        .run(&strategy, |(world, policies, asks)| {
-            let sources = sources(&world, &policies);
+        .run(&strategy, |(world, policies, ns, asks)| {
+            let sources = sources(&world, &policies, ns);
             let indexed = Snapshot::build_cached(&sources, &mut BuildCache::new(true));
             let full = Snapshot::build_cached(&sources, &mut BuildCache::new(false));
             let (indexed, full) = match (indexed, full) {
@@ -757,14 +789,15 @@ fn indexed_and_full_engines_decide_identically() {
                 let sent: Vec<Value> = extras
                     .entities()
                     .iter()
-                    .map(|(u, parents, level)| entity_json(u, parents, *level))
+                    .map(|(u, parents, level)| qualify_json(entity_json(u, parents, *level), ns))
                     .collect();
+                let named = |text: &str| uid(&qualify(text, ns));
                 let request = AuthzRequest {
-                    agent: uid(PRINCIPALS[ENGINE_PRINCIPALS[*agent]]),
-                    on_behalf_of: user.map(|u| uid(PRINCIPALS[ENGINE_PRINCIPALS[u]])),
-                    action: uid(&action(*act)),
-                    resource: uid(RESOURCES[ENGINE_RESOURCES[*resource]]),
-                    context: ContextInput::Json(context_json(*n)),
+                    agent: named(PRINCIPALS[ENGINE_PRINCIPALS[*agent]]),
+                    on_behalf_of: user.map(|u| named(PRINCIPALS[ENGINE_PRINCIPALS[u]])),
+                    action: named(&action(*act)),
+                    resource: named(RESOURCES[ENGINE_RESOURCES[*resource]]),
+                    context: ContextInput::Json(qualify_json(context_json(*n), ns)),
                     entities: if sent.is_empty() {
                         EntitiesInput::None
                     } else {
@@ -776,6 +809,9 @@ fn indexed_and_full_engines_decide_identically() {
                 let b = decide(&full, &request, &now);
                 if let Ok(d) = &b {
                     decided.fetch_add(1, Ordering::Relaxed);
+                    if ns {
+                        namespaced.fetch_add(1, Ordering::Relaxed);
+                    }
                     if d.on_behalf_of.is_some() {
                         delegated.fetch_add(1, Ordering::Relaxed);
                     }
@@ -794,6 +830,10 @@ fn indexed_and_full_engines_decide_identically() {
         "{built} bundles built, {refused} refused"
     );
     assert!(decided.into_inner() > 300, "too few decisions");
+    assert!(
+        namespaced.into_inner() > 100,
+        "too few decisions in a namespaced bundle"
+    );
     assert!(delegated.into_inner() > 100, "too few delegated decisions");
     assert!(
         errors_seen.into_inner() > 20,
