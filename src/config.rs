@@ -410,7 +410,9 @@ impl TelemetryArgs {
         let traces_endpoint = given(&self.otlp_traces_endpoint);
         let base_endpoint = given(&self.otlp_endpoint);
         // Checked even when export is off, so a bad value is reported now,
-        // not when export is turned on later.
+        // not when export is turned on later; but then only as a warning:
+        // turning export off is how an operator opts out of values set for
+        // the whole platform that leash cannot use (TLS, `http/json`).
         let exporting = self.exporting(warnings);
         let first = problems.len();
         let (protocol_flag, protocol_text) = match (
@@ -484,6 +486,8 @@ impl TelemetryArgs {
                 }
             };
         let defaults = BatchOptions::default();
+        // Both read, so a bad general value is reported too.
+        let general = millis("--otlp-timeout", &self.otlp_timeout, 10_000, problems);
         let timeout = match given(&self.otlp_traces_timeout) {
             Some(_) => millis(
                 "--otlp-traces-timeout",
@@ -491,7 +495,7 @@ impl TelemetryArgs {
                 10_000,
                 problems,
             ),
-            None => millis("--otlp-timeout", &self.otlp_timeout, 10_000, problems),
+            None => general,
         };
         let schedule_delay = millis(
             "--otel-bsp-schedule-delay",
@@ -553,7 +557,13 @@ impl TelemetryArgs {
                     .map(|(_, v)| v.clone())
             })
             .unwrap_or_else(|| "leash".to_owned());
-        if problems.len() > first || !exporting {
+        if !exporting {
+            for problem in problems.drain(first..) {
+                warnings.push(format!("{problem} (ignored: span export is off)"));
+            }
+            return None;
+        }
+        if problems.len() > first {
             return None;
         }
         let (_, _, endpoint) = endpoint?;
@@ -600,6 +610,7 @@ fn check_endpoint(url: &str) -> Result<(), String> {
 /// `250.0` alike); `2s`, `500ms` are accepted too.
 pub fn parse_millis(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
+    let trimmed = trimmed.strip_prefix('+').unwrap_or(trimmed);
     if !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         // A bare number: the same reading and bounds as `…ms`.
         return parse_duration(&format!("{trimmed}ms"))
@@ -1785,6 +1796,7 @@ mod tests {
         assert_eq!(parse_millis(" 2.5 "), Ok(Duration::from_micros(2500)));
         assert!(parse_millis("86400001").is_err(), "more than a day");
         assert!(parse_millis("1.2.3").is_err());
+        assert_eq!(parse_millis("+250"), Ok(Duration::from_millis(250)));
     }
 
     #[test]
@@ -1803,18 +1815,31 @@ mod tests {
         );
         let bad = traces(&["--otlp-traces-timeout", "soon"]).expect_err("refused");
         assert!(bad[0].starts_with("--otlp-traces-timeout: "), "{bad:?}");
-        // Export turned off: values are checked all the same.
+        // A bad general timeout is reported beside a good span one.
+        let both = traces(&["--otlp-timeout", "soon", "--otlp-traces-timeout", "1s"])
+            .expect_err("refused");
+        assert!(both[0].starts_with("--otlp-timeout: "), "{both:?}");
+        // Export turned off: values are still checked, and a bad one is a
+        // warning, not a refusal (turning export off is how a pod opts out
+        // of platform-wide values leash cannot use).
         for off in [
             &["--otel-sdk-disabled"][..],
             &["--otel-traces-exporter", "none"][..],
         ] {
             let mut argv = off.to_vec();
-            argv.extend_from_slice(&["--otel-traces-sampler", "traceidratio"]);
+            argv.extend_from_slice(&["--otlp-endpoint", "https://collector:4318"]);
             argv.extend_from_slice(&["--otel-traces-sampler-arg", "2"]);
-            let problems = traces(&argv).expect_err("refused while off");
+            argv.extend_from_slice(&["--otel-traces-sampler", "traceidratio"]);
+            let config = serve(&argv).resolve().expect("starts while off");
+            assert_eq!(config.options.telemetry.traces, None);
+            assert_eq!(config.warnings.len(), 2, "{:?}", config.warnings);
             assert!(
-                problems[0].starts_with("--otel-traces-sampler-arg: `2`"),
-                "{problems:?}"
+                config
+                    .warnings
+                    .iter()
+                    .all(|w| w.ends_with("(ignored: span export is off)")),
+                "{:?}",
+                config.warnings
             );
         }
     }

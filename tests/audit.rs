@@ -1304,3 +1304,50 @@ async fn queued_mode_a_write_stalled_past_the_bound_refuses_until_it_completes_a
         "{outage}"
     );
 }
+
+#[tokio::test]
+async fn overlong_references_are_refused_and_recorded_cut() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.log");
+    let server = TestServer::start(
+        Some(example_snapshot()),
+        audited(&trail, SyncMode::Disk),
+        false,
+    )
+    .await;
+    // A four-byte character across the 256-byte cut, and a resource id
+    // past the 4,096-byte limit (the request id is refused first).
+    let mut req = example(
+        "support-bot",
+        Some("omar"),
+        "tickets:read",
+        "Ticket::\"T-1\"",
+    );
+    req.request_id = format!("{}😀{}", "r".repeat(253), "x".repeat(100));
+    req.resource = Some(uid(&format!("Ticket::\"{}\"", "t".repeat(5_000))));
+    let refused = server.decide(req).await.expect_err("invalid");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused
+            .message()
+            .contains("request_id: longer than 256 bytes"),
+        "{}",
+        refused.message()
+    );
+    server.shutdown().await;
+
+    let recs = records(&trail);
+    assert_eq!(recs.len(), 1);
+    let rec = &recs[0];
+    assert_eq!(rec["decision"], "invalid");
+    assert_eq!(rec["invalid"]["field"], "request_id");
+    assert_eq!(rec["request_id"], format!("{}…(cut)", "r".repeat(253)));
+    assert_eq!(
+        rec["resource"],
+        format!("Ticket::\"{}…(cut)\"", "t".repeat(4_096))
+    );
+    assert!(matches!(
+        chain::verify(std::slice::from_ref(&trail)).expect("readable"),
+        Verdict::Intact(_)
+    ));
+}

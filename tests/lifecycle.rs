@@ -840,14 +840,13 @@ async fn text_logs_quote_caller_text_so_it_cannot_forge_a_line() {
             .expect("the server logs in time")
     };
     let mut addr = None;
-    loop {
+    let mut loaded = false;
+    while addr.is_none() || !loaded {
         let line = next();
         if let Some((_, rest)) = line.split_once("listening address=") {
             addr = rest.split_whitespace().next().map(str::to_owned);
         }
-        if line.contains("policy bundle loaded") {
-            break;
-        }
+        loaded |= line.contains("policy bundle loaded");
     }
     let client = leash::check::connect_tcp(&addr.expect("address logged"))
         .await

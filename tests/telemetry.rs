@@ -663,9 +663,9 @@ async fn spans_count_what_callers_were_answered_and_keep_caller_text_small() {
         )
     };
     let mut long_id = allowed();
-    long_id.request_id = "r".repeat(10_000);
+    long_id.request_id = format!("{}😀{}", "r".repeat(253), "r".repeat(10_000));
     let mut long_resource = allowed();
-    long_resource.resource = Some(uid(&format!("Ticket::\"{}\"", "t".repeat(2_000))));
+    long_resource.resource = Some(uid(&format!("Ticket::\"{}\"", "t".repeat(5_000))));
     let batch = pb::BatchIsAuthorizedRequest {
         requests: vec![allowed(), allowed(), long_id, long_resource],
     };
@@ -684,7 +684,7 @@ async fn spans_count_what_callers_were_answered_and_keep_caller_text_small() {
         "{resp:?}"
     );
     assert!(
-        problem(3).is_some_and(|m| m.contains("resource.id: 2000 bytes; at most 1024")),
+        problem(3).is_some_and(|m| m.contains("resource.id: 5000 bytes; at most 4096")),
         "{:?}",
         problem(3)
     );
@@ -716,7 +716,7 @@ async fn spans_count_what_callers_were_answered_and_keep_caller_text_small() {
     assert_eq!(item(0).attribute("leash.decision").as_deref(), Some("deny"));
     assert!(item(0).attribute("leash.audit.error").is_some());
     let shown = item(2).attribute("leash.request_id").expect("request id");
-    assert_eq!(shown, format!("{}…(cut)", "r".repeat(256)));
+    assert_eq!(shown, format!("{}…(cut)", "r".repeat(253)));
     assert_eq!(resp.results[2].request_id, shown);
     assert_eq!(
         item(3).attribute("leash.invalid.field").as_deref(),

@@ -411,8 +411,13 @@ impl Audit {
 
     /// The record of one decision (or attempt), not yet sealed.
     pub fn record(&self, entry: &Entry<'_>) -> Record {
+        // Conversion may have failed for a reference's length: cut as sent.
         let uid = |field: &Option<pb::EntityUid>| {
-            field.as_ref().map(|u| format!("{}::{:?}", u.r#type, u.id))
+            field.as_ref().map(|u| {
+                let max = crate::service::convert::MAX_ENTITY_ID_LEN;
+                let shown = crate::service::convert::shown;
+                format!("{}::{:?}", shown(&u.r#type, max), shown(&u.id, max))
+            })
         };
         let (agent, on_behalf_of, action, resource) = match entry.request {
             Some(req) => (
@@ -451,7 +456,7 @@ impl Audit {
             on_behalf_of_side: None,
             policy_version: entry.policy_version.to_owned(),
             prev_hash: String::new(),
-            request_id: crate::service::convert::shown_request_id(entry.request_id),
+            request_id: entry.request_id.to_owned(),
             resource,
             seq: 0,
             time: now(),
@@ -754,6 +759,8 @@ fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
 /// One decision as the audit trail records it.
 #[derive(Debug)]
 pub struct Entry<'a> {
+    /// As answered: the service has cut an overlong one already
+    /// ([`crate::service::convert::shown_request_id`]).
     pub request_id: &'a str,
     pub trace_id: Option<&'a str>,
     /// Who asked: `tcp:ADDR` or `unix:pid=P,uid=U`.

@@ -215,7 +215,7 @@ pub fn spawn_leash(
 /// it decides logging, listeners, telemetry and worker threads itself (the
 /// sidecar's default unless `leash bench --worker-threads` says), as its
 /// figures say.
-const CONTROLLED_ENV: [&str; 28] = [
+const CONTROLLED_ENV: [&str; 30] = [
     "LEASH_WORKER_THREADS",
     "LEASH_LOG",
     "LEASH_LOG_FORMAT",
@@ -233,7 +233,9 @@ const CONTROLLED_ENV: [&str; 28] = [
     "OTEL_EXPORTER_OTLP_PROTOCOL",
     "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
     "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
     "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
     "OTEL_SERVICE_NAME",
     "OTEL_RESOURCE_ATTRIBUTES",
     "OTEL_TRACES_SAMPLER",

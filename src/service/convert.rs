@@ -18,23 +18,50 @@ pub const MAX_VALUE_DEPTH: usize = 32;
 /// Longest accepted `request_id`.
 pub const MAX_REQUEST_ID_LEN: usize = 256;
 
-/// Longest accepted entity type name or entity id, in bytes. Ids go into
-/// every span, deny line and audit record of the call, and the queues in
-/// front of those count items, not bytes; 1 KiB is five times what managed
-/// Cedar services accept for an id.
-pub const MAX_ENTITY_ID_LEN: usize = 1024;
+/// Longest accepted type name or id of the request's agent, user, action
+/// and resource, in bytes. Those go into every span, deny line and audit
+/// record of the call, and the queues in front of them count items, not
+/// bytes; 4 KiB is twice the longest SPIFFE id and far past URLs and object
+/// keys in practice. (Entities a request brings, and entity values in its
+/// context, are not logged and have no limit of their own.)
+pub const MAX_ENTITY_ID_LEN: usize = 4096;
 
 /// A request id as logged, traced and recorded: an invalid request may carry
 /// one of any length (up to the message limit); those stay small.
 pub fn shown_request_id(id: &str) -> String {
-    if id.len() <= MAX_REQUEST_ID_LEN {
-        return id.to_owned();
+    shown(id, MAX_REQUEST_ID_LEN)
+}
+
+/// `text`, or its first `max` bytes (cut at a character boundary) and
+/// `…(cut)` when it is longer.
+pub fn shown(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
     }
-    let mut end = MAX_REQUEST_ID_LEN;
-    while !id.is_char_boundary(end) {
+    let mut end = max;
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…(cut)", &id[..end])
+    format!("{}…(cut)", &text[..end])
+}
+
+/// The request's own references (agent, user, action, resource): required,
+/// and bounded in length.
+fn principal_uid(field: &str, uid: Option<&pb::EntityUid>) -> Result<EntityUid, RequestError> {
+    if let Some(uid) = uid {
+        for (part, text) in [("type", &uid.r#type), ("id", &uid.id)] {
+            if text.len() > MAX_ENTITY_ID_LEN {
+                return Err(RequestError::new(
+                    format!("{field}.{part}"),
+                    format!(
+                        "{} bytes; at most {MAX_ENTITY_ID_LEN} are accepted",
+                        text.len()
+                    ),
+                ));
+            }
+        }
+    }
+    entity_uid(field, uid)
 }
 
 pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestError> {
@@ -48,9 +75,9 @@ pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestErr
         .principal
         .as_ref()
         .ok_or_else(|| RequestError::new("principal", "required"))?;
-    let agent = entity_uid("principal.agent", principal.agent.as_ref())?;
+    let agent = principal_uid("principal.agent", principal.agent.as_ref())?;
     let on_behalf_of = match &principal.on_behalf_of {
-        Some(user) => Some(entity_uid("principal.on_behalf_of", Some(user))?),
+        Some(user) => Some(principal_uid("principal.on_behalf_of", Some(user))?),
         None => None,
     };
     if on_behalf_of.as_ref() == Some(&agent) {
@@ -59,8 +86,8 @@ pub fn request(req: &pb::IsAuthorizedRequest) -> Result<AuthzRequest, RequestErr
             "names the agent itself; leave it out for an agent acting on its own",
         ));
     }
-    let action = entity_uid("action", req.action.as_ref())?;
-    let resource = entity_uid("resource", req.resource.as_ref())?;
+    let action = principal_uid("action", req.action.as_ref())?;
+    let resource = principal_uid("resource", req.resource.as_ref())?;
 
     use pb::is_authorized_request::{ContextInput as C, EntitiesInput as E};
     let context = match &req.context_input {
@@ -262,17 +289,6 @@ fn entity_uid_at(
     uid: Option<&pb::EntityUid>,
 ) -> Result<EntityUid, RequestError> {
     let uid = uid.ok_or_else(|| RequestError::new(field.render(), "required"))?;
-    for (part, text) in [("type", &uid.r#type), ("id", &uid.id)] {
-        if text.len() > MAX_ENTITY_ID_LEN {
-            return Err(RequestError::new(
-                FieldPath::Field(field, part).render(),
-                format!(
-                    "{} bytes; at most {MAX_ENTITY_ID_LEN} are accepted",
-                    text.len()
-                ),
-            ));
-        }
-    }
     if uid.r#type.is_empty() {
         return Err(RequestError::new(
             FieldPath::Field(field, "type").render(),
