@@ -34,22 +34,24 @@ use serde_json::{json, Value};
 // ----- the universe ---------------------------------------------------------
 
 /// Principal-side entities: defined by the bundle (0..=10), defined only by
-/// some requests (11..=13), never defined (14).
+/// some requests (11..=13), never defined (14). Users, agents and groups
+/// share ids (`User::"u0"`, `Agent::"u0"`, `Group::"u0"`), as docs and
+/// folders do: the index must tell entities apart by type as well as id.
 const PRINCIPALS: [&str; 15] = [
     "User::\"u0\"",
     "User::\"u1\"",
     "User::\"u2\"",
     "User::\"u3\"",
-    "Agent::\"a0\"",
-    "Agent::\"a1\"",
-    "Agent::\"a2\"",
-    "Group::\"g0\"",
-    "Group::\"g1\"",
-    "Group::\"g2\"",
-    "Group::\"g3\"",
+    "Agent::\"u0\"",
+    "Agent::\"u1\"",
+    "Agent::\"u2\"",
+    "Group::\"u0\"",
+    "Group::\"u1\"",
+    "Group::\"u2\"",
+    "Group::\"u3\"",
     "User::\"u9\"",
-    "Agent::\"a9\"",
-    "Group::\"g9\"",
+    "Agent::\"u9\"",
+    "Group::\"u9\"",
     "User::\"ghost\"",
 ];
 const PRINCIPAL_TYPES: [&str; 3] = ["User", "Agent", "Group"];
@@ -59,12 +61,12 @@ const RESOURCES: [&str; 11] = [
     "Doc::\"d1\"",
     "Doc::\"d2\"",
     "Doc::\"d3\"",
-    "Folder::\"f0\"",
-    "Folder::\"f1\"",
-    "Folder::\"f2\"",
-    "Folder::\"f3\"",
+    "Folder::\"d0\"",
+    "Folder::\"d1\"",
+    "Folder::\"d2\"",
+    "Folder::\"d3\"",
     "Doc::\"d9\"",
-    "Folder::\"f9\"",
+    "Folder::\"d9\"",
     "Doc::\"ghost\"",
 ];
 const RESOURCE_TYPES: [&str; 2] = ["Doc", "Folder"];
@@ -161,8 +163,8 @@ impl World {
     /// (uid, parents, level) of every bundle entity.
     fn entities(&self) -> Vec<(String, Vec<String>, i64)> {
         let mut out = Vec::new();
-        let group = |j: usize| format!("Group::\"g{j}\"");
-        let folder = |j: usize| format!("Folder::\"f{j}\"");
+        let group = |j: usize| format!("Group::\"u{j}\"");
+        let folder = |j: usize| format!("Folder::\"d{j}\"");
         for (i, p) in PRINCIPALS.iter().take(11).enumerate() {
             let parents: Vec<String> = if i < 7 {
                 bits(self.member_parents[i], GROUPS).map(group).collect()
@@ -227,28 +229,28 @@ impl Extras {
         let sent = |i: usize| self.sent & (1 << i) != 0;
         let groups = |mask: u8, with_g9: bool| {
             let mut p: Vec<String> = bits(mask, GROUPS)
-                .map(|j| format!("Group::\"g{j}\""))
+                .map(|j| format!("Group::\"u{j}\""))
                 .collect();
             if with_g9 && mask & 0x80 != 0 && sent(2) {
-                p.push("Group::\"g9\"".to_owned());
+                p.push("Group::\"u9\"".to_owned());
             }
             p
         };
         let folders = |mask: u8, with_f9: bool| {
             let mut p: Vec<String> = bits(mask, FOLDERS)
-                .map(|j| format!("Folder::\"f{j}\""))
+                .map(|j| format!("Folder::\"d{j}\""))
                 .collect();
             if with_f9 && mask & 0x80 != 0 && sent(4) {
-                p.push("Folder::\"f9\"".to_owned());
+                p.push("Folder::\"d9\"".to_owned());
             }
             p
         };
         let candidates = [
             ("User::\"u9\"", groups(self.parents[0], true)),
-            ("Agent::\"a9\"", groups(self.parents[1], true)),
-            ("Group::\"g9\"", groups(self.parents[2], false)),
+            ("Agent::\"u9\"", groups(self.parents[1], true)),
+            ("Group::\"u9\"", groups(self.parents[2], false)),
             ("Doc::\"d9\"", folders(self.parents[3], true)),
-            ("Folder::\"f9\"", folders(self.parents[4], false)),
+            ("Folder::\"d9\"", folders(self.parents[4], false)),
         ];
         for (i, (uid, parents)) in candidates.into_iter().enumerate() {
             if sent(i) {
@@ -336,12 +338,12 @@ const CONDITIONS: [&str; 14] = [
     "when { principal.level * 4611686018427387904 > 0 }",
     "when { resource.level < principal.level }",
     "when { context.n * 4611686018427387904 > 1 }",
-    "when { resource in Folder::\"f1\" }",
+    "when { resource in Folder::\"d1\" }",
     "unless { principal.level > 1 }",
     // Entities reached through attributes, a literal and the context (an
     // owner or `who` that no one defines is an evaluation error).
     "when { resource has owner && resource.owner.level > 0 }",
-    "when { resource has owner && resource.owner has manager && resource.owner.manager in Group::\"g1\" }",
+    "when { resource has owner && resource.owner has manager && resource.owner.manager in Group::\"u1\" }",
     "when { User::\"u2\".level > principal.level }",
     "when { context has who && context.who.level > 1 }",
     // Not valid: errors Cedar raises only without a schema.
