@@ -804,15 +804,7 @@ fn worker_threads_default_to_the_usable_cpus_and_follow_the_flag_only() {
 #[tokio::test]
 async fn text_logs_quote_caller_text_so_it_cannot_forge_a_line() {
     use std::io::{BufRead, BufReader};
-    /// Stops the server however the test ends.
-    struct Serving(std::process::Child);
-    impl Drop for Serving {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Serving(
+    let mut child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_leash"))
             .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
             .args([

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{request, version_of, ReloadingServer, ALLOW, DENY, RELOAD_WAIT};
+use common::{request, version_of, KillOnDrop, ReloadingServer, ALLOW, DENY, RELOAD_WAIT};
 use leash::proto::v1 as pb;
 use leash::reload::{ReloadOptions, WatchMode};
 
@@ -769,15 +769,7 @@ fn sighup_reloads_and_leash_status_reports() {
     let bundle = Bundle::reads();
     let v1 = bundle.version();
     let socket = bundle.dir.path().join("leash.sock");
-    // Killed when the test ends, even by a failed assertion.
-    struct Child(std::process::Child);
-    impl Drop for Child {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Child(
+    let mut child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_leash"))
             .args([
                 "serve",

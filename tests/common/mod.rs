@@ -425,3 +425,14 @@ pub fn empty_bundle_dirs(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::create_dir_all(&schemas).expect("mkdir");
     (policies, schemas)
 }
+
+/// A child process killed (and reaped) when the test ends, even by a failed
+/// assertion, so no server outlives its test.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
