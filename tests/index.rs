@@ -969,8 +969,8 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
 }
 
 #[test]
-fn the_subset_cache_is_bounded_by_the_policies_it_holds() {
-    use leash::bundle::SUBSET_POLICIES_KEPT;
+fn the_subset_cache_is_bounded_by_the_weight_of_its_policies() {
+    use leash::bundle::{POLICY_OVERHEAD, SUBSET_BYTES_KEPT};
     // Every request matches the 300 unscoped forbids and its user's own
     // permit: 301 policies a subset, one subset per user.
     const UNSCOPED: usize = 300;
@@ -1001,15 +1001,16 @@ fn the_subset_cache_is_bounded_by_the_policies_it_holds() {
             .expect("narrowed");
         assert_eq!(subset.policies().count(), UNSCOPED + 1);
         let held = index.cache_size();
+        assert!(held.bytes <= SUBSET_BYTES_KEPT, "{held:?} after {u} users");
+        // Each policy weighs its text and the overhead.
         assert!(
-            held.policies <= SUBSET_POLICIES_KEPT,
-            "{held:?} after {u} users"
+            held.bytes > held.subsets * (UNSCOPED + 1) * POLICY_OVERHEAD,
+            "{held:?}"
         );
-        assert_eq!(held.policies, held.subsets * (UNSCOPED + 1), "{held:?}");
         last = Some((principal, subset));
     }
     // The test fills the cache past its bound.
-    const { assert!(USERS * (UNSCOPED + 1) > SUBSET_POLICIES_KEPT) };
+    const { assert!(USERS * (UNSCOPED + 1) * POLICY_OVERHEAD > SUBSET_BYTES_KEPT) };
     // The latest subset is still kept, and handed out again.
     let (principal, subset) = last.expect("selected");
     let again = index

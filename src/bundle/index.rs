@@ -165,6 +165,9 @@ impl Names {
 #[derive(Debug)]
 struct Entry {
     policy: Policy,
+    /// About what a copy of the policy takes in an assembled subset: its
+    /// source text, which each copy carries, and its parsed form.
+    weight: usize,
     principal: Scope,
     /// The schema actions (by number, sorted) the action scope matches,
     /// action groups expanded; `None` for any action.
@@ -236,26 +239,47 @@ pub struct PolicyIndex {
 /// Most subsets kept.
 const SUBSETS_KEPT: usize = 4096;
 
-/// Most policies held in all kept subsets together. Each holds a copy of
-/// its policies (with their source text, some hundreds of bytes each), so
-/// the count of sets alone does not bound memory: 4,096 sets of 2,000
-/// policies each (a bundle with many unscoped policies) would be gigabytes.
-/// This keeps the cache to tens of MiB; a subset larger than it is
-/// assembled each time and not kept.
-pub const SUBSET_POLICIES_KEPT: usize = 65_536;
+/// Most bytes of policies held in all kept subsets together, by each
+/// policy's weight (its source text, which every copy carries, and
+/// [`POLICY_OVERHEAD`]). Each subset holds copies of its policies, so the
+/// count of sets alone does not bound memory: 4,096 sets of 2,000 policies
+/// each (a bundle with many unscoped policies) would be gigabytes. A subset
+/// heavier than this is assembled each time and not kept.
+pub const SUBSET_BYTES_KEPT: usize = 32 << 20;
 
-/// The assembled subsets and how many policies they hold in all.
+/// A policy's parsed form and its place in a set, beyond its text: a rough
+/// figure (a parsed scope, a condition tree and map entries).
+pub const POLICY_OVERHEAD: usize = 512;
+
+/// The assembled subsets and the weight of the policies they hold.
 #[derive(Debug, Default)]
 struct Subsets {
     sets: HashMap<Vec<u32>, Arc<PolicySet>>,
-    policies: usize,
+    bytes: usize,
 }
 
 /// What the subset cache holds now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheSize {
     pub subsets: usize,
-    pub policies: usize,
+    /// The weight of their policies ([`SUBSET_BYTES_KEPT`]).
+    pub bytes: usize,
+}
+
+/// The length of a policy's text, counted without building it.
+fn text_len(policy: &Policy) -> usize {
+    struct Count(usize);
+    impl std::fmt::Write for Count {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail; a policy that would still counts
+    // what it wrote.
+    let _ = std::fmt::Write::write_fmt(&mut count, format_args!("{policy}"));
+    count.0
 }
 
 impl PolicyIndex {
@@ -325,6 +349,7 @@ impl PolicyIndex {
                 principal: index.names.principal(policy.principal_constraint()),
                 actions,
                 resource: index.names.resource(policy.resource_constraint()),
+                weight: text_len(policy) + POLICY_OVERHEAD,
                 policy: policy.clone(),
             };
             let key = index.file(at, &entry);
@@ -435,21 +460,23 @@ impl PolicyIndex {
             return Some(set);
         }
         let mut set = PolicySet::new();
+        let mut weight = 0;
         for &at in &matched {
             let entry = self.entries.get(usize::try_from(at).ok()?)?;
             self.add(&mut set, &entry.policy)?;
+            weight += entry.weight;
         }
         let set = Arc::new(set);
-        if matched.len() <= SUBSET_POLICIES_KEPT {
+        if weight <= SUBSET_BYTES_KEPT {
             let dropped = match self.subsets.write() {
                 // Another request may have kept the same subset meanwhile.
                 Ok(mut cache) if !cache.sets.contains_key(&matched) => {
                     // Full: start again. The old sets are freed after the
                     // lock is released, so other requests do not wait on it.
                     let full = cache.sets.len() >= SUBSETS_KEPT
-                        || cache.policies + matched.len() > SUBSET_POLICIES_KEPT;
+                        || cache.bytes + weight > SUBSET_BYTES_KEPT;
                     let dropped = full.then(|| std::mem::take(&mut *cache));
-                    cache.policies += matched.len();
+                    cache.bytes += weight;
                     cache.sets.insert(matched, Arc::clone(&set));
                     dropped
                 }
@@ -465,11 +492,11 @@ impl PolicyIndex {
         self.subsets.read().map_or(
             CacheSize {
                 subsets: 0,
-                policies: 0,
+                bytes: 0,
             },
             |cache| CacheSize {
                 subsets: cache.sets.len(),
-                policies: cache.policies,
+                bytes: cache.bytes,
             },
         )
     }
