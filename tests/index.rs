@@ -200,9 +200,10 @@ impl World {
     }
 }
 
-/// Request-scoped entities: each of u9, a9, g9 (principal side) and d9, f9
+/// Request-scoped entities: each of `User::"u9"`, `Agent::"u9"`, `Group::"u9"`
+/// (principal side) and `Doc::"d9"`, `Folder::"d9"`
 /// (resource side) may be sent, with parents in the bundle's graph or in
-/// each other (g9 above u9 and a9; f9 above d9).
+/// each other (the group above the user and the agent; the folder above the doc).
 #[derive(Debug, Clone)]
 struct Extras {
     sent: u8,
@@ -227,20 +228,20 @@ impl Extras {
     fn entities(&self) -> Vec<(String, Vec<String>, i64)> {
         let mut out = Vec::new();
         let sent = |i: usize| self.sent & (1 << i) != 0;
-        let groups = |mask: u8, with_g9: bool| {
+        let groups = |mask: u8, with_group9: bool| {
             let mut p: Vec<String> = bits(mask, GROUPS)
                 .map(|j| format!("Group::\"u{j}\""))
                 .collect();
-            if with_g9 && mask & 0x80 != 0 && sent(2) {
+            if with_group9 && mask & 0x80 != 0 && sent(2) {
                 p.push("Group::\"u9\"".to_owned());
             }
             p
         };
-        let folders = |mask: u8, with_f9: bool| {
+        let folders = |mask: u8, with_folder9: bool| {
             let mut p: Vec<String> = bits(mask, FOLDERS)
                 .map(|j| format!("Folder::\"d{j}\""))
                 .collect();
-            if with_f9 && mask & 0x80 != 0 && sent(4) {
+            if with_folder9 && mask & 0x80 != 0 && sent(4) {
                 p.push("Folder::\"d9\"".to_owned());
             }
             p
@@ -732,9 +733,10 @@ fn sources(world: &World, policies: &[PolicyGen], ns: bool) -> BundleSources {
 }
 
 /// Principals a request may name as agent or user: users and agents of the
-/// bundle, u9/a9 (defined only if the request sends them) and a ghost.
+/// bundle, `User::"u9"`/`Agent::"u9"` (defined only if the request sends them)
+/// and a ghost.
 const ENGINE_PRINCIPALS: [usize; 10] = [0, 1, 2, 3, 4, 5, 6, 11, 12, 14];
-/// Resources: docs and folders of the bundle, d9/f9, a ghost.
+/// Resources: docs and folders of the bundle, `Doc::"d9"`/`Folder::"d9"`, a ghost.
 const ENGINE_RESOURCES: [usize; 11] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
 
 #[test]
@@ -1017,4 +1019,25 @@ fn the_subset_cache_is_bounded_by_the_weight_of_its_policies() {
         .select(&principal, &act, &resource, &entities)
         .expect("narrowed");
     assert!(std::sync::Arc::ptr_eq(&subset, &again));
+}
+
+#[test]
+fn a_subset_heavier_than_the_cache_is_not_kept() {
+    use leash::bundle::SUBSET_BYTES_KEPT;
+    // One unscoped policy whose text alone is over the cache's bound.
+    let big = "x".repeat(SUBSET_BYTES_KEPT);
+    let mut set = PolicySet::new();
+    let text = format!("forbid (principal, action, resource) when {{ context.s == \"{big}\" }};");
+    set.add(Policy::parse(Some(PolicyId::new("big")), text).expect("parses"))
+        .expect("unique");
+    let act = uid("Action::\"a\"");
+    let entities =
+        Entities::from_entities([entity("Action::\"a\"", &[], None)], None).expect("entities");
+    let index = PolicyIndex::build(&set, &entities, &HashSet::from([act.clone()]));
+    let subset = index
+        .select(&uid("User::\"u\""), &act, &uid("Doc::\"d\""), &entities)
+        .expect("narrowed");
+    assert_eq!(subset.policies().count(), 1);
+    let held = index.cache_size();
+    assert_eq!((held.subsets, held.bytes), (0, 0), "{held:?}");
 }

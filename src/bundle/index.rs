@@ -166,7 +166,8 @@ impl Names {
 struct Entry {
     policy: Policy,
     /// About what a copy of the policy takes in an assembled subset: its
-    /// source text, which each copy carries, and its parsed form.
+    /// source text (a linked policy's is its template's), which each copy
+    /// carries, and [`POLICY_OVERHEAD`]. The parsed template is shared.
     weight: usize,
     principal: Scope,
     /// The schema actions (by number, sorted) the action scope matches,
@@ -247,9 +248,9 @@ const SUBSETS_KEPT: usize = 4096;
 /// heavier than this is assembled each time and not kept.
 pub const SUBSET_BYTES_KEPT: usize = 32 << 20;
 
-/// A policy's parsed form and its place in a set, beyond its text: a rough
-/// figure (a parsed scope, a condition tree and map entries).
-pub const POLICY_OVERHEAD: usize = 512;
+/// What a policy's copy takes in a set beyond its text, rounded up: its
+/// entries in the set's maps (the parsed template is shared, not copied).
+pub const POLICY_OVERHEAD: usize = 1024;
 
 /// The assembled subsets and the weight of the policies they hold.
 #[derive(Debug, Default)]
@@ -266,8 +267,10 @@ pub struct CacheSize {
     pub bytes: usize,
 }
 
-/// The length of a policy's text, counted without building it.
-fn text_len(policy: &Policy) -> usize {
+/// The length of a policy's or template's text, counted without building
+/// it. (Printing a policy parsed from text writes its text; a linked one
+/// would be printed anew from its template, so it is not passed here.)
+fn text_len(item: &impl std::fmt::Display) -> usize {
     struct Count(usize);
     impl std::fmt::Write for Count {
         fn write_str(&mut self, s: &str) -> std::fmt::Result {
@@ -278,7 +281,7 @@ fn text_len(policy: &Policy) -> usize {
     let mut count = Count(0);
     // Writing to a counter cannot fail; a policy that would still counts
     // what it wrote.
-    let _ = std::fmt::Write::write_fmt(&mut count, format_args!("{policy}"));
+    let _ = std::fmt::Write::write_fmt(&mut count, format_args!("{item}"));
     count.0
 }
 
@@ -316,17 +319,25 @@ impl PolicyIndex {
             subsets: RwLock::new(Subsets::default()),
             stats: IndexStats::default(),
         };
+        let mut template_text: HashMap<PolicyId, usize> = HashMap::new();
         for policy in policies.policies() {
             // Fewer than 2^32 policies: a bundle that size could not load.
             let Ok(at) = u32::try_from(index.entries.len()) else {
                 break;
             };
+            // A linked policy's copy carries its template's text.
+            let mut text = None;
             if let Some(template) = policy.template_id() {
                 if let Some(t) = policies.template(template) {
                     index
                         .templates
                         .entry(template.clone())
                         .or_insert_with(|| t.clone());
+                    text = Some(
+                        *template_text
+                            .entry(template.clone())
+                            .or_insert_with(|| text_len(t)),
+                    );
                 }
             }
             let actions = match policy.action_constraint() {
@@ -349,7 +360,7 @@ impl PolicyIndex {
                 principal: index.names.principal(policy.principal_constraint()),
                 actions,
                 resource: index.names.resource(policy.resource_constraint()),
-                weight: text_len(policy) + POLICY_OVERHEAD,
+                weight: text.unwrap_or_else(|| text_len(policy)) + POLICY_OVERHEAD,
                 policy: policy.clone(),
             };
             let key = index.file(at, &entry);
@@ -464,7 +475,7 @@ impl PolicyIndex {
         for &at in &matched {
             let entry = self.entries.get(usize::try_from(at).ok()?)?;
             self.add(&mut set, &entry.policy)?;
-            weight += entry.weight;
+            weight = entry.weight.saturating_add(weight);
         }
         let set = Arc::new(set);
         if weight <= SUBSET_BYTES_KEPT {
@@ -474,9 +485,9 @@ impl PolicyIndex {
                     // Full: start again. The old sets are freed after the
                     // lock is released, so other requests do not wait on it.
                     let full = cache.sets.len() >= SUBSETS_KEPT
-                        || cache.bytes + weight > SUBSET_BYTES_KEPT;
+                        || cache.bytes.saturating_add(weight) > SUBSET_BYTES_KEPT;
                     let dropped = full.then(|| std::mem::take(&mut *cache));
-                    cache.bytes += weight;
+                    cache.bytes = cache.bytes.saturating_add(weight);
                     cache.sets.insert(matched, Arc::clone(&set));
                     dropped
                 }
@@ -487,7 +498,7 @@ impl PolicyIndex {
         Some(set)
     }
 
-    /// How many subsets the cache holds, and policies in them.
+    /// How many subsets the cache holds, and the weight of their policies.
     pub fn cache_size(&self) -> CacheSize {
         self.subsets.read().map_or(
             CacheSize {
