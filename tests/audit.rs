@@ -528,14 +528,14 @@ async fn anchors_and_from_start_catch_a_trail_cut_short_or_rewritten() {
 
 /// A `leash serve` process with its audit trail at `trail`; returns it and
 /// its gRPC address once its bundle is loaded.
-fn spawn_serving(trail: &Path, sync: &str) -> (std::process::Child, String) {
+fn spawn_serving(trail: &Path, sync: &str) -> (KillOnDrop, String) {
     spawn_serving_to(trail.as_os_str(), sync, std::process::Stdio::inherit())
 }
 
 /// [`spawn_serving`] with the trail on stdout, a pipe nobody reads until
 /// the test says: once the pipe's buffer is full, the trail's write blocks
 /// as on a hung disk.
-fn spawn_serving_to_pipe(sync: &str) -> (std::process::Child, String) {
+fn spawn_serving_to_pipe(sync: &str) -> (KillOnDrop, String) {
     spawn_serving_to("-".as_ref(), sync, std::process::Stdio::piped())
 }
 
@@ -543,17 +543,19 @@ fn spawn_serving_to(
     trail: &std::ffi::OsStr,
     sync: &str,
     stdout: std::process::Stdio,
-) -> (std::process::Child, String) {
+) -> (KillOnDrop, String) {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
-        .args(["--log-format", "json", "--audit-sync", sync, "--audit-log"])
-        .arg(trail)
-        .stdout(stdout)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("starts");
-    let stderr = child.stderr.take().expect("stderr");
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
+            .args(["--log-format", "json", "--audit-sync", sync, "--audit-log"])
+            .arg(trail)
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starts"),
+    );
+    let stderr = child.0.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -609,8 +611,8 @@ async fn a_crash_under_load_keeps_every_answered_decision_and_the_chain_goes_on(
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reaped");
+    child.0.kill().expect("SIGKILL");
+    child.0.wait().expect("reaped");
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         let _ = task.await;
@@ -642,12 +644,12 @@ async fn a_crash_under_load_keeps_every_answered_decision_and_the_chain_goes_on(
     for _ in 0..5 {
         decide_with(&client, allow()).await.expect("decides");
     }
-    let pid = child.id().to_string();
+    let pid = child.0.id().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .expect("kill");
-    child.wait().expect("exits");
+    child.0.wait().expect("exits");
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
         .expect("dir")
         .filter_map(Result::ok)
@@ -1198,7 +1200,7 @@ fn numbered(n: u64) -> pb::IsAuthorizedRequest {
 async fn disk_mode_a_write_stalled_past_the_bound_is_refused_then_its_record_is_marked_late() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut child, addr) = spawn_serving_to_pipe("disk");
-    let pipe = child.stdout.take().expect("stdout");
+    let pipe = child.0.stdout.take().expect("stdout");
     let mut client = leash::check::connect_tcp(&addr).await.expect("connect");
     // One call at a time until the pipe is full and a write stalls: that
     // call waits out the 10 s bound and is refused.
@@ -1223,8 +1225,8 @@ async fn disk_mode_a_write_stalled_past_the_bound_is_refused_then_its_record_is_
     let last = n + 2;
     retry_until_recorded(&mut client, last).await;
     wait_grpc_health(&addr, ServingStatus::Serving).await;
-    child.kill().expect("kill");
-    child.wait().expect("wait");
+    child.0.kill().expect("kill");
+    child.0.wait().expect("wait");
     // The reader reaches the pipe's end once the child is gone.
     let recs = drained_through(dir.path(), &read, last);
     let position = |id: &str| {
@@ -1258,7 +1260,7 @@ async fn disk_mode_a_write_stalled_past_the_bound_is_refused_then_its_record_is_
 async fn queued_mode_a_write_stalled_past_the_bound_refuses_until_it_completes_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut child, addr) = spawn_serving_to_pipe("queued");
-    let pipe = child.stdout.take().expect("stdout");
+    let pipe = child.0.stdout.take().expect("stdout");
     let mut client = leash::check::connect_tcp(&addr).await.expect("connect");
     // Calls are answered once queued; paced after the first 2,000 (the
     // pipe is full by then), so the queue never fills and what ends them is
@@ -1275,11 +1277,11 @@ async fn queued_mode_a_write_stalled_past_the_bound_refuses_until_it_completes_a
     // SIGKILL would lose what is queued (the queued mode's documented
     // risk): stop with SIGTERM, which writes the queue first.
     let stopped = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .expect("kill runs");
     assert!(stopped.success());
-    child.wait().expect("wait");
+    child.0.wait().expect("wait");
     let recs = drained_through(dir.path(), &read, last);
     // Nothing answered is lost: every call answered ALLOW has its record,
     // the refused one has none, and the outage record counts it.

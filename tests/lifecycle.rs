@@ -479,18 +479,20 @@ fn serve_with_no_flags_serves_the_example_until_sigterm() {
     // Port 0 so parallel runs do not collide; the bound address is logged.
     // The default audit trail goes to the working directory: a temp one.
     let cwd = tempfile::tempdir().expect("temp dir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_leash"))
-        .current_dir(cwd.path())
-        .env("LEASH_LISTEN", "127.0.0.1:0")
-        .env("LEASH_ADMIN_LISTEN", "127.0.0.1:0")
-        .env_remove("LEASH_LOG_FORMAT")
-        .env_remove("LEASH_LOG")
-        .env_remove("RUST_LOG")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("starts");
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_leash"))
+            .current_dir(cwd.path())
+            .env("LEASH_LISTEN", "127.0.0.1:0")
+            .env("LEASH_ADMIN_LISTEN", "127.0.0.1:0")
+            .env_remove("LEASH_LOG_FORMAT")
+            .env_remove("LEASH_LOG")
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starts"),
+    );
     // Not a terminal: the log is JSON, one object per line.
-    let mut next_line = json_log_lines(&mut child);
+    let mut next_line = json_log_lines(&mut child.0);
     let mut addr = None;
     let mut loaded = false;
     while addr.is_none() || !loaded {
@@ -568,13 +570,13 @@ fn serve_with_no_flags_serves_the_example_until_sigterm() {
         "no trace, no trace_id: {deny}"
     );
 
-    let pid = child.id().to_string();
+    let pid = child.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .expect("kill")
         .success());
-    let status = child.wait().expect("exits");
+    let status = child.0.wait().expect("exits");
     assert_eq!(status.code(), Some(0));
     // Logged before it exited (the log ends there, so a missing line fails
     // here rather than waiting).
@@ -604,27 +606,29 @@ fn serve_with_no_flags_serves_the_example_until_sigterm() {
 #[tokio::test]
 async fn health_listener_answers_probes_on_any_address_and_nothing_else() {
     let cwd = tempfile::tempdir().expect("temp dir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_leash"))
-        .current_dir(cwd.path())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "none",
-            "--audit-log",
-            "none",
-            "--log-format",
-            "json",
-            "--health-listen",
-            "0.0.0.0:0",
-        ])
-        .env_remove("LEASH_LOG")
-        .env_remove("RUST_LOG")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("starts");
-    let mut next_line = json_log_lines(&mut child);
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_leash"))
+            .current_dir(cwd.path())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "none",
+                "--audit-log",
+                "none",
+                "--log-format",
+                "json",
+                "--health-listen",
+                "0.0.0.0:0",
+            ])
+            .env_remove("LEASH_LOG")
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starts"),
+    );
+    let mut next_line = json_log_lines(&mut child.0);
     let mut port = None;
     let mut loaded = false;
     while port.is_none() || !loaded {
@@ -678,8 +682,6 @@ async fn health_listener_answers_probes_on_any_address_and_nothing_else() {
         .await
         .expect_err("no decisions on the health listener");
     assert_eq!(refused.code(), tonic::Code::Unimplemented);
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]
@@ -750,8 +752,8 @@ fn worker_threads_with(envs: &[(&str, &str)]) -> u64 {
     for (key, value) in envs {
         cmd.env(key, value);
     }
-    let mut child = cmd.spawn().expect("starts");
-    let mut next_line = json_log_lines(&mut child);
+    let mut child = KillOnDrop(cmd.spawn().expect("starts"));
+    let mut next_line = json_log_lines(&mut child.0);
     let mut workers = None;
     loop {
         let line = next_line();
@@ -762,8 +764,8 @@ fn worker_threads_with(envs: &[(&str, &str)]) -> u64 {
             break;
         }
     }
-    child.kill().expect("kill");
-    child.wait().expect("wait");
+    child.0.kill().expect("kill");
+    child.0.wait().expect("wait");
     workers.expect("the starting line says how many workers")
 }
 
