@@ -354,16 +354,20 @@ fn drain(
     }
 }
 
-/// The worker threads in a sidecar's `starting` log line (JSON).
-fn worker_threads(line: &str) -> Option<usize> {
-    // As for `listening`: parse only the lines that can be this one.
-    if !line.contains("\"starting\"") {
+/// `line` as JSON when it is the log line with this `message`. Every deny
+/// is a line too: only the few that can be this one are parsed, so reading
+/// the sidecar's log takes little of the CPU it measures.
+fn log_line(line: &str, message: &str) -> Option<serde_json::Value> {
+    if !line.contains(message) {
         return None;
     }
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    if value.get("message")?.as_str()? != "starting" {
-        return None;
-    }
+    (value.get("message")?.as_str()? == message).then_some(value)
+}
+
+/// The worker threads in a sidecar's `starting` log line (JSON).
+fn worker_threads(line: &str) -> Option<usize> {
+    let value = log_line(line, "starting")?;
     usize::try_from(value.get("worker_threads")?.as_u64()?).ok()
 }
 
@@ -376,15 +380,7 @@ enum Listening {
 /// started with JSON logs): gRPC TCP, or the admin listener
 /// (`http://ADDR (admin)`).
 fn listening_address(line: &str) -> Option<Listening> {
-    // Every deny is a line too: parse only the few that can be this one,
-    // so reading the sidecar's log takes little of the CPU it measures.
-    if !line.contains("\"listening\"") {
-        return None;
-    }
-    let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    if value.get("message")?.as_str()? != "listening" {
-        return None;
-    }
+    let value = log_line(line, "listening")?;
     let address = value.get("address")?.as_str()?;
     match address.strip_prefix("http://") {
         Some(rest) => rest
