@@ -937,6 +937,15 @@ pub struct BenchFloorArgs {
 /// Most `--worker-threads`: far more than a sidecar has CPUs.
 const MAX_WORKER_THREADS: usize = 1024;
 
+/// `--worker-threads`, for `serve` and `bench` alike.
+fn check_worker_threads(value: Option<usize>, problems: &mut Vec<String>) {
+    if value.is_some_and(|n| n == 0 || n > MAX_WORKER_THREADS) {
+        problems.push(format!(
+            "--worker-threads: must be between 1 and {MAX_WORKER_THREADS}"
+        ));
+    }
+}
+
 /// Longest `--drain-timeout`, in seconds: an hour is past any pod's grace
 /// period, and the bound keeps the value a `Duration` can hold.
 const MAX_DRAIN_TIMEOUT: f64 = 3600.0;
@@ -1057,14 +1066,7 @@ impl BenchArgs {
                 }
             },
         };
-        if self
-            .worker_threads
-            .is_some_and(|n| n == 0 || n > MAX_WORKER_THREADS)
-        {
-            problems.push(format!(
-                "--worker-threads: must be between 1 and {MAX_WORKER_THREADS}"
-            ));
-        }
+        check_worker_threads(self.worker_threads, &mut problems);
         if self.capacity_rounds == Some(0) {
             problems.push(
                 "--capacity-rounds: 0 rounds measure nothing; give at least 1 (or --capacity-policies none to skip the phase)"
@@ -1174,14 +1176,7 @@ impl ServeArgs {
         if self.max_batch == 0 {
             problems.push("--max-batch: must be at least 1".to_owned());
         }
-        if self
-            .worker_threads
-            .is_some_and(|n| n == 0 || n > MAX_WORKER_THREADS)
-        {
-            problems.push(format!(
-                "--worker-threads: must be between 1 and {MAX_WORKER_THREADS}"
-            ));
-        }
+        check_worker_threads(self.worker_threads, &mut problems);
         if self.max_message_bytes < 1024 {
             problems.push("--max-message-bytes: must be at least 1024".to_owned());
         }
