@@ -557,6 +557,11 @@ async fn metrics_move_with_decisions_and_readiness_follows_the_bundle() {
         "{text}"
     );
     assert!(metric(&text, "leash_seconds_since_last_successful_reload") >= 0.0);
+    // The decisions above were narrowed by the scope index: their subsets
+    // are kept, and no request fell back to the whole set.
+    assert!(metric(&text, "leash_index_subsets") >= 2.0, "{text}");
+    assert!(metric(&text, "leash_index_subset_bytes") > 1024.0, "{text}");
+    assert_eq!(m("leash_index_fallbacks_total"), 0.0);
     // Logging is not set up in tests; the series is there all the same.
     metric(&text, "leash_log_lines_dropped_total");
     metric(&text, "leash_spans_dropped_total{reason=\"queue_full\"}");

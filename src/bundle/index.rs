@@ -39,6 +39,7 @@ use std::collections::HashSet;
 // looked up once or more per request: foldhash, seeded per map, hashes an
 // entity name in a fraction of SipHash's time.
 use foldhash::{HashMap, HashMapExt as _};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -235,6 +236,23 @@ pub struct PolicyIndex {
     /// fewer distinct subsets than there are requests.
     subsets: RwLock<Subsets>,
     stats: IndexStats,
+    /// Whether a request this index could not narrow has been logged (once
+    /// per bundle: each one is counted in [`fallbacks`]).
+    fell_back: AtomicBool,
+}
+
+/// Requests decided on the whole set because the index could not narrow
+/// them, since the process started.
+static FALLBACKS: AtomicU64 = AtomicU64::new(0);
+
+/// Requests decided on the whole policy set since the process started
+/// because the index could not narrow them. The engine refuses requests
+/// for actions outside the schema before they get here, and every policy
+/// of the set can be added to a subset, so this stays 0; if it does not,
+/// the answers are still exact (the whole set decides) but each such
+/// decision costs what it would without the index.
+pub fn fallbacks() -> u64 {
+    FALLBACKS.load(Ordering::Relaxed)
 }
 
 /// Most subsets kept.
@@ -318,6 +336,7 @@ impl PolicyIndex {
             unkeyed: Vec::new(),
             subsets: RwLock::new(Subsets::default()),
             stats: IndexStats::default(),
+            fell_back: AtomicBool::new(false),
         };
         let mut template_text: HashMap<PolicyId, usize> = HashMap::new();
         for policy in policies.policies() {
@@ -423,8 +442,31 @@ impl PolicyIndex {
     /// `resource`, as a set for Cedar to evaluate; `entities` is the entity
     /// data the request is decided with. `None` when the index cannot
     /// narrow this request (an action it does not know, or a subset that
-    /// cannot be assembled): the caller then evaluates the whole set.
+    /// cannot be assembled): the caller then evaluates the whole set. Such
+    /// requests are counted ([`fallbacks`]), and the first is logged.
     pub fn select(
+        &self,
+        principal: &EntityUid,
+        action: &EntityUid,
+        resource: &EntityUid,
+        entities: &Entities,
+    ) -> Option<Arc<PolicySet>> {
+        let narrowed = self.narrow(principal, action, resource, entities);
+        if narrowed.is_none() {
+            FALLBACKS.fetch_add(1, Ordering::Relaxed);
+            if !self.fell_back.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    action = %action,
+                    "the scope index could not narrow a request: it was decided on the whole \
+                     policy set (the same answer, at the cost of evaluating every policy); \
+                     leash_index_fallbacks_total counts such requests"
+                );
+            }
+        }
+        narrowed
+    }
+
+    fn narrow(
         &self,
         principal: &EntityUid,
         action: &EntityUid,
@@ -526,5 +568,60 @@ impl PolicyIndex {
             policy.template_links()?,
         )
         .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr as _;
+
+    fn uid(text: &str) -> EntityUid {
+        EntityUid::from_str(text).expect("uid")
+    }
+
+    #[test]
+    fn a_request_it_cannot_narrow_is_counted_and_logged_once() {
+        let mut policies = PolicySet::from_str(
+            r#"permit (principal == User::"alice", action == Action::"read", resource);
+               permit (principal == ?principal, action == Action::"read", resource);"#,
+        )
+        .expect("policies");
+        policies
+            .link(
+                PolicyId::new("policy1"),
+                PolicyId::new("bob"),
+                std::collections::HashMap::from([(
+                    cedar_policy::SlotId::principal(),
+                    uid(r#"User::"bob""#),
+                )]),
+            )
+            .expect("link");
+        let read = uid(r#"Action::"read""#);
+        let doc = uid(r#"Doc::"d""#);
+        let mut index = PolicyIndex::build(
+            &policies,
+            &Entities::empty(),
+            &HashSet::from([read.clone()]),
+        );
+        let entities = Entities::empty();
+        let before = fallbacks();
+        let alice = index.select(&uid(r#"User::"alice""#), &read, &doc, &entities);
+        assert_eq!(alice.map(|set| set.num_of_policies()), Some(1));
+        assert_eq!(fallbacks(), before);
+        assert!(!index.fell_back.load(Ordering::Relaxed));
+
+        // Bob's policy is linked from a template the index no longer has:
+        // its subset cannot be assembled.
+        index.templates.clear();
+        let bob = uid(r#"User::"bob""#);
+        assert!(index.select(&bob, &read, &doc, &entities).is_none());
+        assert!(fallbacks() > before);
+        assert!(index.fell_back.load(Ordering::Relaxed));
+        // An action outside the schema is not narrowed either.
+        let after = fallbacks();
+        let write = uid(r#"Action::"write""#);
+        assert!(index.select(&bob, &write, &doc, &entities).is_none());
+        assert!(fallbacks() > after);
     }
 }

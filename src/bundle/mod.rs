@@ -30,7 +30,10 @@ use sha2::Digest as _;
 pub use approvals::Gates;
 pub use approvers::Approvers;
 pub use diagnostic::Diagnostic;
-pub use index::{CacheSize, IndexStats, PolicyIndex, POLICY_OVERHEAD, SUBSET_BYTES_KEPT};
+pub use index::{
+    fallbacks as index_fallbacks, CacheSize, IndexStats, PolicyIndex, POLICY_OVERHEAD,
+    SUBSET_BYTES_KEPT,
+};
 pub use limits::{Limit, LimitKey, Limits, Measure};
 pub use printed::{policy_id_text, push_type_name, uid_text};
 pub use reserved::{LeashFields, ReservedContext, LEASH_ATTR};

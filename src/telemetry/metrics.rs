@@ -335,7 +335,29 @@ impl Collector for StateCollector {
                 None,
                 MetricType::Gauge,
             )?)?;
+            if let Some(index) = &snapshot.index {
+                let cache = index.cache_size();
+                ConstGauge::new(clamp_i64(cache.subsets)).encode(encoder.encode_descriptor(
+                    "leash_index_subsets",
+                    "Policy subsets the scope index keeps assembled for the served bundle (at most 4096).",
+                    None,
+                    MetricType::Gauge,
+                )?)?;
+                ConstGauge::new(clamp_i64(cache.bytes)).encode(encoder.encode_descriptor(
+                    "leash_index_subset_bytes",
+                    "Estimated weight of the kept subsets' policies (source text plus 1 KiB each; at most 32 MiB).",
+                    None,
+                    MetricType::Gauge,
+                )?)?;
+            }
         }
+        ConstCounter::new(crate::bundle::index_fallbacks()).encode(encoder.encode_descriptor(
+            "leash_index_fallbacks",
+            "Requests the scope index could not narrow, decided on the whole policy set (the same answer, slower); \
+             expected to stay 0.",
+            None,
+            MetricType::Counter,
+        )?)?;
 
         // A server published to directly (not through the reloader) counts
         // from its snapshot's load.
