@@ -778,14 +778,17 @@ async fn a_caller_on_the_unix_socket_is_named_by_its_process_and_user() {
 #[test]
 fn the_trail_can_go_to_stdout_for_a_log_collector() {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
-        .args(["--log-format", "json", "--audit-log", "-"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("starts");
-    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
+            .args(["--log-format", "json", "--audit-log", "-"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starts"),
+    );
+    let stderr = BufReader::new(child.0.stderr.take().expect("stderr"));
+    let mut stdout = child.0.stdout.take().expect("stdout");
     let mut addr = None;
     for line in stderr.lines().map_while(Result::ok) {
         let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
@@ -817,15 +820,18 @@ fn the_trail_can_go_to_stdout_for_a_log_collector() {
             .expect("runs");
         assert_eq!(out.status.code(), Some(0));
     }
-    let pid = child.id().to_string();
+    let pid = child.0.id().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .expect("kill");
-    let out = child.wait_with_output().expect("exits");
+    // To its end: the sidecar closes stdout when it exits.
+    let mut captured_text = Vec::new();
+    std::io::Read::read_to_end(&mut stdout, &mut captured_text).expect("read stdout");
+    assert!(child.0.wait().expect("exits").success());
     let dir = tempfile::tempdir().expect("temp dir");
     let captured = dir.path().join("stdout.log");
-    std::fs::write(&captured, &out.stdout).expect("write");
+    std::fs::write(&captured, &captured_text).expect("write");
     match chain::verify(&[captured]).expect("readable") {
         Verdict::Intact(summary) => assert_eq!(summary.records, 3),
         other => panic!("stdout carries the same chain: {other:?}"),
@@ -1305,6 +1311,107 @@ async fn queued_mode_a_write_stalled_past_the_bound_refuses_until_it_completes_a
         outage["refused_records"].as_u64().is_some_and(|c| c >= 1),
         "{outage}"
     );
+    // It says why, though the trail had recovered when it was written.
+    assert!(
+        outage["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("has not completed in 10s")),
+        "{outage}"
+    );
+}
+
+#[tokio::test]
+async fn queued_mode_a_queue_full_past_the_bound_refuses_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, addr) = spawn_serving_to_pipe("queued");
+    let pipe = child.0.stdout.take().expect("stdout");
+    let client = leash::check::connect_tcp(&addr).await.expect("connect");
+    // 64 callers, unpaced: once the pipe is full the write in progress
+    // stalls, and the queue's 8,192 places fill in a few seconds, well
+    // inside the 10 s that write may take before the trail counts as
+    // stalled. What ends the callers is then waiting 10 s for a place.
+    let callers: Vec<_> = (0..64u64)
+        .map(|k| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+                let mut allowed = Vec::new();
+                let mut n = k * 1_000_000;
+                loop {
+                    let r = ask_numbered(&mut client, n).await;
+                    if let Some(error) = r.error {
+                        assert_eq!(r.decision, DENY, "{}", error.message);
+                        return (allowed, n, error.message);
+                    }
+                    assert_eq!(r.decision, ALLOW, "{r:?}");
+                    allowed.push(n);
+                    assert!(tokio::time::Instant::now() < deadline, "never refused");
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    let mut allowed = Vec::new();
+    let mut refused = Vec::new();
+    for caller in callers {
+        let (ok, n, message) = caller.await.expect("caller");
+        assert!(
+            message.contains("the audit queue has been full for 10s"),
+            "{message}"
+        );
+        allowed.extend(ok);
+        refused.push(n);
+    }
+    assert!(allowed.len() > 8_192, "{} answered", allowed.len());
+    wait_grpc_health(&addr, ServingStatus::NotServing).await;
+
+    // The writer is stuck until the pipe is read: it learns of the outage
+    // after this, but the outage began before.
+    let drained_at = chrono::Utc::now();
+    let read = drain(pipe);
+    let last = 99_000_000;
+    let mut client = client.clone();
+    retry_until_recorded(&mut client, last).await;
+    wait_grpc_health(&addr, ServingStatus::Serving).await;
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(stopped.success());
+    child.0.wait().expect("wait");
+    let recs = drained_through(dir.path(), &read, last);
+    // Every call answered ALLOW has its record (those queued when the
+    // queue was full included), no refused call has one, and the outage
+    // record counts the refused.
+    let ids: std::collections::HashSet<&str> = recs
+        .iter()
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
+    for n in &allowed {
+        assert!(ids.contains(format!("r-{n}").as_str()), "r-{n} lost");
+    }
+    for n in &refused {
+        assert!(!ids.contains(format!("r-{n}").as_str()), "r-{n} recorded");
+    }
+    let outage = recs
+        .iter()
+        .find(|r| r["event"] == "audit_unavailable")
+        .expect("an outage record");
+    assert!(
+        outage["refused_records"].as_u64().is_some_and(|c| c >= 64),
+        "{outage}"
+    );
+    assert!(
+        outage["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("queue has been full")),
+        "{outage}"
+    );
+    let since = outage["since"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .expect("since");
+    assert!(since < drained_at, "{outage}");
 }
 
 #[tokio::test]

@@ -102,6 +102,11 @@ pub struct AuditStatus {
     /// Records refused on the request path (queued mode, while
     /// unavailable), for the outage record.
     refused: AtomicU64,
+    /// The first failure since the writer last looked: when and why. The
+    /// request path may refuse records while the writer is stuck in a
+    /// write; by the time the writer writes the outage record, the trail
+    /// has recovered, so it cannot ask `last_error`.
+    first_failure: Mutex<Option<Failure>>,
     next_seq: AtomicU64,
     /// When the write in progress started (milliseconds on a monotonic
     /// clock), 0 when none is: a queued-mode caller does not wait for
@@ -120,6 +125,7 @@ impl AuditStatus {
             records: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            first_failure: Mutex::new(None),
             next_seq: AtomicU64::new(0),
             write_started_ms: AtomicU64::new(0),
             changes,
@@ -173,8 +179,15 @@ impl AuditStatus {
         self.changes.subscribe()
     }
 
-    fn take_refused(&self) -> u64 {
-        self.refused.swap(0, Ordering::Relaxed)
+    /// Records refused on the request path, and the first failure, since
+    /// the last call.
+    fn take_refused(&self) -> (u64, Option<Failure>) {
+        let first = self
+            .first_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        (self.refused.swap(0, Ordering::Relaxed), first)
     }
 
     fn written(&self, records: u64, next_seq: u64) {
@@ -196,6 +209,13 @@ impl AuditStatus {
 
     fn failed(&self, error: String) {
         self.write_errors.fetch_add(1, Ordering::Relaxed);
+        self.first_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(|| Failure {
+                since: writer::now(),
+                error: error.clone(),
+            });
         *self
             .last_error
             .lock()
@@ -204,6 +224,13 @@ impl AuditStatus {
             self.changes.send_replace(false);
         }
     }
+}
+
+/// When the trail failed, and why, for the outage record.
+#[derive(Debug, Clone)]
+struct Failure {
+    since: String,
+    error: String,
 }
 
 /// The request path's handle on the trail.

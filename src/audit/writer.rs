@@ -629,6 +629,8 @@ pub fn run(
             }
             !gone
         });
+        let (refused, first_failure) = status.take_refused();
+        let starting = !outage.active() && (gave_up > 0 || refused > 0);
         if gave_up > 0 {
             outage.failed(
                 &format!(
@@ -641,15 +643,21 @@ pub fn run(
         // In chain order: the end of an outage, records to retry, new ones.
         let mut next = head.clone();
         let mut bytes = String::with_capacity((records + retry.len() + 1) * 640);
-        let refused = status.take_refused();
         if refused > 0 && !outage.active() {
             // Refused on the request path while this thread's own writes
             // succeeded (a write that stalled, then finished): an outage
-            // all the same, and the trail says so.
-            let error = status
-                .last_error()
+            // all the same, and the trail says why.
+            let error = first_failure
+                .as_ref()
+                .map(|f| f.error.clone())
+                .or_else(|| status.last_error())
                 .unwrap_or_else(|| "the audit trail was unavailable".to_owned());
             outage.failed(&error, 0);
+        }
+        // It began when the request path first failed, not when this
+        // thread got back to learn of it.
+        if let Some(first) = first_failure.filter(|_| starting) {
+            outage.since = Some(first.since);
         }
         outage.refused_records += refused;
         let outage_ended = outage.active();
@@ -815,7 +823,7 @@ impl Outage {
     }
 }
 
-fn now() -> String {
+pub(super) fn now() -> String {
     chrono::Utc::now()
         .format("%Y-%m-%dT%H:%M:%S%.6fZ")
         .to_string()
