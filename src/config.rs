@@ -182,6 +182,11 @@ pub struct ServeArgs {
     /// Rotate the audit file when it reaches this many bytes.
     #[arg(long, env = "LEASH_AUDIT_MAX_BYTES", value_name = "BYTES", default_value_t = 100 * 1024 * 1024)]
     pub audit_max_bytes: u64,
+    /// Requests (a batch counts as one) queued for the audit writer at
+    /// most; beyond, callers wait for a place, for at most 10 s, then are
+    /// refused.
+    #[arg(long, env = "LEASH_AUDIT_QUEUE_SIZE", value_name = "N", default_value_t = crate::audit::DEFAULT_QUEUE_SIZE)]
+    pub audit_queue_size: usize,
     /// Answer decisions even when their records cannot be written (logged
     /// loudly). By default leash fails closed: such decisions are DENY.
     #[arg(long, env = "LEASH_AUDIT_FAIL_OPEN", value_parser = boolish())]
@@ -1329,6 +1334,13 @@ impl ServeArgs {
         if self.audit_max_bytes < 4096 {
             problems.push("--audit-max-bytes: must be at least 4096".to_owned());
         }
+        if !(1..=crate::audit::MAX_QUEUE_SIZE).contains(&self.audit_queue_size) {
+            problems.push(format!(
+                "--audit-queue-size: {} is out of range; give 1 to {}",
+                self.audit_queue_size,
+                crate::audit::MAX_QUEUE_SIZE
+            ));
+        }
         let hash_key = match &self.audit_hash_key_file {
             None => Vec::new(),
             Some(path) => match std::fs::read(path) {
@@ -1370,6 +1382,7 @@ impl ServeArgs {
                 AuditSync::Queued => SyncMode::Queued,
             },
             max_file_bytes: self.audit_max_bytes,
+            queue_size: self.audit_queue_size,
             fail_open: self.audit_fail_open,
             context_keys,
             hash_context_keys,
@@ -1906,5 +1919,27 @@ mod tests {
         );
         assert!(problems[1].contains("fewer than 16 bytes"), "{problems:?}");
         assert!(Cli::try_parse_from(["leash", "serve", "--audit-hash-context-keys", "x"]).is_err());
+    }
+
+    #[test]
+    fn the_audit_queue_size_is_bounded() {
+        let default = serve(&[]).resolve().expect("valid");
+        assert_eq!(default.options.audit.queue_size, 8192);
+        let small = serve(&["--audit-queue-size", "16"])
+            .resolve()
+            .expect("valid");
+        assert_eq!(small.options.audit.queue_size, 16);
+        for bad in ["0", "1048577"] {
+            let problems = serve(&["--audit-queue-size", bad])
+                .resolve()
+                .expect_err("refused");
+            assert_eq!(
+                problems,
+                [format!(
+                    "--audit-queue-size: {bad} is out of range; give 1 to 1048576"
+                )]
+            );
+        }
+        assert!(Cli::try_parse_from(["leash", "serve", "--audit-queue-size", "-1"]).is_err());
     }
 }

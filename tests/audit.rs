@@ -529,20 +529,21 @@ async fn anchors_and_from_start_catch_a_trail_cut_short_or_rewritten() {
 /// A `leash serve` process with its audit trail at `trail`; returns it and
 /// its gRPC address once its bundle is loaded.
 fn spawn_serving(trail: &Path, sync: &str) -> (KillOnDrop, String) {
-    spawn_serving_to(trail.as_os_str(), sync, std::process::Stdio::inherit())
+    spawn_serving_to(trail.as_os_str(), sync, std::process::Stdio::inherit(), &[])
 }
 
 /// [`spawn_serving`] with the trail on stdout, a pipe nobody reads until
 /// the test says: once the pipe's buffer is full, the trail's write blocks
 /// as on a hung disk.
-fn spawn_serving_to_pipe(sync: &str) -> (KillOnDrop, String) {
-    spawn_serving_to("-".as_ref(), sync, std::process::Stdio::piped())
+fn spawn_serving_to_pipe(sync: &str, more: &[&str]) -> (KillOnDrop, String) {
+    spawn_serving_to("-".as_ref(), sync, std::process::Stdio::piped(), more)
 }
 
 fn spawn_serving_to(
     trail: &std::ffi::OsStr,
     sync: &str,
     stdout: std::process::Stdio,
+    more: &[&str],
 ) -> (KillOnDrop, String) {
     use std::io::{BufRead, BufReader};
     let mut child = KillOnDrop(
@@ -550,6 +551,7 @@ fn spawn_serving_to(
             .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
             .args(["--log-format", "json", "--audit-sync", sync, "--audit-log"])
             .arg(trail)
+            .args(more)
             .stdout(stdout)
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -1205,7 +1207,7 @@ fn numbered(n: u64) -> pb::IsAuthorizedRequest {
 #[tokio::test]
 async fn disk_mode_a_write_stalled_past_the_bound_is_refused_then_its_record_is_marked_late() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut child, addr) = spawn_serving_to_pipe("disk");
+    let (mut child, addr) = spawn_serving_to_pipe("disk", &[]);
     let pipe = child.0.stdout.take().expect("stdout");
     let mut client = leash::check::connect_tcp(&addr).await.expect("connect");
     // One call at a time until the pipe is full and a write stalls: that
@@ -1227,6 +1229,7 @@ async fn disk_mode_a_write_stalled_past_the_bound_is_refused_then_its_record_is_
     // decision is recorded after an outage record saying one record before
     // it was written after its caller had been answered DENY, and one was
     // refused.
+    let drained_at = chrono::Utc::now();
     let read = drain(pipe);
     let last = n + 2;
     retry_until_recorded(&mut client, last).await;
@@ -1252,6 +1255,13 @@ async fn disk_mode_a_write_stalled_past_the_bound_is_refused_then_its_record_is_
     );
     assert_eq!(recs[outage]["late_records"], 1, "{}", recs[outage]);
     assert_eq!(recs[outage]["refused_records"], 1, "{}", recs[outage]);
+    // It began when the first call was refused, before the write
+    // completed and the writer could learn of it.
+    let since = recs[outage]["since"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .expect("since");
+    assert!(since < drained_at, "{}", recs[outage]);
     assert_eq!(position(&format!("r-{last}")), outage + 1);
     // The call refused behind the stall is not recorded as if allowed.
     let behind = format!("r-{}", n + 1);
@@ -1265,7 +1275,7 @@ async fn disk_mode_a_write_stalled_past_the_bound_is_refused_then_its_record_is_
 #[tokio::test]
 async fn queued_mode_a_write_stalled_past_the_bound_refuses_until_it_completes_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut child, addr) = spawn_serving_to_pipe("queued");
+    let (mut child, addr) = spawn_serving_to_pipe("queued", &[]);
     let pipe = child.0.stdout.take().expect("stdout");
     let mut client = leash::check::connect_tcp(&addr).await.expect("connect");
     // Calls are answered once queued; paced after the first 2,000 (the
@@ -1323,13 +1333,13 @@ async fn queued_mode_a_write_stalled_past_the_bound_refuses_until_it_completes_a
 #[tokio::test]
 async fn queued_mode_a_queue_full_past_the_bound_refuses_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut child, addr) = spawn_serving_to_pipe("queued");
+    let (mut child, addr) = spawn_serving_to_pipe("queued", &["--audit-queue-size", "256"]);
     let pipe = child.0.stdout.take().expect("stdout");
     let client = leash::check::connect_tcp(&addr).await.expect("connect");
     // 64 callers, unpaced: once the pipe is full the write in progress
-    // stalls, and the queue's 8,192 places fill in a few seconds, well
-    // inside the 10 s that write may take before the trail counts as
-    // stalled. What ends the callers is then waiting 10 s for a place.
+    // stalls, and the queue's 256 places fill at once, well inside the
+    // 10 s that write may take before the trail counts as stalled. What
+    // ends the callers is then waiting 10 s for a place.
     let callers: Vec<_> = (0..64u64)
         .map(|k| {
             let mut client = client.clone();
@@ -1362,7 +1372,7 @@ async fn queued_mode_a_queue_full_past_the_bound_refuses_and_loses_nothing() {
         allowed.extend(ok);
         refused.push(n);
     }
-    assert!(allowed.len() > 8_192, "{} answered", allowed.len());
+    assert!(allowed.len() > 256, "{} answered", allowed.len());
     wait_grpc_health(&addr, ServingStatus::NotServing).await;
 
     // The writer is stuck until the pipe is read: it learns of the outage

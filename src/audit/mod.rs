@@ -25,9 +25,12 @@ use crate::bundle::uid_text;
 use crate::engine::{AuthzRequest, Decision, GrantUse, RequestError, SideDecision};
 use crate::proto::v1 as pb;
 
-/// Requests (a batch is one) waiting for the writer at most; beyond,
-/// callers wait.
-const QUEUE_RECORDS: usize = 8192;
+/// Requests (a batch is one) waiting for the writer at most, by default;
+/// beyond, callers wait (`--audit-queue-size`).
+pub const DEFAULT_QUEUE_SIZE: usize = 8192;
+
+/// The largest `--audit-queue-size`: each place may hold a batch's records.
+pub const MAX_QUEUE_SIZE: usize = 1 << 20;
 
 /// How long a decision waits for its record to be synced before it is
 /// refused and the trail counted unavailable.
@@ -58,6 +61,9 @@ pub struct AuditOptions {
     pub sync: SyncMode,
     /// Rotate the file when it reaches this size.
     pub max_file_bytes: u64,
+    /// Requests (a batch is one) queued for the writer at most; beyond,
+    /// callers wait, for at most `WRITE_STALL`.
+    pub queue_size: usize,
     /// Answer decisions even when their records cannot be written.
     pub fail_open: bool,
     /// Context attributes recorded in clear; all others are redacted.
@@ -75,6 +81,7 @@ impl Default for AuditOptions {
             target: AuditTarget::Off,
             sync: SyncMode::Disk,
             max_file_bytes: 100 * 1024 * 1024,
+            queue_size: DEFAULT_QUEUE_SIZE,
             fail_open: false,
             context_keys: Vec::new(),
             hash_context_keys: Vec::new(),
@@ -181,13 +188,18 @@ impl AuditStatus {
 
     /// Records refused on the request path, and the first failure, since
     /// the last call.
+    ///
+    /// The request path notes a failure before it counts the records it
+    /// refuses, and this takes the count before the note, so refusals
+    /// taken always come with their note (or an earlier one).
     fn take_refused(&self) -> (u64, Option<Failure>) {
+        let refused = self.refused.swap(0, Ordering::SeqCst);
         let first = self
             .first_failure
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        (self.refused.swap(0, Ordering::Relaxed), first)
+        (refused, first)
     }
 
     fn written(&self, records: u64, next_seq: u64) {
@@ -259,7 +271,7 @@ impl Audit {
                 let (sink, head) =
                     writer::open(target, options.max_file_bytes).map_err(AuditError::Open)?;
                 status.next_seq.store(head.next_seq, Ordering::Relaxed);
-                let (tx, rx) = mpsc::channel(QUEUE_RECORDS);
+                let (tx, rx) = mpsc::channel(options.queue_size.clamp(1, MAX_QUEUE_SIZE));
                 let for_writer = status.clone();
                 let fail_open = options.fail_open;
                 let linger = match options.sync {
@@ -350,11 +362,13 @@ impl Audit {
                         if !self.fail_open() {
                             abandoned.store(true, Ordering::SeqCst);
                         }
+                        // Noted before the refusal is counted (see
+                        // `take_refused`).
+                        self.status.failed(problem.clone());
                         // Never queued: the writer will not count it.
                         if !sent.load(Ordering::SeqCst) {
-                            self.status.refused.fetch_add(count, Ordering::Relaxed);
+                            self.status.refused.fetch_add(count, Ordering::SeqCst);
                         }
-                        self.status.failed(problem.clone());
                         Err(problem)
                     }
                 }
@@ -370,7 +384,7 @@ impl Audit {
                 if !self.status.available() {
                     self.status
                         .refused
-                        .fetch_add(records.len() as u64, Ordering::Relaxed);
+                        .fetch_add(records.len() as u64, Ordering::SeqCst);
                     // The writer may be idle, waiting for a job, and would
                     // never learn of the refusal (nor probe its way back):
                     // an empty job wakes it to write the outage record.
@@ -400,7 +414,7 @@ impl Audit {
                             WRITE_STALL.as_secs()
                         );
                         self.status.failed(problem.clone());
-                        self.status.refused.fetch_add(count, Ordering::Relaxed);
+                        self.status.refused.fetch_add(count, Ordering::SeqCst);
                         Err(problem)
                     }
                 }

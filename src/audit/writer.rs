@@ -577,6 +577,9 @@ pub fn run(
         fail_open,
         ..Outage::default()
     };
+    // A failure noted on the request path whose refusals were not counted
+    // yet when this thread last looked.
+    let mut carried: Option<super::Failure> = None;
     // Records already answered (queued mode) whose write failed: written
     // first, in their order, once writing works again.
     let mut retry: Vec<super::Record> = Vec::new();
@@ -629,8 +632,7 @@ pub fn run(
             }
             !gone
         });
-        let (refused, first_failure) = status.take_refused();
-        let starting = !outage.active() && (gave_up > 0 || refused > 0);
+        let (refused, noted) = status.take_refused();
         if gave_up > 0 {
             outage.failed(
                 &format!(
@@ -647,17 +649,31 @@ pub fn run(
             // Refused on the request path while this thread's own writes
             // succeeded (a write that stalled, then finished): an outage
             // all the same, and the trail says why.
-            let error = first_failure
+            let error = carried
                 .as_ref()
+                .or(noted.as_ref())
                 .map(|f| f.error.clone())
                 .or_else(|| status.last_error())
                 .unwrap_or_else(|| "the audit trail was unavailable".to_owned());
             outage.failed(&error, 0);
         }
-        // It began when the request path first failed, not when this
-        // thread got back to learn of it.
-        if let Some(first) = first_failure.filter(|_| starting) {
-            outage.since = Some(first.since);
+        if outage.active() {
+            // It began at the first failure noted, which may be earlier
+            // than this thread learned of it (on the request path, while
+            // this thread was stuck in a write).
+            for first in [carried.take(), noted].into_iter().flatten() {
+                if outage
+                    .since
+                    .as_ref()
+                    .is_none_or(|since| first.since < *since)
+                {
+                    outage.since = Some(first.since);
+                }
+            }
+        } else {
+            // Noted just as the request path was about to count its
+            // refusals: kept for one more pass, then dropped.
+            carried = noted;
         }
         outage.refused_records += refused;
         let outage_ended = outage.active();

@@ -215,7 +215,7 @@ pub fn spawn_leash(
 /// it decides logging, listeners, telemetry and worker threads itself (the
 /// sidecar's default unless `leash bench --worker-threads` says), as its
 /// figures say.
-const CONTROLLED_ENV: [&str; 30] = [
+const CONTROLLED_ENV: [&str; 31] = [
     "LEASH_WORKER_THREADS",
     "LEASH_LOG",
     "LEASH_LOG_FORMAT",
@@ -227,6 +227,7 @@ const CONTROLLED_ENV: [&str; 30] = [
     "LEASH_AUDIT_LOG",
     "LEASH_AUDIT_SYNC",
     "LEASH_AUDIT_FAIL_OPEN",
+    "LEASH_AUDIT_QUEUE_SIZE",
     "RUST_LOG",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",

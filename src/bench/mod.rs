@@ -841,7 +841,7 @@ fn evaluated_per_side(snapshot: &Snapshot, requests: &[RequestForms]) -> f64 {
         };
         for principal in std::iter::once(&req.agent).chain(req.on_behalf_of.as_ref()) {
             if let Some(set) =
-                index.select(principal, &req.action, &req.resource, &snapshot.entities)
+                index.narrow(principal, &req.action, &req.resource, &snapshot.entities)
             {
                 policies += set.policies().count();
                 sides += 1;
