@@ -106,14 +106,13 @@ pub struct AuditStatus {
     last_error: Mutex<Option<String>>,
     records: AtomicU64,
     write_errors: AtomicU64,
-    /// Records refused on the request path (queued mode, while
-    /// unavailable), for the outage record.
-    refused: AtomicU64,
-    /// The first failure since the writer last looked: when and why. The
-    /// request path may refuse records while the writer is stuck in a
-    /// write; by the time the writer writes the outage record, the trail
-    /// has recovered, so it cannot ask `last_error`.
-    first_failure: Mutex<Option<Failure>>,
+    /// What the request path refused since the writer last looked, and
+    /// the first failure behind it, for the outage record. The request path
+    /// may refuse records while the writer is stuck in a write; by the time
+    /// the writer writes the outage record the trail has recovered, so it
+    /// cannot ask `last_error` why, nor tell since when. One lock, so the
+    /// writer never takes a count without its failure.
+    pending: Mutex<Pending>,
     next_seq: AtomicU64,
     /// When the write in progress started (milliseconds on a monotonic
     /// clock), 0 when none is: a queued-mode caller does not wait for
@@ -131,8 +130,7 @@ impl AuditStatus {
             last_error: Mutex::new(None),
             records: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            first_failure: Mutex::new(None),
+            pending: Mutex::new(Pending::default()),
             next_seq: AtomicU64::new(0),
             write_started_ms: AtomicU64::new(0),
             changes,
@@ -186,20 +184,21 @@ impl AuditStatus {
         self.changes.subscribe()
     }
 
-    /// Records refused on the request path, and the first failure, since
-    /// the last call.
-    ///
-    /// The request path notes a failure before it counts the records it
-    /// refuses, and this takes the count before the note, so refusals
-    /// taken always come with their note (or an earlier one).
-    fn take_refused(&self) -> (u64, Option<Failure>) {
-        let refused = self.refused.swap(0, Ordering::SeqCst);
-        let first = self
-            .first_failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        (refused, first)
+    /// Notes a failure met on the request path and the records it refused
+    /// there (0 for a disk-mode caller that gave up on a queued job: the
+    /// writer counts those when it finds them abandoned).
+    fn refused(&self, records: u64, error: &str) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.refused += records;
+        pending.first.get_or_insert_with(|| Failure {
+            since: writer::now(),
+            error: error.to_owned(),
+        });
+    }
+
+    /// What the request path refused since the last call.
+    fn take_pending(&self) -> Pending {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn written(&self, records: u64, next_seq: u64) {
@@ -221,13 +220,6 @@ impl AuditStatus {
 
     fn failed(&self, error: String) {
         self.write_errors.fetch_add(1, Ordering::Relaxed);
-        self.first_failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_or_insert_with(|| Failure {
-                since: writer::now(),
-                error: error.clone(),
-            });
         *self
             .last_error
             .lock()
@@ -243,6 +235,13 @@ impl AuditStatus {
 struct Failure {
     since: String,
     error: String,
+}
+
+/// Records refused on the request path, and the first failure behind them.
+#[derive(Debug, Default)]
+struct Pending {
+    refused: u64,
+    first: Option<Failure>,
 }
 
 /// The request path's handle on the trail.
@@ -356,19 +355,22 @@ impl Audit {
                             "the audit write has not completed in {}s (a stalled disk?)",
                             WRITE_STALL.as_secs()
                         );
+                        // Never queued: the writer will not count it. Noted
+                        // before the job is marked abandoned, so the writer
+                        // that finds it abandoned finds the note too.
+                        let unsent = if sent.load(Ordering::SeqCst) {
+                            0
+                        } else {
+                            count
+                        };
+                        self.status.refused(unsent, &problem);
                         // The decision is answered DENY: its records must
                         // not be written saying otherwise. (Fail-open
                         // answers it anyway: then they are written late.)
                         if !self.fail_open() {
                             abandoned.store(true, Ordering::SeqCst);
                         }
-                        // Noted before the refusal is counted (see
-                        // `take_refused`).
                         self.status.failed(problem.clone());
-                        // Never queued: the writer will not count it.
-                        if !sent.load(Ordering::SeqCst) {
-                            self.status.refused.fetch_add(count, Ordering::SeqCst);
-                        }
                         Err(problem)
                     }
                 }
@@ -382,9 +384,11 @@ impl Audit {
                 }
                 // Records queued while writes fail would be lost: refuse.
                 if !self.status.available() {
-                    self.status
-                        .refused
-                        .fetch_add(records.len() as u64, Ordering::SeqCst);
+                    let error = self
+                        .status
+                        .last_error()
+                        .unwrap_or_else(|| "the audit trail is unavailable".to_owned());
+                    self.status.refused(records.len() as u64, &error);
                     // The writer may be idle, waiting for a job, and would
                     // never learn of the refusal (nor probe its way back):
                     // an empty job wakes it to write the outage record.
@@ -393,10 +397,7 @@ impl Audit {
                         done: None,
                         abandoned: Arc::default(),
                     });
-                    return Err(self
-                        .status
-                        .last_error()
-                        .unwrap_or_else(|| "the audit trail is unavailable".to_owned()));
+                    return Err(error);
                 }
                 // A full queue behind a stalled disk refuses, it does not
                 // hang (the records are then not answered, so not lost).
@@ -413,8 +414,8 @@ impl Audit {
                             "the audit queue has been full for {}s (a stalled disk?)",
                             WRITE_STALL.as_secs()
                         );
+                        self.status.refused(count, &problem);
                         self.status.failed(problem.clone());
-                        self.status.refused.fetch_add(count, Ordering::SeqCst);
                         Err(problem)
                     }
                 }

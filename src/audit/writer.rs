@@ -577,9 +577,6 @@ pub fn run(
         fail_open,
         ..Outage::default()
     };
-    // A failure noted on the request path whose refusals were not counted
-    // yet when this thread last looked.
-    let mut carried: Option<super::Failure> = None;
     // Records already answered (queued mode) whose write failed: written
     // first, in their order, once writing works again.
     let mut retry: Vec<super::Record> = Vec::new();
@@ -632,7 +629,8 @@ pub fn run(
             }
             !gone
         });
-        let (refused, noted) = status.take_refused();
+        let pending = status.take_pending();
+        let refused = pending.refused;
         if gave_up > 0 {
             outage.failed(
                 &format!(
@@ -649,31 +647,27 @@ pub fn run(
             // Refused on the request path while this thread's own writes
             // succeeded (a write that stalled, then finished): an outage
             // all the same, and the trail says why.
-            let error = carried
+            let error = pending
+                .first
                 .as_ref()
-                .or(noted.as_ref())
                 .map(|f| f.error.clone())
                 .or_else(|| status.last_error())
                 .unwrap_or_else(|| "the audit trail was unavailable".to_owned());
             outage.failed(&error, 0);
         }
-        if outage.active() {
-            // It began at the first failure noted, which may be earlier
-            // than this thread learned of it (on the request path, while
-            // this thread was stuck in a write).
-            for first in [carried.take(), noted].into_iter().flatten() {
-                if outage
-                    .since
-                    .as_ref()
-                    .is_none_or(|since| first.since < *since)
-                {
-                    outage.since = Some(first.since);
-                }
+        // It began at the first failure noted, which may be earlier than
+        // this thread learned of it (on the request path, while this thread
+        // was stuck in a write that then completed late or failed). A note
+        // no outage follows from (a caller that gave up just as its write
+        // completed, or fail-open) is dropped, so it cannot date a later one.
+        if let Some(first) = pending.first.filter(|_| outage.active()) {
+            if outage
+                .since
+                .as_ref()
+                .is_none_or(|since| first.since < *since)
+            {
+                outage.since = Some(first.since);
             }
-        } else {
-            // Noted just as the request path was about to count its
-            // refusals: kept for one more pass, then dropped.
-            carried = noted;
         }
         outage.refused_records += refused;
         let outage_ended = outage.active();
