@@ -371,6 +371,17 @@ impl Audit {
                             abandoned.store(true, Ordering::SeqCst);
                         }
                         self.status.failed(problem.clone());
+                        // The write may have completed just before this
+                        // (the writer then waits for a job, the trail
+                        // marked unavailable after its success): an empty
+                        // job wakes the writer, to record the outage or to
+                        // find nothing owed and recover. Behind a stalled
+                        // write it just waits its turn.
+                        let _ = jobs.try_send(writer::Job {
+                            records: Vec::new(),
+                            done: None,
+                            abandoned: Arc::default(),
+                        });
                         Err(problem)
                     }
                 }
@@ -817,6 +828,43 @@ pub struct Entry<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trail_marked_unavailable_after_its_write_completed_recovers_when_woken() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let audit = Audit::start(&AuditOptions {
+            target: AuditTarget::File(dir.path().join("audit.log")),
+            ..AuditOptions::default()
+        })
+        .expect("starts");
+        // What a disk-mode caller that gave up just as its write completed
+        // does: the trail is marked unavailable after the writer's success,
+        // with nothing owed, and the writer is woken with an empty job.
+        audit
+            .status
+            .failed("the audit write has not completed in 10s".to_owned());
+        assert!(!audit.status.available());
+        let jobs = audit.jobs.lock().expect("lock").clone().expect("writer");
+        jobs.try_send(writer::Job {
+            records: Vec::new(),
+            done: None,
+            abandoned: Arc::default(),
+        })
+        .expect("queued");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !audit.status.available() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the trail never recovered"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Nothing was owed, so nothing was written: no outage record.
+        drop(jobs);
+        audit.shutdown(std::time::Duration::from_secs(5));
+        let trail = std::fs::read_to_string(dir.path().join("audit.log")).unwrap_or_default();
+        assert!(!trail.contains("audit_unavailable"), "{trail}");
+    }
 
     #[test]
     fn hmac_matches_rfc_4231_test_case_2() {

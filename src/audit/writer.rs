@@ -683,6 +683,14 @@ pub fn run(
             }
         }
         if bytes.is_empty() {
+            // Nothing to write and nothing owed: no outage, no record to
+            // retry, so the last write succeeded. A trail still marked
+            // unavailable was marked so by a caller that gave up just as
+            // that write completed; without this, health would stay
+            // NOT_SERVING until the next decision's record is written.
+            if !status.available() {
+                status.recovered();
+            }
             continue;
         }
         let written = next.next_seq - head.next_seq;
