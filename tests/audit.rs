@@ -130,6 +130,15 @@ async fn every_decision_is_a_chained_record_and_tampering_is_named() {
         .await
         .expect_err("invalid");
     assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    // An empty batch has nothing to record, and is answered all the same.
+    let empty = server
+        .client
+        .clone()
+        .batch_is_authorized(pb::BatchIsAuthorizedRequest { requests: vec![] })
+        .await
+        .expect("an empty batch is answered")
+        .into_inner();
+    assert!(empty.results.is_empty());
     server
         .client
         .clone()

@@ -184,9 +184,9 @@ impl AuditStatus {
         self.changes.subscribe()
     }
 
-    /// Notes a failure met on the request path and the records it refused
-    /// there (0 for a disk-mode caller that gave up on a queued job: the
-    /// writer counts those when it finds them abandoned).
+    /// Notes records refused on the request path, and the failure behind
+    /// them. (A disk-mode caller that gave up on a job already queued
+    /// marks the job instead: the writer counts it when it finds it.)
     fn refused(&self, records: u64, error: &str) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         pending.refused += records;
@@ -207,12 +207,16 @@ impl AuditStatus {
         self.recovered();
     }
 
+    /// `available` and `last_error` change together under the error's
+    /// lock (here and in `failed`), so a trail marked unavailable always
+    /// has its error, and health follows in the same order.
     fn recovered(&self) {
+        let mut error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if !self.available.swap(true, Ordering::SeqCst) {
-            *self
-                .last_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = None;
+            *error = None;
             tracing::warn!("audit trail writable again; decisions resume");
             self.changes.send_replace(true);
         }
@@ -220,10 +224,11 @@ impl AuditStatus {
 
     fn failed(&self, error: String) {
         self.write_errors.fetch_add(1, Ordering::Relaxed);
-        *self
+        let mut last = self
             .last_error
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(error);
+            .unwrap_or_else(PoisonError::into_inner);
+        *last = Some(error);
         if self.available.swap(false, Ordering::SeqCst) {
             self.changes.send_replace(false);
         }
@@ -232,7 +237,7 @@ impl AuditStatus {
 
 /// When the trail failed, and why, for the outage record.
 #[derive(Debug, Clone)]
-struct Failure {
+pub struct Failure {
     since: String,
     error: String,
 }
@@ -327,7 +332,7 @@ impl Audit {
         match self.sync {
             SyncMode::Disk => {
                 let (done, written) = oneshot::channel();
-                let abandoned = Arc::new(AtomicBool::new(false));
+                let abandoned: Arc<std::sync::OnceLock<Failure>> = Arc::default();
                 let count = records.len() as u64;
                 let sent = AtomicBool::new(false);
                 // Queueing counts against the same bound as the write: a
@@ -355,20 +360,19 @@ impl Audit {
                             "the audit write has not completed in {}s (a stalled disk?)",
                             WRITE_STALL.as_secs()
                         );
-                        // Never queued: the writer will not count it. Noted
-                        // before the job is marked abandoned, so the writer
-                        // that finds it abandoned finds the note too.
-                        let unsent = if sent.load(Ordering::SeqCst) {
-                            0
-                        } else {
-                            count
-                        };
-                        self.status.refused(unsent, &problem);
+                        // Never queued: the writer will not count it.
+                        if !sent.load(Ordering::SeqCst) {
+                            self.status.refused(count, &problem);
+                        }
                         // The decision is answered DENY: its records must
-                        // not be written saying otherwise. (Fail-open
+                        // not be written saying otherwise, and the writer
+                        // counts them from this, dated now. (Fail-open
                         // answers it anyway: then they are written late.)
                         if !self.fail_open() {
-                            abandoned.store(true, Ordering::SeqCst);
+                            let _ = abandoned.set(Failure {
+                                since: writer::now(),
+                                error: problem.clone(),
+                            });
                         }
                         self.status.failed(problem.clone());
                         // The write may have completed just before this
@@ -394,11 +398,12 @@ impl Audit {
                     ));
                 }
                 // Records queued while writes fail would be lost: refuse.
-                if !self.status.available() {
-                    let error = self
-                        .status
-                        .last_error()
-                        .unwrap_or_else(|| "the audit trail is unavailable".to_owned());
+                // An unavailable trail without an error has recovered
+                // since (they change together): queue as usual.
+                if let Some(error) = (!self.status.available())
+                    .then(|| self.status.last_error())
+                    .flatten()
+                {
                     self.status.refused(records.len() as u64, &error);
                     // The writer may be idle, waiting for a job, and would
                     // never learn of the refusal (nor probe its way back):
@@ -864,6 +869,22 @@ mod tests {
         audit.shutdown(std::time::Duration::from_secs(5));
         let trail = std::fs::read_to_string(dir.path().join("audit.log")).unwrap_or_default();
         assert!(!trail.contains("audit_unavailable"), "{trail}");
+    }
+
+    #[tokio::test]
+    async fn an_empty_group_of_records_is_answered_in_the_disk_mode() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let audit = Audit::start(&AuditOptions {
+            target: AuditTarget::File(dir.path().join("audit.log")),
+            sync: SyncMode::Disk,
+            ..AuditOptions::default()
+        })
+        .expect("starts");
+        // An empty batch: nothing to write, but its caller waits for an
+        // answer (before, it got "the audit writer has stopped").
+        assert_eq!(audit.append(Vec::new()).await, Ok(()));
+        assert!(audit.status.available());
+        audit.shutdown(std::time::Duration::from_secs(5));
     }
 
     #[test]

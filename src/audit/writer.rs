@@ -44,7 +44,7 @@ pub struct Job {
     /// Set when the caller stopped waiting after `WRITE_STALL` and answered
     /// DENY (a caller that merely went away, its client gone, leaves it
     /// unset: its records are written as usual).
-    pub abandoned: Arc<std::sync::atomic::AtomicBool>,
+    pub abandoned: Arc<std::sync::OnceLock<super::Failure>>,
 }
 
 /// Where sealed lines go.
@@ -622,12 +622,14 @@ pub fn run(
         // counts them as refused. (A write that completes just as the
         // caller gives up is still written.)
         let mut gave_up = 0u64;
-        batch.retain(|job| {
-            let gone = job.abandoned.load(std::sync::atomic::Ordering::SeqCst);
-            if gone {
+        let mut gave_up_at = None;
+        batch.retain(|job| match job.abandoned.get() {
+            Some(failure) => {
                 gave_up += job.records.len() as u64;
+                gave_up_at = earliest(gave_up_at.take(), &failure.since);
+                false
             }
-            !gone
+            None => true,
         });
         let pending = status.take_pending();
         let refused = pending.refused;
@@ -639,6 +641,7 @@ pub fn run(
                 ),
                 gave_up,
             );
+            outage.began(gave_up_at);
         }
         // In chain order: the end of an outage, records to retry, new ones.
         let mut next = head.clone();
@@ -655,19 +658,11 @@ pub fn run(
                 .unwrap_or_else(|| "the audit trail was unavailable".to_owned());
             outage.failed(&error, 0);
         }
-        // It began at the first failure noted, which may be earlier than
-        // this thread learned of it (on the request path, while this thread
-        // was stuck in a write that then completed late or failed). A note
-        // no outage follows from (a caller that gave up just as its write
-        // completed, or fail-open) is dropped, so it cannot date a later one.
+        // It began at the first refusal, which may be earlier than this
+        // thread learned of it (it was stuck in a write). Refusals always
+        // open an outage, so the note always has one.
         if let Some(first) = pending.first.filter(|_| outage.active()) {
-            if outage
-                .since
-                .as_ref()
-                .is_none_or(|since| first.since < *since)
-            {
-                outage.since = Some(first.since);
-            }
+            outage.began(Some(first.since));
         }
         outage.refused_records += refused;
         let outage_ended = outage.active();
@@ -691,6 +686,13 @@ pub fn run(
             if !status.available() {
                 status.recovered();
             }
+            // A job without records (a wake-up, or an empty batch) waits
+            // for nothing: answer it.
+            for job in batch {
+                if let Some(done) = job.done {
+                    let _ = done.send(Ok(()));
+                }
+            }
             continue;
         }
         let written = next.next_seq - head.next_seq;
@@ -710,11 +712,14 @@ pub fn run(
                 // answered DENY, yet their records are now in the chain:
                 // the next outage record says how many of the records
                 // before it were written late.
-                let late: u64 = batch
-                    .iter()
-                    .filter(|job| job.abandoned.load(std::sync::atomic::Ordering::SeqCst))
-                    .map(|job| job.records.len() as u64)
-                    .sum();
+                let mut late = 0u64;
+                let mut late_at = None;
+                for job in &batch {
+                    if let Some(failure) = job.abandoned.get() {
+                        late += job.records.len() as u64;
+                        late_at = earliest(late_at.take(), &failure.since);
+                    }
+                }
                 if late > 0 {
                     outage.failed(
                         &format!(
@@ -725,6 +730,8 @@ pub fn run(
                         0,
                     );
                     outage.late_records = late;
+                    // Since the first of those callers gave up.
+                    outage.began(late_at);
                 }
             }
             Err(e) => {
@@ -816,6 +823,16 @@ impl Outage {
         self.refused_records += records;
     }
 
+    /// Dates an active outage from `since` if that is earlier: the failure
+    /// was met on the request path before this thread learned of it.
+    fn began(&mut self, since: Option<String>) {
+        if let (Some(since), Some(current)) = (since, &self.since) {
+            if since < *current {
+                self.since = Some(since);
+            }
+        }
+    }
+
     fn record(&self) -> Map<String, Value> {
         let mut r = Map::new();
         r.insert("v".into(), Value::from(1));
@@ -838,6 +855,14 @@ impl Outage {
             r.insert("late_records".into(), Value::from(self.late_records));
         }
         r
+    }
+}
+
+/// The earlier of two times in [`now`]'s form (which sorts as text).
+fn earliest(a: Option<String>, b: &str) -> Option<String> {
+    match a {
+        Some(a) if a.as_str() <= b => Some(a),
+        _ => Some(b.to_owned()),
     }
 }
 
