@@ -217,8 +217,11 @@ impl AuditStatus {
             .unwrap_or_else(PoisonError::into_inner);
         if !self.available.swap(true, Ordering::SeqCst) {
             *error = None;
-            tracing::warn!("audit trail writable again; decisions resume");
             self.changes.send_replace(true);
+            // Logged after the lock is released: with logs unqueued
+            // (their thread failed to start) this writes to stderr.
+            drop(error);
+            tracing::warn!("audit trail writable again; decisions resume");
         }
     }
 
@@ -332,7 +335,7 @@ impl Audit {
         match self.sync {
             SyncMode::Disk => {
                 let (done, written) = oneshot::channel();
-                let abandoned: Arc<std::sync::OnceLock<Failure>> = Arc::default();
+                let settled: Arc<std::sync::OnceLock<writer::Settled>> = Arc::default();
                 let count = records.len() as u64;
                 let sent = AtomicBool::new(false);
                 // Queueing counts against the same bound as the write: a
@@ -341,7 +344,7 @@ impl Audit {
                     jobs.send(writer::Job {
                         records,
                         done: Some(done),
-                        abandoned: abandoned.clone(),
+                        settled: settled.clone(),
                     })
                     .await
                     .map_err(|_| "the audit writer has stopped".to_owned())?;
@@ -360,19 +363,30 @@ impl Audit {
                             "the audit write has not completed in {}s (a stalled disk?)",
                             WRITE_STALL.as_secs()
                         );
-                        // Never queued: the writer will not count it.
-                        if !sent.load(Ordering::SeqCst) {
+                        if sent.load(Ordering::SeqCst) {
+                            // The decision is answered DENY: its records
+                            // must not be written saying otherwise, and the
+                            // writer counts them from this, dated now.
+                            // (Fail-open answers it anyway: then they are
+                            // written late.) Unless the write got there
+                            // first: then they are in the chain, and the
+                            // decision stands.
+                            let written = if self.fail_open() {
+                                matches!(settled.get(), Some(writer::Settled::Written))
+                            } else {
+                                settled
+                                    .set(writer::Settled::GaveUp(Failure {
+                                        since: writer::now(),
+                                        error: problem.clone(),
+                                    }))
+                                    .is_err()
+                            };
+                            if written {
+                                return Ok(());
+                            }
+                        } else {
+                            // Never queued: the writer will not count it.
                             self.status.refused(count, &problem);
-                        }
-                        // The decision is answered DENY: its records must
-                        // not be written saying otherwise, and the writer
-                        // counts them from this, dated now. (Fail-open
-                        // answers it anyway: then they are written late.)
-                        if !self.fail_open() {
-                            let _ = abandoned.set(Failure {
-                                since: writer::now(),
-                                error: problem.clone(),
-                            });
                         }
                         self.status.failed(problem.clone());
                         // The write may have completed just before this
@@ -384,7 +398,7 @@ impl Audit {
                         let _ = jobs.try_send(writer::Job {
                             records: Vec::new(),
                             done: None,
-                            abandoned: Arc::default(),
+                            settled: Arc::default(),
                         });
                         Err(problem)
                     }
@@ -411,7 +425,7 @@ impl Audit {
                     let _ = jobs.try_send(writer::Job {
                         records: Vec::new(),
                         done: None,
-                        abandoned: Arc::default(),
+                        settled: Arc::default(),
                     });
                     return Err(error);
                 }
@@ -421,7 +435,7 @@ impl Audit {
                 let queued = jobs.send(writer::Job {
                     records,
                     done: None,
-                    abandoned: Arc::default(),
+                    settled: Arc::default(),
                 });
                 match tokio::time::timeout(WRITE_STALL, queued).await {
                     Ok(sent) => sent.map_err(|_| "the audit writer has stopped".to_owned()),
@@ -853,7 +867,7 @@ mod tests {
         jobs.try_send(writer::Job {
             records: Vec::new(),
             done: None,
-            abandoned: Arc::default(),
+            settled: Arc::default(),
         })
         .expect("queued");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -885,6 +899,8 @@ mod tests {
         assert_eq!(audit.append(Vec::new()).await, Ok(()));
         assert!(audit.status.available());
         audit.shutdown(std::time::Duration::from_secs(5));
+        let trail = std::fs::read_to_string(dir.path().join("audit.log")).unwrap_or_default();
+        assert!(trail.is_empty(), "{trail}");
     }
 
     #[test]

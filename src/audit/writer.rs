@@ -41,10 +41,38 @@ const TAIL_BYTES: u64 = 1 << 20;
 pub struct Job {
     pub records: Vec<super::Record>,
     pub done: Option<oneshot::Sender<Result<(), String>>>,
-    /// Set when the caller stopped waiting after `WRITE_STALL` and answered
-    /// DENY (a caller that merely went away, its client gone, leaves it
-    /// unset: its records are written as usual).
-    pub abandoned: Arc<std::sync::OnceLock<super::Failure>>,
+    /// What became of a job its caller waits for, settled once by
+    /// whichever comes first: the write, or the caller giving up after
+    /// `WRITE_STALL` (a caller that merely went away, its client gone,
+    /// leaves it to the write: its records are written as usual).
+    pub settled: Arc<std::sync::OnceLock<Settled>>,
+}
+
+/// See [`Job::settled`].
+#[derive(Debug)]
+pub enum Settled {
+    /// The records are in the chain: a caller whose wait ends just now
+    /// answers as if in time.
+    Written,
+    /// The caller gave up and answered DENY, then and for this reason.
+    GaveUp(super::Failure),
+}
+
+impl Job {
+    /// When its caller gave up, if it did.
+    fn gave_up(&self) -> Option<&super::Failure> {
+        match self.settled.get() {
+            Some(Settled::GaveUp(failure)) => Some(failure),
+            _ => None,
+        }
+    }
+}
+
+/// The earliest time any of `jobs`' callers gave up.
+fn first_gave_up<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> Option<String> {
+    jobs.into_iter()
+        .filter_map(Job::gave_up)
+        .fold(None, |at, failure| earliest(at, &failure.since))
 }
 
 /// Where sealed lines go.
@@ -623,7 +651,7 @@ pub fn run(
         // caller gives up is still written.)
         let mut gave_up = 0u64;
         let mut gave_up_at = None;
-        batch.retain(|job| match job.abandoned.get() {
+        batch.retain(|job| match job.gave_up() {
             Some(failure) => {
                 gave_up += job.records.len() as u64;
                 gave_up_at = earliest(gave_up_at.take(), &failure.since);
@@ -659,8 +687,7 @@ pub fn run(
             outage.failed(&error, 0);
         }
         // It began at the first refusal, which may be earlier than this
-        // thread learned of it (it was stuck in a write). Refusals always
-        // open an outage, so the note always has one.
+        // thread learned of it (it was stuck in a write).
         if let Some(first) = pending.first.filter(|_| outage.active()) {
             outage.began(Some(first.since));
         }
@@ -711,15 +738,15 @@ pub fn run(
                 // Callers that gave up while this very write stalled were
                 // answered DENY, yet their records are now in the chain:
                 // the next outage record says how many of the records
-                // before it were written late.
+                // before it were written late. The others' callers, if
+                // their wait ends now, answer as if in time.
                 let mut late = 0u64;
-                let mut late_at = None;
-                for job in &batch {
-                    if let Some(failure) = job.abandoned.get() {
+                for job in batch.iter().filter(|job| job.done.is_some()) {
+                    if job.settled.set(Settled::Written).is_err() {
                         late += job.records.len() as u64;
-                        late_at = earliest(late_at.take(), &failure.since);
                     }
                 }
+                let late_at = first_gave_up(&batch);
                 if late > 0 {
                     outage.failed(
                         &format!(
@@ -750,6 +777,9 @@ pub fn run(
                     }
                 }
                 outage.failed(e, refused_now);
+                // Since the first caller of this batch gave up, if one did
+                // while the write hung before failing.
+                outage.began(first_gave_up(&batch));
                 status.failed(e.clone());
             }
         }

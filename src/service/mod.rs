@@ -140,7 +140,8 @@ impl AuthorizerService {
         snapshot: &Snapshot,
         items: &[(&pb::IsAuthorizedRequest, &Decided)],
     ) -> Option<String> {
-        if !self.audit.enabled() {
+        // An empty batch decides nothing: nothing to record.
+        if !self.audit.enabled() || items.is_empty() {
             return None;
         }
         let trace_id = scope.trace_id();
