@@ -1173,6 +1173,24 @@ fn drained_through(
     drained_records(dir, read)
 }
 
+/// Stops a queued-mode sidecar and reads its trail through `r-{last}`.
+/// SIGKILL would lose what is queued (the queued mode's documented risk):
+/// SIGTERM writes the queue first.
+fn terminated_and_drained(
+    child: &mut KillOnDrop,
+    dir: &Path,
+    read: &std::sync::Mutex<Vec<u8>>,
+    last: u64,
+) -> Vec<serde_json::Value> {
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(stopped.success());
+    child.0.wait().expect("wait");
+    drained_through(dir, read, last)
+}
+
 /// Asks `r-0`, `r-1`, ... (each an ALLOW) until one is refused with an
 /// error, calls after the first `unpaced` 20 ms apart, for at most two
 /// minutes: the refused call's number and answer.
@@ -1299,15 +1317,7 @@ async fn queued_mode_a_write_stalled_past_the_bound_refuses_until_it_completes_a
     let read = drain(pipe);
     let last = n + 1;
     retry_until_recorded(&mut client, last).await;
-    // SIGKILL would lose what is queued (the queued mode's documented
-    // risk): stop with SIGTERM, which writes the queue first.
-    let stopped = std::process::Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(stopped.success());
-    child.0.wait().expect("wait");
-    let recs = drained_through(dir.path(), &read, last);
+    let recs = terminated_and_drained(&mut child, dir.path(), &read, last);
     // Nothing answered is lost: every call answered ALLOW has its record,
     // the refused one has none, and the outage record counts it.
     let ids: std::collections::HashSet<&str> = recs
@@ -1392,13 +1402,7 @@ async fn queued_mode_a_queue_full_past_the_bound_refuses_and_loses_nothing() {
     let mut client = client.clone();
     retry_until_recorded(&mut client, last).await;
     wait_grpc_health(&addr, ServingStatus::Serving).await;
-    let stopped = std::process::Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(stopped.success());
-    child.0.wait().expect("wait");
-    let recs = drained_through(dir.path(), &read, last);
+    let recs = terminated_and_drained(&mut child, dir.path(), &read, last);
     // Every call answered ALLOW has its record (those queued when the
     // queue was full included), no refused call has one, and the outage
     // record counts the refused.
