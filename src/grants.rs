@@ -399,6 +399,14 @@ impl UsedGrants {
         Ok(())
     }
 
+    /// Whether `approver`'s `jti` is marked used.
+    fn is_used(&self, approver: &str, jti: &str) -> bool {
+        self.used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&(approver.to_owned(), jti.to_owned()))
+    }
+
     /// Gives `approver`'s `jti` back: the decision it was taken for did not
     /// allow after all (a limit refused it, or it could not be recorded).
     pub fn release(&self, approver: &str, jti: &str) {
@@ -490,6 +498,17 @@ pub fn apply(
             refuse(decision, Rejection::UnauthorizedApprover, Some(c), detail);
             return;
         }
+    }
+    // One grant is used, but a used one anywhere in the list denies, as
+    // any other bad grant does.
+    if let Some(c) = approvals
+        .iter()
+        .skip(1)
+        .find(|c| used.is_used(&c.approver, &c.jti))
+    {
+        let detail = format!("grant `{}` was already used", c.jti);
+        refuse(decision, Rejection::Reused, Some(c), detail);
+        return;
     }
     if let Some(c) = approvals.first() {
         if let Err(rejection) = used.take(&c.approver, &c.jti, c.exp, now) {

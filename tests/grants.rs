@@ -1447,6 +1447,23 @@ async fn every_approval_grant_is_checked_before_one_is_used_and_ids_are_each_app
         r.decision, ALLOW,
         "the good grant was not used by the refused calls: {r:?}"
     );
+    // A used grant denies wherever it sits, and a fresh one beside it is
+    // not used up.
+    let fresh = by_dana("d-3").token();
+    for order in [[&fresh, &good], [&good, &fresh]] {
+        let mut req = refund("bob", "BA-100", 25_000);
+        req.grants = order.iter().map(|t| (*t).clone()).collect();
+        let r = ask(&server, req).await;
+        let grant = r.grant.expect("grant result");
+        assert_eq!(
+            (r.decision, grant.outcome.as_str(), grant.grant_id.as_str()),
+            (DENY, "grant_reused", "d-1"),
+            "{}",
+            grant.detail
+        );
+    }
+    let r = ask(&server, with_grant(refund("bob", "BA-100", 25_000), &fresh)).await;
+    assert_eq!(r.decision, ALLOW, "{r:?}");
     server.shutdown().await;
 }
 
