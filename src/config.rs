@@ -74,8 +74,9 @@ pub enum Command {
 }
 
 /// What a boolean flag's environment variable may say: `true`/`false`,
-/// `1`/`0`, `yes`/`no`, `on`/`off` (anything else is refused, so a typo never
-/// turns a switch such as `LEASH_AUDIT_FAIL_OPEN` on).
+/// `yes`/`no`, `on`/`off`, `1`/`0`, `t`/`f`, `y`/`n`, in any case (anything
+/// else is refused, so a typo never turns a switch such as
+/// `LEASH_AUDIT_FAIL_OPEN` on).
 fn boolish() -> clap::builder::BoolishValueParser {
     clap::builder::BoolishValueParser::new()
 }

@@ -16,7 +16,8 @@
 //!
 //! files → reload (watch, coalesce, build off the request path) → bundle → one ArcSwap store
 //!
-//! each decision → telemetry (span in the caller's trace, metrics, deny log line)
+//! each decision → audit (a hash-chained record, written before the answer)
+//!               → telemetry (span in the caller's trace, metrics, deny log line)
 //! ```
 //!
 //! - [`proto`]: the generated `leash.v1` types, client and server traits.
@@ -42,9 +43,10 @@
 //!   check, so a context of the same shape is not checked again; and
 //!   `bundle::printed`, Cedar's printed forms of entity references and
 //!   policy ids, written without the formatting machinery.
-//! - [`grants`]: signed approval grants (Ed25519 JWS) verified offline
-//!   against the approvers' keys in the bundle (`bundle::approvers`): a
-//!   valid grant for a gated request's fingerprint allows it once; every
+//! - [`grants`]: signed grants (Ed25519 JWS) verified offline against the
+//!   approvers' keys in the bundle (`bundle::approvers`): a valid approval
+//!   grant for a gated request's fingerprint allows it once; a valid
+//!   elevation grant puts the agent in a role for a time-boxed window; every
 //!   other grant is a DENY saying why.
 //! - [`quota`]: the counters of the `@rate`/`@budget` limits declared on
 //!   permits (parsed in `bundle::limits`): GCRA cells, exact under
@@ -52,6 +54,11 @@
 //! - [`reload`]: hot reload: inotify (or polling) over the bundle directories,
 //!   bursts coalesced, snapshots built on a low-priority thread and published
 //!   with one store; invalid changes refused with the last good one serving.
+//! - [`audit`]: the tamper-evident trail: one hash-chained record per
+//!   decision, written (and in the default mode synced) by a writer thread
+//!   before the decision is answered; when it cannot write, decisions are
+//!   DENY and health NOT_SERVING until it can (`audit::chain` seals and
+//!   verifies, `audit::writer` batches, syncs, rotates and recovers).
 //! - [`telemetry`]: one OpenTelemetry span per decision, parented by the
 //!   caller's `traceparent` and exported over OTLP through a bounded queue
 //!   that drops (and counts) rather than waits; Prometheus metrics and

@@ -433,15 +433,15 @@ fn usage_mistakes_exit_64_never_a_decisions_code() {
         assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
-    // A boolean switch's variable takes 1/0, yes/no, on/off, true/false;
-    // anything else is refused rather than read as on.
-    let out = run(
-        &["--listen", "none"],
-        &[("LEASH_AUDIT_FAIL_OPEN", "banana")],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
-    assert!(stderr.contains("--audit-fail-open"), "{stderr}");
+    // A boolean switch's variable takes 1/0, yes/no, on/off, true/false
+    // (and t/f, y/n); anything else, empty too, is refused rather than
+    // read as on.
+    for value in ["banana", ""] {
+        let out = run(&["--listen", "none"], &[("LEASH_AUDIT_FAIL_OPEN", value)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{value:?}: {stderr}");
+        assert!(stderr.contains("--audit-fail-open"), "{value:?}: {stderr}");
+    }
     let out = run(
         &["--listen", "0.0.0.0:0"],
         &[("LEASH_ALLOW_NON_LOOPBACK", "0")],
