@@ -403,11 +403,15 @@ pub fn decide_with_grants(
     if !context.validated {
         check_context(snapshot, &request.action, &context.context, &context.shape).map_err(
             |e| {
-                let field = context_field(&request.context);
-                match context_mismatch(snapshot, &request.action, &context.context) {
-                    Some((path, problem)) => RequestError::new(format!("{field}{path}"), problem),
-                    None => request_validation_error(*e, "principal.agent", &request.context),
-                }
+                context_mismatch(snapshot, request, &context.context).unwrap_or_else(|| {
+                    // Whatever Cedar says (an entity in the context that is
+                    // not an action of the schema reads "request's action"),
+                    // it is the context that was checked.
+                    RequestError::new(
+                        context_field(&request.context),
+                        crate::bundle::cedar_message(&*e),
+                    )
+                })
             },
         )?;
     }
@@ -788,40 +792,66 @@ fn context_field(input: &ContextInput) -> &'static str {
 }
 
 /// The first attribute of a context that does not fit its action's context
-/// type, as its path below the context field (`.amount_cents`) and the
-/// problem, so the error names it; Cedar's own message names only the
-/// action and echoes the whole context. `None` when no attribute is found at
-/// fault (Cedar's message is used then). The trusted `leash` record is not
-/// looked at: leash builds it to the type.
+/// type, as an error naming it (`context.amount_cents`) and the problem;
+/// Cedar's own message names only the action and echoes the whole context.
+/// A trusted `leash` record that does not fit is the principals' fault (an
+/// `on_behalf_of` of another type than `leash.user` declares, say), so it
+/// names them. `None` when nothing is found at fault (Cedar's message is
+/// used then).
 fn context_mismatch(
     snapshot: &Snapshot,
-    action: &EntityUid,
+    request: &AuthzRequest,
     context: &Context,
-) -> Option<(String, String)> {
-    let action_core: &cedar_ast::EntityUID = action.as_ref();
+) -> Option<RequestError> {
+    let action_core: &cedar_ast::EntityUID = request.action.as_ref();
     let schema: &cedar_policy_core::validator::ValidatorSchema = snapshot.schema.as_ref();
     let ty = schema.context_type(action_core)?;
     let cedar_ast::Context::Value(values) = context.as_ref() else {
         return None;
     };
+    let action = &request.action;
+    if let (Some(leash), cedar_policy_core::validator::types::Type::Record { attrs, .. }) =
+        (values.get(LEASH_ATTR), ty)
+    {
+        if let Some(attr) = attrs.get_attr(LEASH_ATTR) {
+            if let Some((path, problem)) =
+                value_mismatch(schema, String::new(), leash, &attr.attr_type, false)
+            {
+                let field = match path.as_str() {
+                    ".agent" => "principal.agent",
+                    ".user" => "principal.on_behalf_of",
+                    _ => "context",
+                };
+                return Some(RequestError::new(
+                    field,
+                    format!("{problem} (`context.{LEASH_ATTR}{path}` of `{action}`)"),
+                ));
+            }
+        }
+    }
     let mut record: std::collections::BTreeMap<_, _> = (**values).clone();
     record.remove(LEASH_ATTR);
     let value = cedar_ast::Value::record_arc(Arc::new(record), None);
-    let (path, problem) = value_mismatch(String::new(), &value, ty, true)?;
-    Some((path, format!("{problem} (the context type of `{action}`)")))
+    let (path, problem) = value_mismatch(schema, String::new(), &value, ty, true)?;
+    Some(RequestError::new(
+        format!("{}{path}", context_field(&request.context)),
+        format!("{problem} (the context type of `{action}`)"),
+    ))
 }
 
 /// Where `value` does not fit `ty`, as (path, problem); `None` if it fits
-/// as far as is looked (an entity's type is left to Cedar's message).
+/// as far as is looked. An entity must be of the declared type, and an
+/// action or a member of an enumerated type must be declared.
 /// `top` leaves out the attribute the trusted record is.
 fn value_mismatch(
+    schema: &cedar_policy_core::validator::ValidatorSchema,
     path: String,
     value: &cedar_ast::Value,
     ty: &cedar_policy_core::validator::types::Type,
     top: bool,
 ) -> Option<(String, String)> {
     use cedar_ast::{Literal, ValueKind};
-    use cedar_policy_core::validator::types::{OpenTag, Type};
+    use cedar_policy_core::validator::types::{EntityKind, OpenTag, Type};
     match (ty, &value.value) {
         (
             Type::Record {
@@ -837,15 +867,20 @@ fn value_mismatch(
                 if attr.is_required && !record.contains_key(name) {
                     return Some((
                         format!("{path}.{name}"),
-                        format!("required, missing (a {})", attr.attr_type),
+                        format!("required, missing ({})", a(&attr.attr_type)),
                     ));
                 }
             }
             for (name, item) in record.iter() {
                 match attrs.get_attr(name) {
                     Some(attr) => {
-                        let found =
-                            value_mismatch(format!("{path}.{name}"), item, &attr.attr_type, false);
+                        let found = value_mismatch(
+                            schema,
+                            format!("{path}.{name}"),
+                            item,
+                            &attr.attr_type,
+                            false,
+                        );
                         if found.is_some() {
                             return found;
                         }
@@ -866,21 +901,46 @@ fn value_mismatch(
             let element = element_type.as_deref()?;
             // Members have no order the caller gave: the path is the set's.
             set.iter()
-                .find_map(|item| value_mismatch(path.clone(), item, element, false))
+                .find_map(|item| value_mismatch(schema, path.clone(), item, element, false))
                 .map(|(path, problem)| (path, format!("a member: {problem}")))
+        }
+        (Type::Entity(kind), ValueKind::Lit(Literal::EntityUID(uid))) => {
+            // Strict validation gives one entity type, and Cedar entity
+            // types have no subtypes.
+            if let Some(expected) = match kind {
+                EntityKind::Entity(lub) => lub.get_single_entity(),
+                EntityKind::AnyEntity => None,
+            } {
+                if uid.entity_type() != expected {
+                    return Some((path, format!("expected {}, got `{value}`", a(expected))));
+                }
+            }
+            let core = cedar_policy_core::validator::CoreSchema::new(schema);
+            cedar_policy_core::entities::conformance::validate_euid(&core, uid)
+                .err()
+                .map(|e| (path, crate::bundle::cedar_message(&e)))
         }
         (Type::Long, ValueKind::Lit(Literal::Long(_)))
         | (Type::String, ValueKind::Lit(Literal::String(_)))
         | (Type::Bool(_), ValueKind::Lit(Literal::Bool(_)))
-        | (Type::Entity(_), ValueKind::Lit(Literal::EntityUID(_)))
         | (Type::Never, _) => None,
         (Type::ExtensionType { name }, ValueKind::ExtensionValue(ext))
             if ext.typename() == *name =>
         {
             None
         }
-        (expected, _) => Some((path, format!("expected a {expected}, got `{value}`"))),
+        (expected, _) => Some((path, format!("expected {}, got `{value}`", a(expected)))),
     }
+}
+
+/// `ty` with its indefinite article, for messages: "a Long", "an Agent".
+fn a(ty: &dyn std::fmt::Display) -> String {
+    let name = ty.to_string();
+    let article = match name.chars().next() {
+        Some('A' | 'E' | 'I' | 'O' | 'a' | 'e' | 'i' | 'o') => "an",
+        _ => "a",
+    };
+    format!("{article} {name}")
 }
 
 fn request_validation_error(
@@ -1009,7 +1069,7 @@ fn build_context(
                 record
             };
             let built = with_leash(pairs.clone(), leash, request, now, &mut shape)
-                .map_err(|e| RequestError::new(field, e))?;
+                .map_err(|e| typed_context_error(field, pairs, e))?;
             shape.close_record();
             Ok(BuiltContext::shaped(built, shape))
         }
@@ -1022,6 +1082,22 @@ fn build_context(
             Ok(BuiltContext::shaped(built, shape))
         }
     }
+}
+
+/// The typed context's attribute at fault when it could not be built (an
+/// extension value whose argument Cedar refuses, `datetime("yesterday")`),
+/// found by building each alone: only on this error path.
+fn typed_context_error(
+    field: &str,
+    pairs: &[(String, RestrictedExpression)],
+    whole: String,
+) -> RequestError {
+    for (key, value) in pairs {
+        if let Err(e) = Context::from_pairs([(key.clone(), value.clone())]) {
+            return RequestError::new(format!("{field}.{key}"), crate::bundle::cedar_message(&e));
+        }
+    }
+    RequestError::new(field, whole)
 }
 
 fn entity_json(uid: &EntityUid) -> Value {
@@ -1237,8 +1313,10 @@ fn leash_value(
 
 /// The bundle's entities plus the request's. A request may add entities but
 /// never redefine one the bundle defines, define its own principals, or
-/// define a parent the bundle's entities name: the caller must not be able
-/// to assert its own roles or attributes, or anyone else's.
+/// define one the bundle names without defining it (a parent, a value of
+/// an attribute or tag, an entity a policy's condition reads): the caller
+/// must not be able to assert its own roles or attributes, or anyone
+/// else's.
 fn with_request_entities(
     snapshot: &Snapshot,
     input: &EntitiesInput,
@@ -1274,13 +1352,11 @@ fn with_request_entities(
                 format!("`{uid}` is an action of the schema; a request may not define actions"),
             ));
         }
-        if snapshot.undefined_parents.contains(&uid) {
+        if let Some(named) = snapshot.undefined_named.get(&uid) {
+            let (how, why) = named.reason();
             return Err(RequestError::new(
                 format!("{field}[{i}]"),
-                format!(
-                    "entity `{uid}` is a parent of entities in the policy bundle; a request \
-                     may not define it (its parents would become theirs)"
-                ),
+                format!("entity `{uid}` is {how}; a request may not define it ({why})"),
             ));
         }
         if snapshot.entities.get(&uid).is_some() {
@@ -1349,7 +1425,30 @@ fn with_request_entities(
             .clone()
             .add_entities(parsed, Some(&snapshot.schema)),
     };
-    combined.map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
+    combined.map_err(|e| {
+        typed_entity_error(snapshot, input)
+            .unwrap_or_else(|| RequestError::new(field, crate::bundle::cedar_message(&e)))
+    })
+}
+
+/// The typed request entity at fault when the entities could not be
+/// combined (an attribute of the wrong type: typed entities meet the schema
+/// only here, while JSON ones are each checked as they are parsed), found by
+/// checking each alone: only on this error path.
+fn typed_entity_error(snapshot: &Snapshot, input: &EntitiesInput) -> Option<RequestError> {
+    let EntitiesInput::Typed(entities) = input else {
+        return None;
+    };
+    entities.iter().enumerate().find_map(|(i, entity)| {
+        Entities::from_entities([entity.clone()], Some(&snapshot.schema))
+            .err()
+            .map(|e| {
+                RequestError::new(
+                    format!("entities.entities[{i}]"),
+                    crate::bundle::cedar_message(&e),
+                )
+            })
+    })
 }
 
 /// The entities the context names (in records and sets too); `None` if it

@@ -319,6 +319,12 @@ fn ids_that_matter_are_checked_every_time() {
         assert!(decide_wire("read", &red, typed).is_ok());
         let err = decide_wire("read", &green, typed).expect_err("green is not a Color");
         assert!(err.problem.contains("green"), "{err}");
+        let field = if typed {
+            "context.color"
+        } else {
+            "context_json.color"
+        };
+        assert_eq!(err.field, field, "{err}");
 
         let plain = [("n", V::Long(1)), ("who", V::Entity("User", "alice"))];
         assert!(decide_wire("read", &plain, typed).is_ok());

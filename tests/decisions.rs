@@ -987,6 +987,189 @@ async fn a_request_cannot_define_a_parent_the_bundle_names() {
 }
 
 #[tokio::test]
+async fn a_request_cannot_define_an_entity_the_bundle_reads_without_defining() {
+    // A policy reads `Config::"kill"` and a bundle user's `manager` names
+    // `User::"mallory"`; neither is defined. A request defining one would
+    // assert attributes the bundle's authors meant to keep: the forbid,
+    // erring on the missing entity, denies; with the caller's
+    // `{"on": false}` it would not.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = empty_bundle_dirs(dir.path());
+    std::fs::write(
+        schemas.join("s.cedarschema"),
+        "entity Config = { on: Bool };\nentity User = { manager?: User };\nentity Doc;\n\
+         action read appliesTo { principal: [User], resource: [Doc] };\n",
+    )
+    .expect("write schema");
+    std::fs::write(
+        policies.join("p.cedar"),
+        "permit (principal, action, resource);\n\
+         forbid (principal, action, resource) when { Config::\"kill\".on };\n",
+    )
+    .expect("write policy");
+    std::fs::write(
+        policies.join("users.entities.json"),
+        r#"[{"uid": {"type": "User", "id": "eve"}, "attrs": {"manager": {"__entity": {"type": "User", "id": "mallory"}}}, "parents": []}]"#,
+    )
+    .expect("write entities");
+    let snapshot = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect("bundle loads");
+    let server = TestServer::start(Some(snapshot), ServerOptions::default(), false).await;
+    let base = || request("User::\"eve\"", None, "Action::\"read\"", "Doc::\"d\"");
+    assert_eq!(server.decide(base()).await.expect("decides").decision, DENY);
+    for (entity, says) in [
+        (
+            r#"{"uid": {"type": "Config", "id": "kill"}, "attrs": {"on": false}, "parents": []}"#,
+            "entities_json[1]: entity `Config::\"kill\"` is named in a condition of a policy in \
+             the bundle; a request may not define it (its attributes would be the caller's word)",
+        ),
+        (
+            r#"{"uid": {"type": "User", "id": "mallory"}, "attrs": {}, "parents": []}"#,
+            "entities_json[1]: entity `User::\"mallory\"` is named in attributes or tags of \
+             entities in the policy bundle; a request may not define it (its attributes would \
+             be the caller's word)",
+        ),
+    ] {
+        let req = with_entities_json(
+            base(),
+            &format!(
+                r#"[{{"uid": {{"type": "Doc", "id": "d"}}, "attrs": {{}}, "parents": []}}, {entity}]"#
+            ),
+        );
+        assert_eq!(invalid(&server, req).await, says);
+    }
+    // Entities the bundle does not name may still come with the request;
+    // the forbid still errs, so the answer is still DENY.
+    let req = with_entities_json(
+        base(),
+        r#"[{"uid": {"type": "Config", "id": "other"}, "attrs": {"on": false}, "parents": []}]"#,
+    );
+    assert_eq!(server.decide(req).await.expect("decides").decision, DENY);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn context_errors_name_the_attribute_or_principal_at_fault() {
+    let server = TestServer::example().await;
+    let email = |agent: &str, user: &str| {
+        example_request(
+            agent,
+            Some(user),
+            "email:send",
+            "EmailTemplate::\"promo-draft\"",
+        )
+    };
+    // An entity of another type than declared, an action among them: the
+    // attribute is named, never the request's own action.
+    for (recipient, shown) in [
+        (r#"{"type": "User", "id": "alice"}"#, "User::\"alice\""),
+        (r#"{"type": "Action", "id": "nope"}"#, "Action::\"nope\""),
+    ] {
+        let req = with_context_json(
+            email("billing-agent", "bob"),
+            &format!(r#"{{"recipient": {{"__entity": {recipient}}}}}"#),
+        );
+        assert_eq!(
+            invalid(&server, req).await,
+            format!(
+                "context_json.recipient: expected a Customer, got `{shown}` (the context type \
+                 of `Action::\"email:send\"`)"
+            )
+        );
+    }
+    // A typed extension value whose argument Cedar refuses.
+    let mut req = email("billing-agent", "bob");
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert(
+        "session_started".to_owned(),
+        pb::Value {
+            kind: Some(pb::value::Kind::Extension(pb::ExtensionValue {
+                r#fn: "datetime".to_owned(),
+                arg: "yesterday".to_owned(),
+            })),
+        },
+    );
+    req.context_input = Some(pb::is_authorized_request::ContextInput::Context(
+        pb::Record { fields },
+    ));
+    let msg = invalid(&server, req).await;
+    assert!(msg.starts_with("context.session_started: "), "{msg}");
+    assert!(msg.contains("`datetime`"), "{msg}");
+    // A principal of a type the trusted record does not declare: an agent
+    // acting for another agent where `leash.user` is a User, and a user in
+    // the agent's place where `leash.agent` is an Agent (both are principal
+    // types of the action).
+    let ok_context = r#"{"recipient": {"__entity": {"type": "Customer", "id": "C-100"}}}"#;
+    let req = with_context_json(
+        request(
+            "Agent::\"billing-agent\"",
+            Some("Agent::\"support-bot\""),
+            "Action::\"email:send\"",
+            "EmailTemplate::\"promo-draft\"",
+        ),
+        ok_context,
+    );
+    assert_eq!(
+        invalid(&server, req).await,
+        "principal.on_behalf_of: expected a User, got `Agent::\"support-bot\"` \
+         (`context.leash.user` of `Action::\"email:send\"`)"
+    );
+    let req = with_context_json(
+        request(
+            "User::\"bob\"",
+            Some("User::\"alice\""),
+            "Action::\"email:send\"",
+            "EmailTemplate::\"promo-draft\"",
+        ),
+        ok_context,
+    );
+    assert_eq!(
+        invalid(&server, req).await,
+        "principal.agent: expected an Agent, got `User::\"bob\"` (`context.leash.agent` of \
+         `Action::\"email:send\"`)"
+    );
+    // A typed request entity whose attribute has the wrong type is named by
+    // its place in the list (typed entities meet the schema only when they
+    // join the bundle's).
+    let ticket = |id: &str, tier: pb::value::Kind| {
+        let mut attrs = std::collections::BTreeMap::new();
+        for (name, kind) in [
+            (
+                "customer",
+                pb::value::Kind::Entity(uid("Customer::\"C-100\"")),
+            ),
+            ("region", pb::value::Kind::String("eu".to_owned())),
+            ("tier", tier),
+        ] {
+            attrs.insert(name.to_owned(), pb::Value { kind: Some(kind) });
+        }
+        pb::Entity {
+            uid: Some(uid(&format!("Ticket::\"{id}\""))),
+            attrs,
+            parents: vec![],
+            tags: Default::default(),
+        }
+    };
+    let mut req = example_request(
+        "support-bot",
+        Some("alice"),
+        "tickets:read",
+        "Ticket::\"T-1\"",
+    );
+    req.entities_input = Some(pb::is_authorized_request::EntitiesInput::Entities(
+        pb::EntityList {
+            entities: vec![
+                ticket("T-900", pb::value::Kind::Long(2)),
+                ticket("T-901", pb::value::Kind::String("2".to_owned())),
+            ],
+        },
+    ));
+    let msg = invalid(&server, req).await;
+    assert!(msg.starts_with("entities.entities[1]: "), "{msg}");
+    assert!(msg.contains("tier"), "{msg}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn oversize_messages_are_resource_exhausted() {
     let server = TestServer::start(
         Some(example_snapshot()),

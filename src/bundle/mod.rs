@@ -87,10 +87,10 @@ pub struct Snapshot {
     pub entities: Entities,
     /// The schema's actions, to reject an undeclared action by name.
     pub actions: HashSet<EntityUid>,
-    /// Ancestors that the bundle's entities name but the bundle does not
-    /// define. A request must not define one: its parents would become
-    /// every such entity's ancestors (roles the bundle never granted).
-    pub undefined_parents: HashSet<EntityUid>,
+    /// Entities the bundle names but does not define: as a parent of its
+    /// entities, in their attributes or tags, or in a policy's condition.
+    /// A request must not define one (see [`Named`]).
+    pub undefined_named: HashMap<EntityUid, Named>,
     /// Which actions ask for the trusted `context.leash` record.
     pub reserved: ReservedContext,
     /// Context shapes that passed the check against their action's context
@@ -276,7 +276,7 @@ impl Snapshot {
         cache.validated.extend(clean);
 
         let actions = action_uids(&schema);
-        let undefined_parents = undefined_parents(&entities);
+        let undefined_named = undefined_named(&policies, &entities);
         let began = Instant::now();
         let index = cache
             .index
@@ -293,7 +293,7 @@ impl Snapshot {
             schema,
             entities,
             actions,
-            undefined_parents,
+            undefined_named,
             reserved,
             context_checks,
             policy_origins,
@@ -320,16 +320,82 @@ impl Snapshot {
     }
 }
 
-/// The ancestors `entities` name without defining them (Cedar allows such
-/// dangling parents; an entity's ancestors are already transitive here).
-fn undefined_parents(entities: &Entities) -> HashSet<EntityUid> {
-    let mut out = HashSet::new();
+/// How the bundle names an entity it does not define, which is why a
+/// request may not define it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Named {
+    /// A parent of the bundle's entities: the request's parents for it would
+    /// become their ancestors (roles the bundle never granted).
+    Parent,
+    /// A value in an attribute or tag of the bundle's entities: the request
+    /// would assert the attributes of an entity the bundle refers to.
+    Value,
+    /// An entity literal in a policy's condition: the request would assert
+    /// the attributes a policy reads (a policy that reads a missing entity
+    /// errs, and its side is denied).
+    Policy,
+}
+
+impl Named {
+    /// How the bundle names such an entity, and what a request defining it
+    /// would do, for its error.
+    pub fn reason(self) -> (&'static str, &'static str) {
+        match self {
+            Named::Parent => (
+                "a parent of entities in the policy bundle",
+                "its parents would become theirs",
+            ),
+            Named::Value => (
+                "named in attributes or tags of entities in the policy bundle",
+                "its attributes would be the caller's word",
+            ),
+            Named::Policy => (
+                "named in a condition of a policy in the bundle",
+                "its attributes would be the caller's word",
+            ),
+        }
+    }
+}
+
+/// The entities the bundle names without defining them (Cedar allows such
+/// dangling references): the ancestors of its entities (already transitive
+/// here), the entities in their attributes and tags, and the entity
+/// literals in the conditions of its policies and templates. Action
+/// entities are left out: a request may define no action at all.
+fn undefined_named(policies: &PolicySet, entities: &Entities) -> HashMap<EntityUid, Named> {
+    use cedar_policy_core::ast;
+    let mut out = HashMap::new();
+    let mut note = |uid: EntityUid, how: Named| {
+        let core_uid: &ast::EntityUID = uid.as_ref();
+        if !core_uid.entity_type().is_action()
+            && !out.contains_key(&uid)
+            && entities.get(&uid).is_none()
+        {
+            out.insert(uid, how);
+        }
+    };
+    let mut values = Vec::new();
     for entity in entities.iter() {
-        let core: &cedar_policy_core::ast::Entity = entity.as_ref();
+        let core: &ast::Entity = entity.as_ref();
         for parent in core.ancestors() {
-            let uid = EntityUid::from(parent.clone());
-            if !out.contains(&uid) && entities.get(&uid).is_none() {
-                out.insert(uid);
+            note(EntityUid::from(parent.clone()), Named::Parent);
+        }
+        for (_, value) in core.attrs().chain(core.tags()) {
+            if let ast::PartialValue::Value(v) = value {
+                reach::value_refs(v, &mut values);
+            }
+        }
+        for uid in values.drain(..) {
+            note(uid, Named::Value);
+        }
+    }
+    let core: &ast::PolicySet = policies.as_ref();
+    for template in core.all_templates() {
+        if let Some(condition) = template.non_scope_constraints() {
+            for expr in condition.subexpressions() {
+                if let ast::ExprKind::Lit(ast::Literal::EntityUID(uid)) = expr.expr_kind() {
+                    note(EntityUid::from((**uid).clone()), Named::Policy);
+                }
             }
         }
     }
