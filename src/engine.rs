@@ -1439,15 +1439,20 @@ fn typed_entity_error(snapshot: &Snapshot, input: &EntitiesInput) -> Option<Requ
     let EntitiesInput::Typed(entities) = input else {
         return None;
     };
+    // Cedar's own per-entity check, without building a set (which would
+    // copy the schema's actions once per entity).
+    let schema = cedar_policy_core::validator::CoreSchema::new(snapshot.schema.as_ref());
+    let checker = cedar_policy_core::entities::conformance::EntitySchemaConformanceChecker::new(
+        &schema,
+        cedar_policy_core::extensions::Extensions::all_available(),
+    );
     entities.iter().enumerate().find_map(|(i, entity)| {
-        Entities::from_entities([entity.clone()], Some(&snapshot.schema))
-            .err()
-            .map(|e| {
-                RequestError::new(
-                    format!("entities.entities[{i}]"),
-                    crate::bundle::cedar_message(&e),
-                )
-            })
+        checker.validate_entity(entity.as_ref()).err().map(|e| {
+            RequestError::new(
+                format!("entities.entities[{i}]"),
+                crate::bundle::cedar_message(&e),
+            )
+        })
     })
 }
 

@@ -322,7 +322,9 @@ impl Snapshot {
 
 /// How the bundle names an entity it does not define, which is why a
 /// request may not define it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Ordered by precedence: an entity named in several ways is reported by
+/// the first, whatever order the bundle's entities are visited in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Named {
     /// A parent of the bundle's entities: the request's parents for it would
     /// become their ancestors (roles the bundle never granted).
@@ -367,12 +369,11 @@ fn undefined_named(policies: &PolicySet, entities: &Entities) -> HashMap<EntityU
     let mut out = HashMap::new();
     let mut note = |uid: EntityUid, how: Named| {
         let core_uid: &ast::EntityUID = uid.as_ref();
-        if !core_uid.entity_type().is_action()
-            && !out.contains_key(&uid)
-            && entities.get(&uid).is_none()
-        {
-            out.insert(uid, how);
+        if core_uid.entity_type().is_action() || entities.get(&uid).is_some() {
+            return;
         }
+        let named = out.entry(uid).or_insert(how);
+        *named = (*named).min(how);
     };
     let mut values = Vec::new();
     for entity in entities.iter() {
@@ -922,6 +923,43 @@ mod tests {
             next.policies.push(file);
         }
         next
+    }
+
+    /// Entities named but not defined are found in parents, attribute and
+    /// tag values (nested too) and conditions; one named several ways is
+    /// reported by the first in precedence, whatever the visiting order.
+    #[test]
+    fn undefined_named_entities_are_found_with_a_fixed_precedence() {
+        let uid = |t: &str| t.parse::<EntityUid>().expect("uid");
+        // Many holders, so that the hash order of visits varies between
+        // the ways `Group::"x"` is named.
+        let mut items = vec![serde_json::json!({
+            "uid": {"type": "User", "id": "defined"}, "attrs": {}, "parents": []
+        })];
+        for i in 0..64 {
+            items.push(serde_json::json!({
+                "uid": {"type": "User", "id": format!("v{i}")},
+                "attrs": {"deep": {"list": [{"__entity": {"type": "Group", "id": "x"}}]},
+                          "boss": {"__entity": {"type": "User", "id": "m"}},
+                          "known": {"__entity": {"type": "User", "id": "defined"}}},
+                "parents": []
+            }));
+        }
+        items.push(serde_json::json!({
+            "uid": {"type": "User", "id": "p"}, "attrs": {},
+            "parents": [{"type": "Group", "id": "x"}]
+        }));
+        let entities =
+            Entities::from_json_value(serde_json::Value::Array(items), None).expect("entities");
+        let policies = numbered_policies(
+            "forbid (principal, action, resource) when { Config::\"k\".on || User::\"m\".on };\n\
+             permit (principal, action, resource) when { action == Action::\"read\" };",
+        );
+        let named = undefined_named(&policies, &entities);
+        assert_eq!(named.get(&uid("Group::\"x\"")), Some(&Named::Parent));
+        assert_eq!(named.get(&uid("User::\"m\"")), Some(&Named::Value));
+        assert_eq!(named.get(&uid("Config::\"k\"")), Some(&Named::Policy));
+        assert_eq!(named.len(), 3, "{named:?}");
     }
 
     /// A cached build gives exactly what a fresh build gives, through
