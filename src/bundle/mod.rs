@@ -276,14 +276,15 @@ impl Snapshot {
         cache.validated.extend(clean);
 
         let actions = action_uids(&schema);
-        let undefined_named = undefined_named(&policies, &entities);
+        let literals = reach::condition_literals(&policies);
+        let undefined_named = undefined_named(&literals, &entities);
         let began = Instant::now();
         let index = cache
             .index
             .then(|| PolicyIndex::build(&policies, &entities, &actions));
         let reach = cache
             .index
-            .then(|| reach::EntityReach::build(&policies, &entities));
+            .then(|| reach::EntityReach::build(literals, &entities));
         timings.index = began.elapsed();
         Ok(Self {
             version: sources.version(),
@@ -361,10 +362,10 @@ impl Named {
 
 /// The entities the bundle names without defining them (Cedar allows such
 /// dangling references): the ancestors of its entities (already transitive
-/// here), the entities in their attributes and tags, and the entity
-/// literals in the conditions of its policies and templates. Action
+/// here), the entities in their attributes and tags, and `literals`, the
+/// entity literals in the conditions of its policies and templates. Action
 /// entities are left out: a request may define no action at all.
-fn undefined_named(policies: &PolicySet, entities: &Entities) -> HashMap<EntityUid, Named> {
+fn undefined_named(literals: &[EntityUid], entities: &Entities) -> HashMap<EntityUid, Named> {
     use cedar_policy_core::ast;
     let mut out = HashMap::new();
     let mut note = |uid: EntityUid, how: Named| {
@@ -390,15 +391,8 @@ fn undefined_named(policies: &PolicySet, entities: &Entities) -> HashMap<EntityU
             note(uid, Named::Value);
         }
     }
-    let core: &ast::PolicySet = policies.as_ref();
-    for template in core.all_templates() {
-        if let Some(condition) = template.non_scope_constraints() {
-            for expr in condition.subexpressions() {
-                if let ast::ExprKind::Lit(ast::Literal::EntityUID(uid)) = expr.expr_kind() {
-                    note(EntityUid::from((**uid).clone()), Named::Policy);
-                }
-            }
-        }
+    for uid in literals {
+        note(uid.clone(), Named::Policy);
     }
     out
 }
@@ -955,7 +949,7 @@ mod tests {
             "forbid (principal, action, resource) when { Config::\"k\".on || User::\"m\".on };\n\
              permit (principal, action, resource) when { action == Action::\"read\" };",
         );
-        let named = undefined_named(&policies, &entities);
+        let named = undefined_named(&reach::condition_literals(&policies), &entities);
         assert_eq!(named.get(&uid("Group::\"x\"")), Some(&Named::Parent));
         assert_eq!(named.get(&uid("User::\"m\"")), Some(&Named::Value));
         assert_eq!(named.get(&uid("Config::\"k\"")), Some(&Named::Policy));

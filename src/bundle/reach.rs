@@ -65,10 +65,30 @@ fn entity_refs(entity: &Entity) -> Option<Vec<EntityUid>> {
     Some(out)
 }
 
+/// The entity literals in the conditions of `policies` and their
+/// templates, each once.
+pub fn condition_literals(policies: &PolicySet) -> Vec<EntityUid> {
+    let core: &ast::PolicySet = policies.as_ref();
+    let mut literals = HashSet::new();
+    for template in core.all_templates() {
+        if let Some(condition) = template.non_scope_constraints() {
+            for expr in condition.subexpressions() {
+                if let ast::ExprKind::Lit(Literal::EntityUID(uid)) = expr.expr_kind() {
+                    literals.insert(EntityUid::from((**uid).clone()));
+                }
+            }
+        }
+    }
+    literals.into_iter().collect()
+}
+
 impl EntityReach {
-    pub fn build(policies: &PolicySet, entities: &Entities) -> Self {
+    /// From the bundle's entities and its condition literals
+    /// ([`condition_literals`]).
+    pub fn build(literals: Vec<EntityUid>, entities: &Entities) -> Self {
         let mut reach = Self {
             exact: true,
+            literals,
             ..Self::default()
         };
         for entity in entities.iter() {
@@ -81,18 +101,6 @@ impl EntityReach {
                 None => reach.exact = false,
             }
         }
-        let core: &ast::PolicySet = policies.as_ref();
-        let mut literals = HashSet::new();
-        for template in core.all_templates() {
-            if let Some(condition) = template.non_scope_constraints() {
-                for expr in condition.subexpressions() {
-                    if let ast::ExprKind::Lit(Literal::EntityUID(uid)) = expr.expr_kind() {
-                        literals.insert(EntityUid::from((**uid).clone()));
-                    }
-                }
-            }
-        }
-        reach.literals = literals.into_iter().collect();
         reach
     }
 
