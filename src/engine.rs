@@ -1042,16 +1042,19 @@ fn build_context(
                     shape: None,
                 });
             }
-            let mut map = map.clone();
+            let mut with_record = map.clone();
             if let Some(fields) = leash {
-                map.insert(LEASH_ATTR.to_owned(), leash_json(fields, request, now));
+                with_record.insert(LEASH_ATTR.to_owned(), leash_json(fields, request, now));
             }
             Context::from_json_value(
-                Value::Object(map),
+                Value::Object(with_record),
                 Some((&snapshot.schema, &request.action)),
             )
             .map(BuiltContext::unchecked)
-            .map_err(|e| RequestError::new(field, crate::bundle::cedar_message(&e)))
+            .map_err(|e| {
+                json_context_error(snapshot, &request.action, map)
+                    .unwrap_or_else(|| RequestError::new(field, crate::bundle::cedar_message(&e)))
+            })
         }
         ContextInput::Typed(pairs, fields_shape) => {
             reserved(pairs.iter().any(|(k, _)| k == LEASH_ATTR))?;
@@ -1082,6 +1085,42 @@ fn build_context(
             Ok(BuiltContext::shaped(built, shape))
         }
     }
+}
+
+/// The JSON context's attribute at fault when Cedar's schema-directed
+/// parser refused the context (whose message names no attribute: "while
+/// parsing context, expected a literal entity reference"), found by parsing
+/// each declared attribute alone against its type, as that parser does:
+/// only on this error path. `None` when no attribute alone is at fault
+/// (one missing or undeclared, which Cedar's message names).
+fn json_context_error(
+    snapshot: &Snapshot,
+    action: &EntityUid,
+    map: &Map<String, Value>,
+) -> Option<RequestError> {
+    use cedar_policy_core::entities::json::err::JsonDeserializationErrorContext;
+    use cedar_policy_core::entities::json::{SchemaType, ValueParser};
+    let schema: &cedar_policy_core::validator::ValidatorSchema = snapshot.schema.as_ref();
+    let action_core: &cedar_ast::EntityUID = action.as_ref();
+    let expected = SchemaType::try_from(schema.context_type(action_core)?.clone()).ok()?;
+    let SchemaType::Record { attrs, .. } = expected else {
+        return None;
+    };
+    let parser = ValueParser::new(cedar_policy_core::extensions::Extensions::all_available());
+    map.iter().find_map(|(key, value)| {
+        let attr = attrs.get(key.as_str())?;
+        let problem =
+            match parser.val_into_restricted_expr(value.clone(), Some(attr.schema_type()), &|| {
+                JsonDeserializationErrorContext::Context
+            }) {
+                Err(e) => crate::bundle::cedar_message(&e),
+                // An extension value is checked when it is evaluated.
+                Ok(expr) => Context::from_pairs([(key.clone(), RestrictedExpression::from(expr))])
+                    .err()
+                    .map(|e| crate::bundle::cedar_message(&e))?,
+            };
+        Some(RequestError::new(format!("context_json.{key}"), problem))
+    })
 }
 
 /// The typed context's attribute at fault when it could not be built (an
