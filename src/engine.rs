@@ -820,7 +820,7 @@ fn context_mismatch(
                 let field = match path.as_str() {
                     ".agent" => "principal.agent",
                     ".user" => "principal.on_behalf_of",
-                    _ => "context",
+                    _ => context_field(&request.context),
                 };
                 return Some(RequestError::new(
                     field,
