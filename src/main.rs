@@ -450,7 +450,11 @@ fn audit(args: &AuditArgs) -> ExitCode {
                 summary.records,
                 describe(&summary)
             );
-            ExitCode::SUCCESS
+            if note_torn_earlier(&summary) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Ok(Verdict::Unanchored { seq, problem }) => {
             println!("audit trail does not reach anchor seq {seq}: {problem}");
@@ -466,6 +470,7 @@ fn audit(args: &AuditArgs) -> ExitCode {
                 summary.records,
                 describe(&summary)
             );
+            note_torn_earlier(&summary);
             println!(
                 "note: `{}` ends in a partial record after seq {}: a write cut short by a crash, \
                  not tampering (that decision was not answered in the disk sync mode)",
@@ -496,6 +501,19 @@ fn audit(args: &AuditArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Notes each earlier file a crash left a partial record in; whether any.
+fn note_torn_earlier(summary: &leash::audit::chain::Summary) -> bool {
+    for (file, after_seq) in &summary.torn_earlier {
+        println!(
+            "note: `{}` ends in a partial record after seq {}: a write cut short by a crash, set \
+             aside at restart; the chain continues in the next file",
+            file.display(),
+            after_seq.map_or_else(|| "(none)".to_owned(), |s| s.to_string())
+        );
+    }
+    !summary.torn_earlier.is_empty()
 }
 
 fn describe(summary: &leash::audit::chain::Summary) -> String {

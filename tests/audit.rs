@@ -272,6 +272,60 @@ async fn every_decision_is_a_chained_record_and_tampering_is_named() {
         }
         other => panic!("a torn tail is its own verdict: {other:?}"),
     }
+    // A cut inside a character (`é` is two bytes) is a torn tail too, not
+    // bytes that are not UTF-8.
+    let cut_in_char = dir.path().join("cut-in-char");
+    let mut raw = (original[..6].join("\n") + "\n").into_bytes();
+    raw.extend_from_slice("{\"resource\":\"Doc::\\\"r\u{e9}".as_bytes());
+    raw.pop();
+    std::fs::write(&cut_in_char, raw).expect("write");
+    match chain::verify(&[cut_in_char]).expect("readable") {
+        Verdict::TornTail { after_seq, .. } => assert_eq!(after_seq, Some(5)),
+        other => panic!("a cut inside a character is a torn tail: {other:?}"),
+    }
+    // A partial line ending a file that is not the newest: leash leaves one
+    // only in a file it set aside at restart (`.torn`), which `verify`
+    // notes (exit 2); in any other file it is text added after the last
+    // record, which tools reading the file would take for a record.
+    let partial = original[..6].join("\n") + "\n{\"decision\":\"allow\"";
+    let rest = original[6..].join("\n") + "\n";
+    let next = dir.path().join("next.log");
+    std::fs::write(&next, &rest).expect("write");
+    let rotated = dir.path().join("trail.log.00000000000000000005");
+    std::fs::write(&rotated, &partial).expect("write");
+    match chain::verify(&[rotated.clone(), next.clone()]).expect("readable") {
+        Verdict::Broken {
+            file,
+            line,
+            problem,
+            verified_to,
+            ..
+        } => {
+            assert_eq!((file, line), (rotated.clone(), 7));
+            assert!(problem.contains("added"), "{problem}");
+            assert_eq!(verified_to.map(|(seq, _)| seq), Some(5));
+        }
+        other => panic!("text added to a rotated file: {other:?}"),
+    }
+    assert_eq!(verify_cli(&[], &[rotated, next.clone()]).0, 1);
+    let aside = dir.path().join("trail.log.00000000000000000005.torn2");
+    std::fs::write(&aside, &partial).expect("write");
+    match chain::verify(&[aside.clone(), next.clone()]).expect("readable") {
+        Verdict::Intact(summary) => {
+            assert_eq!(summary.records, 12);
+            assert_eq!(summary.torn_earlier, [(aside.clone(), Some(5))]);
+        }
+        other => panic!("a file set aside after a crash: {other:?}"),
+    }
+    let (code, out) = verify_cli(&[], &[aside.clone(), next]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(&format!(
+            "`{}` ends in a partial record after seq 5",
+            aside.display()
+        )),
+        "{out}"
+    );
 }
 
 #[tokio::test]

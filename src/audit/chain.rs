@@ -198,6 +198,10 @@ pub struct Summary {
     /// The first record continues a chain whose start is not in the files
     /// (older files were removed): its `prev_hash` was taken on trust.
     pub starts_mid_chain: bool,
+    /// Files before the newest that end in a partial record, each set aside
+    /// (`.torn`) at a restart after a crash, with the last record before
+    /// the partial one: the chain continues in the next file.
+    pub torn_earlier: Vec<(PathBuf, Option<u64>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -298,6 +302,7 @@ fn walk(files: &[PathBuf], anchors: &[Anchor]) -> Result<Verdict, VerifyError> {
         last_seq: None,
         last_hash: None,
         starts_mid_chain: false,
+        torn_earlier: Vec::new(),
     };
     for (file_index, path) in files.iter().enumerate() {
         let (text, not_utf8) = read(path)?;
@@ -307,7 +312,9 @@ fn walk(files: &[PathBuf], anchors: &[Anchor]) -> Result<Verdict, VerifyError> {
                 // A partial line is always the last piece of a file: a
                 // write cut short by a crash. In the newest file that is
                 // the trail's end; in an older one, the writer set the file
-                // aside at restart and the next file continues the chain.
+                // aside at restart (`.torn`) and the next file continues
+                // the chain. Anywhere else leash never leaves one: it is
+                // text added after a file's last record.
                 if file_index + 1 == files.len() {
                     return Ok(Verdict::TornTail {
                         after_seq: summary.last_seq,
@@ -315,6 +322,19 @@ fn walk(files: &[PathBuf], anchors: &[Anchor]) -> Result<Verdict, VerifyError> {
                         file: path.clone(),
                     });
                 }
+                if !set_aside(path) {
+                    return Ok(Verdict::Broken {
+                        file: path.clone(),
+                        line: line_no,
+                        seq: None,
+                        problem: "a partial line after the last record of a file that is \
+                                  neither the newest nor one leash set aside (`.torn`): text was \
+                                  added to it"
+                            .to_owned(),
+                        verified_to: summary.last_seq.zip(summary.last_hash.clone()),
+                    });
+                }
+                summary.torn_earlier.push((path.clone(), summary.last_seq));
                 continue;
             };
             let verified_to = summary.last_seq.zip(summary.last_hash.clone());
@@ -434,6 +454,15 @@ fn walk(files: &[PathBuf], anchors: &[Anchor]) -> Result<Verdict, VerifyError> {
     Ok(Verdict::Intact(summary))
 }
 
+/// Whether `path` is named as leash names a file it set aside at start:
+/// `….torn`, `….torn2`, `….torn3`…
+fn set_aside(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.rsplit_once(".torn"))
+        .is_some_and(|(_, n)| n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The file's text, up to the line holding its first byte that is not
 /// UTF-8 (leash writes none), and that line's number if there is one.
 fn read(path: &Path) -> Result<(String, Option<usize>), VerifyError> {
@@ -443,6 +472,13 @@ fn read(path: &Path) -> Result<(String, Option<usize>), VerifyError> {
     })?;
     Ok(match String::from_utf8(bytes) {
         Ok(text) => (text, None),
+        // The file ends inside a character (a write of `résumé` cut short
+        // by a crash): the last line is partial, as when a cut falls
+        // between characters; it is never parsed, so its replacement
+        // character changes nothing.
+        Err(e) if e.utf8_error().error_len().is_none() => {
+            (String::from_utf8_lossy(e.as_bytes()).into_owned(), None)
+        }
         Err(e) => {
             let valid = e.utf8_error().valid_up_to();
             let bytes = e.into_bytes();
@@ -459,8 +495,9 @@ fn read(path: &Path) -> Result<(String, Option<usize>), VerifyError> {
 
 /// The head after the last complete record of `text` (a file's contents),
 /// and whether the text ends in a partial line. A line is a record when it
-/// is a JSON object with a `seq` and a `hash` that is its own: a later line
-/// that is other JSON (`{}`, or a record edited) is damage after the last
+/// is a JSON object with a `seq`, a `prev_hash` and a `hash` that is its
+/// own, in the canonical form: a later line that is anything else (`{}`, a
+/// record edited, one saved again with `\r\n`) is damage after the last
 /// record, not the record itself.
 pub fn head_of(text: &str) -> (Option<Head>, bool) {
     let torn = !text.is_empty() && !text.ends_with('\n');
@@ -469,9 +506,15 @@ pub fn head_of(text: &str) -> (Option<Head>, bool) {
         .filter(|l| l.ends_with('\n'))
         .rev()
         .find_map(|l| {
-            let record = serde_json::from_str::<Map<String, Value>>(&l[..l.len() - 1]).ok()?;
+            let line = &l[..l.len() - 1];
+            let record = serde_json::from_str::<Map<String, Value>>(line).ok()?;
             let hash = record.get("hash")?.as_str()?;
-            if hex(&Sha256::digest(body_of(&record).as_bytes())) != hash {
+            record.get("prev_hash")?.as_str()?;
+            let body = body_of(&record);
+            // A line `verify` would refuse is not one to continue after:
+            // its hash, and exactly the form leash writes (a line saved
+            // again with a carriage return or a space still hashes right).
+            if hex(&Sha256::digest(body.as_bytes())) != hash || with_hash(body, hash) != line {
                 return None;
             }
             Some(Head {
@@ -536,9 +579,69 @@ mod tests {
                 "{damage:?}"
             );
         }
+        // The last record saved again with `\r\n`, or with a space added:
+        // its hash still holds, but `verify` refuses the line, so the head
+        // is the record before it.
+        let (first, _) = text.split_once('\n').expect("two lines");
+        let mut after_first = Head::genesis();
+        let mut record = Map::new();
+        record.insert("n".to_owned(), Value::from(0));
+        assert_eq!(seal(record, &mut after_first), format!("{first}\n"));
+        let last = text.lines().last().expect("a line");
+        for resaved in [format!("{last}\r\n"), last.replacen(',', ", ", 1) + "\n"] {
+            assert_eq!(
+                head_of(&format!("{first}\n{resaved}")),
+                (Some(after_first.clone()), false),
+                "{resaved:?}"
+            );
+        }
         // A partial line is torn; nothing at all is no head.
         assert_eq!(head_of(&format!("{text}{{\"seq\":2")), (Some(head), true));
         assert_eq!(head_of("{}\n"), (None, false));
+    }
+
+    /// Writes `text` as a one-file trail and verifies it.
+    fn verified(text: &str) -> Verdict {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("trail.log");
+        std::fs::write(&path, text).expect("write");
+        verify(&[path]).expect("reads")
+    }
+
+    #[test]
+    fn a_float_whose_shortest_form_reads_back_elsewhere_is_sealed_as_itself() {
+        // With a best-effort float parser, this text parses to a float whose
+        // shortest form (93415.43591337785) parses to its neighbour.
+        let parsed: Value =
+            serde_json::from_str(r#"{"amount_cents":93415.435913377863}"#).expect("JSON");
+        let mut record = Map::new();
+        record.insert("context".to_owned(), parsed);
+        let mut head = Head::genesis();
+        let line = seal(record, &mut head);
+        assert_eq!(head_of(&line), (Some(head), false), "{line}");
+        assert!(matches!(verified(&line), Verdict::Intact(_)), "{line}");
+    }
+
+    proptest::proptest! {
+        /// Any number a caller puts in a recorded context key seals into a
+        /// line that reads back as itself: a float whose shortest printed
+        /// form parsed back to a neighbouring float made a clean trail fail
+        /// as "edited" (and its head unreadable at restart).
+        #[test]
+        fn every_recorded_number_reads_back_as_sealed(bits in proptest::num::u64::ANY) {
+            let number = f64::from_bits(bits);
+            proptest::prop_assume!(number.is_finite());
+            // As the service gets it: parsed from the caller's JSON text.
+            let parsed: Value = serde_json::from_str(&format!("{{\"k\":{number:e}}}"))
+                .expect("a finite number is JSON");
+            let mut record = Map::new();
+            record.insert("context".to_owned(), parsed);
+            let mut head = Head::genesis();
+            let line = seal(record, &mut head);
+            proptest::prop_assert_eq!(head_of(&line), (Some(head), false), "{}", line);
+            let verdict = verified(&line);
+            proptest::prop_assert!(matches!(verdict, Verdict::Intact(_)), "{:?} {}", verdict, line);
+        }
     }
 
     #[test]
