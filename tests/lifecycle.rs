@@ -684,6 +684,125 @@ async fn health_listener_answers_probes_on_any_address_and_nothing_else() {
     assert_eq!(refused.code(), tonic::Code::Unimplemented);
 }
 
+/// A client-side health watcher (a `Health/Watch` stream, as gRPC's
+/// client health checking opens) must not hold up shutdown: the stream
+/// sees NOT_SERVING, then ends, and the drain does not wait for it.
+#[tokio::test]
+async fn health_watchers_see_not_serving_and_do_not_hold_up_shutdown() {
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_leash"))
+            .current_dir(cwd.path())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "none",
+                "--audit-log",
+                "none",
+                "--log-format",
+                "json",
+                "--health-listen",
+                "127.0.0.1:0",
+                // Far past the test's bound: a drain that waited for the
+                // watchers would fail it rather than end on time.
+                "--drain-timeout",
+                "600",
+            ])
+            .env_remove("LEASH_LOG")
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starts"),
+    );
+    let mut next_line = json_log_lines(&mut child.0);
+    let (mut decisions, mut health_only) = (None, None);
+    let mut loaded = false;
+    while decisions.is_none() || health_only.is_none() || !loaded {
+        let line = next_line();
+        if line["message"] == "listening" {
+            let address = line["address"].as_str().expect("address").to_owned();
+            match address.strip_suffix(" (grpc.health.v1 only)") {
+                Some(addr) => health_only = Some(addr.to_owned()),
+                None => decisions = Some(address),
+            }
+        }
+        loaded |= line["message"] == "policy bundle loaded";
+    }
+    let mut watches = Vec::new();
+    for addr in [decisions, health_only].into_iter().flatten() {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        for service in ["", "leash.v1.Authorizer"] {
+            let mut updates = HealthClient::new(channel.clone())
+                .watch(HealthCheckRequest {
+                    service: service.to_owned(),
+                })
+                .await
+                .expect("health answers")
+                .into_inner();
+            tokio::time::timeout(Duration::from_secs(30), async {
+                while let Some(update) = updates.message().await.expect("health stream") {
+                    if update.status == ServingStatus::Serving as i32 {
+                        return;
+                    }
+                }
+                panic!("health stream ended before SERVING");
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{addr} {service:?} not SERVING within 30 s"));
+            watches.push((addr.clone(), service, updates));
+        }
+    }
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    for (addr, service, mut updates) in watches {
+        let last = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut last = None;
+            while let Some(update) = updates.message().await.ok().flatten() {
+                last = Some(update.status);
+            }
+            last
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{addr} {service:?}: the watch did not end within 60 s"));
+        assert_eq!(
+            last,
+            Some(ServingStatus::NotServing as i32),
+            "{addr} {service:?}"
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leash did not exit within 60 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    // Its log to the end: drained without timing out, then stopped.
+    loop {
+        let line = next_line();
+        let message = line["message"].as_str().unwrap_or_default().to_owned();
+        assert!(!message.contains("timed out"), "{line}");
+        assert!(!message.contains("in time"), "{line}");
+        if message == "stopped" {
+            break;
+        }
+    }
+}
+
 #[test]
 fn only_bundle_files_can_refuse_a_bundle_and_a_huge_one_does() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -70,6 +70,9 @@ pub const AUDIT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (also bounded by the drain timeout).
 pub const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the admin and health listeners may take to close, last of all.
+pub const ADMIN_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
@@ -347,6 +350,22 @@ impl Server {
         self.audit.clone()
     }
 
+    /// Closes every open `Health/Watch` stream (each gets the last status
+    /// first); with `still_answering`, `Check` keeps answering NOT_SERVING
+    /// from a fresh channel (the health listener stays up while draining).
+    async fn end_health_watches(&self, still_answering: bool) {
+        let _one_at_a_time = self.health_lock.lock().await;
+        let mut reporter = self.health.clone();
+        for service in ["", AUTHORIZER_SERVICE] {
+            reporter.clear_service_status(service).await;
+            if still_answering {
+                reporter
+                    .set_service_status(service, ServingStatus::NotServing)
+                    .await;
+            }
+        }
+    }
+
     async fn set_health(&self, status: ServingStatus) {
         self.health.set_service_status("", status).await;
         self.health
@@ -486,6 +505,10 @@ impl Server {
         self.draining.store(true, Ordering::SeqCst);
         self.refresh_health().await;
         let _ = stop_tx.send(true);
+        // A `Health/Watch` stream ends only when its channel closes, and
+        // hyper's graceful shutdown waits for every open stream: one
+        // client-side health watcher would hold the drain to its timeout.
+        self.end_health_watches(true).await;
         let drained = tokio::time::timeout(self.options.drain_timeout, async {
             while let Some(ended) = tasks.join_next().await {
                 if let Err(e) = flatten(ended) {
@@ -511,8 +534,20 @@ impl Server {
         self.telemetry
             .shutdown(SPAN_FLUSH_TIMEOUT.min(self.options.drain_timeout))
             .await;
+        // Watches opened on the health listener while draining end too.
+        self.end_health_watches(false).await;
         let _ = admin_stop_tx.send(true);
-        while admin_tasks.join_next().await.is_some() {}
+        let closed = tokio::time::timeout(ADMIN_CLOSE_TIMEOUT, async {
+            while admin_tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if closed.is_err() {
+            warn!(
+                timeout_secs = ADMIN_CLOSE_TIMEOUT.as_secs_f64(),
+                "the admin and health listeners did not close in time; closing them anyway"
+            );
+            admin_tasks.abort_all();
+        }
         info!("stopped");
         match failure {
             Some(Err(e)) => Err(e),
