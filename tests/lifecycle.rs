@@ -803,6 +803,101 @@ async fn health_watchers_see_not_serving_and_do_not_hold_up_shutdown() {
     }
 }
 
+/// Out of file descriptors, a listener cannot accept: leash says so and
+/// pauses between tries (it used to retry at once, silently, spinning a
+/// worker), and accepts again once descriptors are free.
+#[tokio::test]
+async fn out_of_file_descriptors_is_logged_and_accepting_resumes() {
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let mut child = KillOnDrop(
+        Command::new("bash")
+            .current_dir(cwd.path())
+            .args([
+                "-c",
+                r#"ulimit -n 32 && exec "$0" "$@""#,
+                env!("CARGO_BIN_EXE_leash"),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "none",
+                "--audit-log",
+                "none",
+                "--log-format",
+                "json",
+            ])
+            .env_remove("LEASH_LOG")
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starts"),
+    );
+    let mut next_line = json_log_lines(&mut child.0);
+    let mut addr = None;
+    let mut loaded = false;
+    while addr.is_none() || !loaded {
+        let line = next_line();
+        if line["message"] == "listening" {
+            addr = line["address"].as_str().map(str::to_owned);
+        }
+        loaded |= line["message"] == "policy bundle loaded";
+    }
+    let addr = addr.expect("address");
+    // More connections than the process may hold descriptors for: the
+    // kernel completes each handshake; leash runs out accepting them.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(std::net::TcpStream::connect(&addr).expect("connect"));
+    }
+    loop {
+        let line = next_line();
+        if line["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("cannot accept connections"))
+        {
+            assert_eq!(line["level"], "WARN", "{line}");
+            assert_eq!(line["listener"], addr.as_str(), "{line}");
+            break;
+        }
+    }
+    drop(held);
+    // Descriptors free again: a decision is served (bounded retries while
+    // leash closes the connections it did accept).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let answered = async {
+            let mut client = leash::check::connect_tcp(&addr).await.ok()?;
+            client
+                .is_authorized(request(
+                    "Agent::\"support-bot\"",
+                    Some("User::\"alice\""),
+                    "Action::\"kb:read\"",
+                    "KbArticle::\"reset-password\"",
+                ))
+                .await
+                .ok()
+        };
+        if let Some(answer) = tokio::time::timeout(Duration::from_secs(10), answered)
+            .await
+            .ok()
+            .flatten()
+        {
+            assert_eq!(answer.into_inner().decision, pb::Decision::Allow as i32);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no decision within 60 s of freeing the descriptors"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    loop {
+        if next_line()["message"] == "accepting connections again" {
+            break;
+        }
+    }
+}
+
 #[test]
 fn only_bundle_files_can_refuse_a_bundle_and_a_huge_one_does() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -35,6 +35,7 @@ use crate::telemetry::admin_http::{self, AdminState};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{Telemetry, TelemetryError, TelemetryOptions};
 
+pub mod accept;
 pub mod uds;
 
 /// The service name health checks ask about, besides "" (the whole server).
@@ -440,10 +441,9 @@ impl Server {
                 let router = tonic::transport::Server::builder().add_service(health.clone());
                 let stop = stopped(admin_stop_rx.clone());
                 admin_tasks.spawn(async move {
-                    if let Err(e) = router
-                        .serve_with_incoming_shutdown(TcpListenerStream::new(l), stop)
-                        .await
-                    {
+                    let incoming =
+                        accept::pausing_on_errors(TcpListenerStream::new(l), "health".to_owned());
+                    if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
                         warn!(error = %e, "health listener ended with an error");
                     }
                 });
@@ -463,6 +463,7 @@ impl Server {
                 .add_service(authorizer.clone())
                 .add_service(admin.clone());
             let stopped = stopped(stop_rx.clone());
+            let name = listener.describe();
             match listener {
                 Listener::Tcp(l) => {
                     // Decisions are small and latency-bound: no Nagle delay.
@@ -471,11 +472,13 @@ impl Server {
                             let _ = s.set_nodelay(true);
                         })
                     });
+                    let incoming = accept::pausing_on_errors(incoming, name);
                     tasks.spawn(router.serve_with_incoming_shutdown(incoming, stopped));
                 }
                 Listener::Unix(l, path) => {
                     socket_paths.push(path);
-                    tasks.spawn(router.serve_with_incoming_shutdown(uds::incoming(l), stopped));
+                    let incoming = accept::pausing_on_errors(uds::incoming(l), name);
+                    tasks.spawn(router.serve_with_incoming_shutdown(incoming, stopped));
                 }
                 Listener::Admin(_) | Listener::Health(_) => {}
             }
