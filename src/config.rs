@@ -1176,6 +1176,17 @@ impl ServeArgs {
         if tcp.is_none() && self.uds.is_none() && problems.is_empty() {
             problems.push("--listen: `none` needs --uds, or leash would serve nothing".to_owned());
         }
+        if let Some(uds) = &self.uds {
+            // (An empty path is refused by the argument parser.)
+            let len = uds.as_os_str().len();
+            if len > crate::server::MAX_SOCKET_PATH {
+                problems.push(format!(
+                    "--uds: `{}` is {len} bytes; a Unix socket's path can be at most {}",
+                    uds.display(),
+                    crate::server::MAX_SOCKET_PATH
+                ));
+            }
+        }
         if self.max_limit_keys == 0 {
             problems.push("--max-limit-keys: must be at least 1".to_owned());
         }
@@ -1533,6 +1544,19 @@ mod tests {
             .resolve()
             .expect("allowed");
         assert_eq!(config.tcp, Some("0.0.0.0:7000".parse().expect("addr")));
+    }
+
+    #[test]
+    fn a_socket_path_too_long_to_bind_is_refused_before_binding() {
+        let long = format!("/tmp/{}", "s".repeat(103));
+        assert!(serve(&["--uds", &long[..107]]).resolve().is_ok());
+        let problems = serve(&["--uds", &long]).resolve().expect_err("refused");
+        assert_eq!(
+            problems,
+            [format!(
+                "--uds: `{long}` is 108 bytes; a Unix socket's path can be at most 107"
+            )]
+        );
     }
 
     #[test]

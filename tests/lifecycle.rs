@@ -185,6 +185,73 @@ async fn unix_socket_is_private_and_serves_decisions() {
     assert!(!path.exists(), "socket removed at shutdown");
 }
 
+/// A second sidecar given the same socket path refuses it while the first
+/// serves there; a socket nobody serves on (a crash) is taken over; and a
+/// sidecar removes the path at shutdown only if it is still its own.
+#[tokio::test]
+async fn a_socket_in_use_is_refused_and_only_ones_own_is_removed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("leash.sock");
+    let first = leash::server::bind_uds(&path).expect("binds");
+    match leash::server::bind_uds(&path) {
+        Err(e @ leash::server::ServeError::SocketInUse(_)) => {
+            assert!(e.to_string().contains("another process"), "{e}")
+        }
+        other => panic!("a socket in use must be refused: {other:?}"),
+    }
+    assert!(
+        std::os::unix::net::UnixStream::connect(&path).is_ok(),
+        "still the first one's"
+    );
+    // The first goes away without removing its file, as after a crash.
+    drop(first);
+    // A server started on it now, then its path taken by a newer one.
+    let server = std::sync::Arc::new(
+        leash::server::Server::new(ServerOptions::default())
+            .await
+            .expect("server"),
+    );
+    server.publish(example_snapshot()).await;
+    let listener = leash::server::bind_uds(&path).expect("a stale socket is replaced");
+    let mode = std::fs::metadata(&path)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(leftovers, [std::ffi::OsString::from("leash.sock")]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = server.clone();
+    let task = tokio::spawn(async move {
+        running
+            .run(vec![listener], async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    leash::check::connect_uds(path.clone())
+        .await
+        .expect("serves on it");
+    std::fs::remove_file(&path).expect("rm");
+    let newer = leash::server::bind_uds(&path).expect("binds the free path");
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("ran cleanly");
+    assert!(
+        std::os::unix::net::UnixStream::connect(&path).is_ok(),
+        "the newer socket was left in place"
+    );
+    drop(newer);
+}
+
 // Multi-threaded: the test blocks on a child process while the in-process
 // server must keep answering it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,8 +94,9 @@ impl Default for ServerOptions {
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
-    /// A Unix socket and its path, removed again at shutdown.
-    Unix(UnixListener, PathBuf),
+    /// A Unix socket and its path, removed again at shutdown if the path
+    /// is still this socket.
+    Unix(UnixListener, BoundSocket),
     /// The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
     Admin(TcpListener),
     /// gRPC serving `grpc.health.v1` only: for the kubelet's probes, which
@@ -111,7 +112,7 @@ impl Listener {
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "tcp (address unknown)".to_owned()),
-            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+            Listener::Unix(_, socket) => format!("unix:{}", socket.path.display()),
             Listener::Admin(l) => l
                 .local_addr()
                 .map(|a| format!("http://{a} (admin)"))
@@ -134,6 +135,12 @@ pub enum ServeError {
     BindUnix { path: PathBuf, error: io::Error },
     #[error("`{}` exists and is not a socket; refusing to replace it", .0.display())]
     NotASocket(PathBuf),
+    #[error(
+        "`{}` is a socket another process is serving on (a second leash?); refusing to take it \
+         over",
+        .0.display()
+    )]
+    SocketInUse(PathBuf),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving failed: {0}")]
@@ -170,24 +177,95 @@ pub async fn bind_health(addr: SocketAddr) -> Result<Listener, ServeError> {
         .map_err(|error| ServeError::BindTcp { addr, error })
 }
 
+/// The longest path a Unix socket can be bound at (`sun_path` is 108
+/// bytes with its terminating NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// A Unix socket's path and the file bound there, so that shutdown removes
+/// the path only while it is still this socket (not one a newer process
+/// put there since).
+#[derive(Debug)]
+pub struct BoundSocket {
+    pub path: PathBuf,
+    /// Device and inode of the socket file.
+    identity: (u64, u64),
+}
+
+impl BoundSocket {
+    /// Removes the socket file if the path still names it.
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|meta| (meta.dev(), meta.ino()) == self.identity);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Binds a Unix socket readable and writable by this user only (0600).
-/// A stale socket from an earlier run is replaced; any other file is not.
+/// A stale socket from an earlier run is replaced; one another process is
+/// serving on, or any other file, is not.
+///
+/// The socket is bound in a private directory (0700) beside the path,
+/// given its mode there, and then renamed into place: a socket accepts
+/// connections from the moment it is bound, so one bound at the path and
+/// tightened afterwards would be open to anyone the umask let in, for a
+/// moment.
 pub fn bind_uds(path: &Path) -> Result<Listener, ServeError> {
+    use std::os::unix::fs::MetadataExt as _;
     let unix_err = |error| ServeError::BindUnix {
         path: path.to_owned(),
         error,
     };
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(unix_err)?,
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(ServeError::SocketInUse(path.to_owned())),
+                // Nobody listening: left by a process that did not exit
+                // cleanly.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path).map_err(unix_err)?;
+                }
+                Err(e) => return Err(unix_err(e)),
+            }
+        }
         Ok(_) => return Err(ServeError::NotASocket(path.to_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(unix_err(e)),
     }
-    let listener = UnixListener::bind(path).map_err(unix_err)?;
-    // Nothing is accepted before `run`, so no client is served before the
-    // mode is tightened.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(unix_err)?;
-    Ok(Listener::Unix(listener, path.to_owned()))
+    let parent = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let private = tempfile::Builder::new()
+        .prefix(".leash-")
+        .tempdir_in(parent)
+        .map_err(unix_err)?;
+    let staged = private.path().join("s");
+    if staged.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(unix_err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "it is bound beside the path first, as `{}`, which is longer than a Unix \
+                 socket's path may be ({MAX_SOCKET_PATH} bytes); use a shorter path",
+                staged.display()
+            ),
+        )));
+    }
+    let listener = UnixListener::bind(&staged).map_err(unix_err)?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).map_err(unix_err)?;
+    let identity = std::fs::symlink_metadata(&staged)
+        .map(|meta| (meta.dev(), meta.ino()))
+        .map_err(unix_err)?;
+    std::fs::rename(&staged, path).map_err(unix_err)?;
+    Ok(Listener::Unix(
+        listener,
+        BoundSocket {
+            path: path.to_owned(),
+            identity,
+        },
+    ))
 }
 
 /// The leash gRPC server: the `Authorizer`, `Admin`, `grpc.health.v1` and
@@ -475,8 +553,8 @@ impl Server {
                     let incoming = accept::pausing_on_errors(incoming, name);
                     tasks.spawn(router.serve_with_incoming_shutdown(incoming, stopped));
                 }
-                Listener::Unix(l, path) => {
-                    socket_paths.push(path);
+                Listener::Unix(l, socket) => {
+                    socket_paths.push(socket);
                     let incoming = accept::pausing_on_errors(uds::incoming(l), name);
                     tasks.spawn(router.serve_with_incoming_shutdown(incoming, stopped));
                 }
@@ -527,8 +605,8 @@ impl Server {
             );
             tasks.abort_all();
         }
-        for path in socket_paths {
-            let _ = std::fs::remove_file(path);
+        for socket in socket_paths {
+            socket.remove();
         }
         // Every answered decision's record is already written (or queued,
         // in the queued mode); let the writer finish the queue.
