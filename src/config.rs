@@ -147,7 +147,9 @@ pub struct ServeArgs {
     #[arg(long, env = "LEASH_WATCH_POLL", value_name = "INTERVAL")]
     pub watch_poll: Option<String>,
     /// Do not watch the bundle; reload only on SIGHUP.
-    #[arg(long, env = "LEASH_NO_WATCH", value_parser = boolish(), conflicts_with = "watch_poll")]
+    // Not `conflicts_with`: the parser counts a switch set from its variable
+    // as given even when the value is `false`; `resolve` checks the pair.
+    #[arg(long, env = "LEASH_NO_WATCH", value_parser = boolish())]
     pub no_watch: bool,
     /// Quiet time that ends a burst of file events before a reload starts.
     #[arg(
@@ -1239,13 +1241,36 @@ impl ServeArgs {
                     None
                 }
             };
+        // One address for two listeners would fail to bind, with the second
+        // flag's name only; say it here with both.
+        let listeners = [
+            ("--listen", tcp),
+            ("--admin-listen", admin),
+            ("--health-listen", health),
+        ];
+        for (i, (flag, addr)) in listeners.iter().enumerate() {
+            let Some(addr) = addr.filter(|a| a.port() != 0) else {
+                continue;
+            };
+            if let Some((earlier, _)) = listeners[..i].iter().find(|(_, a)| *a == Some(addr)) {
+                problems.push(format!(
+                    "{flag}: `{addr}` is {earlier}'s address too; each listener needs its own"
+                ));
+            }
+        }
         let audit = self.audit_options(&mut problems);
         let mut warnings = Vec::new();
         let telemetry = self
             .telemetry
             .resolve(admin.is_some(), &mut problems, &mut warnings);
         let watch = match (&self.watch_poll, self.no_watch) {
-            (_, true) => WatchMode::Off,
+            (Some(_), true) => {
+                problems.push(
+                    "--no-watch, --watch-poll: choose one (no watching, or polling)".to_owned(),
+                );
+                WatchMode::Off
+            }
+            (None, true) => WatchMode::Off,
             (None, false) => WatchMode::Events,
             (Some(text), false) => match parse_duration(text) {
                 Ok(d) if d >= Duration::from_millis(10) => WatchMode::Poll(d),
@@ -1544,6 +1569,32 @@ mod tests {
             .resolve()
             .expect("allowed");
         assert_eq!(config.tcp, Some("0.0.0.0:7000".parse().expect("addr")));
+    }
+
+    #[test]
+    fn two_listeners_on_one_address_are_refused_but_port_0_is_not() {
+        let problems = serve(&[
+            "--listen",
+            "127.0.0.1:7000",
+            "--admin-listen",
+            "127.0.0.1:7000",
+        ])
+        .resolve()
+        .expect_err("refused");
+        assert_eq!(
+            problems,
+            ["--admin-listen: `127.0.0.1:7000` is --listen's address too; each listener needs its own"]
+        );
+        assert!(serve(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--health-listen",
+            "127.0.0.1:0"
+        ])
+        .resolve()
+        .is_ok());
     }
 
     #[test]

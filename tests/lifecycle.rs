@@ -473,6 +473,29 @@ fn serve_exits_non_zero_on_an_invalid_bundle_and_bad_flags() {
         .expect("runs and exits");
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a loopback address"));
+
+    // An address already taken: the error names the listener's flag.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .current_dir(bundle.dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            &addr,
+            "--audit-log",
+            "none",
+        ])
+        .output()
+        .expect("runs and exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--admin-listen: cannot bind `{addr}`")),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -509,6 +532,29 @@ fn usage_mistakes_exit_64_never_a_decisions_code() {
         assert_eq!(out.status.code(), Some(64), "{value:?}: {stderr}");
         assert!(stderr.contains("--audit-fail-open"), "{value:?}: {stderr}");
     }
+    // A switch turned off by its variable does not conflict with the flag
+    // it excludes (here the only problem left is `--listen none`); turned
+    // on, it does.
+    let out = run(
+        &["--listen", "none", "--watch-poll", "2s"],
+        &[("LEASH_NO_WATCH", "false")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("needs --uds") && !stderr.contains("--no-watch"),
+        "{stderr}"
+    );
+    let out = run(
+        &["--listen", "none", "--watch-poll", "2s"],
+        &[("LEASH_NO_WATCH", "true")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--no-watch, --watch-poll: choose one"),
+        "{stderr}"
+    );
     let out = run(
         &["--listen", "0.0.0.0:0"],
         &[("LEASH_ALLOW_NON_LOOPBACK", "0")],

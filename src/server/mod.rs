@@ -129,15 +129,21 @@ impl Listener {
 pub enum ServeError {
     // `error`, not `source`: the cause is in the message already, and
     // would otherwise be printed twice in an error chain.
-    #[error("cannot bind `{addr}`: {error}")]
-    BindTcp { addr: SocketAddr, error: io::Error },
-    #[error("cannot bind Unix socket `{}`: {error}", path.display())]
+    /// `flag` names the listener: `--listen`, `--admin-listen`,
+    /// `--health-listen`.
+    #[error("{flag}: cannot bind `{addr}`: {error}")]
+    BindTcp {
+        flag: &'static str,
+        addr: SocketAddr,
+        error: io::Error,
+    },
+    #[error("--uds: cannot bind Unix socket `{}`: {error}", path.display())]
     BindUnix { path: PathBuf, error: io::Error },
-    #[error("`{}` exists and is not a socket; refusing to replace it", .0.display())]
+    #[error("--uds: `{}` exists and is not a socket; refusing to replace it", .0.display())]
     NotASocket(PathBuf),
     #[error(
-        "`{}` is a socket another process is serving on (a second leash?); refusing to take it \
-         over",
+        "--uds: `{}` is a socket another process is serving on (a second leash?); refusing to \
+         take it over",
         .0.display()
     )]
     SocketInUse(PathBuf),
@@ -158,7 +164,11 @@ pub async fn bind_tcp(addr: SocketAddr) -> Result<Listener, ServeError> {
     TcpListener::bind(addr)
         .await
         .map(Listener::Tcp)
-        .map_err(|error| ServeError::BindTcp { addr, error })
+        .map_err(|error| ServeError::BindTcp {
+            flag: "--listen",
+            addr,
+            error,
+        })
 }
 
 /// Binds the admin HTTP listener (port 0 picks a free port).
@@ -166,7 +176,11 @@ pub async fn bind_admin(addr: SocketAddr) -> Result<Listener, ServeError> {
     TcpListener::bind(addr)
         .await
         .map(Listener::Admin)
-        .map_err(|error| ServeError::BindTcp { addr, error })
+        .map_err(|error| ServeError::BindTcp {
+            flag: "--admin-listen",
+            addr,
+            error,
+        })
 }
 
 /// Binds the health-only gRPC listener (port 0 picks a free port).
@@ -174,7 +188,11 @@ pub async fn bind_health(addr: SocketAddr) -> Result<Listener, ServeError> {
     TcpListener::bind(addr)
         .await
         .map(Listener::Health)
-        .map_err(|error| ServeError::BindTcp { addr, error })
+        .map_err(|error| ServeError::BindTcp {
+            flag: "--health-listen",
+            addr,
+            error,
+        })
 }
 
 /// The longest path a Unix socket can be bound at (`sun_path` is 108
