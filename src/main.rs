@@ -145,14 +145,31 @@ async fn serve_async(config: leash::config::ServeConfig) -> anyhow::Result<()> {
         // Handled from the start: SIGHUP's default action is to end the
         // process, which a reload request during a long first load must not.
         let hangups = forward_hangups(reloader.clone());
-        if let Err(bundle_error) = reloader.load_initial().await {
-            hangups.abort();
-            eprint!("{}", bundle_error.render());
-            let _ = stop_tx.send(true);
-            return Err(anyhow::anyhow!("{bundle_error}; not serving"));
+        // SIGTERM too: during a long first load its default action would end
+        // the process on the spot, leaving the socket file and the queued
+        // log lines behind.
+        let mut shutdown = std::pin::pin!(shutdown_signal());
+        let loaded = tokio::select! {
+            loaded = reloader.load_initial() => Some(loaded),
+            () = &mut shutdown => None,
+        };
+        match loaded {
+            None => {
+                tracing::info!("shutdown requested before the bundle loaded; stopping");
+                hangups.abort();
+                let _ = stop_tx.send(true);
+                return Ok(());
+            }
+            Some(Err(bundle_error)) => {
+                hangups.abort();
+                eprint!("{}", bundle_error.render());
+                let _ = stop_tx.send(true);
+                return Err(anyhow::anyhow!("{bundle_error}; not serving"));
+            }
+            Some(Ok(())) => {}
         }
         tokio::select! {
-            () = shutdown_signal() => {}
+            () = &mut shutdown => {}
             () = reloader.clone().run(stop(stop_rx.clone())) => {}
         }
         hangups.abort();
@@ -183,19 +200,33 @@ fn forward_hangups(reloader: Arc<Reloader>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Completes on SIGTERM or SIGINT. Both handlers are registered before it
+/// returns, so a signal from then on is never handled by its default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let handlers = [SignalKind::terminate(), SignalKind::interrupt()].map(|kind| {
+        signal(kind)
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, signal = ?kind, "cannot handle a shutdown signal");
+            })
+            .ok()
+    });
+    async move {
+        let [term, int] = handlers;
+        // A handler that could not be registered never fires (it does not
+        // count as a signal received).
+        let received = |handler: Option<tokio::signal::unix::Signal>| async move {
+            match handler {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            // Without a SIGTERM handler, rely on SIGINT alone.
-            Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            () = received(term) => {}
+            () = received(int) => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
     }
 }
 

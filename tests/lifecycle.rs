@@ -916,6 +916,76 @@ async fn health_watchers_see_not_serving_and_do_not_hold_up_shutdown() {
     }
 }
 
+/// SIGTERM while the first bundle is still loading (a large bundle takes
+/// seconds) stops leash cleanly: exit 0, its socket file removed, its log
+/// saying why; the signal's default action used to end it on the spot.
+#[tokio::test]
+async fn sigterm_during_the_first_load_stops_cleanly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let generated = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(["bench", "generate", "--policy-count", "3000", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    assert!(generated.status.success(), "{generated:?}");
+    let socket = dir.path().join("leash.sock");
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_leash"))
+            .current_dir(dir.path())
+            .args([
+                "serve",
+                "--policies",
+                "policies",
+                "--schemas",
+                "schemas",
+                "--listen",
+                "none",
+                "--uds",
+                "leash.sock",
+                "--admin-listen",
+                "none",
+                "--audit-log",
+                "none",
+                "--log-format",
+                "json",
+            ])
+            .env_remove("LEASH_LOG")
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starts"),
+    );
+    let mut next_line = json_log_lines(&mut child.0);
+    // Bound first, then the load begins: seconds for 3,000 policies.
+    while next_line()["message"] != "listening" {}
+    assert!(socket.exists());
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leash did not exit within 60 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(!socket.exists(), "the socket file is removed");
+    loop {
+        let line = next_line();
+        assert_ne!(line["message"], "policy bundle loaded", "{line}");
+        if line["message"] == "shutdown requested before the bundle loaded; stopping" {
+            break;
+        }
+    }
+}
+
 /// Out of file descriptors, a listener cannot accept: leash says so and
 /// pauses between tries (it used to retry at once, silently, spinning a
 /// worker), and accepts again once descriptors are free.
