@@ -348,6 +348,11 @@ async fn an_unwritable_trail_fails_closed_and_recovers() {
     // stretch of time is the point here, not a wait for a condition).
     tokio::time::sleep(leash::audit::writer::PROBE_INTERVAL * 3).await;
     assert_eq!(health(&server).await, ServingStatus::NotServing as i32);
+    // Not ready, but alive: a restart would not mend the disk.
+    assert_eq!(
+        grpc_health_of(&server.addr.to_string(), "liveness").await,
+        ServingStatus::Serving as i32
+    );
     let (code, body) = http_get(server.admin_addr, "GET", "/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("audit trail"), "{body}");
@@ -1176,10 +1181,14 @@ async fn wait_grpc_health(addr: &str, want: ServingStatus) {
 }
 
 async fn grpc_health(addr: &str) -> i32 {
+    grpc_health_of(addr, "").await
+}
+
+async fn grpc_health_of(addr: &str, service: &str) -> i32 {
     let channel = leash::check::channel_tcp(addr).await.expect("connect");
     HealthClient::new(channel)
         .check(HealthCheckRequest {
-            service: String::new(),
+            service: service.to_owned(),
         })
         .await
         .expect("health answers")

@@ -197,6 +197,11 @@ fn every_variant_is_hardened_probed_and_serves_decisions_on_loopback_only() {
                 "{variant}: {probe} waits for a loaded bundle"
             );
         }
+        assert_eq!(
+            leash["livenessProbe"]["grpc"]["service"].as_str(),
+            Some(leash::server::LIVENESS_SERVICE),
+            "{variant}: liveness does not restart a sidecar whose audit disk is full"
+        );
 
         // The agent reaches leash where leash listens: the shared socket
         // (one emptyDir mounted by both, and by nothing else), or loopback.

@@ -41,6 +41,12 @@ pub mod uds;
 /// The service name health checks ask about, besides "" (the whole server).
 pub const AUTHORIZER_SERVICE: &str = "leash.v1.Authorizer";
 
+/// The `grpc.health.v1` service name for liveness: SERVING as long as the
+/// process answers at all. Readiness (`""`, `leash.v1.Authorizer`) also
+/// drops while the audit trail cannot be written, which a restart would not
+/// mend, and a restart would forget the rate and budget counters.
+pub const LIVENESS_SERVICE: &str = "liveness";
+
 /// Limits and timings of a running server.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -319,6 +325,9 @@ impl Server {
         health
             .set_service_status(AUTHORIZER_SERVICE, ServingStatus::NotServing)
             .await;
+        health
+            .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+            .await;
         let live = Arc::new(LiveBundle::empty());
         let status = Arc::new(ReloadStatus::default());
         let audit = Arc::new(Audit::start(&options.audit)?);
@@ -453,12 +462,15 @@ impl Server {
     async fn end_health_watches(&self, still_answering: bool) {
         let _one_at_a_time = self.health_lock.lock().await;
         let mut reporter = self.health.clone();
-        for service in ["", AUTHORIZER_SERVICE] {
+        for (service, status) in [
+            ("", ServingStatus::NotServing),
+            (AUTHORIZER_SERVICE, ServingStatus::NotServing),
+            // Alive until the end: a probe must not restart a draining pod.
+            (LIVENESS_SERVICE, ServingStatus::Serving),
+        ] {
             reporter.clear_service_status(service).await;
             if still_answering {
-                reporter
-                    .set_service_status(service, ServingStatus::NotServing)
-                    .await;
+                reporter.set_service_status(service, status).await;
             }
         }
     }
@@ -619,7 +631,8 @@ impl Server {
         if drained.is_err() {
             warn!(
                 timeout_secs = self.options.drain_timeout.as_secs_f64(),
-                "drain timed out; abandoning requests still in flight"
+                "drain timed out; closing down with requests still in flight (each is answered \
+                 without a record once the audit trail closes, or cut off at exit)"
             );
             tasks.abort_all();
         }
