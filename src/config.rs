@@ -134,14 +134,15 @@ pub struct ServeArgs {
     /// Largest request message in bytes; larger ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "LEASH_MAX_MESSAGE_BYTES", value_name = "BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
-    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    /// How long in-flight requests get to finish after SIGTERM/SIGINT
+    /// (`15`, `15s`, `500ms`; a bare number is seconds).
     #[arg(
         long,
         env = "LEASH_DRAIN_TIMEOUT",
-        value_name = "SECONDS",
-        default_value_t = 15.0
+        value_name = "DURATION",
+        default_value = "15"
     )]
-    pub drain_timeout: f64,
+    pub drain_timeout: String,
     /// Poll the bundle directories every INTERVAL (`2s`, `500ms`) instead of
     /// using inotify: for NFS, EFS and other file systems without events.
     #[arg(long, env = "LEASH_WATCH_POLL", value_name = "INTERVAL")]
@@ -1199,14 +1200,20 @@ impl ServeArgs {
         if self.max_message_bytes < 1024 {
             problems.push("--max-message-bytes: must be at least 1024".to_owned());
         }
-        if !(self.drain_timeout.is_finite()
-            && (0.0..=MAX_DRAIN_TIMEOUT).contains(&self.drain_timeout))
-        {
-            problems.push(format!(
-                "--drain-timeout: `{}` is not a number of seconds from 0 to {MAX_DRAIN_TIMEOUT}",
-                self.drain_timeout
-            ));
-        }
+        let drain_timeout = match parse_duration(&self.drain_timeout) {
+            Ok(d) if d.as_secs_f64() <= MAX_DRAIN_TIMEOUT => d,
+            Ok(_) => {
+                problems.push(format!(
+                    "--drain-timeout: `{}` is longer than the {MAX_DRAIN_TIMEOUT}s limit",
+                    self.drain_timeout
+                ));
+                Duration::ZERO
+            }
+            Err(e) => {
+                problems.push(format!("--drain-timeout: {e}"));
+                Duration::ZERO
+            }
+        };
         let (log_source, log) = match (
             self.log.clone().filter(|l| !l.trim().is_empty()),
             std::env::var("RUST_LOG")
@@ -1276,7 +1283,7 @@ impl ServeArgs {
                 Ok(d) if d >= Duration::from_millis(10) => WatchMode::Poll(d),
                 Ok(_) => {
                     problems.push(format!(
-                        "--watch-poll: `{text}` is too short; poll at most every 10ms"
+                        "--watch-poll: `{text}` is too short; polls must be at least 10ms apart"
                     ));
                     WatchMode::Events
                 }
@@ -1336,7 +1343,7 @@ impl ServeArgs {
             options: ServerOptions {
                 max_batch: self.max_batch,
                 max_message_bytes: self.max_message_bytes,
-                drain_timeout: Duration::from_secs_f64(self.drain_timeout),
+                drain_timeout,
                 telemetry,
                 audit,
                 clock: crate::engine::Clock::System,
@@ -1437,6 +1444,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let split = trimmed
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(trimmed.len());
+    if trimmed.starts_with('-') {
+        return Err(format!("`{text}`: a duration cannot be negative"));
+    }
     let (number, unit) = trimmed.split_at(split);
     let scale = match unit.trim() {
         "" | "s" => 1.0,
@@ -1454,7 +1464,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|_| format!("`{text}` is not a duration such as `500ms` or `2s`"))?;
     let secs = value * scale;
     if !secs.is_finite() || secs > 86_400.0 {
-        return Err(format!("`{text}` is not a sensible duration"));
+        return Err(format!("`{text}` is longer than any duration may be (24h)"));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -1526,9 +1536,14 @@ mod tests {
         assert!(parse_duration("2d")
             .expect_err("unit")
             .contains("unknown unit `d`"));
-        assert!(parse_duration("25h")
-            .expect_err("too long")
-            .contains("not a sensible duration"));
+        assert_eq!(
+            parse_duration("25h"),
+            Err("`25h` is longer than any duration may be (24h)".to_owned())
+        );
+        assert_eq!(
+            parse_duration("-5s"),
+            Err("`-5s`: a duration cannot be negative".to_owned())
+        );
         assert!(parse_duration("fast").is_err());
     }
 
@@ -1930,7 +1945,7 @@ mod tests {
 
     #[test]
     fn the_drain_timeout_is_bounded() {
-        for bad in ["1e20", "-1", "3601", "NaN"] {
+        for bad in ["1e20", "-1", "3601", "NaN", "61m", "1 fortnight"] {
             let flag = format!("--drain-timeout={bad}");
             let problems = serve(&[flag.as_str()])
                 .resolve()
@@ -1944,6 +1959,15 @@ mod tests {
             .resolve()
             .expect("valid");
         assert_eq!(config.options.drain_timeout, Duration::from_secs(3600));
+        // A duration like every other flag's.
+        for (text, want) in [("30s", 30_000), ("500ms", 500), ("1m", 60_000), ("0", 0)] {
+            let config = serve(&["--drain-timeout", text]).resolve().expect("valid");
+            assert_eq!(
+                config.options.drain_timeout,
+                Duration::from_millis(want),
+                "{text}"
+            );
+        }
     }
 
     #[test]
