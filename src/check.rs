@@ -233,6 +233,9 @@ pub fn render(args: &CheckArgs, response: &pb::IsAuthorizedResponse) -> String {
     out
 }
 
+/// Largest `Admin/Status` response `leash status` reads.
+const STATUS_MAX_BYTES: usize = 64 << 20;
+
 /// Asks a running sidecar for its `Admin/Status`.
 pub async fn status(args: &StatusArgs) -> Result<pb::StatusResponse, CheckError> {
     let channel = match &args.uds {
@@ -240,6 +243,9 @@ pub async fn status(args: &StatusArgs) -> Result<pb::StatusResponse, CheckError>
         None => channel_tcp(&args.addr).await?,
     };
     AdminClient::new(channel)
+        // The file list is not cut short: a bundle of many files makes a
+        // large status.
+        .max_decoding_message_size(STATUS_MAX_BYTES)
         .status(pb::StatusRequest {})
         .await
         .map(tonic::Response::into_inner)
@@ -277,6 +283,12 @@ pub fn render_status(status: &pb::StatusResponse) -> String {
             for warning in &b.warnings {
                 out.push_str(&format!("          warning: {warning}\n"));
             }
+            if b.warnings_omitted > 0 {
+                out.push_str(&format!(
+                    "          ... and {} more warnings (the log has every one)\n",
+                    b.warnings_omitted
+                ));
+            }
         }
         None => out.push_str("serving   nothing yet (no valid bundle loaded)\n"),
     }
@@ -312,6 +324,12 @@ pub fn render_status(status: &pb::StatusResponse) -> String {
                 out.push_str(&format!("          {line}\n"));
             }
         }
+        if a.diagnostics_omitted > 0 {
+            out.push_str(&format!(
+                "          ... and {} more problems (`leash validate` or the log has every one)\n",
+                a.diagnostics_omitted
+            ));
+        }
     }
     out
 }
@@ -327,6 +345,7 @@ pub fn status_json(status: &pb::StatusResponse) -> String {
             "policy_count": b.policy_count,
             "entity_count": b.entity_count,
             "warnings": b.warnings,
+            "warnings_omitted": b.warnings_omitted,
         })
     });
     let last_attempt = status.last_attempt.as_ref().map(|a| {
@@ -343,6 +362,7 @@ pub fn status_json(status: &pb::StatusResponse) -> String {
                 "message": d.message,
                 "rendered": d.rendered,
             })).collect::<Vec<_>>(),
+            "diagnostics_omitted": a.diagnostics_omitted,
         })
     });
     let counters = status.counters.as_ref().map(

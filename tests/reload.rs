@@ -542,6 +542,29 @@ async fn invalid_changes_keep_the_last_good_bundle_and_are_reported() {
             .await;
     }
 
+    // A change that breaks many policies at once: the status carries the
+    // first 100 problems and how many more there are.
+    let before = refused_count(&server.status().await);
+    let many: String = (0..150)
+        .map(|i| format!("permit (principal, action == Action::\"delete-{i}\", resource);\n"))
+        .collect();
+    bundle.write("policies/many.cedar", &many);
+    let status = server.wait_refused(before).await;
+    let attempt = status.last_attempt.expect("attempt");
+    assert_eq!(attempt.diagnostics.len(), 100);
+    assert!(
+        attempt.diagnostics_omitted >= 50,
+        "{}",
+        attempt.diagnostics_omitted
+    );
+    assert!(status.serving.is_some_and(|s| s.version == v1));
+    std::fs::remove_file(bundle.path("policies/many.cedar")).expect("rm");
+    server
+        .wait_until("many problems undone", |s| {
+            last_result(s) == pb::ReloadResult::Unchanged
+        })
+        .await;
+
     // The half-written file is diagnosed with its line and column.
     let before = refused_count(&server.status().await);
     bundle.write(
@@ -849,6 +872,30 @@ fn sighup_reloads_and_leash_status_reports() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("policies/access.cedar:1:"), "{text}");
     assert!(text.contains(&format!("serving   version {v2}")), "{text}");
+
+    // Many problems: the first 100 shown, and how many more.
+    let many: String = (0..150)
+        .map(|i| format!("permit (principal, action == Action::\"delete-{i}\", resource);\n"))
+        .collect();
+    bundle.write("policies/access.cedar", &many);
+    hangup(child.0.id());
+    let json = wait("the second refusal", &|j| {
+        j["last_attempt"]["diagnostics_omitted"].as_u64() > Some(0)
+    });
+    let omitted = json["last_attempt"]["diagnostics_omitted"]
+        .as_u64()
+        .expect("a count");
+    assert_eq!(
+        json["last_attempt"]["diagnostics"].as_array().map(Vec::len),
+        Some(100)
+    );
+    let out = status(false);
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("... and {omitted} more problems")),
+        "{text}"
+    );
 
     assert!(Command::new("kill")
         .args(["-TERM", &child.0.id().to_string()])

@@ -9,6 +9,22 @@ use crate::bundle::{Diagnostic, LiveBundle};
 use crate::proto::v1 as pb;
 use crate::reload::{Attempt, Outcome, ReloadStatus, Trigger};
 
+/// Diagnostics and warnings in a status, each: a bundle that breaks every
+/// one of 100,000 policies would otherwise make a response of tens of
+/// megabytes, past what gRPC clients accept by default (4 MiB), just when
+/// the status is needed.
+pub const STATUS_LIST_LIMIT: usize = 100;
+
+/// The first [`STATUS_LIST_LIMIT`] of `items`, converted, and how many were
+/// left out.
+fn first<T, U>(items: &[T], convert: impl Fn(&T) -> U) -> (Vec<U>, u32) {
+    let kept = items.iter().take(STATUS_LIST_LIMIT).map(convert).collect();
+    (
+        kept,
+        saturate(items.len().saturating_sub(STATUS_LIST_LIMIT)),
+    )
+}
+
 #[derive(Clone)]
 pub struct AdminService {
     live: Arc<LiveBundle>,
@@ -30,14 +46,18 @@ impl pb::admin_server::Admin for AdminService {
         // Read together, so the version served and the attempt that loaded
         // it always agree.
         let (current, view) = self.status.view_with(&self.live);
-        let serving = current.map(|s| pb::BundleInfo {
-            version: s.version.clone(),
-            origin: s.origin.clone(),
-            loaded_at: Some(s.loaded_at.into()),
-            files: s.files.clone(),
-            policy_count: saturate(s.policy_count()),
-            entity_count: saturate(s.entity_count()),
-            warnings: s.warnings.clone(),
+        let serving = current.map(|s| {
+            let (warnings, warnings_omitted) = first(&s.warnings, Clone::clone);
+            pb::BundleInfo {
+                version: s.version.clone(),
+                origin: s.origin.clone(),
+                loaded_at: Some(s.loaded_at.into()),
+                files: s.files.clone(),
+                policy_count: saturate(s.policy_count()),
+                entity_count: saturate(s.entity_count()),
+                warnings,
+                warnings_omitted,
+            }
         });
         Ok(Response::new(pb::StatusResponse {
             serving,
@@ -53,13 +73,10 @@ impl pb::admin_server::Admin for AdminService {
 }
 
 fn attempt(a: &Attempt) -> pb::ReloadAttempt {
-    let (result, diagnostics) = match &a.outcome {
-        Outcome::Loaded => (pb::ReloadResult::Loaded, Vec::new()),
-        Outcome::Unchanged => (pb::ReloadResult::Unchanged, Vec::new()),
-        Outcome::Refused(found) => (
-            pb::ReloadResult::Refused,
-            found.iter().map(diagnostic).collect(),
-        ),
+    let (result, (diagnostics, diagnostics_omitted)) = match &a.outcome {
+        Outcome::Loaded => (pb::ReloadResult::Loaded, (Vec::new(), 0)),
+        Outcome::Unchanged => (pb::ReloadResult::Unchanged, (Vec::new(), 0)),
+        Outcome::Refused(found) => (pb::ReloadResult::Refused, first(found, diagnostic)),
     };
     let trigger = match a.trigger {
         Trigger::Startup => pb::ReloadTrigger::Startup,
@@ -74,6 +91,7 @@ fn attempt(a: &Attempt) -> pb::ReloadAttempt {
         finished_at: Some(a.finished_at.into()),
         version: a.version.clone().unwrap_or_default(),
         diagnostics,
+        diagnostics_omitted,
     }
 }
 
