@@ -720,6 +720,17 @@ async fn spans_count_what_callers_were_answered_and_keep_caller_text_small() {
     };
     assert_eq!(item(0).attribute("leash.decision").as_deref(), Some("deny"));
     assert!(item(0).attribute("leash.audit.error").is_some());
+    // Not recording is leash's own failure: each such item's span is an
+    // error (2; a caller's mistake alone leaves it unset, as checked above).
+    for i in 0..4 {
+        if item(i).attribute("leash.audit.error").is_some() {
+            assert_eq!(
+                item(i).span.status.as_ref().map(|s| s.code),
+                Some(2),
+                "item {i}"
+            );
+        }
+    }
     let shown = item(2).attribute("leash.request_id").expect("request id");
     assert_eq!(shown, format!("{}…(cut)", "r".repeat(253)));
     assert_eq!(resp.results[2].request_id, shown);

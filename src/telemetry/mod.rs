@@ -240,6 +240,11 @@ impl Telemetry {
                     };
                     attributes.push(KeyValue::new("rpc.grpc.status_code", code as i64));
                     span.set_attributes(attributes);
+                    // The call itself is answered (OK, with the error in
+                    // its body), but not recording it is leash's failure.
+                    if let Some(e) = view.audit_error {
+                        span.set_status(SpanStatus::error(e.to_owned()));
+                    }
                 }
             }
             (Some(index), Some(traces)) => {
@@ -259,6 +264,9 @@ impl Telemetry {
                     )
                     .with_attributes(attributes)
                     .start_with_context(&traces.tracer, &scope.cx);
+                if let Some(e) = view.audit_error {
+                    span.set_status(SpanStatus::error(e.to_owned()));
+                }
                 span.end();
             }
             (Some(_), None) => {}
