@@ -1179,16 +1179,13 @@ impl ServeArgs {
         if tcp.is_none() && self.uds.is_none() && problems.is_empty() {
             problems.push("--listen: `none` needs --uds, or leash would serve nothing".to_owned());
         }
-        if let Some(uds) = &self.uds {
-            // (An empty path is refused by the argument parser.)
-            let len = uds.as_os_str().len();
-            if len > crate::server::MAX_SOCKET_PATH {
-                problems.push(format!(
-                    "--uds: `{}` is {len} bytes; a Unix socket's path can be at most {}",
-                    uds.display(),
-                    crate::server::MAX_SOCKET_PATH
-                ));
-            }
+        // (An empty path is refused by the argument parser.)
+        if let Some(problem) = self
+            .uds
+            .as_deref()
+            .and_then(crate::server::socket_path_problem)
+        {
+            problems.push(format!("--uds: {problem}"));
         }
         if self.max_limit_keys == 0 {
             problems.push("--max-limit-keys: must be at least 1".to_owned());
@@ -1621,6 +1618,18 @@ mod tests {
             problems,
             [format!(
                 "--uds: `{long}` is 108 bytes; a Unix socket's path can be at most 107"
+            )]
+        );
+        // Staged in a directory beside itself: the directory's path counts.
+        let dir = format!("/{}", "d".repeat(90));
+        assert!(serve(&["--uds", &format!("{dir}/s")]).resolve().is_ok());
+        let deeper = format!("{dir}d/s");
+        let problems = serve(&["--uds", &deeper]).resolve().expect_err("refused");
+        assert_eq!(
+            problems,
+            [format!(
+                "--uds: `{deeper}`: its directory's path is 92 bytes; the socket is bound in a \
+                 directory beside it first, so that can be at most 91"
             )]
         );
     }

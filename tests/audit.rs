@@ -284,9 +284,11 @@ async fn every_decision_is_a_chained_record_and_tampering_is_named() {
         other => panic!("a cut inside a character is a torn tail: {other:?}"),
     }
     // A partial line ending a file that is not the newest: leash leaves one
-    // only in a file it set aside at restart (`.torn`), which `verify`
-    // notes (exit 2); in any other file it is text added after the last
-    // record, which tools reading the file would take for a record.
+    // only in a file it set aside at restart after that record
+    // (`PATH.<seq>.torn`), which `verify` notes (exit 0: the chain is
+    // whole); in any other file, or one named for another record, it is
+    // text added after the last record, which tools reading the file would
+    // take for a record.
     let partial = original[..6].join("\n") + "\n{\"decision\":\"allow\"";
     let rest = original[6..].join("\n") + "\n";
     let next = dir.path().join("next.log");
@@ -308,6 +310,12 @@ async fn every_decision_is_a_chained_record_and_tampering_is_named() {
         other => panic!("text added to a rotated file: {other:?}"),
     }
     assert_eq!(verify_cli(&[], &[rotated, next.clone()]).0, 1);
+    let misnamed = dir.path().join("trail.log.00000000000000000004.torn");
+    std::fs::write(&misnamed, &partial).expect("write");
+    assert!(matches!(
+        chain::verify(&[misnamed, next.clone()]).expect("readable"),
+        Verdict::Broken { line: 7, .. }
+    ));
     let aside = dir.path().join("trail.log.00000000000000000005.torn2");
     std::fs::write(&aside, &partial).expect("write");
     match chain::verify(&[aside.clone(), next.clone()]).expect("readable") {
@@ -318,7 +326,7 @@ async fn every_decision_is_a_chained_record_and_tampering_is_named() {
         other => panic!("a file set aside after a crash: {other:?}"),
     }
     let (code, out) = verify_cli(&[], &[aside.clone(), next]);
-    assert_eq!(code, 2, "{out}");
+    assert_eq!(code, 0, "{out}");
     assert!(
         out.contains(&format!(
             "`{}` ends in a partial record after seq 5",

@@ -209,8 +209,12 @@ async fn a_socket_in_use_is_refused_and_only_ones_own_is_removed() {
         std::os::unix::net::UnixStream::connect(&path).is_ok(),
         "still the first one's"
     );
-    // The first goes away without removing its file, as after a crash.
+    // Dropped, it removes its own file; a socket file left by a process
+    // that died (nobody accepting) is then replaced.
     drop(first);
+    assert!(!path.exists(), "a bound socket's file goes with it");
+    drop(std::os::unix::net::UnixListener::bind(&path).expect("a stale socket"));
+    assert!(path.exists());
     // A server started on it now, then its path taken by a newer one.
     let server = std::sync::Arc::new(
         leash::server::Server::new(ServerOptions::default())

@@ -322,14 +322,14 @@ fn walk(files: &[PathBuf], anchors: &[Anchor]) -> Result<Verdict, VerifyError> {
                         file: path.clone(),
                     });
                 }
-                if !set_aside(path) {
+                if !set_aside(path, summary.last_seq) {
                     return Ok(Verdict::Broken {
                         file: path.clone(),
                         line: line_no,
                         seq: None,
                         problem: "a partial line after the last record of a file that is \
-                                  neither the newest nor one leash set aside (`.torn`): text was \
-                                  added to it"
+                                  neither the newest nor one leash set aside after that record \
+                                  (`PATH.<its seq>.torn`): text was added to it"
                             .to_owned(),
                         verified_to: summary.last_seq.zip(summary.last_hash.clone()),
                     });
@@ -454,13 +454,15 @@ fn walk(files: &[PathBuf], anchors: &[Anchor]) -> Result<Verdict, VerifyError> {
     Ok(Verdict::Intact(summary))
 }
 
-/// Whether `path` is named as leash names a file it set aside at start:
-/// `….torn`, `….torn2`, `….torn3`…
-fn set_aside(path: &Path) -> bool {
+/// Whether `path` is named as leash names a file it set aside at start
+/// after the record `last_seq` (0 before any): `PATH.<last_seq, 20
+/// digits>.torn`, or `.torn2`, `.torn3`…
+fn set_aside(path: &Path, last_seq: Option<u64>) -> bool {
+    let seq = format!(".{:020}", last_seq.unwrap_or(0));
     path.file_name()
         .and_then(|name| name.to_str())
         .and_then(|name| name.rsplit_once(".torn"))
-        .is_some_and(|(_, n)| n.bytes().all(|b| b.is_ascii_digit()))
+        .is_some_and(|(stem, n)| stem.ends_with(&seq) && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The file's text, up to the line holding its first byte that is not

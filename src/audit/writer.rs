@@ -255,11 +255,7 @@ fn last_record_text(path: &Path) -> Result<(String, bool), String> {
 /// system lacks it, a link then an unlink (a crash between the two is
 /// repaired at the next start, see [`unlink_if_also_rotated`]).
 fn move_without_overwriting(from: &Path, to: &Path) -> Result<(), String> {
-    let result = match rename_noreplace(from, to) {
-        Some(done) => done,
-        None => std::fs::hard_link(from, to).and_then(|()| std::fs::remove_file(from)),
-    };
-    result.map_err(|e| {
+    move_noreplace(from, to).map_err(|e| {
         format!(
             "cannot move `{}` to `{}`: {e}",
             from.display(),
@@ -268,6 +264,16 @@ fn move_without_overwriting(from: &Path, to: &Path) -> Result<(), String> {
     })?;
     sync_dir(from);
     Ok(())
+}
+
+/// Moves `from` to `to` unless `to` exists (then `AlreadyExists`): with
+/// `renameat2(RENAME_NOREPLACE)`, or a link and an unlink where the file
+/// system has no such call.
+pub(crate) fn move_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    match rename_noreplace(from, to) {
+        Some(done) => done,
+        None => std::fs::hard_link(from, to).and_then(|()| std::fs::remove_file(from)),
+    }
 }
 
 /// `renameat2(RENAME_NOREPLACE)`; `None` where the system or file system

@@ -36,6 +36,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{Telemetry, TelemetryError, TelemetryOptions};
 
 pub mod accept;
+pub mod health;
 pub mod uds;
 
 /// The service name health checks ask about, besides "" (the whole server).
@@ -153,6 +154,12 @@ pub enum ServeError {
         .0.display()
     )]
     SocketInUse(PathBuf),
+    #[error(
+        "--uds: `{}` appeared while leash was binding it (another process starting?); refusing \
+         to replace it",
+        .0.display()
+    )]
+    Appeared(PathBuf),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving failed: {0}")]
@@ -205,6 +212,50 @@ pub async fn bind_health(addr: SocketAddr) -> Result<Listener, ServeError> {
 /// bytes with its terminating NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
+/// What the staging directory adds to the socket's directory:
+/// `/.leash-XXXXXX/s`.
+const STAGING_EXTRA: usize = "/.leash-XXXXXX/s".len();
+
+/// Why `path` cannot be bound as a Unix socket (too long, as it is or as
+/// staged beside itself); `None` if it can.
+pub fn socket_path_problem(path: &Path) -> Option<String> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Some(format!(
+            "`{}` is {len} bytes; a Unix socket's path can be at most {MAX_SOCKET_PATH}",
+            path.display()
+        ));
+    }
+    let dir = staging_parent(path).as_os_str().len();
+    (dir + STAGING_EXTRA > MAX_SOCKET_PATH).then(|| {
+        format!(
+            "`{}`: its directory's path is {dir} bytes; the socket is bound in a directory \
+             beside it first, so that can be at most {}",
+            path.display(),
+            MAX_SOCKET_PATH - STAGING_EXTRA
+        )
+    })
+}
+
+/// A new directory in `parent` only this user may enter (0700), removed
+/// when dropped.
+fn staging_dir(parent: &Path) -> io::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(".leash-")
+        // Set at creation: the builder otherwise leaves a directory's mode
+        // to the umask (0755 with the usual 022, 0777 with 000).
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(parent)
+}
+
+/// The directory a socket at `path` is staged in.
+fn staging_parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
 /// A Unix socket's path and the file bound there, so that shutdown removes
 /// the path only while it is still this socket (not one a newer process
 /// put there since).
@@ -213,6 +264,14 @@ pub struct BoundSocket {
     pub path: PathBuf,
     /// Device and inode of the socket file.
     identity: (u64, u64),
+}
+
+/// Removed when dropped: at the end of a drain, and on every way out of
+/// startup after the bind (another listener that cannot bind, say).
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        self.remove();
+    }
 }
 
 impl BoundSocket {
@@ -258,31 +317,29 @@ pub fn bind_uds(path: &Path) -> Result<Listener, ServeError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(unix_err(e)),
     }
-    let parent = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let private = tempfile::Builder::new()
-        .prefix(".leash-")
-        .tempdir_in(parent)
-        .map_err(unix_err)?;
-    let staged = private.path().join("s");
-    if staged.as_os_str().len() > MAX_SOCKET_PATH {
+    if let Some(problem) = socket_path_problem(path) {
         return Err(unix_err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!(
-                "it is bound beside the path first, as `{}`, which is longer than a Unix \
-                 socket's path may be ({MAX_SOCKET_PATH} bytes); use a shorter path",
-                staged.display()
-            ),
+            problem,
         )));
     }
+    let parent = staging_parent(path);
+    let private = staging_dir(parent).map_err(unix_err)?;
+    let staged = private.path().join("s");
     let listener = UnixListener::bind(&staged).map_err(unix_err)?;
     std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).map_err(unix_err)?;
     let identity = std::fs::symlink_metadata(&staged)
         .map(|meta| (meta.dev(), meta.ino()))
         .map_err(unix_err)?;
-    std::fs::rename(&staged, path).map_err(unix_err)?;
+    // Not over anything that appeared at the path since it was checked
+    // (a second sidecar starting at the same moment, a file).
+    crate::audit::writer::move_noreplace(&staged, path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            ServeError::Appeared(path.to_owned())
+        } else {
+            unix_err(e)
+        }
+    })?;
     Ok(Listener::Unix(
         listener,
         BoundSocket {
@@ -309,6 +366,9 @@ pub struct Server {
     used_grants: Arc<crate::grants::UsedGrants>,
     /// Set when shutdown begins, for `/readyz`.
     draining: Arc<AtomicBool>,
+    /// Turns true when the drain begins (after health went NOT_SERVING):
+    /// ends every `Health/Watch` stream.
+    drain_signal: watch::Sender<bool>,
     /// Serializes health updates.
     health_lock: tokio::sync::Mutex<()>,
 }
@@ -378,6 +438,7 @@ impl Server {
             quota,
             used_grants,
             draining: Arc::new(AtomicBool::new(false)),
+            drain_signal: watch::Sender::new(false),
             health_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -456,25 +517,6 @@ impl Server {
         self.audit.clone()
     }
 
-    /// Closes every open `Health/Watch` stream (each gets the last status
-    /// first); with `still_answering`, `Check` keeps answering NOT_SERVING
-    /// from a fresh channel (the health listener stays up while draining).
-    async fn end_health_watches(&self, still_answering: bool) {
-        let _one_at_a_time = self.health_lock.lock().await;
-        let mut reporter = self.health.clone();
-        for (service, status) in [
-            ("", ServingStatus::NotServing),
-            (AUTHORIZER_SERVICE, ServingStatus::NotServing),
-            // Alive until the end: a probe must not restart a draining pod.
-            (LIVENESS_SERVICE, ServingStatus::Serving),
-        ] {
-            reporter.clear_service_status(service).await;
-            if still_answering {
-                reporter.set_service_status(service, status).await;
-            }
-        }
-    }
-
     async fn set_health(&self, status: ServingStatus) {
         self.health.set_service_status("", status).await;
         self.health
@@ -512,9 +554,11 @@ impl Server {
         ))
         .max_decoding_message_size(self.options.max_message_bytes);
         let admin = AdminServer::new(AdminService::new(self.live.clone(), self.status.clone()));
-        let health = tonic_health::pb::health_server::HealthServer::new(
-            HealthService::from_health_reporter(self.health.clone()),
-        );
+        let health =
+            tonic_health::pb::health_server::HealthServer::new(health::DrainingHealth::new(
+                HealthService::from_health_reporter(self.health.clone()),
+                self.drain_signal.subscribe(),
+            ));
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -615,11 +659,10 @@ impl Server {
 
         self.draining.store(true, Ordering::SeqCst);
         self.refresh_health().await;
+        // After NOT_SERVING is set: watchers get it, then their streams end
+        // (`health::DrainingHealth`), so none holds up the drain.
+        self.drain_signal.send_replace(true);
         let _ = stop_tx.send(true);
-        // A `Health/Watch` stream ends only when its channel closes, and
-        // hyper's graceful shutdown waits for every open stream: one
-        // client-side health watcher would hold the drain to its timeout.
-        self.end_health_watches(true).await;
         let drained = tokio::time::timeout(self.options.drain_timeout, async {
             while let Some(ended) = tasks.join_next().await {
                 if let Err(e) = flatten(ended) {
@@ -636,9 +679,8 @@ impl Server {
             );
             tasks.abort_all();
         }
-        for socket in socket_paths {
-            socket.remove();
-        }
+        // Each removes its file if the path is still its socket.
+        drop(socket_paths);
         // Every answered decision's record is already written (or queued,
         // in the queued mode); let the writer finish the queue.
         let audit = self.audit.clone();
@@ -646,8 +688,6 @@ impl Server {
         self.telemetry
             .shutdown(SPAN_FLUSH_TIMEOUT.min(self.options.drain_timeout))
             .await;
-        // Watches opened on the health listener while draining end too.
-        self.end_health_watches(false).await;
         let _ = admin_stop_tx.send(true);
         let closed = tokio::time::timeout(ADMIN_CLOSE_TIMEOUT, async {
             while admin_tasks.join_next().await.is_some() {}
@@ -807,4 +847,20 @@ fn method_label(path: &str) -> &'static str {
         .find(|m| **m == name)
         .copied()
         .unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_staging_directory_is_private_whatever_the_umask_allows() {
+        let parent = tempfile::tempdir().expect("temp dir");
+        let staging = staging_dir(parent.path()).expect("created");
+        let mode = std::fs::metadata(staging.path())
+            .expect("exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
 }
