@@ -70,7 +70,8 @@
 //!   already-bound listeners so tests bind port 0. `server::uds` holds
 //!   Unix-socket connections registered for reading only, so a client
 //!   reading its answer does not wake the sidecar; `server::accept` pauses
-//!   accepting after an error such as running out of file descriptors.
+//!   accepting after an error such as running out of file descriptors;
+//!   `server::health` ends `Health/Watch` streams when leash drains.
 //! - [`config`]: the command line and `LEASH_*` environment of the binary.
 //! - [`check`]: the client behind `leash check`.
 //! - [`bench`]: `leash bench`, the benchmark harness: a workload generator,
