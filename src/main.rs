@@ -117,6 +117,9 @@ async fn serve_async(config: leash::config::ServeConfig) -> anyhow::Result<()> {
     // on the spot (during the bind, the used-grants scan or a long first
     // load), leaving the socket file and the queued log lines behind.
     let shutdown = shutdown_signal();
+    // SIGHUP's default action ends the process too; a reload request sent
+    // at startup (a sync tool's hook) must not.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let mut listeners = Vec::new();
     if let Some(addr) = config.tcp {
         listeners.push(bind_tcp(addr).await?);
@@ -146,9 +149,7 @@ async fn serve_async(config: leash::config::ServeConfig) -> anyhow::Result<()> {
         served
     };
     let working = async {
-        // Handled from the start: SIGHUP's default action is to end the
-        // process, which a reload request during a long first load must not.
-        let hangups = forward_hangups(reloader.clone());
+        let hangups = forward_hangups(reloader.clone(), hangups);
         let mut shutdown = std::pin::pin!(shutdown);
         let loaded = tokio::select! {
             loaded = reloader.load_initial() => Some(loaded),
@@ -182,10 +183,12 @@ async fn serve_async(config: leash::config::ServeConfig) -> anyhow::Result<()> {
     served.map_err(Into::into)
 }
 
-/// SIGHUP forces a reload, whether or not a change was seen.
-fn forward_hangups(reloader: Arc<Reloader>) -> tokio::task::JoinHandle<()> {
-    // Registered before returning, so no SIGHUP after this call is missed.
-    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+/// SIGHUP forces a reload, whether or not a change was seen; `hangups` was
+/// registered at the start of serve, so none since is missed.
+fn forward_hangups(
+    reloader: Arc<Reloader>,
+    hangups: std::io::Result<tokio::signal::unix::Signal>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut hangups = match hangups {
             Ok(s) => s,

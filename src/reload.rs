@@ -898,11 +898,17 @@ fn arm_watches(
         .iter()
         .map(|r| std::path::absolute(r).unwrap_or_else(|_| (*r).clone()))
         .collect();
+    // The first root is the policies', the others the schemas'.
+    let labeled: Vec<(PathBuf, &'static str)> = absolute
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.clone(), if i == 0 { "policies" } else { "schemas" }))
+        .collect();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         match event {
             Ok(event) if !concerns(&event.paths, &absolute) => {}
             Ok(event) => {
-                track_writes(&event, &writing);
+                track_writes(&event, &writing, &labeled);
                 // Not logged one by one: a log file inside a watched
                 // directory would feed itself.
                 if relevant(&event.kind) {
@@ -973,9 +979,13 @@ fn arm_watches(
 
 /// Keeps `writing` up to date: a bundle file created or modified is open for
 /// writing until its close-after-write (or its removal or renaming away).
-fn track_writes(event: &notify::Event, writing: &Mutex<HashSet<PathBuf>>) {
+fn track_writes(
+    event: &notify::Event,
+    writing: &Mutex<HashSet<PathBuf>>,
+    roots: &[(PathBuf, &'static str)],
+) {
     use notify::event::{CreateKind, ModifyKind, RenameMode};
-    let bundle_files = event.paths.iter().filter(|p| is_bundle_name(p));
+    let bundle_files = event.paths.iter().filter(|p| is_bundle_path(p, roots));
     let mut writing = writing.lock().unwrap_or_else(PoisonError::into_inner);
     match event.kind {
         EventKind::Modify(ModifyKind::Data(_)) => writing.extend(bundle_files.cloned()),
@@ -997,15 +1007,20 @@ fn track_writes(event: &notify::Event, writing: &Mutex<HashSet<PathBuf>>) {
     }
 }
 
-/// Whether a file name is one a bundle reads (hidden temporary files of
-/// atomic writers are not: they are closed before being renamed).
-fn is_bundle_name(path: &Path) -> bool {
+/// Whether `path` is a file the bundle reads from the root it is under
+/// (hidden temporary files of atomic writers are not: they are closed
+/// before being renamed). Only those hold a reload back while open for
+/// writing: a `report.json` kept open beside the policies would otherwise
+/// hold every reload for [`MAX_OPEN_WRITE`].
+fn is_bundle_path(path: &Path, roots: &[(PathBuf, &'static str)]) -> bool {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
     !name.starts_with('.')
-        && (name.ends_with(".cedar") || name.ends_with(".cedarschema") || name.ends_with(".json"))
+        && roots.iter().any(|(root, label)| {
+            path.starts_with(root) && crate::bundle::is_bundle_file(label, &name)
+        })
 }
 
 /// The nearest existing directory above `path`.
@@ -1107,6 +1122,25 @@ mod tests {
             AccessMode::Write
         ))));
         assert!(relevant(&EventKind::Any));
+    }
+
+    #[test]
+    fn only_files_the_bundle_reads_hold_a_reload_back_while_written() {
+        let roots = [
+            (PathBuf::from("/b/policies"), "policies"),
+            (PathBuf::from("/b/schemas"), "schemas"),
+        ];
+        let held = |p: &str| is_bundle_path(Path::new(p), &roots);
+        assert!(held("/b/policies/team/access.cedar"));
+        assert!(held("/b/policies/users.entities.json"));
+        assert!(held("/b/schemas/app.cedarschema"));
+        assert!(held("/b/schemas/app.json"));
+        // Beside the policies but not read: a report kept open and written
+        // now and then must not hold every reload for ten seconds.
+        assert!(!held("/b/policies/report.json"));
+        assert!(!held("/b/schemas/stray.cedar"));
+        assert!(!held("/b/policies/.access.cedar.swp"));
+        assert!(!held("/elsewhere/access.cedar"));
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub use index::{
 pub use limits::{Limit, LimitKey, Limits, Measure};
 pub use printed::{policy_id_text, push_type_name, uid_text};
 pub use reserved::{LeashFields, ReservedContext, LEASH_ATTR};
+pub(crate) use sources::is_bundle_file;
 pub use sources::{
     effective_root, BundleSources, ReadOutcome, SchemaFormat, SourceFile, TreeStamp, MAX_FILE_BYTES,
 };

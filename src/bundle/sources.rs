@@ -195,8 +195,9 @@ pub enum ReadOutcome {
     Changing,
 }
 
-/// Whether `read_dirs` reads this file (`shown` is `label/relative/path`).
-fn is_bundle_file(label: &str, shown: &str) -> bool {
+/// Whether `read_dirs` reads this file (`shown` is `label/relative/path`,
+/// or any path ending in the file's name).
+pub(crate) fn is_bundle_file(label: &str, shown: &str) -> bool {
     match label {
         "policies" => {
             shown.ends_with(ENTITIES_SUFFIX)
