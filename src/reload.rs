@@ -257,6 +257,8 @@ struct Watch {
     mode: WatchMode,
     watcher: Option<Armed>,
     poller: Option<AbortOnDrop>,
+    /// The paths the watcher watches, as last armed.
+    watched: HashSet<PathBuf>,
 }
 
 impl Watch {
@@ -429,9 +431,15 @@ impl Reloader {
             };
             // Re-arm before reading: the directories may now resolve to
             // another tree (a swapped symlink, a re-created directory), and
-            // anything that changes from here on must wake us again.
+            // anything that changes from here on must wake us again. A
+            // directory watched only now had its writes unseen (a tree being
+            // copied in): settle again, now that they are seen.
             if let (WatchMode::Events, Some((policies, schemas))) = (watch.mode, &dirs) {
-                self.arm(&mut watch, policies, schemas).await;
+                let mut rounds = 0;
+                while self.arm(&mut watch, policies, schemas).await && rounds < MAX_NEW_DIR_ROUNDS {
+                    rounds += 1;
+                    self.settle().await;
+                }
                 self.describe(&watch, true);
             }
             if self.reload(trigger).await {
@@ -460,6 +468,7 @@ impl Reloader {
             },
             watcher: None,
             poller: None,
+            watched: HashSet::new(),
         };
         if let BundleLocation::Dirs { policies, schemas } = &self.location {
             if watch.mode == WatchMode::Events {
@@ -478,7 +487,9 @@ impl Reloader {
 
     /// (Re-)arms the inotify watches; on failure (the kernel's watch limit)
     /// falls back to polling rather than keep watches on a stale tree.
-    async fn arm(&self, watch: &mut Watch, policies: &Path, schemas: &Path) {
+    /// Arms the watches anew; true when a path is watched now that was not
+    /// before (a directory that appeared since, whose writes went unseen).
+    async fn arm(&self, watch: &mut Watch, policies: &Path, schemas: &Path) -> bool {
         let (p, s, wake, writing) = (
             policies.to_owned(),
             schemas.to_owned(),
@@ -491,7 +502,12 @@ impl Reloader {
             .map_err(|e| e.to_string())
             .and_then(|armed| armed.map_err(|e| e.to_string()));
         match armed {
-            Ok(watcher) => watch.watcher = Some(watcher),
+            Ok((watcher, watched)) => {
+                watch.watcher = Some(watcher);
+                let grew = watched.iter().any(|p| !watch.watched.contains(p));
+                watch.watched = watched;
+                grew
+            }
             Err(e) => {
                 warn!(
                     error = %e,
@@ -499,10 +515,12 @@ impl Reloader {
                     "cannot watch the bundle with inotify; polling instead"
                 );
                 watch.watcher = None;
+                watch.watched.clear();
                 watch.mode = WatchMode::Poll(FALLBACK_POLL);
                 watch.start_polling(policies, schemas, FALLBACK_POLL, None, &self.wake);
                 // Whatever changed while the watches were failing.
                 self.wake.notify_one();
+                false
             }
         }
     }
@@ -878,6 +896,10 @@ fn lower_thread_priority() {
 /// A live inotify watcher over the bundle's directories.
 type Armed = notify::RecommendedWatcher;
 
+/// Most quiet periods waited for directories that appeared (each a new
+/// level of a tree being copied in) before a read.
+const MAX_NEW_DIR_ROUNDS: u32 = 20;
+
 /// Most directories watched under one bundle directory (a bound on a
 /// symbolic-link loop).
 const MAX_WATCHED_DIRS: usize = 10_000;
@@ -891,7 +913,7 @@ fn arm_watches(
     roots: &[&PathBuf],
     wake: Arc<Notify>,
     writing: Arc<Mutex<HashSet<PathBuf>>>,
-) -> Result<Armed, notify::Error> {
+) -> Result<(Armed, HashSet<PathBuf>), notify::Error> {
     // Events name absolute paths; parent directories also report changes to
     // their other entries, which must not cause reloads.
     let absolute: Vec<PathBuf> = roots
@@ -958,9 +980,9 @@ fn arm_watches(
             }
         }
     }
-    let mut seen: HashSet<&PathBuf> = HashSet::new();
+    let mut seen: HashSet<PathBuf> = HashSet::new();
     for path in &points {
-        if !seen.insert(path) {
+        if !seen.insert(path.clone()) {
             continue;
         }
         if let Err(e) = watcher.watch(path, RecursiveMode::NonRecursive) {
@@ -974,7 +996,7 @@ fn arm_watches(
             }
         }
     }
-    Ok(watcher)
+    Ok((watcher, seen))
 }
 
 /// Keeps `writing` up to date: a bundle file created or modified is open for

@@ -940,6 +940,59 @@ async fn a_slow_writer_mid_file_is_not_read_half_written() {
     }
 }
 
+/// A tree copied in while a file in it is still being written: the file's
+/// first lines landed before leash watched its new directory, so nothing
+/// said it was open. Once leash watches a directory that appeared, it waits
+/// for another quiet period, sees the writes go on, and serves only the
+/// finished file (each line is a complete policy, so every prefix is a
+/// valid bundle that must never be served).
+#[tokio::test]
+async fn a_file_still_written_in_a_new_directory_is_served_only_when_finished() {
+    use std::io::Write as _;
+    let bundle = Bundle::reads();
+    let v1 = bundle.version();
+    // A quiet period well past the writer's pace, so only a stall of the
+    // machine that long could pass for the end of the copy.
+    let server = Arc::new(
+        bundle
+            .serve(ReloadOptions {
+                settle: Duration::from_millis(200),
+                ..fast()
+            })
+            .await,
+    );
+    let served = Served::record(&server);
+
+    let dir = bundle.path("policies/team");
+    let writer = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir(&dir).expect("mkdir");
+        let mut file = std::fs::File::create(dir.join("more.cedar")).expect("create");
+        for i in 0..150 {
+            writeln!(
+                file,
+                "@id(\"more-{i}\") permit (principal == Agent::\"bot\", action == Action::\"write\", resource == Doc::\"d{i}\");"
+            )
+            .expect("write");
+            file.flush().expect("flush");
+            // A copy's pace: the stimulus, not a wait for a result.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    writer.await.expect("writer");
+    let v2 = bundle.version();
+    server.wait_version(&v2).await;
+    let seen = served.stop().await;
+    let expected: std::collections::BTreeSet<String> = [v1, v2].into();
+    assert!(
+        seen.is_subset(&expected),
+        "served {seen:?}: a part of the file was read"
+    );
+    match Arc::try_unwrap(server) {
+        Ok(server) => server.shutdown().await,
+        Err(_) => panic!("server still shared"),
+    }
+}
+
 /// A ConfigMap mounted as a subdirectory of the policies directory (one
 /// team's policies) is read through its own `..data` too.
 #[tokio::test]
