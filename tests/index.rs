@@ -25,7 +25,7 @@ use cedar_policy::{
 };
 use common::*;
 use leash::bundle::{BuildCache, BundleSources, PolicyIndex, SchemaFormat, Snapshot, SourceFile};
-use leash::engine::{decide, AuthzRequest, ContextInput, EntitiesInput, RequestTime};
+use leash::engine::{decide_with_grants, AuthzRequest, ContextInput, EntitiesInput, RequestTime};
 use leash::proto::v1 as pb;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -728,8 +728,58 @@ fn sources(world: &World, policies: &[PolicyGen], ns: bool) -> BundleSources {
             path: "policies/e.entities.json".to_owned(),
             text: Value::Array(entities).to_string(),
         }],
-        approvers: Vec::new(),
+        approvers: vec![SourceFile {
+            path: "policies/ops.approvers.json".to_owned(),
+            text: approvers_json(ns),
+        }],
     }
+}
+
+/// The key elevation grants are signed with in these tests.
+fn elevation_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+}
+
+/// One approver who may put an agent in any bundle group (the roles).
+fn approvers_json(ns: bool) -> String {
+    let roles: Vec<String> = (0..GROUPS)
+        .map(|j| qualify(&format!("Group::\"u{j}\""), ns))
+        .collect();
+    json!({
+        "approvers": [{
+            "id": "ops",
+            "keys": [{
+                "kid": "ops-1",
+                "public_key": leash::grants::public_key_text(&elevation_key()),
+            }],
+            "may_elevate": roles,
+        }]
+    })
+    .to_string()
+}
+
+/// When the elevation grants of the property test are checked.
+const GRANTS_AT: u64 = 1_795_426_200;
+
+/// An elevation grant putting `agent` in `Group::"u{role}"` (for `user`
+/// only, when given), valid around [`GRANTS_AT`].
+fn elevation_grant(agent: &EntityUid, role: usize, user: Option<&EntityUid>, ns: bool) -> String {
+    leash::grants::sign(
+        &elevation_key(),
+        "ops-1",
+        &leash::grants::Claims {
+            grant: "elevate".to_owned(),
+            approver: "ops".to_owned(),
+            fingerprint: String::new(),
+            agent: agent.to_string(),
+            role: qualify(&format!("Group::\"u{role}\""), ns),
+            user: user.map(ToString::to_string).unwrap_or_default(),
+            jti: format!("e-{agent}-{role}"),
+            iat: GRANTS_AT - 60,
+            exp: GRANTS_AT + 600,
+        },
+    )
+    .expect("signs")
 }
 
 /// Principals a request may name as agent or user: users and agents of the
@@ -753,6 +803,12 @@ fn indexed_and_full_engines_decide_identically() {
                 0..ENGINE_RESOURCES.len(),
                 -3i64..4,
                 Extras::strategy(),
+                // Elevation grants: none for most requests; else roles to
+                // put the agent in, each bound to the request's user or not.
+                prop::option::weighted(
+                    0.35,
+                    prop::collection::vec((0..GROUPS, any::<bool>()), 1..3),
+                ),
             ),
             1..10,
         ),
@@ -763,7 +819,10 @@ fn indexed_and_full_engines_decide_identically() {
     let delegated = AtomicUsize::new(0);
     let errors_seen = AtomicUsize::new(0);
     let namespaced = AtomicUsize::new(0);
+    let elevated = AtomicUsize::new(0);
+    let elevated_with_entities = AtomicUsize::new(0);
     let now = RequestTime::at("2026-01-31T12:00:00.000Z");
+    let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(GRANTS_AT);
     let mut runner = TestRunner::new(Config {
         cases: 150,
         ..Config::default()
@@ -789,16 +848,26 @@ fn indexed_and_full_engines_decide_identically() {
             built.fetch_add(1, Ordering::Relaxed);
             prop_assert!(indexed.index.is_some());
             prop_assert!(full.index.is_none());
-            for (agent, user, act, resource, n, extras) in &asks {
+            for (agent, user, act, resource, n, extras, elevations) in &asks {
                 let sent: Vec<Value> = extras
                     .entities()
                     .iter()
                     .map(|(u, parents, level)| qualify_json(entity_json(u, parents, *level), ns))
                     .collect();
                 let named = |text: &str| uid(&qualify(text, ns));
+                let agent = named(PRINCIPALS[ENGINE_PRINCIPALS[*agent]]);
+                let on_behalf_of = user.map(|u| named(PRINCIPALS[ENGINE_PRINCIPALS[u]]));
+                let grants: Vec<String> = elevations
+                    .iter()
+                    .flatten()
+                    .map(|(role, bound)| {
+                        let user = on_behalf_of.as_ref().filter(|_| *bound);
+                        elevation_grant(&agent, *role, user, ns)
+                    })
+                    .collect();
                 let request = AuthzRequest {
-                    agent: named(PRINCIPALS[ENGINE_PRINCIPALS[*agent]]),
-                    on_behalf_of: user.map(|u| named(PRINCIPALS[ENGINE_PRINCIPALS[u]])),
+                    agent,
+                    on_behalf_of,
                     action: named(&action(*act)),
                     resource: named(RESOURCES[ENGINE_RESOURCES[*resource]]),
                     context: ContextInput::Json(qualify_json(context_json(*n), ns)),
@@ -807,11 +876,18 @@ fn indexed_and_full_engines_decide_identically() {
                     } else {
                         EntitiesInput::Json(sent)
                     },
-                    grants: Vec::new(),
+                    grants,
                 };
-                let a = decide(&indexed, &request, &now);
-                let b = decide(&full, &request, &now);
+                let lifetimes = leash::grants::Lifetimes::default();
+                let a = decide_with_grants(&indexed, &request, &now, at, lifetimes);
+                let b = decide_with_grants(&full, &request, &now, at, lifetimes);
                 if let Ok(d) = &b {
+                    if !d.elevated_by.is_empty() {
+                        elevated.fetch_add(1, Ordering::Relaxed);
+                        if !matches!(request.entities, EntitiesInput::None) {
+                            elevated_with_entities.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     decided.fetch_add(1, Ordering::Relaxed);
                     if ns {
                         namespaced.fetch_add(1, Ordering::Relaxed);
@@ -842,6 +918,11 @@ fn indexed_and_full_engines_decide_identically() {
     assert!(
         errors_seen.into_inner() > 20,
         "too few decisions with errors"
+    );
+    assert!(elevated.into_inner() > 50, "too few elevated decisions");
+    assert!(
+        elevated_with_entities.into_inner() > 10,
+        "too few elevated decisions with request entities"
     );
 }
 
