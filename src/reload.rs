@@ -250,6 +250,9 @@ pub struct Reloader {
     /// Bundle files written to and not yet closed, from inotify events: a
     /// truncated file mid-write must not be read as the new bundle.
     writing: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Set by the watcher when a directory is made under a bundle
+    /// directory: writes in it went unseen until it was watched.
+    dirs_made: Arc<AtomicBool>,
 }
 
 /// How the bundle is being watched right now.
@@ -257,7 +260,7 @@ struct Watch {
     mode: WatchMode,
     watcher: Option<Armed>,
     poller: Option<AbortOnDrop>,
-    /// The paths the watcher watches, as last armed.
+    /// The directories read from that the watcher watches, as last armed.
     watched: HashSet<PathBuf>,
 }
 
@@ -302,6 +305,7 @@ impl Reloader {
             armed: Mutex::new(None),
             cache: Arc::new(Mutex::new(cache)),
             writing: Arc::new(Mutex::new(HashSet::new())),
+            dirs_made: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -420,7 +424,8 @@ impl Reloader {
         let mut unstable = 0u32;
         loop {
             self.wake.notified().await;
-            self.settle().await;
+            let burst = Instant::now();
+            self.settle_since(burst).await;
             let trigger = if self.forced.swap(false, Ordering::SeqCst) {
                 Trigger::Signal
             } else {
@@ -438,7 +443,7 @@ impl Reloader {
                 let mut rounds = 0;
                 while self.arm(&mut watch, policies, schemas).await && rounds < MAX_NEW_DIR_ROUNDS {
                     rounds += 1;
-                    self.settle().await;
+                    self.settle_since(burst).await;
                 }
                 self.describe(&watch, true);
             }
@@ -487,24 +492,29 @@ impl Reloader {
 
     /// (Re-)arms the inotify watches; on failure (the kernel's watch limit)
     /// falls back to polling rather than keep watches on a stale tree.
-    /// Arms the watches anew; true when a path is watched now that was not
-    /// before (a directory that appeared since, whose writes went unseen).
+    /// True when a directory the bundle is read from appeared since the last
+    /// arm (watched now by a path not watched before, or made, as the
+    /// watcher saw: a directory deleted and made again under its old name,
+    /// maybe with its old inode number), so writes in it went unseen.
     async fn arm(&self, watch: &mut Watch, policies: &Path, schemas: &Path) -> bool {
-        let (p, s, wake, writing) = (
+        let (p, s, wake, writing, made) = (
             policies.to_owned(),
             schemas.to_owned(),
             self.wake.clone(),
             self.writing.clone(),
+            self.dirs_made.clone(),
         );
         // Walking the trees is blocking work.
-        let armed = tokio::task::spawn_blocking(move || arm_watches(&[&p, &s], wake, writing))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|armed| armed.map_err(|e| e.to_string()));
+        let armed =
+            tokio::task::spawn_blocking(move || arm_watches(&[&p, &s], wake, writing, made))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|armed| armed.map_err(|e| e.to_string()));
         match armed {
             Ok((watcher, watched)) => {
                 watch.watcher = Some(watcher);
-                let grew = watched.iter().any(|p| !watch.watched.contains(p));
+                let made = self.dirs_made.swap(false, Ordering::SeqCst);
+                let grew = made || watched.iter().any(|p| !watch.watched.contains(p));
                 watch.watched = watched;
                 grew
             }
@@ -539,11 +549,12 @@ impl Reloader {
         }
     }
 
-    /// Waits for a burst of events to end: no event for `settle`, and no
-    /// bundle file left open for writing (bounded by `MAX_OPEN_WRITE`); a
-    /// burst that never goes quiet ends after `MAX_COALESCE`.
-    async fn settle(&self) {
-        let burst = Instant::now();
+    /// Waits for a burst of events that began at `burst` to end: no event
+    /// for `settle`, and no bundle file left open for writing (bounded by
+    /// `MAX_OPEN_WRITE`); a burst that never goes quiet ends after
+    /// `MAX_COALESCE`. Both bounds count from `burst`, however many times
+    /// the burst is settled.
+    async fn settle_since(&self, burst: Instant) {
         loop {
             let open_before = !self
                 .writing
@@ -913,6 +924,7 @@ fn arm_watches(
     roots: &[&PathBuf],
     wake: Arc<Notify>,
     writing: Arc<Mutex<HashSet<PathBuf>>>,
+    dirs_made: Arc<AtomicBool>,
 ) -> Result<(Armed, HashSet<PathBuf>), notify::Error> {
     // Events name absolute paths; parent directories also report changes to
     // their other entries, which must not cause reloads.
@@ -920,17 +932,30 @@ fn arm_watches(
         .iter()
         .map(|r| std::path::absolute(r).unwrap_or_else(|_| (*r).clone()))
         .collect();
-    // The first root is the policies', the others the schemas'.
+    // The first root is the policies', the others the schemas'. Each also
+    // by its real path: a directory reached by two spellings (a link to it
+    // as the other root) has its events named by either.
     let labeled: Vec<(PathBuf, &'static str)> = absolute
         .iter()
         .enumerate()
-        .map(|(i, r)| (r.clone(), if i == 0 { "policies" } else { "schemas" }))
+        .flat_map(|(i, r)| {
+            let label = if i == 0 { "policies" } else { "schemas" };
+            let real = std::fs::canonicalize(r).ok().filter(|c| c != r);
+            std::iter::once((r.clone(), label)).chain(real.map(|c| (c, label)))
+        })
         .collect();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         match event {
             Ok(event) if !concerns(&event.paths, &absolute) => {}
             Ok(event) => {
                 track_writes(&event, &writing, &labeled);
+                if matches!(
+                    event.kind,
+                    EventKind::Create(notify::event::CreateKind::Folder)
+                ) && event.paths.iter().any(|p| read_dir_path(p, &absolute))
+                {
+                    dirs_made.store(true, Ordering::SeqCst);
+                }
                 // Not logged one by one: a log file inside a watched
                 // directory would feed itself.
                 if relevant(&event.kind) {
@@ -945,6 +970,10 @@ fn arm_watches(
         }
     })?;
     let mut points: Vec<PathBuf> = Vec::new();
+    // Directories the bundle is read from (hidden ones are not, a
+    // ConfigMap's `..<timestamp>` generation aside, which is complete when
+    // it is swapped in).
+    let mut read_from: HashSet<PathBuf> = HashSet::new();
     for root in roots {
         let mut stack = vec![(*root).clone()];
         let mut dirs = 0usize;
@@ -953,6 +982,9 @@ fn arm_watches(
                 continue;
             }
             dirs += 1;
+            if !hidden_below(&dir, root) {
+                read_from.insert(dir.clone());
+            }
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for entry in entries.flatten() {
                     let path = entry.path();
@@ -996,7 +1028,24 @@ fn arm_watches(
             }
         }
     }
-    Ok((watcher, seen))
+    Ok((watcher, read_from))
+}
+
+/// Whether `path` has a hidden component below `root` (a directory the
+/// bundle is not read from).
+fn hidden_below(path: &Path, root: &Path) -> bool {
+    path.strip_prefix(root).is_ok_and(|rel| {
+        rel.components()
+            .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+    })
+}
+
+/// Whether `path` is one of `roots` or under one and not hidden below it: a
+/// directory made there is one the bundle is read from.
+fn read_dir_path(path: &Path, roots: &[PathBuf]) -> bool {
+    roots
+        .iter()
+        .any(|root| path.starts_with(root) && !hidden_below(path, root))
 }
 
 /// Keeps `writing` up to date: a bundle file created or modified is open for

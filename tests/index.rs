@@ -804,10 +804,16 @@ fn indexed_and_full_engines_decide_identically() {
                 -3i64..4,
                 Extras::strategy(),
                 // Elevation grants: none for most requests; else roles to
-                // put the agent in, each bound to the request's user or not.
+                // put the agent in, each bound to the request's user or not,
+                // and whether the request leaves its entities out (the
+                // bundle's elevated entities are then built once and kept;
+                // with request entities, for the request alone).
                 prop::option::weighted(
                     0.35,
-                    prop::collection::vec((0..GROUPS, any::<bool>()), 1..3),
+                    (
+                        prop::collection::vec((0..GROUPS, any::<bool>()), 1..3),
+                        any::<bool>(),
+                    ),
                 ),
             ),
             1..10,
@@ -819,7 +825,7 @@ fn indexed_and_full_engines_decide_identically() {
     let delegated = AtomicUsize::new(0);
     let errors_seen = AtomicUsize::new(0);
     let namespaced = AtomicUsize::new(0);
-    let elevated = AtomicUsize::new(0);
+    let elevated_alone = AtomicUsize::new(0);
     let elevated_with_entities = AtomicUsize::new(0);
     let now = RequestTime::at("2026-01-31T12:00:00.000Z");
     let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(GRANTS_AT);
@@ -849,9 +855,11 @@ fn indexed_and_full_engines_decide_identically() {
             prop_assert!(indexed.index.is_some());
             prop_assert!(full.index.is_none());
             for (agent, user, act, resource, n, extras, elevations) in &asks {
+                let plain = elevations.as_ref().is_some_and(|(_, plain)| *plain);
                 let sent: Vec<Value> = extras
                     .entities()
                     .iter()
+                    .filter(|_| !plain)
                     .map(|(u, parents, level)| qualify_json(entity_json(u, parents, *level), ns))
                     .collect();
                 let named = |text: &str| uid(&qualify(text, ns));
@@ -859,7 +867,7 @@ fn indexed_and_full_engines_decide_identically() {
                 let on_behalf_of = user.map(|u| named(PRINCIPALS[ENGINE_PRINCIPALS[u]]));
                 let grants: Vec<String> = elevations
                     .iter()
-                    .flatten()
+                    .flat_map(|(roles, _)| roles)
                     .map(|(role, bound)| {
                         let user = on_behalf_of.as_ref().filter(|_| *bound);
                         elevation_grant(&agent, *role, user, ns)
@@ -883,8 +891,9 @@ fn indexed_and_full_engines_decide_identically() {
                 let b = decide_with_grants(&full, &request, &now, at, lifetimes);
                 if let Ok(d) = &b {
                     if !d.elevated_by.is_empty() {
-                        elevated.fetch_add(1, Ordering::Relaxed);
-                        if !matches!(request.entities, EntitiesInput::None) {
+                        if matches!(request.entities, EntitiesInput::None) {
+                            elevated_alone.fetch_add(1, Ordering::Relaxed);
+                        } else {
                             elevated_with_entities.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -919,9 +928,18 @@ fn indexed_and_full_engines_decide_identically() {
         errors_seen.into_inner() > 20,
         "too few decisions with errors"
     );
-    assert!(elevated.into_inner() > 50, "too few elevated decisions");
+    // Typical runs: about 120 without, 55 with.
+    eprintln!(
+        "elevated decisions: {} without request entities, {} with",
+        elevated_alone.load(Ordering::Relaxed),
+        elevated_with_entities.load(Ordering::Relaxed)
+    );
     assert!(
-        elevated_with_entities.into_inner() > 10,
+        elevated_alone.into_inner() > 20,
+        "too few elevated decisions without request entities"
+    );
+    assert!(
+        elevated_with_entities.into_inner() > 20,
         "too few elevated decisions with request entities"
     );
 }

@@ -963,26 +963,40 @@ async fn a_file_still_written_in_a_new_directory_is_served_only_when_finished() 
     );
     let served = Served::record(&server);
 
-    let dir = bundle.path("policies/team");
-    let writer = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir(&dir).expect("mkdir");
-        let mut file = std::fs::File::create(dir.join("more.cedar")).expect("create");
-        for i in 0..150 {
-            writeln!(
-                file,
-                "@id(\"more-{i}\") permit (principal == Agent::\"bot\", action == Action::\"write\", resource == Doc::\"d{i}\");"
-            )
-            .expect("write");
-            file.flush().expect("flush");
-            // A copy's pace: the stimulus, not a wait for a result.
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    });
-    writer.await.expect("writer");
+    // Makes `policies/team` afresh (removing any before) and writes
+    // `more.cedar` in it one policy at a time.
+    let copy_in = |tag: &'static str| {
+        let dir = bundle.path("policies/team");
+        tokio::task::spawn_blocking(move || {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).expect("rm -r");
+            }
+            std::fs::create_dir(&dir).expect("mkdir");
+            let mut file = std::fs::File::create(dir.join("more.cedar")).expect("create");
+            for i in 0..150 {
+                writeln!(
+                    file,
+                    "@id(\"{tag}-{i}\") permit (principal == Agent::\"bot\", action == Action::\"write\", resource == Doc::\"d{i}\");"
+                )
+                .expect("write");
+                file.flush().expect("flush");
+                // A copy's pace: the stimulus, not a wait for a result.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    copy_in("more").await.expect("writer");
     let v2 = bundle.version();
     server.wait_version(&v2).await;
+    // The same directory deleted and made again: new by its inode, though
+    // its path was watched before.
+    copy_in("again").await.expect("writer");
+    let v3 = bundle.version();
+    server.wait_version(&v3).await;
     let seen = served.stop().await;
-    let expected: std::collections::BTreeSet<String> = [v1, v2].into();
+    // Between the removal and the new directory, the bundle without it
+    // (v1's files) may be served; no part of either file may.
+    let expected: std::collections::BTreeSet<String> = [v1, v2, v3].into();
     assert!(
         seen.is_subset(&expected),
         "served {seen:?}: a part of the file was read"
