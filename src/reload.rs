@@ -425,7 +425,7 @@ impl Reloader {
         loop {
             self.wake.notified().await;
             let burst = Instant::now();
-            self.settle_since(burst).await;
+            self.settle_since(burst, burst, MAX_COALESCE).await;
             let trigger = if self.forced.swap(false, Ordering::SeqCst) {
                 Trigger::Signal
             } else {
@@ -441,9 +441,16 @@ impl Reloader {
             // copied in): settle again, now that they are seen.
             if let (WatchMode::Events, Some((policies, schemas))) = (watch.mode, &dirs) {
                 let mut rounds = 0;
-                while self.arm(&mut watch, policies, schemas).await && rounds < MAX_NEW_DIR_ROUNDS {
+                while self.arm(&mut watch, policies, schemas).await
+                    && rounds < MAX_NEW_DIR_ROUNDS
+                    && burst.elapsed() < MAX_OPEN_WRITE
+                {
                     rounds += 1;
-                    self.settle_since(burst).await;
+                    // A round of its own for events (a copy that ran past
+                    // the first second still gets a quiet period), within
+                    // the burst's bound for open files.
+                    let at_least = MAX_COALESCE.max(self.options.settle);
+                    self.settle_since(burst, Instant::now(), at_least).await;
                 }
                 self.describe(&watch, true);
             }
@@ -551,10 +558,10 @@ impl Reloader {
 
     /// Waits for a burst of events that began at `burst` to end: no event
     /// for `settle`, and no bundle file left open for writing (bounded by
-    /// `MAX_OPEN_WRITE`); a burst that never goes quiet ends after
-    /// `MAX_COALESCE`. Both bounds count from `burst`, however many times
-    /// the burst is settled.
-    async fn settle_since(&self, burst: Instant) {
+    /// `MAX_OPEN_WRITE` from `burst`, however many times the burst is
+    /// settled); events that never go quiet end it `coalesce` after
+    /// `round`.
+    async fn settle_since(&self, burst: Instant, round: Instant, coalesce: Duration) {
         loop {
             let open_before = !self
                 .writing
@@ -575,7 +582,7 @@ impl Reloader {
                 (!writing.is_empty()).then(|| writing.len())
             };
             match open {
-                None if quiet || burst.elapsed() >= MAX_COALESCE => return,
+                None if quiet || round.elapsed() >= coalesce => return,
                 None => {}
                 Some(files) if burst.elapsed() >= MAX_OPEN_WRITE => {
                     warn!(
@@ -932,6 +939,17 @@ fn arm_watches(
         .iter()
         .map(|r| std::path::absolute(r).unwrap_or_else(|_| (*r).clone()))
         .collect();
+    // Every spelling of each root through its symbolic links, and the
+    // directories holding those links: a link re-pointed anywhere on the
+    // way (`policies -> current/policies`, `current -> releases/7`) is seen
+    // in its directory, and its events concern the root.
+    let mut link_dirs: Vec<PathBuf> = Vec::new();
+    let mut ways: Vec<PathBuf> = absolute.clone();
+    for root in &absolute {
+        let (spellings, dirs) = link_chain(root);
+        ways.extend(spellings);
+        link_dirs.extend(dirs);
+    }
     // The first root is the policies', the others the schemas'. Each also
     // by its real path: a directory reached by two spellings (a link to it
     // as the other root) has its events named by either.
@@ -946,7 +964,7 @@ fn arm_watches(
         .collect();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         match event {
-            Ok(event) if !concerns(&event.paths, &absolute) => {}
+            Ok(event) if !concerns(&event.paths, &ways) => {}
             Ok(event) => {
                 track_writes(&event, &writing, &labeled);
                 if matches!(
@@ -1003,15 +1021,8 @@ fn arm_watches(
         if let Some(parent) = existing_ancestor(root) {
             points.push(parent);
         }
-        let mut prefix = PathBuf::new();
-        for component in root.components() {
-            prefix.push(component);
-            let is_link = std::fs::symlink_metadata(&prefix).is_ok_and(|m| m.is_symlink());
-            if let (true, Some(parent)) = (is_link, prefix.parent()) {
-                points.push(parent.to_path_buf());
-            }
-        }
     }
+    points.extend(link_dirs);
     let mut seen: HashSet<PathBuf> = HashSet::new();
     for path in &points {
         if !seen.insert(path.clone()) {
@@ -1029,6 +1040,44 @@ fn arm_watches(
         }
     }
     Ok((watcher, read_from))
+}
+
+/// Most symbolic links followed on the way to one root (a loop's bound; the
+/// kernel's own is 40).
+const MAX_LINK_HOPS: usize = 40;
+
+/// The other spellings of `root` through the symbolic links on its way,
+/// each link replaced by its target (links inside targets too), and the
+/// directories holding those links.
+fn link_chain(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let (mut spellings, mut dirs) = (Vec::new(), Vec::new());
+    let mut pending = vec![root.to_path_buf()];
+    let mut hops = 0;
+    while let Some(path) = pending.pop() {
+        let components: Vec<_> = path.components().collect();
+        let mut prefix = PathBuf::new();
+        for (i, component) in components.iter().enumerate() {
+            prefix.push(component);
+            if !std::fs::symlink_metadata(&prefix).is_ok_and(|m| m.is_symlink()) {
+                continue;
+            }
+            let parent = prefix.parent().map(Path::to_path_buf).unwrap_or_default();
+            dirs.push(parent.clone());
+            hops += 1;
+            if hops > MAX_LINK_HOPS {
+                return (spellings, dirs);
+            }
+            // The rest of this spelling is followed through the target.
+            if let Ok(target) = std::fs::read_link(&prefix) {
+                let mut next = parent.join(target);
+                next.extend(&components[i + 1..]);
+                spellings.push(next.clone());
+                pending.push(next);
+            }
+            break;
+        }
+    }
+    (spellings, dirs)
 }
 
 /// Whether `path` has a hidden component below `root` (a directory the
@@ -1090,7 +1139,9 @@ fn is_bundle_path(path: &Path, roots: &[(PathBuf, &'static str)]) -> bool {
         .unwrap_or_default();
     !name.starts_with('.')
         && roots.iter().any(|(root, label)| {
-            path.starts_with(root) && crate::bundle::is_bundle_file(label, &name)
+            path.starts_with(root)
+                && !hidden_below(path, root)
+                && crate::bundle::is_bundle_file(label, &name)
         })
 }
 
@@ -1211,6 +1262,9 @@ mod tests {
         assert!(!held("/b/policies/report.json"));
         assert!(!held("/b/schemas/stray.cedar"));
         assert!(!held("/b/policies/.access.cedar.swp"));
+        // In a hidden directory the bundle does not read (a cache, a
+        // ConfigMap generation being written before its swap).
+        assert!(!held("/b/policies/.cache/access.cedar"));
         assert!(!held("/elsewhere/access.cedar"));
     }
 
