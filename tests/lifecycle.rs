@@ -722,33 +722,74 @@ fn serve_with_no_flags_serves_the_example_until_sigterm() {
     );
 }
 
+/// `leash serve` in `cwd` with JSON logs on stderr (piped), no admin
+/// listener and no audit trail, and `args`; run through `shell` when given
+/// (`ulimit -n 32 && exec "$0" "$@"`). Killed when dropped.
+fn serve_json(cwd: &std::path::Path, shell: Option<&str>, args: &[&str]) -> KillOnDrop {
+    let leash = env!("CARGO_BIN_EXE_leash");
+    let fixed = [
+        "serve",
+        "--admin-listen",
+        "none",
+        "--audit-log",
+        "none",
+        "--log-format",
+        "json",
+    ];
+    let mut cmd = match shell {
+        Some(script) => {
+            let mut cmd = Command::new("bash");
+            cmd.args(["-c", script, leash]);
+            cmd
+        }
+        None => Command::new(leash),
+    };
+    KillOnDrop(
+        cmd.current_dir(cwd)
+            .args(fixed)
+            .args(args)
+            .env_remove("LEASH_LOG")
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starts"),
+    )
+}
+
+/// Sends SIGTERM to `child`.
+fn sigterm(child: &std::process::Child) {
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success());
+}
+
+/// Waits (at most 60 s) for `child`, sent SIGTERM, to exit.
+async fn exit_status(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leash did not exit within 60 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The kubelet's native gRPC probes dial the pod IP, so a sidecar that
 /// serves decisions on loopback only needs a second listener for them: it
 /// may bind any address, and it answers health and nothing else.
 #[tokio::test]
 async fn health_listener_answers_probes_on_any_address_and_nothing_else() {
     let cwd = tempfile::tempdir().expect("temp dir");
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_leash"))
-            .current_dir(cwd.path())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "none",
-                "--audit-log",
-                "none",
-                "--log-format",
-                "json",
-                "--health-listen",
-                "0.0.0.0:0",
-            ])
-            .env_remove("LEASH_LOG")
-            .env_remove("RUST_LOG")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("starts"),
+    let mut child = serve_json(
+        cwd.path(),
+        None,
+        &["--listen", "127.0.0.1:0", "--health-listen", "0.0.0.0:0"],
     );
     let mut next_line = json_log_lines(&mut child.0);
     let mut port = None;
@@ -812,31 +853,19 @@ async fn health_listener_answers_probes_on_any_address_and_nothing_else() {
 #[tokio::test]
 async fn health_watchers_see_not_serving_and_do_not_hold_up_shutdown() {
     let cwd = tempfile::tempdir().expect("temp dir");
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_leash"))
-            .current_dir(cwd.path())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "none",
-                "--audit-log",
-                "none",
-                "--log-format",
-                "json",
-                "--health-listen",
-                "127.0.0.1:0",
-                // Far past the test's bound: a drain that waited for the
-                // watchers would fail it rather than end on time.
-                "--drain-timeout",
-                "600",
-            ])
-            .env_remove("LEASH_LOG")
-            .env_remove("RUST_LOG")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("starts"),
+    let mut child = serve_json(
+        cwd.path(),
+        None,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--health-listen",
+            "127.0.0.1:0",
+            // Far past the test's bound: a drain that waited for the
+            // watchers would fail it rather than end on time.
+            "--drain-timeout",
+            "600",
+        ],
     );
     let mut next_line = json_log_lines(&mut child.0);
     let (mut decisions, mut health_only) = (None, None);
@@ -880,11 +909,7 @@ async fn health_watchers_see_not_serving_and_do_not_hold_up_shutdown() {
             watches.push((addr.clone(), service, updates));
         }
     }
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .expect("kill")
-        .success());
+    sigterm(&child.0);
     for (addr, service, mut updates) in watches {
         let last = tokio::time::timeout(Duration::from_secs(60), async {
             let mut last = None;
@@ -907,18 +932,7 @@ async fn health_watchers_see_not_serving_and_do_not_hold_up_shutdown() {
             );
         }
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "leash did not exit within 60 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(exit_status(&mut child.0).await.code(), Some(0));
     // Its log to the end: drained without timing out, then stopped.
     loop {
         let line = next_line();
@@ -944,52 +958,26 @@ async fn sigterm_during_the_first_load_stops_cleanly() {
         .expect("runs");
     assert!(generated.status.success(), "{generated:?}");
     let socket = dir.path().join("leash.sock");
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_leash"))
-            .current_dir(dir.path())
-            .args([
-                "serve",
-                "--policies",
-                "policies",
-                "--schemas",
-                "schemas",
-                "--listen",
-                "none",
-                "--uds",
-                "leash.sock",
-                "--admin-listen",
-                "none",
-                "--audit-log",
-                "none",
-                "--log-format",
-                "json",
-            ])
-            .env_remove("LEASH_LOG")
-            .env_remove("RUST_LOG")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("starts"),
+    let mut child = serve_json(
+        dir.path(),
+        None,
+        &[
+            "--policies",
+            "policies",
+            "--schemas",
+            "schemas",
+            "--listen",
+            "none",
+            "--uds",
+            "leash.sock",
+        ],
     );
     let mut next_line = json_log_lines(&mut child.0);
     // Bound first, then the load begins: seconds for 3,000 policies.
     while next_line()["message"] != "listening" {}
     assert!(socket.exists());
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .expect("kill")
-        .success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "leash did not exit within 60 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    sigterm(&child.0);
+    let status = exit_status(&mut child.0).await;
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert!(!socket.exists(), "the socket file is removed");
     loop {
@@ -1007,28 +995,10 @@ async fn sigterm_during_the_first_load_stops_cleanly() {
 #[tokio::test]
 async fn out_of_file_descriptors_is_logged_and_accepting_resumes() {
     let cwd = tempfile::tempdir().expect("temp dir");
-    let mut child = KillOnDrop(
-        Command::new("bash")
-            .current_dir(cwd.path())
-            .args([
-                "-c",
-                r#"ulimit -n 32 && exec "$0" "$@""#,
-                env!("CARGO_BIN_EXE_leash"),
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "none",
-                "--audit-log",
-                "none",
-                "--log-format",
-                "json",
-            ])
-            .env_remove("LEASH_LOG")
-            .env_remove("RUST_LOG")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("starts"),
+    let mut child = serve_json(
+        cwd.path(),
+        Some(r#"ulimit -n 32 && exec "$0" "$@""#),
+        &["--listen", "127.0.0.1:0"],
     );
     let mut next_line = json_log_lines(&mut child.0);
     let mut addr = None;
