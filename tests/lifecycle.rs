@@ -756,6 +756,32 @@ fn serve_json(cwd: &std::path::Path, shell: Option<&str>, args: &[&str]) -> Kill
     )
 }
 
+/// A `Health/Watch` stream for `service`, followed until it says SERVING
+/// (within 30 s), as the kubelet would poll; the stream stays open.
+async fn watch_until_serving(
+    channel: &tonic::transport::Channel,
+    service: &str,
+) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let mut updates = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(update) = updates.message().await.expect("health stream") {
+            if update.status == ServingStatus::Serving as i32 {
+                return;
+            }
+        }
+        panic!("health stream ended before SERVING");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("service {service:?} not SERVING within 30 s"));
+    updates
+}
+
 /// Sends SIGTERM to `child`.
 fn sigterm(child: &std::process::Child) {
     assert!(Command::new("kill")
@@ -817,23 +843,7 @@ async fn health_listener_answers_probes_on_any_address_and_nothing_else() {
     // The load is logged a moment before health turns SERVING: follow the
     // health stream until it does (bounded), as the kubelet would poll.
     for service in ["", "leash.v1.Authorizer"] {
-        let mut updates = HealthClient::new(channel.clone())
-            .watch(HealthCheckRequest {
-                service: service.to_owned(),
-            })
-            .await
-            .expect("health answers")
-            .into_inner();
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(update) = updates.message().await.expect("health stream") {
-                if update.status == ServingStatus::Serving as i32 {
-                    return;
-                }
-            }
-            panic!("health stream ended before SERVING");
-        })
-        .await
-        .unwrap_or_else(|_| panic!("service {service:?} not SERVING within 30 s"));
+        watch_until_serving(&channel, service).await;
     }
     let refused = leash::proto::v1::authorizer_client::AuthorizerClient::new(channel)
         .is_authorized(request(
@@ -889,23 +899,7 @@ async fn health_watchers_see_not_serving_and_do_not_hold_up_shutdown() {
             .await
             .expect("connect");
         for service in ["", "leash.v1.Authorizer", "liveness"] {
-            let mut updates = HealthClient::new(channel.clone())
-                .watch(HealthCheckRequest {
-                    service: service.to_owned(),
-                })
-                .await
-                .expect("health answers")
-                .into_inner();
-            tokio::time::timeout(Duration::from_secs(30), async {
-                while let Some(update) = updates.message().await.expect("health stream") {
-                    if update.status == ServingStatus::Serving as i32 {
-                        return;
-                    }
-                }
-                panic!("health stream ended before SERVING");
-            })
-            .await
-            .unwrap_or_else(|_| panic!("{addr} {service:?} not SERVING within 30 s"));
+            let updates = watch_until_serving(&channel, service).await;
             watches.push((addr.clone(), service, updates));
         }
     }
