@@ -671,6 +671,15 @@ async fn spans_count_what_callers_were_answered_and_keep_caller_text_small() {
     long_id.request_id = format!("{}😀{}", "r".repeat(253), "r".repeat(10_000));
     let mut long_resource = allowed();
     long_resource.resource = Some(uid(&format!("Ticket::\"{}\"", "t".repeat(5_000))));
+    // One alone first: its RPC span is the decision's.
+    let alone = server
+        .client
+        .clone()
+        .is_authorized(with_trace(allowed(), true))
+        .await
+        .expect("answers")
+        .into_inner();
+    assert_eq!(alone.decision, DENY, "{alone:?}");
     let batch = pb::BatchIsAuthorizedRequest {
         requests: vec![allowed(), allowed(), long_id, long_resource],
     };
@@ -694,7 +703,17 @@ async fn spans_count_what_callers_were_answered_and_keep_caller_text_small() {
         problem(3)
     );
 
-    let spans = flushed_spans(&server.server, &collector, 5).await;
+    let spans = flushed_spans(&server.server, &collector, 6).await;
+    let unary = spans
+        .iter()
+        .find(|s| s.span.name == "leash.v1.Authorizer/IsAuthorized")
+        .expect("unary span");
+    assert!(unary.attribute("leash.audit.error").is_some());
+    assert_eq!(
+        unary.span.status.as_ref().map(|s| s.code),
+        Some(2),
+        "an unrecorded decision is leash's failure"
+    );
     let batch_span = spans
         .iter()
         .find(|s| s.span.name == "leash.v1.Authorizer/BatchIsAuthorized")
