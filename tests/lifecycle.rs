@@ -756,6 +756,30 @@ fn serve_json(cwd: &std::path::Path, shell: Option<&str>, args: &[&str]) -> Kill
     )
 }
 
+/// Reads `leash serve`'s log until the bundle is loaded and both its
+/// decision listener (TCP) and its health listener are named; returns
+/// their addresses.
+fn listeners_once_loaded(next_line: &mut impl FnMut() -> serde_json::Value) -> (String, String) {
+    let (mut decisions, mut health_only) = (None, None);
+    let mut loaded = false;
+    while decisions.is_none() || health_only.is_none() || !loaded {
+        let line = next_line();
+        if line["message"] == "listening" {
+            let address = line["address"].as_str().expect("address").to_owned();
+            match address.strip_suffix(" (grpc.health.v1 only)") {
+                Some(addr) => health_only = Some(addr.to_owned()),
+                None if !address.contains("(admin)") => decisions = Some(address),
+                None => {}
+            }
+        }
+        loaded |= line["message"] == "policy bundle loaded";
+    }
+    (
+        decisions.expect("decision listener"),
+        health_only.expect("health listener"),
+    )
+}
+
 /// A `Health/Watch` stream for `service`, followed until it says SERVING
 /// (within 30 s), as the kubelet would poll; the stream stays open.
 async fn watch_until_serving(
@@ -818,28 +842,15 @@ async fn health_listener_answers_probes_on_any_address_and_nothing_else() {
         &["--listen", "127.0.0.1:0", "--health-listen", "0.0.0.0:0"],
     );
     let mut next_line = json_log_lines(&mut child.0);
-    let mut port = None;
-    let mut loaded = false;
-    while port.is_none() || !loaded {
-        let line = next_line();
-        if line["message"] == "listening" {
-            let address = line["address"].as_str().expect("address");
-            if let Some(addr) = address.strip_suffix(" (grpc.health.v1 only)") {
-                let addr: std::net::SocketAddr = addr.parse().expect("socket address");
-                assert!(addr.ip().is_unspecified(), "{addr}");
-                port = Some(addr.port());
-            }
-        }
-        loaded |= line["message"] == "policy bundle loaded";
-    }
-    let channel = tonic::transport::Endpoint::from_shared(format!(
-        "http://127.0.0.1:{}",
-        port.expect("health port")
-    ))
-    .expect("uri")
-    .connect()
-    .await
-    .expect("connect");
+    let (_, health_only) = listeners_once_loaded(&mut next_line);
+    let addr: std::net::SocketAddr = health_only.parse().expect("socket address");
+    assert!(addr.ip().is_unspecified(), "{addr}");
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", addr.port()))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
     // The load is logged a moment before health turns SERVING: follow the
     // health stream until it does (bounded), as the kubelet would poll.
     for service in ["", "leash.v1.Authorizer"] {
@@ -878,21 +889,9 @@ async fn health_watchers_see_not_serving_and_do_not_hold_up_shutdown() {
         ],
     );
     let mut next_line = json_log_lines(&mut child.0);
-    let (mut decisions, mut health_only) = (None, None);
-    let mut loaded = false;
-    while decisions.is_none() || health_only.is_none() || !loaded {
-        let line = next_line();
-        if line["message"] == "listening" {
-            let address = line["address"].as_str().expect("address").to_owned();
-            match address.strip_suffix(" (grpc.health.v1 only)") {
-                Some(addr) => health_only = Some(addr.to_owned()),
-                None => decisions = Some(address),
-            }
-        }
-        loaded |= line["message"] == "policy bundle loaded";
-    }
+    let (decisions, health_only) = listeners_once_loaded(&mut next_line);
     let mut watches = Vec::new();
-    for addr in [decisions, health_only].into_iter().flatten() {
+    for addr in [decisions, health_only] {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .expect("uri")
             .connect()
@@ -934,6 +933,83 @@ async fn health_watchers_see_not_serving_and_do_not_hold_up_shutdown() {
         assert!(!message.contains("timed out"), "{line}");
         assert!(!message.contains("in time"), "{line}");
         if message == "stopped" {
+            break;
+        }
+    }
+}
+
+/// The health listener is open to the pod network, so it holds a bounded
+/// number of connections: peers that connect and say nothing fill it, the
+/// cap is logged, and a probe waiting behind them is answered as soon as
+/// one goes (each would also be closed at its lifetime; unit-tested in
+/// `server::accept`). The decision listener is not capped.
+#[tokio::test]
+async fn the_health_listener_caps_its_connections() {
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let mut child = serve_json(
+        cwd.path(),
+        None,
+        &["--listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"],
+    );
+    let mut next_line = json_log_lines(&mut child.0);
+    let (decisions, health_only) = listeners_once_loaded(&mut next_line);
+    let mut idle = Vec::new();
+    for _ in 0..leash::server::HEALTH_MAX_CONNECTIONS {
+        idle.push(
+            tokio::net::TcpStream::connect(&health_only)
+                .await
+                .expect("connect"),
+        );
+    }
+    loop {
+        let line = next_line();
+        if line["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("connection cap reached")
+        {
+            assert_eq!(line["listener"], "health", "{line}");
+            assert_eq!(
+                line["max_connections"],
+                leash::server::HEALTH_MAX_CONNECTIONS,
+                "{line}"
+            );
+            break;
+        }
+    }
+    // Decisions go on meanwhile: the cap is the health listener's alone.
+    let mut client = leash::proto::v1::authorizer_client::AuthorizerClient::connect(format!(
+        "http://{decisions}"
+    ))
+    .await
+    .expect("connect");
+    client
+        .is_authorized(request(
+            "Agent::\"support-bot\"",
+            None,
+            "Action::\"kb:read\"",
+            "KbArticle::\"reset-password\"",
+        ))
+        .await
+        .expect("a decision");
+    // A probe behind the idle peers: its connection waits in the backlog
+    // until one of them goes.
+    let probe = tokio::spawn(async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{health_only}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        watch_until_serving(&channel, "").await;
+    });
+    drop(idle.pop());
+    tokio::time::timeout(Duration::from_secs(60), probe)
+        .await
+        .expect("the probe is answered once a slot frees")
+        .expect("probe task");
+    loop {
+        let line = next_line();
+        if line["message"] == "below the connection cap again" {
             break;
         }
     }

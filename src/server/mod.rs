@@ -81,6 +81,20 @@ pub const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the admin and health listeners may take to close, last of all.
 pub const ADMIN_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Connections the health listener holds at once. It is open to the pod
+/// network; the kubelet's probes take one short connection each.
+pub const HEALTH_MAX_CONNECTIONS: usize = 64;
+
+/// After this long a health-listener connection is asked to go (HTTP/2
+/// GOAWAY: calls in progress finish, new ones go to a new connection)...
+pub const HEALTH_CONNECTION_AGE: Duration = Duration::from_secs(60);
+
+/// ...and after this long it is closed, whatever the peer is doing.
+pub const HEALTH_CONNECTION_LIFETIME: Duration = Duration::from_secs(70);
+
+/// Calls one health-listener connection may have open at once.
+pub const HEALTH_MAX_STREAMS: u32 = 16;
+
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
@@ -590,11 +604,21 @@ impl Server {
             if let Listener::Health(l) = listener {
                 // Closed last with the admin listener: probes see
                 // NOT_SERVING while the sidecar drains, not a refusal.
-                let router = tonic::transport::Server::builder().add_service(health.clone());
+                // Open to the pod network, so bounded: connections at
+                // once, their age and their calls (`accept::capped`).
+                let router = tonic::transport::Server::builder()
+                    .max_connection_age(HEALTH_CONNECTION_AGE)
+                    .max_concurrent_streams(HEALTH_MAX_STREAMS)
+                    .add_service(health.clone());
                 let stop = stopped(admin_stop_rx.clone());
                 admin_tasks.spawn(async move {
-                    let incoming =
-                        accept::pausing_on_errors(TcpListenerStream::new(l), "health".to_owned());
+                    let incoming = accept::capped(
+                        TcpListenerStream::new(l),
+                        HEALTH_MAX_CONNECTIONS,
+                        HEALTH_CONNECTION_LIFETIME,
+                        "health".to_owned(),
+                    );
+                    let incoming = accept::pausing_on_errors(incoming, "health".to_owned());
                     if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
                         warn!(error = %e, "health listener ended with an error");
                     }
