@@ -40,13 +40,21 @@ fn embed_example_bundle(out_dir: &Path) -> Result<(), Box<dyn Error>> {
         let base = root.join(dir);
         let mut files = Vec::new();
         collect_files(&base, &mut files)?;
+        let mut files = files
+            .into_iter()
+            .map(|file| {
+                let rel = file
+                    .strip_prefix(&base)?
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                Ok((rel, file))
+            })
+            .collect::<Result<Vec<_>, Box<dyn Error>>>()?;
+        // Ordered by the path as shown, as a directory load orders its files,
+        // so the same files give the same bundle version either way.
         files.sort();
-        for file in files {
+        for (rel, file) in files {
             println!("cargo:rerun-if-changed={}", file.display());
-            let rel = file
-                .strip_prefix(&base)?
-                .to_string_lossy()
-                .replace('\\', "/");
             writeln!(
                 code,
                 "    ({dir:?}, {rel:?}, include_str!({:?})),",
@@ -65,9 +73,22 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), Box<dyn Error
     }
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // What a directory load skips, skipped here too: hidden names (an
+        // editor's swap file would not even be text) and files of no
+        // bundle kind.
+        if name.starts_with('.') || name == "lost+found" {
+            continue;
+        }
         if path.is_dir() {
             collect_files(&path, out)?;
-        } else {
+        } else if [".cedar", ".json", ".cedarschema"]
+            .iter()
+            .any(|suffix| name.ends_with(suffix))
+        {
             out.push(path);
         }
     }

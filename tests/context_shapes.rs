@@ -72,6 +72,7 @@ fn sources() -> BundleSources {
             text: ENTITIES.to_owned(),
         }],
         approvers: Vec::new(),
+        skipped: Vec::new(),
     }
 }
 

@@ -732,6 +732,7 @@ fn sources(world: &World, policies: &[PolicyGen], ns: bool) -> BundleSources {
             path: "policies/ops.approvers.json".to_owned(),
             text: approvers_json(ns),
         }],
+        skipped: Vec::new(),
     }
 }
 

@@ -1145,7 +1145,8 @@ fn only_bundle_files_can_refuse_a_bundle_and_a_huge_one_does() {
     // A dangling link of another name, and a volume's `lost+found` (only
     // root may read it; here it even holds a broken policy): neither is
     // part of the bundle.
-    std::os::unix::fs::symlink(dir.path().join("gone"), policies.join("NOTES.md")).expect("link");
+    std::os::unix::fs::symlink(dir.path().join("gone/NOTES.md"), policies.join("NOTES.md"))
+        .expect("link");
     let lost = policies.join("lost+found");
     std::fs::create_dir(&lost).expect("mkdir");
     std::fs::write(lost.join("broken.cedar"), "permit (").expect("write");
@@ -1173,6 +1174,18 @@ fn only_bundle_files_can_refuse_a_bundle_and_a_huge_one_does() {
         "{err:?}"
     );
     std::fs::remove_file(policies.join("more")).expect("rm");
+    // And one whose name has a dot but whose target could be a directory
+    // of policies (a mount that is missing).
+    std::os::unix::fs::symlink(dir.path().join("payments"), policies.join("team.payments"))
+        .expect("link");
+    let err = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect_err("refused");
+    assert!(
+        err.diagnostics
+            .iter()
+            .any(|d| d.message.contains("team.payments")),
+        "{err:?}"
+    );
+    std::fs::remove_file(policies.join("team.payments")).expect("rm");
     // A file past the limit is refused without being read (a sparse file:
     // no disk is used).
     let huge = std::fs::File::create(policies.join("dump.entities.json")).expect("create");
@@ -1186,6 +1199,70 @@ fn only_bundle_files_can_refuse_a_bundle_and_a_huge_one_does() {
                 && d.message.contains("bundle files over 256 MiB are refused")),
         "{err:?}"
     );
+}
+
+/// Files that look meant for the bundle but are not read are named in the
+/// load's warnings (an entity file without its `.entities.json` suffix
+/// would otherwise be left out in silence, and every policy reading its
+/// entities deny); where the two directories are one, each file is read
+/// as what it is and nothing is warned about.
+#[test]
+fn files_passed_over_are_warned_about_and_one_directory_serves_as_both() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = (dir.path().join("policies"), dir.path().join("schemas"));
+    copy_dir(&repo_path("policies"), &policies);
+    copy_dir(&repo_path("schemas"), &schemas);
+    let clean = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect("loads");
+    assert_eq!(clean.warnings, Vec::<String>::new());
+    // The example built into the binary is the same bundle, version and all.
+    assert_eq!(
+        leash::bundle::Snapshot::load_embedded()
+            .expect("loads")
+            .version,
+        clean.version
+    );
+    std::fs::write(policies.join("entities.json"), "[]").expect("write");
+    std::fs::write(policies.join("Roles.CEDAR"), "").expect("write");
+    std::fs::write(policies.join("extra.cedarschema"), "").expect("write");
+    std::fs::write(schemas.join("stray.cedar"), "").expect("write");
+    std::fs::write(schemas.join("users.entities.json"), "[]").expect("write");
+    std::fs::write(policies.join("README.md"), "notes").expect("write");
+    let warned = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect("loads");
+    assert_eq!(warned.version, clean.version, "none of them is read");
+    for (file, why) in [
+        ("policies/entities.json", "`*.entities.json` (entities)"),
+        ("policies/Roles.CEDAR", "lowercase"),
+        (
+            "policies/extra.cedarschema",
+            "read from the schemas directory",
+        ),
+        ("schemas/stray.cedar", "read from the policies directory"),
+        (
+            "schemas/users.entities.json",
+            "read from the policies directory",
+        ),
+    ] {
+        let expected = format!("`{file}` is not read: ");
+        assert!(
+            warned
+                .warnings
+                .iter()
+                .any(|w| w.starts_with(&expected) && w.contains(why)),
+            "{file}: {:?}",
+            warned.warnings
+        );
+    }
+    assert_eq!(warned.warnings.len(), 5, "{:?}", warned.warnings);
+
+    // One directory for both: the schema is read as a schema, the entity
+    // and approver files as such, and nothing is warned about.
+    let both = dir.path().join("both");
+    copy_dir(&repo_path("policies"), &both);
+    copy_dir(&repo_path("schemas"), &both);
+    let one = leash::bundle::Snapshot::load_dirs(&both, &both).expect("loads");
+    assert_eq!(one.warnings, Vec::<String>::new());
+    assert_eq!(one.entity_count(), clean.entity_count());
+    assert_eq!(one.policy_count(), clean.policy_count());
 }
 
 /// Spawns `leash serve` on loopback with `envs` set and returns its
@@ -1335,4 +1412,42 @@ async fn text_logs_quote_caller_text_so_it_cannot_forge_a_line() {
     }
     let invalid_line = invalid_line.expect("the invalid request is logged");
     assert!(invalid_line.contains(r"a\n2026"), "{invalid_line}");
+}
+
+/// Schema files that parse one by one but clash together are refused with
+/// every file named; Cedar's own schema warnings are the load's warnings.
+#[test]
+fn schema_clashes_name_their_files_and_schema_warnings_are_kept() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = (dir.path().join("policies"), dir.path().join("schemas"));
+    copy_dir(&repo_path("policies"), &policies);
+    copy_dir(&repo_path("schemas"), &schemas);
+    std::fs::write(
+        schemas.join("extra.cedarschema"),
+        "namespace Extra { entity Thing; type Thing = { amount: Long }; }",
+    )
+    .expect("write");
+    let loaded = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect("loads");
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("schemas/extra.cedarschema: ") && w.contains("Thing")),
+        "{:?}",
+        loaded.warnings
+    );
+    std::fs::copy(
+        schemas.join("support-desk.cedarschema"),
+        schemas.join("support-desk-copy.cedarschema"),
+    )
+    .expect("copy");
+    let err = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect_err("refused");
+    assert!(
+        err.diagnostics.iter().any(
+            |d| d.message.starts_with("the schema files do not combine (")
+                && d.message.contains("schemas/support-desk.cedarschema")
+                && d.message.contains("schemas/support-desk-copy.cedarschema")
+        ),
+        "{err:?}"
+    );
 }

@@ -190,6 +190,7 @@ pub fn generate(spec: WorkloadSpec) -> Workload {
         )],
         entities,
         approvers: Vec::new(),
+        skipped: Vec::new(),
     };
     let requests = (0..REQUEST_POOL)
         .map(|i| population.request(i, &shape, &mut rng))

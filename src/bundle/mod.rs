@@ -212,7 +212,8 @@ impl Snapshot {
             ));
         }
         let mut timings = BuildTimings::default();
-        let schema_parts = parse_schema(sources, &mut diagnostics);
+        let mut schema_warnings = Vec::new();
+        let schema_parts = parse_schema(sources, &mut diagnostics, &mut schema_warnings);
         let began = Instant::now();
         let (policies, policy_origins) =
             parse_policies(sources, &mut cache.parsed, &mut diagnostics);
@@ -238,7 +239,7 @@ impl Snapshot {
         let context_checks = context_check::ContextChecks::scan(&fragments_json, cache.index);
 
         let began = Instant::now();
-        let (warnings, clean) = validate(
+        let (validator_warnings, clean) = validate(
             sources,
             &schema,
             &policies,
@@ -246,6 +247,13 @@ impl Snapshot {
             cache,
             &mut diagnostics,
         );
+        let warnings = sources
+            .skipped
+            .iter()
+            .cloned()
+            .chain(schema_warnings)
+            .chain(validator_warnings)
+            .collect();
         timings.validate = began.elapsed();
         let limits = Limits::scan(&policies, &policy_origins, &mut diagnostics);
         let gates = Gates::scan(&policies, &policy_origins, &mut diagnostics);
@@ -582,6 +590,7 @@ fn located(
 fn parse_schema(
     sources: &BundleSources,
     diagnostics: &mut Vec<Diagnostic>,
+    warnings: &mut Vec<String>,
 ) -> Option<(Schema, Vec<(String, serde_json::Value)>)> {
     if sources.schemas.is_empty() {
         diagnostics.push(Diagnostic::plain(
@@ -598,7 +607,14 @@ fn parse_schema(
     for (format, file) in &sources.schemas {
         let parsed = match format {
             SchemaFormat::Cedar => SchemaFragment::from_cedarschema_str(&file.text)
-                .map(|(fragment, _warnings)| fragment)
+                .map(|(fragment, found)| {
+                    // Cedar's own schema warnings (a name that shadows a
+                    // built-in type, say) are the load's warnings too.
+                    warnings.extend(
+                        found.map(|w| format!("{}: {}", file.path, diagnostic::full_message(&w))),
+                    );
+                    fragment
+                })
                 .map_err(|e| Diagnostic::from_miette(&file.path, &file.text, &e)),
             SchemaFormat::Json => SchemaFragment::from_json_str(&file.text)
                 .map_err(|e| Diagnostic::from_miette(&file.path, &file.text, &e)),
@@ -634,11 +650,23 @@ fn parse_schema(
     match Schema::from_schema_fragments(fragments) {
         Ok(schema) => Some((schema, fragments_json)),
         Err(e) => {
-            let file = match sources.schemas.as_slice() {
-                [(_, only)] => Some(only.path.as_str()),
-                _ => None,
-            };
-            diagnostics.push(Diagnostic::plain(file, diagnostic::full_message(&e)));
+            let message = diagnostic::full_message(&e);
+            match sources.schemas.as_slice() {
+                [(_, only)] => diagnostics.push(Diagnostic::plain(Some(&only.path), message)),
+                // The fragments parsed one by one and clash together (a type
+                // declared twice, say, by `x.cedarschema` and its JSON
+                // translation beside it): name every file taking part.
+                several => {
+                    let files: Vec<&str> = several.iter().map(|(_, f)| f.path.as_str()).collect();
+                    diagnostics.push(Diagnostic::plain(
+                        None,
+                        format!(
+                            "the schema files do not combine ({}): {message}",
+                            files.join(", ")
+                        ),
+                    ));
+                }
+            }
             None
         }
     }

@@ -38,6 +38,10 @@ pub struct BundleSources {
     pub entities: Vec<SourceFile>,
     /// `*.approvers.json` under `policies/`: who may approve what.
     pub approvers: Vec<SourceFile>,
+    /// Files in the bundle's directories that look meant for it but are not
+    /// read (`policies/entities.json`, `Roles.CEDAR`, a policy file under
+    /// `schemas/`), each with why: the load's warnings.
+    pub skipped: Vec<String>,
 }
 
 const POLICY_SUFFIX: &str = ".cedar";
@@ -60,33 +64,50 @@ impl BundleSources {
             ..Self::default()
         };
 
+        // Files read, by device and inode, and files passed over that look
+        // meant for the bundle: when the two directories overlap, a file
+        // one reader passes over the other may read.
+        let mut read_files = std::collections::HashSet::new();
+        let mut passed_over = Vec::new();
         for (path, shown, meta) in walk("policies", policies, &mut diagnostics) {
-            if shown.ends_with(ENTITIES_SUFFIX) {
-                if let Some(file) = read(&path, shown, meta.len(), &mut diagnostics) {
-                    sources.entities.push(file);
-                }
+            let kind = if shown.ends_with(ENTITIES_SUFFIX) {
+                &mut sources.entities
             } else if shown.ends_with(APPROVERS_SUFFIX) {
-                if let Some(file) = read(&path, shown, meta.len(), &mut diagnostics) {
-                    sources.approvers.push(file);
-                }
+                &mut sources.approvers
             } else if shown.ends_with(POLICY_SUFFIX) {
-                if let Some(file) = read(&path, shown, meta.len(), &mut diagnostics) {
-                    sources.policies.push(file);
+                &mut sources.policies
+            } else {
+                if let Some(why) = not_read_because("policies", &shown) {
+                    passed_over.push(((meta.dev(), meta.ino()), shown, why));
                 }
+                continue;
+            };
+            read_files.insert((meta.dev(), meta.ino()));
+            if let Some(file) = read(&path, shown, meta.len(), &mut diagnostics) {
+                kind.push(file);
             }
         }
         for (path, shown, meta) in walk("schemas", schemas, &mut diagnostics) {
             let format = if shown.ends_with(SCHEMA_SUFFIX) {
                 SchemaFormat::Cedar
-            } else if shown.ends_with(JSON_SUFFIX) {
+            } else if is_bundle_file("schemas", &shown) {
                 SchemaFormat::Json
             } else {
+                if let Some(why) = not_read_because("schemas", &shown) {
+                    passed_over.push(((meta.dev(), meta.ino()), shown, why));
+                }
                 continue;
             };
+            read_files.insert((meta.dev(), meta.ino()));
             if let Some(file) = read(&path, shown, meta.len(), &mut diagnostics) {
                 sources.schemas.push((format, file));
             }
         }
+        sources.skipped = passed_over
+            .into_iter()
+            .filter(|(id, _, _)| !read_files.contains(id))
+            .map(|(_, shown, why)| format!("`{shown}` is not read: {why}"))
+            .collect();
 
         if diagnostics.is_empty() {
             Ok(sources)
@@ -204,7 +225,55 @@ pub(crate) fn is_bundle_file(label: &str, shown: &str) -> bool {
                 || shown.ends_with(APPROVERS_SUFFIX)
                 || shown.ends_with(POLICY_SUFFIX)
         }
-        _ => shown.ends_with(SCHEMA_SUFFIX) || shown.ends_with(JSON_SUFFIX),
+        // Entity and approver files are never schemas, even where the two
+        // directories are one.
+        _ => {
+            shown.ends_with(SCHEMA_SUFFIX)
+                || (shown.ends_with(JSON_SUFFIX)
+                    && !shown.ends_with(ENTITIES_SUFFIX)
+                    && !shown.ends_with(APPROVERS_SUFFIX))
+        }
+    }
+}
+
+/// Why a file the bundle's `label` directory holds, and does not read,
+/// looks meant for the bundle; `None` for any other file (`README.md`).
+fn not_read_because(label: &str, shown: &str) -> Option<&'static str> {
+    let name = shown.rsplit('/').next().unwrap_or(shown);
+    let lower = name.to_ascii_lowercase();
+    let case = "bundle file names end in lowercase `.cedar`, `.cedarschema` or `.json`";
+    match label {
+        "policies" => {
+            if name.ends_with(SCHEMA_SUFFIX) || name.ends_with(".cedarschema.json") {
+                Some("schema files are read from the schemas directory")
+            } else if name.ends_with(JSON_SUFFIX) {
+                Some(
+                    "of JSON files, the policies directory reads `*.entities.json` (entities) \
+                     and `*.approvers.json` (approvers) only",
+                )
+            } else if [POLICY_SUFFIX, JSON_SUFFIX, SCHEMA_SUFFIX]
+                .iter()
+                .any(|suffix| lower.ends_with(suffix))
+            {
+                Some(case)
+            } else {
+                None
+            }
+        }
+        _ => {
+            if name.ends_with(POLICY_SUFFIX) {
+                Some("policy files are read from the policies directory")
+            } else if name.ends_with(ENTITIES_SUFFIX) || name.ends_with(APPROVERS_SUFFIX) {
+                Some("entity and approver files are read from the policies directory")
+            } else if [POLICY_SUFFIX, JSON_SUFFIX, SCHEMA_SUFFIX]
+                .iter()
+                .any(|suffix| lower.ends_with(suffix))
+            {
+                Some(case)
+            } else {
+                None
+            }
+        }
     }
 }
 
@@ -357,8 +426,9 @@ fn walk(
                 // link or a vanished temporary file named like no bundle
                 // file (`NOTES.md`, `x.tmp`) is not part of it. A name
                 // without an extension could be a directory of policies:
-                // that still refuses.
-                Err(_) if !bundle_name(&name) && name.contains('.') => {}
+                // that still refuses, as does a dangling link whose target
+                // could be one (`team.payments -> /mnt/payments`).
+                Err(_) if passable(&name) && dangling_target_passable(&path) => {}
                 Err(err) => diagnostics.push(Diagnostic::plain(
                     None,
                     format!("cannot read `{}`: {err}", path.display()),
@@ -380,6 +450,23 @@ fn bundle_name(name: &str) -> bool {
     [POLICY_SUFFIX, JSON_SUFFIX, SCHEMA_SUFFIX]
         .iter()
         .any(|suffix| name.ends_with(suffix))
+}
+
+/// A name that can be left out when it cannot be opened: an extension, and
+/// not a bundle file's.
+fn passable(name: &str) -> bool {
+    !bundle_name(name) && name.contains('.')
+}
+
+/// For a dangling symbolic link, whether its target's name is
+/// [`passable`] too; true for anything else (a file that vanished).
+fn dangling_target_passable(path: &Path) -> bool {
+    match std::fs::read_link(path) {
+        Ok(target) => target
+            .file_name()
+            .is_some_and(|name| passable(&name.to_string_lossy())),
+        Err(_) => true,
+    }
 }
 
 fn read(
