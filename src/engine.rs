@@ -1385,6 +1385,18 @@ fn with_request_entities(
     let mut seen = HashSet::new();
     for (i, entity) in parsed.iter().enumerate() {
         let uid = entity.uid();
+        // A forbid reading an unknown would be left out of Cedar's decision,
+        // reported only as an error (see `reach::first_residual`): refused
+        // up front, like any bad value.
+        if let Some((kind, name)) = crate::bundle::reach::first_residual(entity) {
+            return Err(RequestError::new(
+                format!("{field}[{i}]"),
+                format!(
+                    "entity `{uid}`: {kind} `{name}` is `unknown(..)`, not a value; a request's \
+                     entities must hold concrete values"
+                ),
+            ));
+        }
         if snapshot.actions.contains(&uid) {
             return Err(RequestError::new(
                 format!("{field}[{i}]"),

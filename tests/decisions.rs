@@ -780,6 +780,88 @@ async fn request_entities_extend_the_bundle() {
         .starts_with("entities_json[0]: "));
 }
 
+/// Cedar's JSON entity format reads `{"__extn": {"fn": "unknown", ..}}` as
+/// an unknown of any type, which passes the schema check; a forbid reading
+/// it evaluates to a residual, which Cedar's authorizer leaves out of its
+/// decision and reports as an error. leash denies a side with errors, so
+/// such a request was denied, but with an evaluation error for a reason;
+/// and a bundle could ship such a value. Both are refused up front, the
+/// value named; so is an unknown in the context.
+#[tokio::test]
+async fn unknown_values_never_switch_off_a_forbid() {
+    let mut sources =
+        leash::bundle::BundleSources::read_dirs(&repo_path("policies"), &repo_path("schemas"))
+            .expect("readable");
+    sources.policies.push(leash::bundle::SourceFile {
+        path: "policies/tiers.cedar".to_owned(),
+        text: "@id(\"no-agent-reads-tier-3\")\n\
+               forbid (principal is Agent, action == Action::\"tickets:read\", resource is Ticket)\n\
+               when { resource.tier >= 3 };\n"
+            .to_owned(),
+    });
+    let snapshot = leash::bundle::Snapshot::build(&sources).expect("loads");
+    let server = TestServer::start(Some(snapshot), ServerOptions::default(), false).await;
+    let ticket = |tier: &str| {
+        with_entities_json(
+            example_request(
+                "support-bot",
+                Some("alice"),
+                "tickets:read",
+                "Ticket::\"T-950\"",
+            ),
+            &format!(
+                r#"[{{"uid": {{"type": "Ticket", "id": "T-950"}}, "attrs": {{"customer": {{"__entity": {{"type": "Customer", "id": "C-100"}}}}, "region": "EMEA", "tier": {tier}}}, "parents": []}}]"#
+            ),
+        )
+    };
+    // The forbid applies: tier 2 is allowed, tier 3 denied by it.
+    assert_eq!(
+        server.decide(ticket("2")).await.expect("decides").decision,
+        ALLOW
+    );
+    let denied = server.decide(ticket("3")).await.expect("decides");
+    assert_eq!(denied.decision, DENY);
+    // An unknown tier is refused, not decided without the forbid.
+    assert_eq!(
+        invalid(
+            &server,
+            ticket(r#"{"__extn": {"fn": "unknown", "arg": "t"}}"#)
+        )
+        .await,
+        "entities_json[0]: entity `Ticket::\"T-950\"`: attribute `tier` is `unknown(..)`, \
+         not a value; a request's entities must hold concrete values"
+    );
+    // In the context, an unknown is refused too (Cedar's context check).
+    let refund = with_context_json(
+        example_request(
+            "billing-agent",
+            Some("bob"),
+            "payments:refund",
+            "BillingAccount::\"BA-100\"",
+        ),
+        r#"{"amount_cents": {"__extn": {"fn": "unknown", "arg": "a"}}}"#,
+    );
+    let refused = invalid(&server, refund).await;
+    assert!(refused.starts_with("context_json: "), "{refused}");
+    server.shutdown().await;
+
+    // A bundle entity file holding one is refused, the value named.
+    sources.entities.push(leash::bundle::SourceFile {
+        path: "policies/entities/more.entities.json".to_owned(),
+        text: r#"[{"uid": {"type": "Ticket", "id": "T-951"}, "attrs": {"customer": {"__entity": {"type": "Customer", "id": "C-100"}}, "region": "EMEA", "tier": {"__extn": {"fn": "unknown", "arg": "t"}}}, "parents": []}]"#
+            .to_owned(),
+    });
+    let refused = leash::bundle::Snapshot::build(&sources).expect_err("refused");
+    assert!(
+        refused.diagnostics.iter().any(|d| d.file.as_deref()
+            == Some("policies/entities/more.entities.json")
+            && d.message.starts_with(
+                "entity `Ticket::\"T-951\"`: attribute `tier` is `unknown(..)`, not a value"
+            )),
+        "{refused:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_context_that_does_not_fit_names_the_attribute() {
     let server = TestServer::example().await;

@@ -826,6 +826,16 @@ fn parse_entities(
                     if actions.contains(&uid) {
                         continue;
                     }
+                    if let Some((kind, name)) = reach::first_residual(entity) {
+                        diagnostics.push(Diagnostic::plain(
+                            Some(&file.path),
+                            format!(
+                                "entity `{uid}`: {kind} `{name}` is `unknown(..)`, not a value; \
+                                 a policy reading it would be skipped without an error, so \
+                                 entity data must be concrete"
+                            ),
+                        ));
+                    }
                     if let Some(first) = defined_in.get(&uid) {
                         diagnostics.push(Diagnostic::plain(
                             Some(&file.path),
