@@ -375,7 +375,10 @@ pub fn used_grants(path: &Path, now: u64, horizon: u64) -> Vec<(String, String, 
     let mut found = Vec::new();
     let mut read: u64 = 0;
     // One buffer for every line: most lines are only searched, not parsed.
+    // The line before is kept in the other: a file's last record gives its
+    // newest time.
     let mut line = Vec::with_capacity(4096);
+    let mut last_line = Vec::with_capacity(4096);
     for file in files.iter().rev() {
         // Only regular files: a device (`/dev/full`, say) reads forever.
         if !std::fs::metadata(file).is_ok_and(|m| m.is_file()) {
@@ -393,20 +396,21 @@ pub fn used_grants(path: &Path, now: u64, horizon: u64) -> Vec<(String, String, 
             continue;
         };
         let mut reader = std::io::BufReader::with_capacity(1 << 20, opened);
-        let mut last_time = None;
+        last_line.clear();
         loop {
             line.clear();
             match reader.read_until(b'\n', &mut line) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => read += n as u64,
             }
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            std::mem::swap(&mut line, &mut last_line);
             // A damaged line is passed over, not the rest of the file.
-            let Ok(text) = std::str::from_utf8(&line) else {
+            let Ok(text) = std::str::from_utf8(&last_line) else {
                 continue;
             };
-            if let Some(at) = text.find(r#""time":""#) {
-                last_time = text[at + 8..].split('"').next().map(str::to_owned);
-            }
             if !text.contains(USED) {
                 continue;
             }
@@ -424,10 +428,19 @@ pub fn used_grants(path: &Path, now: u64, horizon: u64) -> Vec<(String, String, 
                 }
             }
         }
-        let newest = last_time.and_then(|time| {
-            let at = chrono::DateTime::parse_from_rfc3339(&time).ok()?;
-            u64::try_from(at.timestamp()).ok()
-        });
+        // The record's own `time`, parsed: a search of the text would find
+        // a `"time"` in a context value recorded in clear first (keys are
+        // in order, `context` before `time`), and a caller could then stop
+        // the scan early with an old date, so that grants used in older
+        // files could be used again. A last line that does not parse gives
+        // no time, and the scan goes on.
+        let newest = serde_json::from_slice::<Value>(&last_line)
+            .ok()
+            .and_then(|record| {
+                let time = record.get("time")?.as_str()?.to_owned();
+                let at = chrono::DateTime::parse_from_rfc3339(&time).ok()?;
+                u64::try_from(at.timestamp()).ok()
+            });
         if newest.is_some_and(|t| t < oldest) {
             break;
         }
@@ -931,6 +944,41 @@ mod tests {
             text.push_str(&seal(record, &mut head));
         }
         (text, head)
+    }
+
+    /// A file's newest time is its last record's own `time`, not the first
+    /// `"time"` in the line: a context value recorded in clear comes first
+    /// (keys are in order), and an old date there used to stop the scan
+    /// before older files, forgetting the grants used in them.
+    #[test]
+    fn a_time_inside_a_recorded_context_does_not_stop_the_scan_for_used_grants() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("audit.log");
+        let now = 2_000_000_000u64;
+        let rfc3339 = |t: u64| {
+            chrono::DateTime::from_timestamp(t as i64, 0)
+                .expect("time")
+                .to_rfc3339()
+        };
+        let used = serde_json::json!({
+            "context": {},
+            "grant": {"approver": "ops", "grant_id": "g-1", "expires_at": now + 600, "outcome": "used"},
+            "time": rfc3339(now - 100),
+        });
+        std::fs::write(rotated_name(&path, 0, ""), format!("{used}\n")).expect("write");
+        let later = serde_json::json!({
+            "context": {"ticket": {"time": "2000-01-01T00:00:00Z"}},
+            "time": rfc3339(now - 10),
+        });
+        std::fs::write(&path, format!("{later}\n\n")).expect("write");
+        assert_eq!(
+            used_grants(&path, now, 900),
+            vec![("ops".to_owned(), "g-1".to_owned(), now + 600)]
+        );
+        // A newest file whose last record is past the horizon does stop it.
+        let old = serde_json::json!({"context": {}, "time": rfc3339(now - 1000)});
+        std::fs::write(&path, format!("{old}\n")).expect("write");
+        assert_eq!(used_grants(&path, now, 900), Vec::new());
     }
 
     #[test]
