@@ -15,10 +15,16 @@ use crate::proto::v1::authorizer_client::AuthorizerClient;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    #[error("--{flag}: `{value}` is not a Cedar entity reference such as `User::\"alice\"`")]
-    BadEntity { flag: &'static str, value: String },
+    #[error("--{flag}: `{value}` is not a Cedar entity reference such as `{example}`")]
+    BadEntity {
+        flag: &'static str,
+        value: String,
+        example: &'static str,
+    },
     #[error("--addr: `{0}` is not an address such as `127.0.0.1:50051`")]
     BadAddress(String),
+    #[error("--addr: `{0}` names a Unix socket; give its path with --uds PATH")]
+    UnixAddress(String),
     #[error("--addr: `{0}` has no port; the sidecar listens on 127.0.0.1:50051 by default")]
     NoPort(String),
     #[error("cannot connect to {target}: {reason}")]
@@ -37,8 +43,19 @@ pub async fn connect_uds(path: PathBuf) -> Result<AuthorizerClient<Channel>, Che
     channel_uds(path).await.map(AuthorizerClient::new)
 }
 
+/// Longest wait to connect to the sidecar: a stopped or stuck one must
+/// not hang a script that asks it.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Longest wait for the sidecar's answer, for the same reason.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A gRPC channel to `addr` over TCP.
 pub async fn channel_tcp(addr: &str) -> Result<Channel, CheckError> {
+    // What agents are given as `LEASH_ENDPOINT` for the socket.
+    if addr.starts_with("unix:") {
+        return Err(CheckError::UnixAddress(addr.to_owned()));
+    }
     let uri = if addr.contains("://") {
         addr.to_owned()
     } else {
@@ -51,6 +68,8 @@ pub async fn channel_tcp(addr: &str) -> Result<Channel, CheckError> {
         return Err(CheckError::NoPort(addr.to_owned()));
     }
     endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
         .connect()
         .await
         .map_err(|source| CheckError::Connect {
@@ -80,7 +99,9 @@ fn causes(error: &(dyn std::error::Error + 'static)) -> String {
 pub async fn channel_uds(path: PathBuf) -> Result<Channel, CheckError> {
     let target = format!("unix:{}", path.display());
     // The URI is required by the API but unused: the connector dials the socket.
-    let endpoint = Endpoint::from_static("http://leash.sock");
+    let endpoint = Endpoint::from_static("http://leash.sock")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT);
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
@@ -101,6 +122,12 @@ fn entity(flag: &'static str, value: &str) -> Result<pb::EntityUid, CheckError> 
     let uid = EntityUid::from_str(value).map_err(|_| CheckError::BadEntity {
         flag,
         value: value.to_owned(),
+        example: match flag {
+            "agent" => "Agent::\"support-bot\"",
+            "action" => "Action::\"tickets:read\"",
+            "resource" => "Ticket::\"T-100\"",
+            _ => "User::\"alice\"",
+        },
     })?;
     Ok(pb::EntityUid {
         r#type: uid.type_name().to_string(),

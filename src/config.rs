@@ -676,9 +676,11 @@ pub struct ValidateArgs {
 #[derive(Debug, Clone, Args)]
 pub struct CheckArgs {
     /// Address of a running sidecar.
-    #[arg(long, env = "LEASH_ADDR", default_value = DEFAULT_LISTEN, conflicts_with = "uds")]
+    // Not `conflicts_with = "uds"`: the parser counts `LEASH_ADDR` from the
+    // environment as given, and a shell that sets it could not use --uds.
+    #[arg(long, env = "LEASH_ADDR", default_value = DEFAULT_LISTEN)]
     pub addr: String,
-    /// Unix socket of a running sidecar (instead of --addr).
+    /// Unix socket of a running sidecar (instead of --addr, which it overrides).
     #[arg(long, value_name = "PATH")]
     pub uds: Option<PathBuf>,
     /// The agent, as a Cedar entity reference: `Agent::"support-bot"`.
@@ -824,9 +826,11 @@ pub enum GrantCommand {
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
     /// Address of a running sidecar.
-    #[arg(long, env = "LEASH_ADDR", default_value = DEFAULT_LISTEN, conflicts_with = "uds")]
+    // Not `conflicts_with = "uds"`: the parser counts `LEASH_ADDR` from the
+    // environment as given, and a shell that sets it could not use --uds.
+    #[arg(long, env = "LEASH_ADDR", default_value = DEFAULT_LISTEN)]
     pub addr: String,
-    /// Unix socket of a running sidecar (instead of --addr).
+    /// Unix socket of a running sidecar (instead of --addr, which it overrides).
     #[arg(long, value_name = "PATH")]
     pub uds: Option<PathBuf>,
     /// Print the status as JSON (the `Admin/Status` response).

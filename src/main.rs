@@ -1,5 +1,6 @@
 //! The `leash` binary: parses the command line and hands off to the library.
-//! Exit codes: 0 success/allow, 1 failure/invalid bundle, 2 deny (`check`),
+//! Exit codes: 0 success/allow, 1 failure/invalid bundle, 2 deny (`check`;
+//! `status`: the last change was refused), 3 approval required (`check`),
 //! 64 bad configuration.
 
 use std::io::IsTerminal as _;
@@ -330,9 +331,12 @@ fn grant(args: &leash::config::GrantArgs) -> ExitCode {
             ttl,
             id,
         } => {
-            if !fingerprint.starts_with("sha256:") || fingerprint.len() != 71 {
+            let digits = fingerprint.strip_prefix("sha256:").unwrap_or_default();
+            // Lowercase, as leash prints it: anything else never matches.
+            if digits.len() != 64 || !digits.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            {
                 Err(anyhow::anyhow!(
-                    "--fingerprint: expected `sha256:` and 64 hex digits, as leash answered"
+                    "--fingerprint: expected `sha256:` and 64 lowercase hex digits, as leash answered"
                 ))
             } else {
                 sign_grant(

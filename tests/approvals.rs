@@ -96,6 +96,10 @@ async fn a_gated_permit_asks_for_approval_with_a_fingerprint_of_exactly_that_req
     assert!(large.limited.is_none());
     let huge = ask(refund(Some("bob"), "BA-100", r#"{"amount_cents": 500000}"#)).await;
     assert_eq!((huge.decision, huge.approval), (DENY, None));
+    // A negative amount is no small refund (the example's bounds have a
+    // floor, as `Long` bounds should).
+    let negative = ask(refund(Some("bob"), "BA-100", r#"{"amount_cents": -50000}"#)).await;
+    assert_eq!((negative.decision, negative.approval), (DENY, None));
 
     // Deleting a knowledge-base article waits for a person too; writing
     // one does not; and a support user, who may not delete, is not asked.

@@ -157,8 +157,10 @@ async fn unix_socket_is_private_and_serves_decisions() {
         .into_inner();
     assert_eq!(resp.decision, ALLOW);
 
-    // `leash check` over the socket, as a separate process.
+    // `leash check` over the socket, as a separate process; `--uds` wins
+    // over a `LEASH_ADDR` the shell happens to set.
     let out = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .env("LEASH_ADDR", "127.0.0.1:1")
         .args(["check", "--uds"])
         .arg(&path)
         .args([
@@ -339,8 +341,35 @@ async fn check_prints_both_sides_and_exits_by_decision() {
         "Ticket::\"T-1\"",
     ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("--agent: `support-bot` is not a Cedar entity reference"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(
+        "--agent: `support-bot` is not a Cedar entity reference such as `Agent::\"support-bot\"`"
+    ));
+    let out = run(&[
+        "--agent",
+        "Agent::\"support-bot\"",
+        "--action",
+        "tickets:read",
+        "--resource",
+        "Ticket::\"T-1\"",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(
+        "--action: `tickets:read` is not a Cedar entity reference such as `Action::\"tickets:read\"`"
+    ));
+    // The socket URL agents are given is not an address: it says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_leash"))
+        .args(["check", "--addr", "unix:///run/leash/leash.sock"])
+        .args(["--agent", "Agent::\"a\"", "--action", "Action::\"b\""])
+        .args(["--resource", "Ticket::\"T-1\""])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "--addr: `unix:///run/leash/leash.sock` names a Unix socket; give its path with --uds PATH"
+        ),
+        "{out:?}"
+    );
 }
 
 /// A bundle directory pair in a temp dir, built from the example with edits.
