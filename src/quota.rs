@@ -158,6 +158,10 @@ impl Quota {
             .collect();
         let now = u128::from(now);
         let mut moved = Vec::with_capacity(charges.len());
+        // Every charge is looked at, so the answer's wait is the longest
+        // (or none, if one can never fit): a retry after it finds every
+        // limit with room, not the next one spent.
+        let mut exceeded: Option<Refusal> = None;
         for (charge, shard) in charges.iter().zip(shard_ids.iter_mut()) {
             let Some((_, map)) = guards.iter_mut().find(|(i, _)| i == shard) else {
                 return Err(Refusal::Full);
@@ -178,10 +182,24 @@ impl Quota {
                     let wait = (next - limit).div_ceil(n);
                     Duration::from_nanos(u64::try_from(wait).unwrap_or(u64::MAX))
                 });
-                return Err(Refusal::Exceeded {
-                    limit: charge.limit.clone(),
-                    retry_after,
-                });
+                let worse = match &exceeded {
+                    None => true,
+                    Some(Refusal::Exceeded {
+                        retry_after: Some(before),
+                        ..
+                    }) => retry_after.is_none_or(|after| after > *before),
+                    Some(_) => false,
+                };
+                if worse {
+                    exceeded = Some(Refusal::Exceeded {
+                        limit: charge.limit.clone(),
+                        retry_after,
+                    });
+                }
+                continue;
+            }
+            if exceeded.is_some() {
+                continue;
             }
             if !map.contains_key(&charge.key) && map.len() >= self.per_shard {
                 // Cells at or before now hold nothing: make room with them.
@@ -198,6 +216,9 @@ impl Quota {
                 },
             ));
         }
+        if let Some(refusal) = exceeded {
+            return Err(refusal);
+        }
         for (charge, (shard, cell)) in charges.iter().zip(moved) {
             if let Some((_, map)) = guards.iter_mut().find(|(i, _)| *i == shard) {
                 map.insert(charge.key, cell);
@@ -205,6 +226,13 @@ impl Quota {
         }
         Ok(())
     }
+}
+
+/// A wait in whole milliseconds, rounded up: a client that waits exactly
+/// this long is not refused again for a fraction of a millisecond. The
+/// answer, the audit record and the span all say this number.
+pub fn retry_after_ms(wait: Duration) -> u64 {
+    u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -299,7 +327,7 @@ pub fn apply(
                     limit.reason(),
                     limit.policy_id,
                     limit.text,
-                    after.as_millis().max(1)
+                    retry_after_ms(after)
                 ),
                 None => format!(
                     "{} by {} ({}): this call's cost is more than the whole budget",
@@ -528,6 +556,51 @@ mod tests {
             assert_eq!(q.admit(t, &[charge(&q, &rate, "a", 1)]), Ok(()));
         }
         assert!(q.admit(t, &[charge(&q, &rate, "a", 1)]).is_err());
+    }
+
+    /// With several limits spent, the wait is the longest, whatever their
+    /// order; with one that can never fit, there is no wait to give. The
+    /// answer's milliseconds are rounded up.
+    #[test]
+    fn the_wait_is_that_of_the_last_limit_to_free() {
+        let q = Quota::default();
+        let rate = limit(1, Duration::from_secs(10), Measure::Calls);
+        // A unit of budget comes back every 20 s, a call every 10 s.
+        let budget = limit(100, Duration::from_secs(2000), Measure::Cost("c".into()));
+        let t = 5 * SEC;
+        let both = |cost| [charge(&q, &rate, "a", 1), charge(&q, &budget, "a", cost)];
+        assert_eq!(q.admit(t, &both(100)), Ok(()));
+        for order in [both(1), {
+            let [r, b] = both(1);
+            [b, r]
+        }] {
+            match q.admit(t, &order) {
+                Err(Refusal::Exceeded {
+                    limit,
+                    retry_after: Some(wait),
+                }) => {
+                    assert_eq!(limit, budget);
+                    assert_eq!(wait, Duration::from_secs(20));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Rate spent, and a cost over the whole budget: no wait helps.
+        for order in [both(101), {
+            let [r, b] = both(101);
+            [b, r]
+        }] {
+            assert!(matches!(
+                q.admit(t, &order),
+                Err(Refusal::Exceeded {
+                    retry_after: None,
+                    ..
+                })
+            ));
+        }
+        assert_eq!(retry_after_ms(Duration::from_nanos(8_571_428_572)), 8572);
+        assert_eq!(retry_after_ms(Duration::from_nanos(1)), 1);
+        assert_eq!(retry_after_ms(Duration::from_millis(20)), 20);
     }
 
     #[test]

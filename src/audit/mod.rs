@@ -558,9 +558,7 @@ impl Audit {
                     reason: l.reason,
                     policy_id: l.policy_id.clone(),
                     limit: l.limit.clone(),
-                    retry_after_ms: l
-                        .retry_after
-                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    retry_after_ms: l.retry_after.map(crate::quota::retry_after_ms),
                 });
             }
             Err(e) => {

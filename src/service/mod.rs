@@ -414,9 +414,7 @@ fn limited(l: &engine::Limited) -> pb::Limited {
         reason: l.reason.to_owned(),
         policy_id: l.policy_id.clone(),
         limit: l.limit.clone(),
-        retry_after_ms: l
-            .retry_after
-            .map(|d| u64::try_from(d.as_millis().max(1)).unwrap_or(u64::MAX)),
+        retry_after_ms: l.retry_after.map(crate::quota::retry_after_ms),
         detail: l.detail.clone(),
     }
 }

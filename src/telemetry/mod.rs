@@ -402,7 +402,7 @@ impl Telemetry {
                     if let Some(after) = limited.retry_after {
                         a.push(KeyValue::new(
                             "leash.limit.retry_after_ms",
-                            i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+                            i64::try_from(crate::quota::retry_after_ms(after)).unwrap_or(i64::MAX),
                         ));
                     }
                 }
