@@ -270,7 +270,8 @@ pub fn apply(
                     None => {
                         let detail = format!(
                             "`@cost(\"{attr}\")`: the request's context has no non-negative \
-                             `{attr}` (a Long, or a decimal)"
+                             `{attr}` (a Long, or a decimal as `\"12.50\"` or \
+                             `{{\"__extn\": {{\"fn\": \"decimal\", \"arg\": \"12.50\"}}}}`)"
                         );
                         deny(decision, refused("budget_cost_missing", limit, detail));
                         return;

@@ -211,9 +211,15 @@ async fn budgets_add_up_cost_per_agent_and_user_and_reset_after_the_window() {
     );
     let missing = ask(&server, pay("cy", None)).await;
     assert_eq!(missing.decision, DENY);
-    assert_eq!(
-        missing.limited.expect("limited").reason,
-        "budget_cost_missing"
+    let missing = missing.limited.expect("limited");
+    assert_eq!(missing.reason, "budget_cost_missing");
+    // The detail says which forms of a cost are read.
+    assert!(
+        missing
+            .detail
+            .contains(r#"a Long, or a decimal as `"12.50"` or `{"__extn": {"fn": "decimal", "arg": "12.50"}}`"#),
+        "{}",
+        missing.detail
     );
     clock.advance(Duration::from_secs(86_400));
     assert_eq!(ask(&server, pay("ann", Some(100))).await.decision, ALLOW);

@@ -141,11 +141,15 @@ impl Limits {
     }
 
     /// Reads the limit annotations of every policy and template of `set`;
-    /// every problem becomes a diagnostic naming the policy's file.
+    /// every problem becomes a diagnostic naming the policy's file. A
+    /// limited policy without an `@id` is a warning: its counters are kept
+    /// under its position in its file, so they start afresh (or pass to
+    /// another policy) when policies above it are added or removed.
     pub fn scan(
         set: &PolicySet,
         origins: &std::collections::BTreeMap<String, PolicyOrigin>,
         diagnostics: &mut Vec<Diagnostic>,
+        warnings: &mut Vec<String>,
     ) -> Self {
         let mut limits = Self::default();
         let annotated = set
@@ -156,6 +160,7 @@ impl Limits {
                     p.effect(),
                     collect(|k| p.annotation(k)),
                     p.is_static(),
+                    p.is_static() && p.annotation("id").is_none(),
                 )
             })
             .chain(set.templates().map(|t| {
@@ -164,14 +169,23 @@ impl Limits {
                     t.effect(),
                     collect(|k| t.annotation(k)),
                     true,
+                    // Links have ids of their own, which key their counters.
+                    false,
                 )
             }));
-        for (id, effect, found, own) in annotated {
+        for (id, effect, found, own, unnamed) in annotated {
             // A linked policy carries its template's annotations, which are
             // reported once, on the template.
             let problems_here = own;
             match parse(&id, effect, &found) {
                 Ok(parsed) if !parsed.is_empty() => {
+                    if unnamed {
+                        warnings.push(format!(
+                            "policy `{id}` has limits but no `@id`: its counters are kept under \
+                             its position in the file, so they start afresh when a policy above \
+                             it is added or removed; give it an `@id(\"...\")`"
+                        ));
+                    }
                     limits
                         .by_policy
                         .insert(id, parsed.into_iter().map(Arc::new).collect());
@@ -338,7 +352,7 @@ mod tests {
     fn scan(src: &str) -> (Limits, Vec<String>) {
         let set = crate::bundle::numbered_policies(src);
         let mut diagnostics = Vec::new();
-        let limits = Limits::scan(&set, &Default::default(), &mut diagnostics);
+        let limits = Limits::scan(&set, &Default::default(), &mut diagnostics, &mut Vec::new());
         (limits, diagnostics.into_iter().map(|d| d.message).collect())
     }
 
@@ -357,6 +371,26 @@ mod tests {
         assert_eq!(l[1].measure, Measure::Cost("amount_cents".to_owned()));
         assert_eq!(l[1].key, LimitKey::AgentAndUser);
         assert!(limits.of("p1").is_empty());
+    }
+
+    /// A limited policy without `@id` is warned about (its counters follow
+    /// its position); one with an `@id`, or without limits, is not.
+    #[test]
+    fn a_limited_policy_without_an_id_is_warned_about() {
+        let set = crate::bundle::numbered_policies(
+            r#"@rate("20/minute") permit (principal, action, resource);
+               @id("named") @rate("20/minute") permit (principal, action, resource);
+               permit (principal, action, resource);"#,
+        );
+        let (mut diagnostics, mut warnings) = (Vec::new(), Vec::new());
+        let limits = Limits::scan(&set, &Default::default(), &mut diagnostics, &mut warnings);
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        assert_eq!(limits.len(), 2);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("policy `p0` has limits but no `@id`"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

@@ -252,10 +252,16 @@ impl Snapshot {
             .iter()
             .cloned()
             .chain(schema_warnings)
-            .chain(validator_warnings)
-            .collect();
+            .chain(validator_warnings);
         timings.validate = began.elapsed();
-        let limits = Limits::scan(&policies, &policy_origins, &mut diagnostics);
+        let mut limit_warnings = Vec::new();
+        let limits = Limits::scan(
+            &policies,
+            &policy_origins,
+            &mut diagnostics,
+            &mut limit_warnings,
+        );
+        let warnings: Vec<String> = warnings.chain(limit_warnings).collect();
         let gates = Gates::scan(&policies, &policy_origins, &mut diagnostics);
         let approvers = Approvers::parse(&sources.approvers, &schema, &mut diagnostics);
 
