@@ -417,7 +417,9 @@ fn entity(path: &str, e: &pb::Entity) -> Result<Entity, RequestError> {
         .map_err(|err| RequestError::new(path, crate::bundle::cedar_message(&err)))
 }
 
-fn parse_json(field: &str, text: &str) -> Result<Value, RequestError> {
+/// Parses `text`, refusing values nested deeper than [`MAX_VALUE_DEPTH`]
+/// levels below `wrapping` levels of the document's own structure.
+fn parse_json(field: &str, text: &str, wrapping: usize) -> Result<Value, RequestError> {
     let json: Value = serde_json::from_str(text).map_err(|e| {
         RequestError::new(
             field,
@@ -428,7 +430,7 @@ fn parse_json(field: &str, text: &str) -> Result<Value, RequestError> {
             ),
         )
     })?;
-    let depth = json_depth(&json);
+    let depth = json_depth(&json).saturating_sub(wrapping);
     if depth > MAX_VALUE_DEPTH {
         return Err(RequestError::new(
             field,
@@ -439,7 +441,7 @@ fn parse_json(field: &str, text: &str) -> Result<Value, RequestError> {
 }
 
 fn context_json(text: &str) -> Result<serde_json::Map<String, Value>, RequestError> {
-    match parse_json("context_json", text)? {
+    match parse_json("context_json", text, 0)? {
         Value::Object(map) => Ok(map),
         _ => Err(RequestError::new(
             "context_json",
@@ -449,9 +451,11 @@ fn context_json(text: &str) -> Result<serde_json::Map<String, Value>, RequestErr
 }
 
 fn entities_json(text: &str) -> Result<Vec<Value>, RequestError> {
-    match parse_json("entities_json", text)? {
-        // An entities file holds an array; each entity's attributes are one
-        // level below the array, as typed entity attributes are.
+    // An entities file holds an array of entity objects, whose `attrs` and
+    // `tags` objects hold the values: two levels more than a context's
+    // values sit below, and not counted against the entities' values, so
+    // they may nest as deep as typed entities' values may.
+    match parse_json("entities_json", text, 2)? {
         Value::Array(items) if items.len() > MAX_REQUEST_ENTITIES => {
             Err(too_many_entities("entities_json", items.len()))
         }
@@ -569,6 +573,30 @@ mod tests {
             err.field,
             format!("context.x{}", "[0]".repeat(MAX_VALUE_DEPTH))
         );
+    }
+
+    /// A value may nest as deep in an entity's attributes as in the
+    /// context: the entities array and each entity's `attrs` object are
+    /// the document's structure, not the value's.
+    #[test]
+    fn entity_attributes_nest_as_deep_as_context_values() {
+        let nested = |k: usize| format!("{}1{}", "[".repeat(k), "]".repeat(k));
+        let context = |k: usize| context_json(&format!(r#"{{"x": {}}}"#, nested(k)));
+        let entities = |k: usize| {
+            entities_json(&format!(
+                r#"[{{"uid": {{"type": "T", "id": "t"}}, "attrs": {{"x": {}}}, "parents": []}}]"#,
+                nested(k)
+            ))
+        };
+        let deepest = MAX_VALUE_DEPTH - 1;
+        assert!(context(deepest).is_ok());
+        assert!(entities(deepest).is_ok());
+        for err in [
+            context(deepest + 1).expect_err("too deep"),
+            entities(deepest + 1).expect_err("too deep"),
+        ] {
+            assert!(err.problem.contains("deeper than 32"), "{err}");
+        }
     }
 
     #[test]
