@@ -235,7 +235,17 @@ pub fn verify(
             ),
         ));
     }
-    if c.exp <= c.iat || c.exp - c.iat > max_ttl.as_secs() {
+    if c.exp <= c.iat {
+        // Refused with the lifetime check's reason: no lifetime is valid.
+        return Err((
+            Rejection::TooLong,
+            format!(
+                "expires ({}) at or before it was issued ({}): no lifetime leash accepts",
+                c.exp, c.iat
+            ),
+        ));
+    }
+    if c.exp - c.iat > max_ttl.as_secs() {
         return Err((
             Rejection::TooLong,
             format!(

@@ -329,6 +329,17 @@ async fn an_approved_request_is_allowed_once_and_every_bad_grant_is_denied_sayin
         ask(&server, retry(long.token())).await,
         "grant_lifetime_too_long",
     );
+    // Expiring before it was issued: no lifetime is valid, and the detail
+    // says so (it used to read "lives 0 s").
+    let backwards = Grant {
+        iat: NOW - 30,
+        exp: NOW - 60,
+        ..good("g-4b")
+    };
+    let r = ask(&server, retry(backwards.token())).await;
+    let detail = r.grant.as_ref().expect("grant result").detail.clone();
+    assert!(detail.contains("at or before it was issued"), "{detail}");
+    expect(r, "grant_lifetime_too_long");
     // Signed by another key under dana's kid; and a good grant whose
     // claims were edited after signing.
     let forged = Grant {
