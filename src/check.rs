@@ -43,15 +43,39 @@ pub async fn connect_uds(path: PathBuf) -> Result<AuthorizerClient<Channel>, Che
     channel_uds(path).await.map(AuthorizerClient::new)
 }
 
-/// Longest wait to connect to the sidecar: a stopped or stuck one must
-/// not hang a script that asks it.
+/// Longest wait to connect to the sidecar, for `check` and `status`: a
+/// stopped or stuck one must not hang a script that asks it.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Longest wait for the sidecar's answer, for the same reason.
+/// Longest wait for the sidecar's answer, for `check` and `status`.
 pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A gRPC channel to `addr` over TCP.
+/// A gRPC channel to `addr` over TCP, without time limits (the benchmark's
+/// load and tests use it; `check` and `status` add theirs).
 pub async fn channel_tcp(addr: &str) -> Result<Channel, CheckError> {
+    connect(tcp_endpoint(addr)?, addr).await
+}
+
+/// A gRPC channel over the Unix socket at `path`, without time limits.
+pub async fn channel_uds(path: PathBuf) -> Result<Channel, CheckError> {
+    connect_unix(uds_endpoint(), path).await
+}
+
+/// The channel `check` and `status` ask over: the socket if given, else
+/// the address, within [`CONNECT_TIMEOUT`] and [`CALL_TIMEOUT`].
+async fn cli_channel(uds: Option<&PathBuf>, addr: &str) -> Result<Channel, CheckError> {
+    let limited = |endpoint: Endpoint| {
+        endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
+    };
+    match uds {
+        Some(path) => connect_unix(limited(uds_endpoint()), path.clone()).await,
+        None => connect(limited(tcp_endpoint(addr)?), addr).await,
+    }
+}
+
+fn tcp_endpoint(addr: &str) -> Result<Endpoint, CheckError> {
     // What agents are given as `LEASH_ENDPOINT` for the socket.
     if addr.starts_with("unix:") {
         return Err(CheckError::UnixAddress(addr.to_owned()));
@@ -67,13 +91,39 @@ pub async fn channel_tcp(addr: &str) -> Result<Channel, CheckError> {
     if endpoint.uri().port().is_none() {
         return Err(CheckError::NoPort(addr.to_owned()));
     }
+    Ok(endpoint)
+}
+
+async fn connect(endpoint: Endpoint, addr: &str) -> Result<Channel, CheckError> {
     endpoint
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(CALL_TIMEOUT)
         .connect()
         .await
         .map_err(|source| CheckError::Connect {
             target: addr.to_owned(),
+            reason: causes(&source),
+        })
+}
+
+/// The URI is required by the API but unused: the connector dials the
+/// socket.
+fn uds_endpoint() -> Endpoint {
+    Endpoint::from_static("http://leash.sock")
+}
+
+async fn connect_unix(endpoint: Endpoint, path: PathBuf) -> Result<Channel, CheckError> {
+    let target = format!("unix:{}", path.display());
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(TokioIo::new)
+            }
+        }))
+        .await
+        .map_err(|source| CheckError::Connect {
+            target,
             reason: causes(&source),
         })
 }
@@ -93,29 +143,6 @@ fn causes(error: &(dyn std::error::Error + 'static)) -> String {
         next = e.source();
     }
     said.join(": ")
-}
-
-/// A gRPC channel over the Unix socket at `path`.
-pub async fn channel_uds(path: PathBuf) -> Result<Channel, CheckError> {
-    let target = format!("unix:{}", path.display());
-    // The URI is required by the API but unused: the connector dials the socket.
-    let endpoint = Endpoint::from_static("http://leash.sock")
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(CALL_TIMEOUT);
-    endpoint
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(TokioIo::new)
-            }
-        }))
-        .await
-        .map_err(|source| CheckError::Connect {
-            target,
-            reason: causes(&source),
-        })
 }
 
 fn entity(flag: &'static str, value: &str) -> Result<pb::EntityUid, CheckError> {
@@ -159,10 +186,7 @@ pub fn request(args: &CheckArgs) -> Result<pb::IsAuthorizedRequest, CheckError> 
 /// Sends the request of `args` and returns the response.
 pub async fn run(args: &CheckArgs) -> Result<pb::IsAuthorizedResponse, CheckError> {
     let request = request(args)?;
-    let mut client = match &args.uds {
-        Some(path) => connect_uds(path.clone()).await?,
-        None => connect_tcp(&args.addr).await?,
-    };
+    let mut client = AuthorizerClient::new(cli_channel(args.uds.as_ref(), &args.addr).await?);
     client
         .is_authorized(request)
         .await
@@ -265,10 +289,7 @@ const STATUS_MAX_BYTES: usize = 64 << 20;
 
 /// Asks a running sidecar for its `Admin/Status`.
 pub async fn status(args: &StatusArgs) -> Result<pb::StatusResponse, CheckError> {
-    let channel = match &args.uds {
-        Some(path) => channel_uds(path.clone()).await?,
-        None => channel_tcp(&args.addr).await?,
-    };
+    let channel = cli_channel(args.uds.as_ref(), &args.addr).await?;
     AdminClient::new(channel)
         // The file list is not cut short: a bundle of many files makes a
         // large status.

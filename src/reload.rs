@@ -782,8 +782,13 @@ fn build(
         }
     };
     let version = sources.version();
-    // The same files build the same snapshot: skip the work.
-    if install.is_some() && live.current().is_some_and(|s| s.version == version) {
+    // The same files build the same snapshot: skip the work (unless the
+    // files passed over changed, which the warnings name).
+    if install.is_some()
+        && live
+            .current()
+            .is_some_and(|s| s.version == version && s.skipped == sources.skipped)
+    {
         return Job::Unchanged { version };
     }
     let built = {

@@ -1292,6 +1292,10 @@ fn files_passed_over_are_warned_about_and_one_directory_serves_as_both() {
     assert_eq!(one.warnings, Vec::<String>::new());
     assert_eq!(one.entity_count(), clean.entity_count());
     assert_eq!(one.policy_count(), clean.policy_count());
+    // A file both readers pass over is warned about once.
+    std::fs::write(both.join("Roles.CEDAR"), "").expect("write");
+    let one = leash::bundle::Snapshot::load_dirs(&both, &both).expect("loads");
+    assert_eq!(one.warnings.len(), 1, "{:?}", one.warnings);
 }
 
 /// Spawns `leash serve` on loopback with `envs` set and returns its

@@ -831,6 +831,43 @@ async fn polling_notices_changes_without_inotify() {
     server.shutdown().await;
 }
 
+/// A file that looks meant for the bundle but is not read, dropped in
+/// while leash serves, is named in the warnings (the bundle's own files are
+/// the same, so the version is too), and the warning goes when the file
+/// does; with inotify and with polling.
+#[tokio::test]
+async fn a_file_passed_over_while_serving_is_warned_about() {
+    for watch in [
+        WatchMode::Events,
+        WatchMode::Poll(Duration::from_millis(20)),
+    ] {
+        let bundle = Bundle::reads();
+        let server = bundle
+            .serve(ReloadOptions {
+                watch,
+                ..Default::default()
+            })
+            .await;
+        let version = bundle.version();
+        let warned = |s: &pb::StatusResponse| {
+            s.serving.as_ref().is_some_and(|b| {
+                b.warnings
+                    .iter()
+                    .any(|w| w.starts_with("`policies/entities.json` is not read: "))
+            })
+        };
+        assert!(!warned(&server.status().await));
+        bundle.write("policies/entities.json", "[]");
+        let status = server.wait_until("the warning", warned).await;
+        assert_eq!(status.serving.expect("serving").version, version);
+        std::fs::remove_file(bundle.path("policies/entities.json")).expect("rm");
+        server
+            .wait_until("the warning gone", |s| s.serving.is_some() && !warned(s))
+            .await;
+        server.shutdown().await;
+    }
+}
+
 /// The binary, with watching off: SIGHUP reloads, and `leash status` shows
 /// the served version and a refused change (exit 2).
 #[test]

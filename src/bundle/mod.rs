@@ -102,8 +102,13 @@ pub struct Snapshot {
     pub policy_origins: BTreeMap<String, PolicyOrigin>,
     /// The bundle's files, in load order.
     pub files: Vec<String>,
-    /// Validator warnings (the bundle still loads).
+    /// Warnings (the bundle still loads): files passed over, Cedar's schema
+    /// and validator warnings, limited permits without `@id`.
     pub warnings: Vec<String>,
+    /// The files passed over ([`BundleSources::skipped`]): a reload that
+    /// finds the same bundle files but other passed-over ones builds again,
+    /// so the warnings stay true.
+    pub skipped: Vec<String>,
     /// The scope index the engine narrows each request with; `None` when
     /// it was turned off (`--policy-index off`): every request evaluates
     /// the whole set.
@@ -315,6 +320,7 @@ impl Snapshot {
             policy_origins,
             files: sources.files().map(|f| f.path.clone()).collect(),
             warnings,
+            skipped: sources.skipped.clone(),
             index,
             reach,
             timings,
@@ -837,8 +843,8 @@ fn parse_entities(
                             Some(&file.path),
                             format!(
                                 "entity `{uid}`: {kind} `{name}` is `unknown(..)`, not a value; \
-                                 a policy reading it would be skipped without an error, so \
-                                 entity data must be concrete"
+                                 a policy reading it could not be decided (Cedar leaves it out of \
+                                 its decision with an error), so entity data must be concrete"
                             ),
                         ));
                     }

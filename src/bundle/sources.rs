@@ -103,9 +103,11 @@ impl BundleSources {
                 sources.schemas.push((format, file));
             }
         }
+        // Once each, though both readers may pass over one file.
+        let mut warned = std::collections::HashSet::new();
         sources.skipped = passed_over
             .into_iter()
-            .filter(|(id, _, _)| !read_files.contains(id))
+            .filter(|(id, _, _)| !read_files.contains(id) && warned.insert(*id))
             .map(|(_, shown, why)| format!("`{shown}` is not read: {why}"))
             .collect();
 
@@ -135,7 +137,7 @@ impl BundleSources {
                 "schemas" if rel.ends_with(SCHEMA_SUFFIX) => {
                     sources.schemas.push((SchemaFormat::Cedar, file))
                 }
-                "schemas" if rel.ends_with(JSON_SUFFIX) => {
+                "schemas" if is_bundle_file("schemas", rel) => {
                     sources.schemas.push((SchemaFormat::Json, file))
                 }
                 _ => {}
@@ -310,12 +312,12 @@ impl TreeStamp {
             hasher.update([0]);
             let mut problems = Vec::new();
             let files = walk(label, &effective, &mut problems);
-            // Only the files a bundle reads: a log or notes file changing
-            // beside the policies is not a change of the bundle.
-            for (_, shown, meta) in files
-                .iter()
-                .filter(|(_, shown, _)| is_bundle_file(label, shown))
-            {
+            // Only the files a bundle reads, and those it warns about not
+            // reading: a log or notes file changing beside the policies is
+            // not a change of the bundle.
+            for (_, shown, meta) in files.iter().filter(|(_, shown, _)| {
+                is_bundle_file(label, shown) || not_read_because(label, shown).is_some()
+            }) {
                 hasher.update(shown.as_bytes());
                 hasher.update([0]);
                 for n in [

@@ -297,7 +297,8 @@ mod tests {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("address");
-        let lifetime = Duration::from_millis(300);
+        // Long enough for the steps before it on a loaded machine.
+        let lifetime = Duration::from_secs(2);
         let mut stream = capped(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             1,
