@@ -214,12 +214,10 @@ impl Decision {
         if let Some(grant) = &self.grant {
             return format!("{}: {}", grant.outcome, grant.detail);
         }
+        // Not the fingerprint: an unkeyed hash of the request's values, it
+        // would let a reader of the log confirm guesses of them.
         if let Some(approval) = &self.approval {
-            return format!(
-                "approval required by {} for {}",
-                approval.policies.join(","),
-                approval.fingerprint
-            );
+            return format!("approval required by {}", approval.policies.join(","));
         }
         let mut parts = Vec::with_capacity(2);
         for (name, side) in std::iter::once(("agent", &self.agent))

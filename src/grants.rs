@@ -493,9 +493,13 @@ pub fn apply(
     };
     for c in &approvals {
         if c.fingerprint != wanted {
+            // Without either fingerprint: the detail is logged and recorded,
+            // and a fingerprint would let their readers confirm guesses of
+            // the request's values. `leash grant inspect` shows the grant's.
             let detail = format!(
-                "grant `{}` approves {}, not this request ({wanted})",
-                c.jti, c.fingerprint
+                "grant `{}` approves another request, not this one (its `fp` differs from \
+                 this request's fingerprint)",
+                c.jti
             );
             refuse(decision, Rejection::WrongFingerprint, Some(c), detail);
             return;

@@ -804,6 +804,79 @@ async fn context_keys_are_kept_in_clear_or_as_a_keyed_hash_when_configured() {
     ));
 }
 
+/// The approval fingerprint is an unkeyed hash over the request's values:
+/// with it, a reader of the trail could confirm a guess of a redacted
+/// amount. It is recorded as is only when the record shows every value it
+/// covers; else keyed with the hash key; else redacted.
+#[tokio::test]
+async fn an_approval_fingerprint_is_recorded_only_as_far_as_the_record_shows_its_values() {
+    let refund = || {
+        with_context_json(
+            example(
+                "billing-agent",
+                Some("bob"),
+                "payments:refund",
+                "BillingAccount::\"BA-100\"",
+            ),
+            r#"{"amount_cents": 25000}"#,
+        )
+    };
+    // (clear keys, hash key) -> what the record holds, given the answer's
+    // fingerprint and the records' own fingerprints.
+    type Expect = fn(&str, &[String]);
+    let cases: [(&[&str], &[u8], Expect); 3] = [
+        (&[], b"", |_, recorded| {
+            assert!(recorded.iter().all(|f| f == "[redacted]"), "{recorded:?}");
+        }),
+        (&["amount_cents"], b"", |answered, recorded| {
+            assert!(recorded.iter().all(|f| f == answered), "{recorded:?}");
+        }),
+        (
+            &[],
+            b"a key of sixteen bytes or more",
+            |answered, recorded| {
+                assert!(
+                    recorded[0].starts_with("hmac-sha256:") && recorded[0].len() == 12 + 64,
+                    "{recorded:?}"
+                );
+                assert_eq!(recorded[0], recorded[1], "equal approvals still match");
+                assert!(!recorded[0].contains(&answered["sha256:".len()..]));
+            },
+        ),
+    ];
+    for (clear, key, expect) in cases {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let trail = dir.path().join("audit.log");
+        let mut options = audited(&trail, SyncMode::Disk);
+        options.audit.context_keys = clear.iter().map(|k| (*k).to_owned()).collect();
+        options.audit.hash_key = key.to_vec();
+        let server = TestServer::start(Some(example_snapshot()), options, false).await;
+        let mut answered = Vec::new();
+        for _ in 0..2 {
+            let answer = server.decide(refund()).await.expect("decides");
+            answered.push(answer.approval.expect("approval required").fingerprint);
+        }
+        server.shutdown().await;
+        assert_eq!(answered[0], answered[1]);
+        let recorded: Vec<String> = records(&trail)
+            .iter()
+            .map(|r| {
+                r["approval"]["fingerprint"]
+                    .as_str()
+                    .expect("fingerprint")
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(recorded.len(), 2);
+        expect(&answered[0], &recorded);
+        if clear.is_empty() {
+            assert!(!lines(&trail)
+                .join("\n")
+                .contains(&answered[0]["sha256:".len()..]));
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_caller_on_the_unix_socket_is_named_by_its_process_and_user() {
     let dir = tempfile::tempdir().expect("temp dir");

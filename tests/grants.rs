@@ -392,10 +392,15 @@ async fn an_approved_request_is_allowed_once_and_every_bad_grant_is_denied_sayin
         refund("omar", "BA-100", 25_000),
     ] {
         let replay = good("g-10").token();
-        expect(
-            ask(&server, with_grant(other, &replay)).await,
-            "grant_wrong_fingerprint",
+        let r = ask(&server, with_grant(other, &replay)).await;
+        // The detail is logged and recorded: no fingerprint in it (a hash
+        // of the request's values would let readers confirm guesses).
+        let detail = &r.grant.as_ref().expect("grant result").detail;
+        assert!(
+            detail.contains("approves another request") && !detail.contains("sha256:"),
+            "{detail}"
         );
+        expect(r, "grant_wrong_fingerprint");
     }
     // A request the policies deny outright (carol may not refund) never
     // reaches the grant: DENY, and the grant is not looked at.

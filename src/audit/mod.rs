@@ -548,7 +548,11 @@ impl Audit {
                 record.elevated_by = (!d.elevated_by.is_empty())
                     .then(|| d.elevated_by.iter().map(GrantRecord::of).collect());
                 record.approval = d.approval.as_ref().map(|a| ApprovalRecord {
-                    fingerprint: a.fingerprint.clone(),
+                    fingerprint: self.recorded_fingerprint(
+                        &a.fingerprint,
+                        entry.wire,
+                        record.context.as_ref(),
+                    ),
                     policies: a.policies.clone(),
                 });
                 record.determining_policies = Some(d.determining.clone());
@@ -627,6 +631,36 @@ impl Audit {
                 .map(|k| (k, Value::from(REDACTED)))
                 .collect(),
         ))
+    }
+
+    /// The approval fingerprint as recorded. It is an unkeyed hash over the
+    /// request's context values and the entities it brings, so with it
+    /// anyone could confirm a guess of a value the record redacts (an
+    /// amount, an email). It is recorded as is only when the record shows
+    /// everything it covers (`recorded` is the record's context); else
+    /// keyed with the audit hash key when one is set, so equal approvals
+    /// still match; else redacted.
+    fn recorded_fingerprint(
+        &self,
+        fingerprint: &str,
+        wire: &pb::IsAuthorizedRequest,
+        recorded: Option<&Value>,
+    ) -> String {
+        let hidden_context = wire.context_input.is_some()
+            && match recorded {
+                Some(Value::Object(map)) => map.keys().any(|k| !self.context_keys.contains(k)),
+                _ => true,
+            };
+        if !hidden_context && wire.entities_input.is_none() {
+            fingerprint.to_owned()
+        } else if !self.hash_key.is_empty() {
+            format!(
+                "hmac-sha256:{}",
+                chain::hex(&hmac_sha256(&self.hash_key, fingerprint.as_bytes()))
+            )
+        } else {
+            REDACTED.to_owned()
+        }
     }
 
     fn context_values(&self, mut fields: Vec<(String, Value)>) -> Value {

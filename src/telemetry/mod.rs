@@ -382,11 +382,10 @@ impl Telemetry {
                         d.elevated_by.iter().map(|e| e.grant_id.clone()).collect();
                     a.push(KeyValue::new("leash.elevated_by", string_array(&ids)));
                 }
+                // Not the fingerprint: an unkeyed hash of the request's
+                // values, it would let a reader of traces confirm guesses
+                // of values spans leave out.
                 if let Some(approval) = &d.approval {
-                    a.push(KeyValue::new(
-                        "leash.approval.fingerprint",
-                        approval.fingerprint.clone(),
-                    ));
                     a.push(KeyValue::new(
                         "leash.approval.policies",
                         approval.policies.join(","),
