@@ -87,6 +87,20 @@ pub const MAX_FIELD_TEXT: usize = 512;
 pub const MAX_PROBLEM_TEXT: usize = 2048;
 
 impl RequestError {
+    /// The field path as logged, recorded and put on spans: past a context
+    /// attribute, the rest of the path (`context.patient.alice@example.com`,
+    /// whose nested key is the caller's data) is `…`. Top-level context keys
+    /// are recorded anyway; the full path goes to the caller only.
+    pub fn field_for_records(&self) -> std::borrow::Cow<'_, str> {
+        let Some(rest) = self.field.strip_prefix("context.") else {
+            return std::borrow::Cow::Borrowed(&self.field);
+        };
+        match rest.find(['.', '[']) {
+            Some(end) => std::borrow::Cow::Owned(format!("context.{}…", &rest[..end])),
+            None => std::borrow::Cow::Borrowed(&self.field),
+        }
+    }
+
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
         Self {
             field: bounded(field.into(), MAX_FIELD_TEXT),
@@ -1523,6 +1537,23 @@ fn context_refs(context: &Context) -> Option<Vec<EntityUid>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Nested context keys are the caller's data: records keep the path to
+    /// the top-level key only.
+    #[test]
+    fn field_paths_are_cut_after_the_context_attribute_for_records() {
+        let cut = |field: &str| {
+            RequestError::new(field, "x")
+                .field_for_records()
+                .into_owned()
+        };
+        assert_eq!(cut("context.patient.alice@example.com"), "context.patient…");
+        assert_eq!(cut("context.items[3].name"), "context.items…");
+        assert_eq!(cut("context.amount_cents"), "context.amount_cents");
+        assert_eq!(cut("context_json"), "context_json");
+        assert_eq!(cut("principal.on_behalf_of"), "principal.on_behalf_of");
+        assert_eq!(cut("entities_json[2]"), "entities_json[2]");
+    }
 
     #[test]
     fn request_time_is_rfc3339_utc_to_the_millisecond() {

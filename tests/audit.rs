@@ -1627,3 +1627,56 @@ async fn overlong_references_are_refused_and_recorded_cut() {
         Verdict::Intact(_)
     ));
 }
+
+/// A field path inside a context attribute names the caller's nested keys
+/// (an email as a record key): the answer has it whole, the record only up
+/// to the attribute.
+#[tokio::test]
+async fn a_nested_context_key_in_a_field_path_is_not_recorded() {
+    use pb::value::Kind;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.log");
+    let server = TestServer::start(
+        Some(example_snapshot()),
+        audited(&trail, SyncMode::Disk),
+        false,
+    )
+    .await;
+    let mut req = example(
+        "billing-agent",
+        Some("bob"),
+        "invoices:create",
+        "BillingAccount::\"BA-100\"",
+    );
+    let bad = pb::Value {
+        kind: Some(Kind::Extension(pb::ExtensionValue {
+            r#fn: "sqrt".into(),
+            arg: "2".into(),
+        })),
+    };
+    req.context_input = Some(pb::is_authorized_request::ContextInput::Context(
+        pb::Record {
+            fields: [(
+                "amount_cents".to_owned(),
+                pb::Value {
+                    kind: Some(Kind::Record(pb::Record {
+                        fields: [("alice@example.com".to_owned(), bad)].into(),
+                    })),
+                },
+            )]
+            .into(),
+        },
+    ));
+    let refused = server.decide(req).await.expect_err("invalid");
+    assert!(
+        refused
+            .message()
+            .starts_with("context.amount_cents.alice@example.com.fn: "),
+        "{}",
+        refused.message()
+    );
+    server.shutdown().await;
+    let recs = records(&trail);
+    assert_eq!(recs[0]["invalid"]["field"], "context.amount_cents…");
+    assert!(!lines(&trail).join("\n").contains("alice@example.com"));
+}

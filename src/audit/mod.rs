@@ -55,7 +55,8 @@ pub enum SyncMode {
     Queued,
 }
 
-#[derive(Debug, Clone)]
+/// `Debug` prints `hash_key` as its length only (see the impl).
+#[derive(Clone)]
 pub struct AuditOptions {
     pub target: AuditTarget,
     pub sync: SyncMode,
@@ -72,6 +73,41 @@ pub struct AuditOptions {
     pub hash_context_keys: Vec<String>,
     /// The key of those hashes.
     pub hash_key: Vec<u8>,
+}
+
+/// The hash key is a secret: a debug print (of the server's options, say)
+/// shows its length, not its bytes.
+impl std::fmt::Debug for AuditOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditOptions")
+            .field("target", &self.target)
+            .field("sync", &self.sync)
+            .field("max_file_bytes", &self.max_file_bytes)
+            .field("queue_size", &self.queue_size)
+            .field("fail_open", &self.fail_open)
+            .field("context_keys", &self.context_keys)
+            .field("hash_context_keys", &self.hash_context_keys)
+            .field("hash_key", &SecretBytes(&self.hash_key))
+            .finish()
+    }
+}
+
+/// The audit hash key, held by [`Audit`]; `Debug` shows its length only.
+struct HashKey(Vec<u8>);
+
+impl std::fmt::Debug for HashKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        SecretBytes(&self.0).fmt(f)
+    }
+}
+
+/// Prints a secret's length only.
+struct SecretBytes<'a>(&'a [u8]);
+
+impl std::fmt::Debug for SecretBytes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{} secret bytes]", self.0.len())
+    }
 }
 
 impl Default for AuditOptions {
@@ -263,7 +299,7 @@ pub struct Audit {
     status: Arc<AuditStatus>,
     context_keys: Vec<String>,
     hash_context_keys: Vec<String>,
-    hash_key: Vec<u8>,
+    hash_key: HashKey,
     /// The writer thread, joined at shutdown so the last batch is written.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -300,7 +336,7 @@ impl Audit {
             status,
             context_keys: options.context_keys.clone(),
             hash_context_keys: options.hash_context_keys.clone(),
-            hash_key: options.hash_key.clone(),
+            hash_key: HashKey(options.hash_key.clone()),
             thread: Mutex::new(thread),
         })
     }
@@ -571,7 +607,7 @@ impl Audit {
                 let quotes_values =
                     e.field.starts_with("context") || e.field.starts_with("entities");
                 record.invalid = Some(Invalid {
-                    field: e.field.clone(),
+                    field: e.field_for_records().into_owned(),
                     problem: if quotes_values {
                         "(redacted: may quote request values)".to_owned()
                     } else {
@@ -653,10 +689,10 @@ impl Audit {
             };
         if !hidden_context && wire.entities_input.is_none() {
             fingerprint.to_owned()
-        } else if !self.hash_key.is_empty() {
+        } else if !self.hash_key.0.is_empty() {
             format!(
                 "hmac-sha256:{}",
-                chain::hex(&hmac_sha256(&self.hash_key, fingerprint.as_bytes()))
+                chain::hex(&hmac_sha256(&self.hash_key.0, fingerprint.as_bytes()))
             )
         } else {
             REDACTED.to_owned()
@@ -675,7 +711,7 @@ impl Audit {
                         Value::from(format!(
                             "hmac-sha256:{}",
                             chain::hex(&hmac_sha256(
-                                &self.hash_key,
+                                &self.hash_key.0,
                                 chain::canonical_text(&value).as_bytes()
                             ))
                         ))
@@ -879,6 +915,21 @@ pub struct Entry<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hash_key_is_not_printed_by_debug() {
+        let options = AuditOptions {
+            hash_key: b"a very secret key".to_vec(),
+            ..AuditOptions::default()
+        };
+        let printed = format!("{options:?}");
+        assert!(!printed.contains("secret key") && !printed.contains("97, 32"));
+        assert!(printed.contains("[17 secret bytes]"), "{printed}");
+        assert_eq!(
+            format!("{:?}", HashKey(b"a very secret key".to_vec())),
+            "[17 secret bytes]"
+        );
+    }
 
     #[test]
     fn a_trail_marked_unavailable_after_its_write_completed_recovers_when_woken() {

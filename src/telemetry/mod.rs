@@ -411,7 +411,10 @@ impl Telemetry {
                 }
             }
             Err(e) => {
-                a.push(KeyValue::new("leash.invalid.field", e.field.clone()));
+                a.push(KeyValue::new(
+                    "leash.invalid.field",
+                    e.field_for_records().into_owned(),
+                ));
             }
         }
         a
@@ -686,7 +689,7 @@ fn log_decision(view: &DecisionView<'_>, outcome: Outcome, scope: &RpcScope) {
                 action = action.as_deref(),
                 resource = resource.as_deref(),
                 decision = "invalid",
-                field = e.field.as_str(),
+                field = &*e.field_for_records(),
                 policy_version = version,
                 "invalid request"
             );
