@@ -735,34 +735,25 @@ async fn the_cli_makes_keys_and_grants_that_leash_accepts() {
         "{shown}"
     );
     // Bad input to the CLI is named.
-    let bad = leash(&[
-        "grant",
-        "approve",
-        "--key",
-        key_file.to_str().expect("utf8"),
-        "--kid",
-        "k",
-        "--approver",
-        "dana",
-        "--fingerprint",
-        "abc",
-    ]);
+    let approve = |fingerprint: &str| {
+        leash(&[
+            "grant",
+            "approve",
+            "--key",
+            key_file.to_str().expect("utf8"),
+            "--kid",
+            "k",
+            "--approver",
+            "dana",
+            "--fingerprint",
+            fingerprint,
+        ])
+    };
+    let bad = approve("abc");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--fingerprint"));
     // The right length but not as leash prints it (upper case): it could
     // never match, so it is not signed.
-    let upper = format!("sha256:{}", fp2["sha256:".len()..].to_uppercase());
-    let bad = leash(&[
-        "grant",
-        "approve",
-        "--key",
-        key_file.to_str().expect("utf8"),
-        "--kid",
-        "k",
-        "--approver",
-        "dana",
-        "--fingerprint",
-        &upper,
-    ]);
+    let bad = approve(&format!("sha256:{}", fp2["sha256:".len()..].to_uppercase()));
     assert!(!bad.status.success(), "{bad:?}");
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("--fingerprint: expected `sha256:`"),
