@@ -488,7 +488,7 @@ impl Reloader {
             }
             if let (WatchMode::Poll(interval), None) = (watch.mode, &watch.poller) {
                 let (p, s) = (policies.clone(), schemas.clone());
-                let now = tokio::task::spawn_blocking(move || TreeStamp::of(&p, &s))
+                let now = tokio::task::spawn_blocking(move || TreeStamp::for_polling(&p, &s))
                     .await
                     .ok();
                 watch.start_polling(policies, schemas, interval, now, &self.wake);
@@ -1197,7 +1197,7 @@ async fn poll(
     wake: Arc<Notify>,
 ) {
     let stamp = |p: PathBuf, s: PathBuf| async move {
-        tokio::task::spawn_blocking(move || TreeStamp::of(&p, &s))
+        tokio::task::spawn_blocking(move || TreeStamp::for_polling(&p, &s))
             .await
             .ok()
     };

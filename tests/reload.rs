@@ -868,6 +868,60 @@ async fn a_file_passed_over_while_serving_is_warned_about() {
     }
 }
 
+/// A file passed over that something writes to all the time (a report
+/// kept beside the policies) holds nothing up: the bundle still loads, and
+/// a policy change is served, with inotify and with polling. (Its warning
+/// is there all along.)
+#[tokio::test]
+async fn a_file_passed_over_and_written_all_the_time_holds_nothing_up() {
+    for watch in [
+        WatchMode::Events,
+        WatchMode::Poll(Duration::from_millis(20)),
+    ] {
+        let bundle = Bundle::reads();
+        let report = bundle.path("policies/report.json");
+        std::fs::write(&report, "[]").expect("write");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (stop, report) = (stop.clone(), report.clone());
+            std::thread::spawn(move || {
+                use std::io::Write as _;
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut file = std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(&report)
+                        .expect("open");
+                    writeln!(file, "{n}").expect("append");
+                    n += 1;
+                    // The writer's pace: faster than the poll interval.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        let server = bundle
+            .serve(ReloadOptions {
+                watch,
+                ..Default::default()
+            })
+            .await;
+        assert!(server
+            .status()
+            .await
+            .serving
+            .expect("serving")
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("`policies/report.json` is not read: ")));
+        bundle.write("policies/access.cedar", WRITE);
+        let v2 = bundle.version();
+        server.wait_version(&v2).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().expect("writer");
+        server.shutdown().await;
+    }
+}
+
 /// The binary, with watching off: SIGHUP reloads, and `leash status` shows
 /// the served version and a refused change (exit 2).
 #[test]

@@ -303,8 +303,24 @@ pub fn effective_root(dir: &Path) -> PathBuf {
 pub struct TreeStamp([u8; 32]);
 
 impl TreeStamp {
-    /// Stamps the trees under `policies` and `schemas`. Blocking.
+    /// Stamps the trees under `policies` and `schemas`: the bundle's files
+    /// only, so a log or notes file changing beside the policies is not a
+    /// change of the bundle (nor a read torn by one). Blocking.
     pub fn of(policies: &Path, schemas: &Path) -> Self {
+        Self::stamp(policies, schemas, false)
+    }
+
+    /// [`TreeStamp::of`], plus the names of the files a load warns about
+    /// not reading ([`BundleSources::skipped`]), for polling: such a file
+    /// appearing or going changes the warnings, and so is a change to look
+    /// at. Only their names count: one written to all the time
+    /// (`policies/report.json`) must not keep the poller waiting for a
+    /// quiet interval. Blocking.
+    pub fn for_polling(policies: &Path, schemas: &Path) -> Self {
+        Self::stamp(policies, schemas, true)
+    }
+
+    fn stamp(policies: &Path, schemas: &Path, passed_over_names: bool) -> Self {
         let mut hasher = Sha256::new();
         for (label, root) in [("policies", policies), ("schemas", schemas)] {
             let effective = effective_root(root);
@@ -312,24 +328,25 @@ impl TreeStamp {
             hasher.update([0]);
             let mut problems = Vec::new();
             let files = walk(label, &effective, &mut problems);
-            // Only the files a bundle reads, and those it warns about not
-            // reading: a log or notes file changing beside the policies is
-            // not a change of the bundle.
-            for (_, shown, meta) in files.iter().filter(|(_, shown, _)| {
-                is_bundle_file(label, shown) || not_read_because(label, shown).is_some()
-            }) {
-                hasher.update(shown.as_bytes());
-                hasher.update([0]);
-                for n in [
-                    meta.dev(),
-                    meta.ino(),
-                    meta.len(),
-                    meta.mtime() as u64,
-                    meta.mtime_nsec() as u64,
-                    meta.ctime() as u64,
-                    meta.ctime_nsec() as u64,
-                ] {
-                    hasher.update(n.to_le_bytes());
+            for (_, shown, meta) in &files {
+                if is_bundle_file(label, shown) {
+                    hasher.update(shown.as_bytes());
+                    hasher.update([0]);
+                    for n in [
+                        meta.dev(),
+                        meta.ino(),
+                        meta.len(),
+                        meta.mtime() as u64,
+                        meta.mtime_nsec() as u64,
+                        meta.ctime() as u64,
+                        meta.ctime_nsec() as u64,
+                    ] {
+                        hasher.update(n.to_le_bytes());
+                    }
+                } else if passed_over_names && not_read_because(label, shown).is_some() {
+                    hasher.update([1]);
+                    hasher.update(shown.as_bytes());
+                    hasher.update([0]);
                 }
             }
             for problem in problems {
