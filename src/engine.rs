@@ -89,16 +89,29 @@ pub const MAX_PROBLEM_TEXT: usize = 2048;
 impl RequestError {
     /// The field path as logged, recorded and put on spans: past a context
     /// attribute, the rest of the path (`context.patient.alice@example.com`,
-    /// whose nested key is the caller's data) is `…`. Top-level context keys
-    /// are recorded anyway; the full path goes to the caller only.
+    /// whose nested key is the caller's data) is `…`, and past a brought
+    /// entity's index, all of it (`entities.entities[0]…`: attribute and tag
+    /// names of entities are not recorded at all). Top-level context keys
+    /// are in the audit record anyway; the full path goes to the caller.
     pub fn field_for_records(&self) -> std::borrow::Cow<'_, str> {
-        let Some(rest) = self.field.strip_prefix("context.") else {
-            return std::borrow::Cow::Borrowed(&self.field);
-        };
-        match rest.find(['.', '[']) {
-            Some(end) => std::borrow::Cow::Owned(format!("context.{}…", &rest[..end])),
-            None => std::borrow::Cow::Borrowed(&self.field),
+        use std::borrow::Cow;
+        let field = self.field.as_str();
+        for prefix in ["context.", "context_json."] {
+            if let Some(rest) = field.strip_prefix(prefix) {
+                return match rest.find(['.', '[']) {
+                    Some(end) => Cow::Owned(format!("{prefix}{}…", &rest[..end])),
+                    None => Cow::Borrowed(field),
+                };
+            }
         }
+        if field.starts_with("entities") {
+            if let Some(end) = field.find(']') {
+                if end + 1 < field.len() {
+                    return Cow::Owned(format!("{}…", &field[..=end]));
+                }
+            }
+        }
+        Cow::Borrowed(field)
     }
 
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
@@ -1553,6 +1566,44 @@ mod tests {
         assert_eq!(cut("context_json"), "context_json");
         assert_eq!(cut("principal.on_behalf_of"), "principal.on_behalf_of");
         assert_eq!(cut("entities_json[2]"), "entities_json[2]");
+        assert_eq!(
+            cut("context_json.inner.alice@example.com"),
+            "context_json.inner…"
+        );
+        assert_eq!(
+            cut("entities.entities[0].tags.alice@example.com"),
+            "entities.entities[0]…"
+        );
+        assert_eq!(cut("entities.entities[1]"), "entities.entities[1]");
+    }
+
+    /// The deny line says which permits want approval, never the
+    /// fingerprint (a hash of the request's values).
+    #[test]
+    fn the_deny_reason_of_an_approval_has_no_fingerprint() {
+        let fingerprint = format!("sha256:{}", "ab".repeat(32));
+        let decision = Decision {
+            allowed: false,
+            determining: Vec::new(),
+            errors: Vec::new(),
+            agent: SideDecision {
+                principal: "Agent::\"a\"".parse().expect("uid"),
+                allowed: true,
+                determining: vec!["gated".to_owned()],
+                errors: Vec::new(),
+            },
+            on_behalf_of: None,
+            limited: None,
+            approval: Some(ApprovalRequest {
+                fingerprint: fingerprint.clone(),
+                policies: vec!["gated".to_owned()],
+            }),
+            grant: None,
+            elevated_by: Vec::new(),
+        };
+        let reason = decision.deny_reason();
+        assert_eq!(reason, "approval required by gated");
+        assert!(!reason.contains("abab"));
     }
 
     #[test]

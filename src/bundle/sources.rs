@@ -515,3 +515,41 @@ fn read(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file the bundle passes over counts for polling by its name only:
+    /// written to, it changes neither stamp; made or removed, it changes
+    /// the polling stamp and never the one reads are checked with.
+    #[test]
+    fn files_passed_over_count_by_name_for_polling_only() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (policies, schemas) = (dir.path().join("policies"), dir.path().join("schemas"));
+        std::fs::create_dir_all(&policies).expect("mkdir");
+        std::fs::create_dir_all(&schemas).expect("mkdir");
+        std::fs::write(policies.join("a.cedar"), "").expect("write");
+        std::fs::write(schemas.join("s.cedarschema"), "").expect("write");
+        let stamps = || {
+            (
+                TreeStamp::of(&policies, &schemas),
+                TreeStamp::for_polling(&policies, &schemas),
+            )
+        };
+        let (read, polled) = stamps();
+        let report = policies.join("report.json");
+        std::fs::write(&report, "1").expect("write");
+        let (read_made, polled_made) = stamps();
+        assert_eq!(read_made, read);
+        assert_ne!(polled_made, polled);
+        std::fs::write(&report, "a longer report").expect("write");
+        assert_eq!(stamps(), (read_made.clone(), polled_made));
+        std::fs::remove_file(&report).expect("rm");
+        assert_eq!(stamps(), (read.clone(), polled));
+        // A bundle file counts in both, contents and all.
+        std::fs::write(policies.join("a.cedar"), "// edited").expect("write");
+        let (read_edited, _) = stamps();
+        assert_ne!(read_edited, read);
+    }
+}
