@@ -1413,13 +1413,10 @@ fn with_request_entities(
         // A forbid reading an unknown would be left out of Cedar's decision,
         // reported only as an error (see `reach::first_residual`): refused
         // up front, like any bad value.
-        if let Some((kind, name)) = crate::bundle::reach::first_residual(entity) {
+        if let Some(residual) = crate::bundle::reach::first_residual(entity) {
             return Err(RequestError::new(
                 format!("{field}[{i}]"),
-                format!(
-                    "entity `{uid}`: {kind} `{name}` is `unknown(..)`, not a value; a request's \
-                     entities must hold concrete values"
-                ),
+                format!("{residual}; a request's entities must hold concrete values"),
             ));
         }
         if snapshot.actions.contains(&uid) {

@@ -252,21 +252,11 @@ impl Snapshot {
             cache,
             &mut diagnostics,
         );
-        let warnings = sources
-            .skipped
-            .iter()
-            .cloned()
-            .chain(schema_warnings)
-            .chain(validator_warnings);
         timings.validate = began.elapsed();
-        let mut limit_warnings = Vec::new();
-        let limits = Limits::scan(
-            &policies,
-            &policy_origins,
-            &mut diagnostics,
-            &mut limit_warnings,
-        );
-        let warnings: Vec<String> = warnings.chain(limit_warnings).collect();
+        let mut warnings = sources.skipped.clone();
+        warnings.extend(schema_warnings);
+        warnings.extend(validator_warnings);
+        let limits = Limits::scan(&policies, &policy_origins, &mut diagnostics, &mut warnings);
         let gates = Gates::scan(&policies, &policy_origins, &mut diagnostics);
         let approvers = Approvers::parse(&sources.approvers, &schema, &mut diagnostics);
 
@@ -838,13 +828,13 @@ fn parse_entities(
                     if actions.contains(&uid) {
                         continue;
                     }
-                    if let Some((kind, name)) = reach::first_residual(entity) {
+                    if let Some(residual) = reach::first_residual(entity) {
                         diagnostics.push(Diagnostic::plain(
                             Some(&file.path),
                             format!(
-                                "entity `{uid}`: {kind} `{name}` is `unknown(..)`, not a value; \
-                                 a policy reading it could not be decided (Cedar leaves it out of \
-                                 its decision with an error), so entity data must be concrete"
+                                "{residual}; a policy reading it could not be decided (Cedar \
+                                 leaves it out of its decision with an error), so entity data \
+                                 must be concrete"
                             ),
                         ));
                     }

@@ -65,27 +65,29 @@ fn entity_refs(entity: &Entity) -> Option<Vec<EntityUid>> {
     Some(out)
 }
 
-/// The first attribute or tag of `entity` whose value is not concrete, as
-/// (`"attribute"` or `"tag"`, its name). Cedar's JSON entity format reads
+/// The first attribute or tag of `entity` whose value is not concrete,
+/// said as `` entity `T::"id"`: attribute `a` is `unknown(..)`, not a value ``
+/// (callers add why it is refused). Cedar's JSON entity format reads
 /// `{"__extn": {"fn": "unknown", "arg": ..}}` as an unknown of any type,
 /// and the schema check lets an unknown pass as any type; a policy reading
 /// it then evaluates to a residual, which Cedar's authorizer leaves out of
 /// its decision (a forbid would not apply) and reports only as an error.
 /// leash denies a side with errors, but a value that can never be decided
 /// on is bad input, so neither a bundle nor a request may hold one.
-pub(crate) fn first_residual(entity: &Entity) -> Option<(&'static str, String)> {
+pub(crate) fn first_residual(entity: &Entity) -> Option<String> {
     let core: &ast::Entity = entity.as_ref();
-    for (name, value) in core.attrs() {
-        if matches!(value, PartialValue::Residual(_)) {
-            return Some(("attribute", name.to_string()));
-        }
-    }
-    for (name, value) in core.tags() {
-        if matches!(value, PartialValue::Residual(_)) {
-            return Some(("tag", name.to_string()));
-        }
-    }
-    None
+    let residual = |(name, value): (_, &PartialValue)| {
+        matches!(value, PartialValue::Residual(_)).then_some(name)
+    };
+    let (kind, name) = core
+        .attrs()
+        .find_map(residual)
+        .map(|name| ("attribute", name))
+        .or_else(|| core.tags().find_map(residual).map(|name| ("tag", name)))?;
+    Some(format!(
+        "entity `{}`: {kind} `{name}` is `unknown(..)`, not a value",
+        entity.uid()
+    ))
 }
 
 /// The entity literals in the conditions of `policies` and their

@@ -69,6 +69,11 @@ impl BundleSources {
         // one reader passes over the other may read.
         let mut read_files = std::collections::HashSet::new();
         let mut passed_over = Vec::new();
+        let mut pass_over = |label: &str, shown: String, meta: &Metadata| {
+            if let Some(why) = not_read_because(label, &shown) {
+                passed_over.push(((meta.dev(), meta.ino()), shown, why));
+            }
+        };
         for (path, shown, meta) in walk("policies", policies, &mut diagnostics) {
             let kind = if shown.ends_with(ENTITIES_SUFFIX) {
                 &mut sources.entities
@@ -77,9 +82,7 @@ impl BundleSources {
             } else if shown.ends_with(POLICY_SUFFIX) {
                 &mut sources.policies
             } else {
-                if let Some(why) = not_read_because("policies", &shown) {
-                    passed_over.push(((meta.dev(), meta.ino()), shown, why));
-                }
+                pass_over("policies", shown, &meta);
                 continue;
             };
             read_files.insert((meta.dev(), meta.ino()));
@@ -93,9 +96,7 @@ impl BundleSources {
             } else if is_bundle_file("schemas", &shown) {
                 SchemaFormat::Json
             } else {
-                if let Some(why) = not_read_because("schemas", &shown) {
-                    passed_over.push(((meta.dev(), meta.ino()), shown, why));
-                }
+                pass_over("schemas", shown, &meta);
                 continue;
             };
             read_files.insert((meta.dev(), meta.ino()));
