@@ -30,6 +30,24 @@ fn audited(path: &Path, sync: SyncMode) -> ServerOptions {
     }
 }
 
+/// A temp dir and the trail's path in it.
+fn trail_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.log");
+    (dir, trail)
+}
+
+/// The example bundle served with its trail at `trail` (`disk` sync), and a
+/// Unix socket when `with_uds`.
+async fn example_audited(trail: &Path, with_uds: bool) -> TestServer {
+    TestServer::start(
+        Some(example_snapshot()),
+        audited(trail, SyncMode::Disk),
+        with_uds,
+    )
+    .await
+}
+
 fn allow() -> pb::IsAuthorizedRequest {
     example(
         "support-bot",
@@ -97,14 +115,8 @@ fn broken_at(verdict: &Verdict) -> (Option<u64>, String) {
 
 #[tokio::test]
 async fn every_decision_is_a_chained_record_and_tampering_is_named() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let trail = dir.path().join("audit.log");
-    let server = TestServer::start(
-        Some(example_snapshot()),
-        audited(&trail, SyncMode::Disk),
-        false,
-    )
-    .await;
+    let (dir, trail) = trail_dir();
+    let server = example_audited(&trail, false).await;
     let mut invoice = with_context_json(
         example(
             "billing-agent",
@@ -879,14 +891,8 @@ async fn an_approval_fingerprint_is_recorded_only_as_far_as_the_record_shows_its
 
 #[tokio::test]
 async fn a_caller_on_the_unix_socket_is_named_by_its_process_and_user() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let trail = dir.path().join("audit.log");
-    let server = TestServer::start(
-        Some(example_snapshot()),
-        audited(&trail, SyncMode::Disk),
-        true,
-    )
-    .await;
+    let (_dir, trail) = trail_dir();
+    let server = example_audited(&trail, true).await;
     let socket = server.uds.clone().expect("socket");
     // A caller that sends garbage and hangs up costs the others nothing.
     {
@@ -991,14 +997,8 @@ fn the_trail_can_go_to_stdout_for_a_log_collector() {
 
 #[tokio::test]
 async fn records_follow_the_path_when_the_file_is_removed() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let trail = dir.path().join("audit.log");
-    let server = TestServer::start(
-        Some(example_snapshot()),
-        audited(&trail, SyncMode::Disk),
-        false,
-    )
-    .await;
+    let (dir, trail) = trail_dir();
+    let server = example_audited(&trail, false).await;
     server.decide(allow()).await.expect("decides");
     let moved = dir.path().join("moved-away.log");
     std::fs::rename(&trail, &moved).expect("move the file away");
@@ -1583,14 +1583,8 @@ async fn queued_mode_a_queue_full_past_the_bound_refuses_and_loses_nothing() {
 
 #[tokio::test]
 async fn overlong_references_are_refused_and_recorded_cut() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let trail = dir.path().join("audit.log");
-    let server = TestServer::start(
-        Some(example_snapshot()),
-        audited(&trail, SyncMode::Disk),
-        false,
-    )
-    .await;
+    let (_dir, trail) = trail_dir();
+    let server = example_audited(&trail, false).await;
     // A four-byte character across the 256-byte cut, and a resource id
     // past the 4,096-byte limit (the request id is refused first).
     let mut req = example(
@@ -1634,14 +1628,8 @@ async fn overlong_references_are_refused_and_recorded_cut() {
 #[tokio::test]
 async fn a_nested_context_key_in_a_field_path_is_not_recorded() {
     use pb::value::Kind;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let trail = dir.path().join("audit.log");
-    let server = TestServer::start(
-        Some(example_snapshot()),
-        audited(&trail, SyncMode::Disk),
-        false,
-    )
-    .await;
+    let (_dir, trail) = trail_dir();
+    let server = example_audited(&trail, false).await;
     let mut req = example(
         "billing-agent",
         Some("bob"),

@@ -785,6 +785,27 @@ fn serve_json(cwd: &std::path::Path, shell: Option<&str>, args: &[&str]) -> Kill
     )
 }
 
+/// `leash serve` (as [`serve_json`]) on a loopback decision listener and
+/// a health listener at `health`, with `extra` flags, once its bundle is
+/// loaded: the process, its log, and the two listeners' addresses.
+fn serve_with_health(
+    cwd: &std::path::Path,
+    health: &str,
+    extra: &[&str],
+) -> (
+    KillOnDrop,
+    impl FnMut() -> serde_json::Value,
+    String,
+    String,
+) {
+    let mut args = vec!["--listen", "127.0.0.1:0", "--health-listen", health];
+    args.extend_from_slice(extra);
+    let mut child = serve_json(cwd, None, &args);
+    let mut next_line = json_log_lines(&mut child.0);
+    let (decisions, health_only) = listeners_once_loaded(&mut next_line);
+    (child, next_line, decisions, health_only)
+}
+
 /// Reads `leash serve`'s log until the bundle is loaded and both its
 /// decision listener (TCP) and its health listener are named; returns
 /// their addresses.
@@ -865,13 +886,7 @@ async fn exit_status(child: &mut std::process::Child) -> std::process::ExitStatu
 #[tokio::test]
 async fn health_listener_answers_probes_on_any_address_and_nothing_else() {
     let cwd = tempfile::tempdir().expect("temp dir");
-    let mut child = serve_json(
-        cwd.path(),
-        None,
-        &["--listen", "127.0.0.1:0", "--health-listen", "0.0.0.0:0"],
-    );
-    let mut next_line = json_log_lines(&mut child.0);
-    let (_, health_only) = listeners_once_loaded(&mut next_line);
+    let (_child, _, _, health_only) = serve_with_health(cwd.path(), "0.0.0.0:0", &[]);
     let addr: std::net::SocketAddr = health_only.parse().expect("socket address");
     assert!(addr.ip().is_unspecified(), "{addr}");
     let channel =
@@ -903,22 +918,10 @@ async fn health_listener_answers_probes_on_any_address_and_nothing_else() {
 #[tokio::test]
 async fn health_watchers_see_not_serving_and_do_not_hold_up_shutdown() {
     let cwd = tempfile::tempdir().expect("temp dir");
-    let mut child = serve_json(
-        cwd.path(),
-        None,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--health-listen",
-            "127.0.0.1:0",
-            // Far past the test's bound: a drain that waited for the
-            // watchers would fail it rather than end on time.
-            "--drain-timeout",
-            "600",
-        ],
-    );
-    let mut next_line = json_log_lines(&mut child.0);
-    let (decisions, health_only) = listeners_once_loaded(&mut next_line);
+    // A drain timeout far past the test's bound: a drain that waited for
+    // the watchers would fail it rather than end on time.
+    let (mut child, mut next_line, decisions, health_only) =
+        serve_with_health(cwd.path(), "127.0.0.1:0", &["--drain-timeout", "600"]);
     let mut watches = Vec::new();
     for addr in [decisions, health_only] {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -975,13 +978,8 @@ async fn health_watchers_see_not_serving_and_do_not_hold_up_shutdown() {
 #[tokio::test]
 async fn the_health_listener_caps_its_connections() {
     let cwd = tempfile::tempdir().expect("temp dir");
-    let mut child = serve_json(
-        cwd.path(),
-        None,
-        &["--listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"],
-    );
-    let mut next_line = json_log_lines(&mut child.0);
-    let (decisions, health_only) = listeners_once_loaded(&mut next_line);
+    let (_child, mut next_line, decisions, health_only) =
+        serve_with_health(cwd.path(), "127.0.0.1:0", &[]);
     let mut idle = Vec::new();
     for _ in 0..leash::server::HEALTH_MAX_CONNECTIONS {
         idle.push(
