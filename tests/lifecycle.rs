@@ -1182,37 +1182,23 @@ fn only_bundle_files_can_refuse_a_bundle_and_a_huge_one_does() {
         loaded.version,
         version_of(&repo_path("policies"), &repo_path("schemas"))
     );
-    // A dangling link with a bundle file's name is a missing bundle file.
-    std::os::unix::fs::symlink(dir.path().join("gone"), policies.join("extra.cedar"))
-        .expect("link");
-    let err = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect_err("refused");
-    assert!(
-        err.diagnostics
-            .iter()
-            .any(|d| d.message.contains("extra.cedar")),
-        "{err:?}"
-    );
-    std::fs::remove_file(policies.join("extra.cedar")).expect("rm");
-    // So is one without an extension: it could be a directory of policies.
-    std::os::unix::fs::symlink(dir.path().join("gone"), policies.join("more")).expect("link");
-    let err = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect_err("refused");
-    assert!(
-        err.diagnostics.iter().any(|d| d.message.contains("more")),
-        "{err:?}"
-    );
-    std::fs::remove_file(policies.join("more")).expect("rm");
-    // And one whose name has a dot but whose target could be a directory
-    // of policies (a mount that is missing).
-    std::os::unix::fs::symlink(dir.path().join("payments"), policies.join("team.payments"))
-        .expect("link");
-    let err = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect_err("refused");
-    assert!(
-        err.diagnostics
-            .iter()
-            .any(|d| d.message.contains("team.payments")),
-        "{err:?}"
-    );
-    std::fs::remove_file(policies.join("team.payments")).expect("rm");
+    // A dangling link with a bundle file's name is a missing bundle file;
+    // so is one without an extension (it could be a directory of policies),
+    // and one whose name has a dot but whose target could be a directory of
+    // policies (a mount that is missing).
+    for (name, target) in [
+        ("extra.cedar", "gone"),
+        ("more", "gone"),
+        ("team.payments", "payments"),
+    ] {
+        std::os::unix::fs::symlink(dir.path().join(target), policies.join(name)).expect("link");
+        let err = leash::bundle::Snapshot::load_dirs(&policies, &schemas).expect_err("refused");
+        assert!(
+            err.diagnostics.iter().any(|d| d.message.contains(name)),
+            "{name}: {err:?}"
+        );
+        std::fs::remove_file(policies.join(name)).expect("rm");
+    }
     // A file past the limit is refused without being read (a sparse file:
     // no disk is used).
     let huge = std::fs::File::create(policies.join("dump.entities.json")).expect("create");

@@ -243,41 +243,29 @@ pub(crate) fn is_bundle_file(label: &str, shown: &str) -> bool {
 /// looks meant for the bundle; `None` for any other file (`README.md`).
 fn not_read_because(label: &str, shown: &str) -> Option<&'static str> {
     let name = shown.rsplit('/').next().unwrap_or(shown);
+    let elsewhere = match label {
+        "policies" if name.ends_with(SCHEMA_SUFFIX) || name.ends_with(".cedarschema.json") => {
+            Some("schema files are read from the schemas directory")
+        }
+        "policies" if name.ends_with(JSON_SUFFIX) => Some(
+            "of JSON files, the policies directory reads `*.entities.json` (entities) and \
+             `*.approvers.json` (approvers) only",
+        ),
+        "schemas" if name.ends_with(POLICY_SUFFIX) => {
+            Some("policy files are read from the policies directory")
+        }
+        "schemas" if name.ends_with(ENTITIES_SUFFIX) || name.ends_with(APPROVERS_SUFFIX) => {
+            Some("entity and approver files are read from the policies directory")
+        }
+        _ => None,
+    };
     let lower = name.to_ascii_lowercase();
-    let case = "bundle file names end in lowercase `.cedar`, `.cedarschema` or `.json`";
-    match label {
-        "policies" => {
-            if name.ends_with(SCHEMA_SUFFIX) || name.ends_with(".cedarschema.json") {
-                Some("schema files are read from the schemas directory")
-            } else if name.ends_with(JSON_SUFFIX) {
-                Some(
-                    "of JSON files, the policies directory reads `*.entities.json` (entities) \
-                     and `*.approvers.json` (approvers) only",
-                )
-            } else if [POLICY_SUFFIX, JSON_SUFFIX, SCHEMA_SUFFIX]
-                .iter()
-                .any(|suffix| lower.ends_with(suffix))
-            {
-                Some(case)
-            } else {
-                None
-            }
-        }
-        _ => {
-            if name.ends_with(POLICY_SUFFIX) {
-                Some("policy files are read from the policies directory")
-            } else if name.ends_with(ENTITIES_SUFFIX) || name.ends_with(APPROVERS_SUFFIX) {
-                Some("entity and approver files are read from the policies directory")
-            } else if [POLICY_SUFFIX, JSON_SUFFIX, SCHEMA_SUFFIX]
-                .iter()
-                .any(|suffix| lower.ends_with(suffix))
-            {
-                Some(case)
-            } else {
-                None
-            }
-        }
-    }
+    elsewhere.or_else(|| {
+        [POLICY_SUFFIX, JSON_SUFFIX, SCHEMA_SUFFIX]
+            .iter()
+            .any(|suffix| lower.ends_with(suffix))
+            .then_some("bundle file names end in lowercase `.cedar`, `.cedarschema` or `.json`")
+    })
 }
 
 /// The directory a bundle directory is read from: the real path of
