@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::*;
@@ -450,10 +449,12 @@ async fn an_approved_request_is_allowed_once_and_every_bad_grant_is_denied_sayin
     assert_eq!(expired[0]["decision"], "deny");
 }
 
-#[tokio::test]
+// Two worker threads and a connection per retry, so the retries are decided
+// at the same time, not one after another on the test's thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_retries_with_one_grant_get_exactly_one_allow() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = Arc::new(server(dir.path(), None).await);
+    let server = server(dir.path(), None).await;
     let fp = fingerprint_of(&server, refund("bob", "BA-100", 30_000)).await;
     let token = Grant {
         seed: 1,
@@ -467,10 +468,12 @@ async fn concurrent_retries_with_one_grant_get_exactly_one_allow() {
     .token();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..16 {
-        let (server, token) = (server.clone(), token.clone());
+        let client = leash::check::connect_tcp(&server.addr.to_string())
+            .await
+            .expect("connect");
+        let token = token.clone();
         tasks.spawn(async move {
-            let r = server
-                .decide(with_grant(refund("bob", "BA-100", 30_000), &token))
+            let r = decide_with(&client, with_grant(refund("bob", "BA-100", 30_000), &token))
                 .await
                 .expect("decides");
             (r.decision, r.grant.map(|g| g.outcome).unwrap_or_default())
@@ -485,10 +488,7 @@ async fn concurrent_retries_with_one_grant_get_exactly_one_allow() {
     assert!(outcomes
         .iter()
         .all(|(d, o)| (*d == ALLOW && o == "used") || (*d == DENY && o == "grant_reused")));
-    match Arc::try_unwrap(server) {
-        Ok(server) => server.shutdown().await,
-        Err(_) => panic!("server still shared"),
-    }
+    server.shutdown().await;
 }
 
 #[tokio::test]

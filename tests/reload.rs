@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{request, version_of, KillOnDrop, ReloadingServer, ALLOW, DENY, RELOAD_WAIT};
 use leash::proto::v1 as pb;
-use leash::reload::{ReloadOptions, WatchMode};
+use leash::reload::{ReloadOptions, WatchMode, DEFAULT_SETTLE};
 
 const SCHEMA_DOC: &str = "entity Agent;\nentity Doc;\n\
     action \"read\", \"write\" appliesTo { principal: [Agent], resource: [Doc] };\n";
@@ -190,6 +190,13 @@ impl ConfigMap {
     }
 
     fn update(&mut self, files: &[(&str, &str)]) {
+        self.update_pausing(files, Duration::ZERO);
+    }
+
+    /// An update that stops for `pause` between the `..data` swap and the
+    /// visible links, as a slow kubelet would: a reader of the visible
+    /// links in between finds old and dangling names.
+    fn update_pausing(&mut self, files: &[(&str, &str)], pause: Duration) {
         let old = self.data_dir();
         self.generation += 1;
         let new = self.data_dir();
@@ -204,6 +211,8 @@ impl ConfigMap {
         let tmp = self.root.join("..data_tmp");
         symlink(&new, &tmp).expect("link");
         std::fs::rename(&tmp, self.root.join("..data")).expect("swap ..data");
+        // The stimulus, not a wait for a result.
+        std::thread::sleep(pause);
         // Visible links, one per top-level name (a subdirectory is one
         // link): add the new names, drop the names that are gone.
         let top = |name: &str| name.split('/').next().unwrap_or(name).to_owned();
@@ -231,7 +240,8 @@ impl ConfigMap {
     }
 }
 
-#[tokio::test]
+// Two worker threads: the reloader runs while the update stalls on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configmap_data_swap_is_served_once_without_duplicates() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (policies, schemas) = (dir.path().join("policies"), dir.path().join("schemas"));
@@ -247,8 +257,15 @@ async fn a_configmap_data_swap_is_served_once_without_duplicates() {
         "each file once: nothing read through `..data` or the timestamped directory"
     );
 
-    // A key is renamed and another added in one update.
-    policy_map.update(&[("writes.cedar", WRITE), ("reads.cedar", READ)]);
+    // A key is renamed and another added in one update, whose visible
+    // links lag the swap by many quiet periods: `access.cedar` dangles and
+    // the new names are missing meanwhile.
+    tokio::task::block_in_place(|| {
+        policy_map.update_pausing(
+            &[("writes.cedar", WRITE), ("reads.cedar", READ)],
+            DEFAULT_SETTLE * 8,
+        );
+    });
     let v2 = version_of(&policies, &schemas);
     assert_ne!(v1, v2);
     let status = server.wait_version(&v2).await;
@@ -679,19 +696,37 @@ impl Served {
 /// non-atomic deploy would. The half-way state (new policies, old schema) is
 /// itself a valid bundle, so serving it would go unnoticed by validation:
 /// only the old and the new version may ever be served.
-#[tokio::test]
+///
+/// Two worker threads, so the reloader runs while the writer pauses between
+/// the files; the quiet period is long enough that only a stall of the
+/// machine of seconds could split them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_and_policies_changed_in_place_together_load_as_one() {
+    const QUIET: Duration = Duration::from_secs(2);
     let bundle = Bundle::reads();
     let v1 = bundle.version();
-    let server = Arc::new(bundle.serve(fast()).await);
+    let server = Arc::new(
+        bundle
+            .serve(ReloadOptions {
+                settle: QUIET,
+                ..fast()
+            })
+            .await,
+    );
 
     let served = Served::record(&server);
-    bundle.write("policies/access.cedar", WRITE);
-    let half_way = bundle.version();
-    bundle.write(
-        "schemas/docs.cedarschema",
-        &format!("{SCHEMA_DOC}// v2: the same types, documented\n"),
-    );
+    let half_way = tokio::task::block_in_place(|| {
+        bundle.write("policies/access.cedar", WRITE);
+        let half_way = bundle.version();
+        // A deploy tool between its two writes: the stimulus, not a wait
+        // for a result.
+        std::thread::sleep(QUIET / 10);
+        bundle.write(
+            "schemas/docs.cedarschema",
+            &format!("{SCHEMA_DOC}// v2: the same types, documented\n"),
+        );
+        half_way
+    });
     let v2 = bundle.version();
     assert_ne!(half_way, v2);
     server.wait_version(&v2).await;
