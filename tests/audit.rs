@@ -1067,6 +1067,50 @@ async fn queued_records_whose_write_failed_are_written_once_it_works() {
     ));
 }
 
+/// A shutdown while writes fail: with the disk back just before it (no
+/// wait for health to say so), the answered record and the outage's are
+/// written; still full, the run ends in an error that says what the trail
+/// is missing, so the process exits non-zero.
+#[tokio::test]
+async fn a_shutdown_writes_what_is_owed_or_ends_in_an_error() {
+    for recovers in [true, false] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (server, link) = server_on_full_disk(dir.path(), SyncMode::Queued, false).await;
+        let mut first = allow();
+        first.request_id = "answered-before-the-failure".to_owned();
+        assert_eq!(server.decide(first).await.expect("answers").decision, ALLOW);
+        wait_health(&server, ServingStatus::NotServing).await;
+        assert_eq!(
+            server.decide(allow()).await.expect("answers").decision,
+            DENY
+        );
+        let real = dir.path().join("real.log");
+        if recovers {
+            // No wait for the writer to notice: the shutdown follows at once.
+            repoint(&link, &real);
+        }
+        let ended = server.stop().await;
+        if recovers {
+            assert!(ended.is_ok(), "{ended:?}");
+            let recs = records(&real);
+            assert_eq!(recs.len(), 2, "{recs:?}");
+            assert_eq!(recs[0]["event"], "audit_unavailable");
+            assert_eq!(recs[0]["refused_records"], 1);
+            assert_eq!(recs[1]["request_id"], "answered-before-the-failure");
+        } else {
+            let error = ended
+                .expect_err("the trail is missing a record")
+                .to_string();
+            assert_eq!(
+                error,
+                "audit trail closed with the records of 1 answered decision and the record of \
+                 its outage (1 decision refused) unwritten: writes were failing"
+            );
+            assert!(!real.exists());
+        }
+    }
+}
+
 /// The trail's files in `dir`, in chain order: rotated and set-aside files
 /// by name, then the active one.
 fn trail_files(dir: &Path, active: &Path) -> Vec<PathBuf> {

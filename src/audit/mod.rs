@@ -134,6 +134,44 @@ pub enum AuditError {
     Thread(std::io::Error),
 }
 
+/// Why closing the trail (graceful shutdown) left it short of what was
+/// decided: the process then exits with an error, so whatever restarts it
+/// knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloseError {
+    #[error(
+        "audit trail closed with {} unwritten: writes were failing",
+        unwritten_words(.0)
+    )]
+    Unwritten(writer::Unwritten),
+    #[error(
+        "the audit writer did not finish within {0:?}; records still queued (of decisions \
+         already answered) may be lost"
+    )]
+    TimedOut(std::time::Duration),
+    #[error("the audit writer had stopped unexpectedly; records it held are lost")]
+    WriterStopped,
+}
+
+fn unwritten_words(u: &writer::Unwritten) -> String {
+    let records = (u.records > 0).then(|| {
+        format!(
+            "the records of {} answered decision{}",
+            u.records,
+            if u.records == 1 { "" } else { "s" }
+        )
+    });
+    let outage = u.outage_refused.map(|n| {
+        let s = if n == 1 { "" } else { "s" };
+        format!("the record of its outage ({n} decision{s} refused)")
+    });
+    match (records, outage) {
+        (Some(r), Some(o)) => format!("{r} and {o}"),
+        (Some(one), None) | (None, Some(one)) => one,
+        (None, None) => "nothing".to_owned(),
+    }
+}
+
 /// Whether records can be written, and counts for metrics. Shared by the
 /// writer thread and the request path.
 #[derive(Debug)]
@@ -301,7 +339,7 @@ pub struct Audit {
     hash_context_keys: Vec<String>,
     hash_key: HashKey,
     /// The writer thread, joined at shutdown so the last batch is written.
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<writer::Unwritten>>>,
 }
 
 impl Audit {
@@ -490,8 +528,9 @@ impl Audit {
     }
 
     /// Writes what is queued and stops the writer (graceful shutdown, after
-    /// the last decision): waits for it up to `timeout`.
-    pub fn shutdown(&self, timeout: std::time::Duration) {
+    /// the last decision): waits for it up to `timeout`. An error says what
+    /// the trail is missing (each case is logged too).
+    pub fn shutdown(&self, timeout: std::time::Duration) -> Result<(), CloseError> {
         drop(
             self.jobs
                 .lock()
@@ -503,18 +542,26 @@ impl Audit {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let Some(thread) = thread else { return };
+        let Some(thread) = thread else { return Ok(()) };
         let deadline = std::time::Instant::now() + timeout;
         while !thread.is_finished() {
             if std::time::Instant::now() >= deadline {
-                tracing::error!(
-                    "the audit writer did not finish in time; records still queued may be lost"
-                );
-                return;
+                let error = CloseError::TimedOut(timeout);
+                tracing::error!("{error}");
+                return Err(error);
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let _ = thread.join();
+        match thread.join() {
+            Ok(unwritten) if unwritten.is_empty() => Ok(()),
+            // The writer logged what it could not write.
+            Ok(unwritten) => Err(CloseError::Unwritten(unwritten)),
+            Err(_) => {
+                let error = CloseError::WriterStopped;
+                tracing::error!("{error}");
+                Err(error)
+            }
+        }
     }
 
     /// The record of one decision (or attempt), not yet sealed.
@@ -963,9 +1010,36 @@ mod tests {
         }
         // Nothing was owed, so nothing was written: no outage record.
         drop(jobs);
-        audit.shutdown(std::time::Duration::from_secs(5));
+        assert_eq!(audit.shutdown(std::time::Duration::from_secs(5)), Ok(()));
         let trail = std::fs::read_to_string(dir.path().join("audit.log")).unwrap_or_default();
         assert!(!trail.contains("audit_unavailable"), "{trail}");
+    }
+
+    #[tokio::test]
+    async fn refusals_not_yet_recorded_are_recorded_at_shutdown() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("audit.log");
+        let audit = Audit::start(&AuditOptions {
+            target: AuditTarget::File(path.clone()),
+            sync: SyncMode::Queued,
+            ..AuditOptions::default()
+        })
+        .expect("starts");
+        // Refused on the request path just before the shutdown, with the
+        // writer idle (its own writes fine): only a pass at closing time
+        // can record the outage.
+        audit
+            .status
+            .refused(1, "the audit queue has been full for 10s (a stalled disk?)");
+        assert_eq!(audit.shutdown(std::time::Duration::from_secs(5)), Ok(()));
+        let trail = std::fs::read_to_string(&path).expect("trail");
+        let records: Vec<serde_json::Value> = trail
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        assert_eq!(records.len(), 1, "{trail}");
+        assert_eq!(records[0]["event"], "audit_unavailable");
+        assert_eq!(records[0]["refused_records"], 1);
     }
 
     #[tokio::test]
@@ -981,7 +1055,7 @@ mod tests {
         // answer (before, it got "the audit writer has stopped").
         assert_eq!(audit.append(Vec::new()).await, Ok(()));
         assert!(audit.status.available());
-        audit.shutdown(std::time::Duration::from_secs(5));
+        assert_eq!(audit.shutdown(std::time::Duration::from_secs(5)), Ok(()));
         let trail = std::fs::read_to_string(dir.path().join("audit.log")).unwrap_or_default();
         assert!(trail.is_empty(), "{trail}");
     }

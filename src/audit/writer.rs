@@ -603,7 +603,25 @@ impl Sink {
     }
 }
 
-/// The writer thread's loop; ends when every sender is gone.
+/// What the writer could not write by the time it closed: records already
+/// answered (queued mode) and the record of an outage (decisions refused,
+/// or answered late, while writes failed).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Unwritten {
+    pub records: usize,
+    /// Decisions refused during an outage whose record was not written;
+    /// `None` when no outage record is owed.
+    pub outage_refused: Option<u64>,
+}
+
+impl Unwritten {
+    pub fn is_empty(&self) -> bool {
+        self.records == 0 && self.outage_refused.is_none()
+    }
+}
+
+/// The writer thread's loop; ends when every sender is gone, after one last
+/// attempt at whatever is owed, and says what it could not write.
 ///
 /// `linger`: how long to wait for more records after the first of a batch.
 /// Zero when callers wait for the sync (they are the batch); in the queued
@@ -616,7 +634,7 @@ pub fn run(
     status: Arc<AuditStatus>,
     linger: Duration,
     fail_open: bool,
-) {
+) -> Unwritten {
     // If this thread ends for any reason but a shutdown, the trail is
     // unavailable: decisions are refused and health says so.
     let _stopped = StoppedGuard(status.clone());
@@ -629,16 +647,30 @@ pub fn run(
     let mut retry: Vec<super::Record> = Vec::new();
     let mut last_anchor = Instant::now();
     let mut anchored_seq = head.next_seq;
+    // Set when the last sender is gone (shutdown): one more pass writes
+    // what is owed (an outage's record, answered records to retry, refusals
+    // counted on the request path), then the loop ends.
+    let mut closing = false;
     loop {
+        if closing {
+            break;
+        }
         let first = if status.available() {
             match jobs.blocking_recv() {
                 Some(job) => Some(job),
-                None => break,
+                None => {
+                    closing = true;
+                    None
+                }
             }
         } else {
             match jobs.try_recv() {
                 Ok(job) => Some(job),
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closing = true;
+                    let _ = sink.reopen();
+                    None
+                }
                 Err(mpsc::error::TryRecvError::Empty) => {
                     // Nothing waiting: try on our own (the outage record,
                     // and any records to retry), so the trail recovers
@@ -813,16 +845,32 @@ pub fn run(
             anchored_seq = head.next_seq;
         }
     }
+    let unwritten = Unwritten {
+        records: retry.len(),
+        outage_refused: outage.active().then_some(outage.refused_records),
+    };
     if !retry.is_empty() {
         error!(
             records = retry.len(),
-            "audit trail closed while writes were failing: these queued records are lost"
+            "audit trail closed while writes were failing: these answered decisions' records \
+             are lost"
+        );
+    }
+    if outage.active() {
+        error!(
+            since = outage.since.as_deref().unwrap_or_default(),
+            refused_records = outage.refused_records,
+            late_records = outage.late_records,
+            fail_open = outage.fail_open,
+            error = outage.error.as_str(),
+            "audit trail closed before it could record its outage"
         );
     }
     if head.next_seq != anchored_seq {
         anchor(&head);
     }
     _stopped.disarm();
+    unwritten
 }
 
 /// Marks the trail unavailable if the writer thread ends unexpectedly

@@ -176,6 +176,8 @@ pub enum ServeError {
     Appeared(PathBuf),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}")]
+    AuditClose(crate::audit::CloseError),
     #[error("serving failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("a listener task failed: {0}")]
@@ -708,7 +710,9 @@ impl Server {
         // Every answered decision's record is already written (or queued,
         // in the queued mode); let the writer finish the queue.
         let audit = self.audit.clone();
-        let _ = tokio::task::spawn_blocking(move || audit.shutdown(AUDIT_CLOSE_TIMEOUT)).await;
+        let audit_closed = tokio::task::spawn_blocking(move || audit.shutdown(AUDIT_CLOSE_TIMEOUT))
+            .await
+            .unwrap_or(Err(crate::audit::CloseError::WriterStopped));
         self.telemetry
             .shutdown(SPAN_FLUSH_TIMEOUT.min(self.options.drain_timeout))
             .await;
@@ -727,7 +731,9 @@ impl Server {
         info!("stopped");
         match failure {
             Some(Err(e)) => Err(e),
-            _ => Ok(()),
+            // A trail short of what was decided is a failed run, though
+            // every step of the shutdown went as planned.
+            _ => audit_closed.map_err(ServeError::AuditClose),
         }
     }
 }

@@ -151,14 +151,18 @@ impl TestServer {
     }
 
     /// Stops the server the way SIGTERM does and waits for it to finish.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.stop().await.expect("server ran cleanly");
+    }
+
+    /// As [`Self::shutdown`], returning how the run ended.
+    pub async fn stop(mut self) -> Result<(), leash::server::ServeError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(task) = self.task.take() {
-            task.await
-                .expect("server task")
-                .expect("server ran cleanly");
+        match self.task.take() {
+            Some(task) => task.await.expect("server task"),
+            None => Ok(()),
         }
     }
 
