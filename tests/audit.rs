@@ -633,39 +633,10 @@ fn spawn_serving_to(
     stdout: std::process::Stdio,
     more: &[&str],
 ) -> (KillOnDrop, String) {
-    use std::io::{BufRead, BufReader};
-    let mut child = KillOnDrop(
-        std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
-            .args(["--log-format", "json", "--audit-sync", sync, "--audit-log"])
-            .arg(trail)
-            .args(more)
-            .stdout(stdout)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("starts"),
-    );
-    let stderr = child.0.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut addr = None;
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the server logs in time");
-        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if value["message"] == "listening" {
-            addr = value["address"].as_str().map(str::to_owned);
-        }
-        if value["message"] == "policy bundle loaded" {
-            break;
-        }
-    }
-    (child, addr.expect("address logged"))
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--audit-sync".as_ref(), sync.as_ref()];
+    args.extend(["--audit-log".as_ref(), trail]);
+    args.extend(more.iter().map(|m| m.as_ref() as &std::ffi::OsStr));
+    serve_process(&args, stdout)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -183,6 +183,137 @@ async fn fingerprint_of(server: &ReloadingServer, req: pb::IsAuthorizedRequest) 
     r.approval.expect("approval").fingerprint
 }
 
+/// A caller that goes away (its deadline passes) while the record of its
+/// grant-using decision waits for room in a full audit queue: the record is
+/// written all the same once the trail moves on, so the grant is used with
+/// a record that says so, and a retry is refused as reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_whose_caller_went_away_while_its_record_waited_is_recorded_used() {
+    use std::io::Read as _;
+    let plain = tempfile::tempdir().expect("temp dir");
+    let asking = server(plain.path(), None).await;
+    let fp = fingerprint_of(&asking, refund("bob", "BA-100", 25_000)).await;
+    asking.shutdown().await;
+
+    // The trail on stdout, a pipe unread for now, and a queue of one place.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = bundle(dir.path());
+    let (mut child, addr) = serve_process(
+        &[
+            "--policies".as_ref(),
+            policies.as_os_str(),
+            "--schemas".as_ref(),
+            schemas.as_os_str(),
+            "--audit-log".as_ref(),
+            "-".as_ref(),
+            "--audit-sync".as_ref(),
+            "queued".as_ref(),
+            "--audit-queue-size".as_ref(),
+            "1".as_ref(),
+        ],
+        std::process::Stdio::piped(),
+    );
+    let mut pipe = child.0.stdout.take().expect("stdout");
+    let client = leash::check::connect_tcp(&addr).await.expect("connect");
+    let within = |limit: Duration, req: pb::IsAuthorizedRequest| {
+        let mut client = client.clone();
+        async move {
+            let mut req = tonic::Request::new(req);
+            req.set_timeout(limit);
+            match tokio::time::timeout(limit, client.is_authorized(req)).await {
+                Ok(Ok(answer)) => Some(answer.into_inner()),
+                // The deadline, seen by tonic or by the timer first.
+                Ok(Err(status)) if status.code() == tonic::Code::Cancelled => None,
+                Ok(Err(status)) => panic!("{status:?}"),
+                Err(_) => None,
+            }
+        }
+    };
+    // Allowed calls until the pipe is full, the writer's write blocks, the
+    // queue's place is taken and a call waits for room (its client gives
+    // up after 2 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut n = 0;
+    while let Some(r) = within(
+        Duration::from_secs(2),
+        example(
+            "support-bot",
+            Some("omar"),
+            "tickets:read",
+            "Ticket::\"T-1\"",
+        ),
+    )
+    .await
+    {
+        assert_eq!(r.decision, ALLOW, "{r:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the trail never stalled"
+        );
+        n += 1;
+    }
+    assert!(n > 0);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let token = Grant {
+        seed: 1,
+        kid: "dana-1",
+        approver: "dana",
+        fingerprint: &fp,
+        jti: "g-gone",
+        iat: now,
+        exp: now + 600,
+    }
+    .token();
+    let mut granted = with_grant(refund("bob", "BA-100", 25_000), &token);
+    granted.request_id = "granted".to_owned();
+    assert!(
+        within(Duration::from_secs(1), granted.clone())
+            .await
+            .is_none(),
+        "the grant's call waits for room in the queue, and its client gives up"
+    );
+
+    // The trail moves on: the record of the grant's use is written.
+    let read = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = read.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.lock().expect("lock").extend_from_slice(&buf[..n]);
+        }
+    });
+    let deadline = std::time::Instant::now() + RELOAD_WAIT;
+    let record = loop {
+        let text = String::from_utf8_lossy(&read.lock().expect("lock")).into_owned();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|r| r["request_id"] == "granted");
+        if let Some(record) = found {
+            break record;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the grant was taken, but no record of its use was written"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(record["decision"], "allow", "{record}");
+    assert_eq!(record["grant"]["outcome"], "used", "{record}");
+    assert_eq!(record["grant"]["grant_id"], "g-gone", "{record}");
+    let retry = within(Duration::from_secs(30), granted)
+        .await
+        .expect("answered");
+    assert_eq!(retry.decision, DENY, "{retry:?}");
+    assert_eq!(retry.grant.expect("grant").outcome, "grant_reused");
+}
+
 #[tokio::test]
 async fn a_grant_used_by_a_call_that_could_not_be_recorded_stays_good() {
     // The fingerprint, from a server without a trail on the same bundle.

@@ -160,7 +160,29 @@ impl AuthorizerService {
                 })
             })
             .collect();
-        match self.audit.append(records).await {
+        let used: Vec<(String, String)> = items.iter().filter_map(|(_, d)| used_grant(d)).collect();
+        let appended = if used.is_empty() {
+            self.audit.append(records).await
+        } else {
+            // A decision that used a single-use grant is recorded in a task
+            // of its own: should the caller go away (a deadline, a reset)
+            // while its record waits for room in the queue, the record is
+            // still written or, failing that, the grant given back; never
+            // held used with no record saying so.
+            let (audit, grants) = (self.audit.clone(), self.limiting.used_grants.clone());
+            tokio::spawn(async move {
+                let appended = audit.append(records).await;
+                if appended.is_err() && !audit.fail_open() {
+                    for (approver, id) in &used {
+                        grants.release(approver, id);
+                    }
+                }
+                appended
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("recording failed: {e}")))
+        };
+        match appended {
             Ok(()) => None,
             Err(e) if self.audit.fail_open() => {
                 tracing::error!(
@@ -228,21 +250,22 @@ fn caller<T>(request: &Request<T>) -> String {
     }
 }
 
-impl AuthorizerService {
-    /// A decision that could not be recorded is answered DENY, so the
-    /// single-use approval grant it used stays good for the retry. Limit
-    /// counters it moved are not given back: they over-count, which fails
-    /// closed, and the trail is out only until the disk takes writes again.
-    /// Done before the decision is reported, so metrics and the span say
-    /// `not_used` for a grant that was given back.
-    fn give_back_grant(&self, decided: &mut Decided) {
-        if let Ok(decision) = &mut decided.result {
-            if let Some(grant) = decision.grant.as_mut().filter(|g| g.outcome == "used") {
-                self.limiting
-                    .used_grants
-                    .release(&grant.approver, &grant.grant_id);
-                grant.outcome = "not_used";
-            }
+/// The grant `decided` used, if any, as (approver, id).
+fn used_grant(decided: &Decided) -> Option<(String, String)> {
+    let grant = decided.result.as_ref().ok()?.grant.as_ref()?;
+    (grant.outcome == "used").then(|| (grant.approver.clone(), grant.grant_id.clone()))
+}
+
+/// A decision that could not be recorded is answered DENY, so the
+/// single-use approval grant it used stays good for the retry (`record`
+/// gave it back). Limit counters it moved are not given back: they
+/// over-count, which fails closed, and the trail is out only until the disk
+/// takes writes again. Done before the decision is reported, so metrics and
+/// the span say `not_used` for a grant that was given back.
+fn grant_not_used(decided: &mut Decided) {
+    if let Ok(decision) = &mut decided.result {
+        if let Some(grant) = decision.grant.as_mut().filter(|g| g.outcome == "used") {
+            grant.outcome = "not_used";
         }
     }
 }
@@ -279,7 +302,7 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
             .record(&scope, &self.caller(&request), &snapshot, &[(wire, &d)])
             .await;
         if audit_error.is_some() {
-            self.give_back_grant(&mut d);
+            grant_not_used(&mut d);
         }
         self.report(&scope, None, wire, &d, &snapshot, audit_error.as_deref());
         match (&d.result, audit_error) {
@@ -330,7 +353,7 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
             .record(&scope, &self.caller(&request), &snapshot, &items)
             .await;
         if audit_error.is_some() {
-            decided.iter_mut().for_each(|d| self.give_back_grant(d));
+            decided.iter_mut().for_each(grant_not_used);
         }
         let mut counts = BatchCounts::default();
         let results = requests

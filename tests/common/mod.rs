@@ -440,3 +440,44 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A `leash serve` process on 127.0.0.1:0 (admin listener off, JSON logs)
+/// with `args` added and `stdout` as given; returns it and its gRPC address
+/// once its bundle is loaded (within 30 s).
+pub fn serve_process<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    stdout: std::process::Stdio,
+) -> (KillOnDrop, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
+            .args(["--log-format", "json"])
+            .args(args)
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starts"),
+    );
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut addr = None;
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the server logs in time");
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if value["message"] == "listening" {
+            addr = value["address"].as_str().map(str::to_owned);
+        }
+        if value["message"] == "policy bundle loaded" {
+            break;
+        }
+    }
+    (child, addr.expect("address logged"))
+}
