@@ -1015,6 +1015,28 @@ mod tests {
         assert!(!trail.contains("audit_unavailable"), "{trail}");
     }
 
+    #[test]
+    fn a_second_writer_on_the_same_trail_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = AuditOptions {
+            target: AuditTarget::File(dir.path().join("audit.log")),
+            ..AuditOptions::default()
+        };
+        let first = Audit::start(&options).expect("starts");
+        let error = match Audit::start(&options) {
+            Ok(_) => panic!("a second writer is refused"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            error.contains("is being written by another process"),
+            "{error}"
+        );
+        assert_eq!(first.shutdown(std::time::Duration::from_secs(5)), Ok(()));
+        // Closed, the trail can be taken over (a restart).
+        let next = Audit::start(&options).expect("starts once the first has closed");
+        assert_eq!(next.shutdown(std::time::Duration::from_secs(5)), Ok(()));
+    }
+
     #[tokio::test]
     async fn refusals_not_yet_recorded_are_recorded_at_shutdown() {
         let dir = tempfile::tempdir().expect("temp dir");

@@ -90,6 +90,10 @@ pub struct FileSink {
     max_bytes: u64,
     /// A failed batch's bytes still to cut off: (inode, good length).
     cut_to: Option<(u64, u64)>,
+    /// The file was created and its directory entry is not yet known to be
+    /// on disk: no record goes into it until it is (a power loss would
+    /// take the file, and every record in it, away).
+    entry_unsynced: bool,
 }
 
 /// Opens the sink and finds the chain's head, continuing from the last good
@@ -101,13 +105,21 @@ pub fn open(target: &AuditTarget, max_bytes: u64) -> Result<(Sink, Head), String
         AuditTarget::Off => Err("no audit target".to_owned()),
         AuditTarget::Stdout => Ok((Sink::Stdout, Head::genesis())),
         AuditTarget::File(path) => {
+            // Before anything is read or moved: a second leash on this
+            // trail would set the first one's line in progress aside as
+            // torn, and cut its records off after a failed write.
+            let held = lock_existing(path)?;
             let head = recover_head(path)?;
+            // The sink's own handle takes the lock over (two handles of one
+            // process would exclude each other).
+            drop(held);
             let mut sink = FileSink {
                 path: path.clone(),
                 file: None,
                 good_len: 0,
                 max_bytes,
                 cut_to: None,
+                entry_unsynced: false,
             };
             sink.reopen()?;
             Ok((Sink::File(sink), head))
@@ -225,7 +237,7 @@ fn unlink_if_also_rotated(path: &Path) -> Result<(), String> {
     if let Some(rotated) = same {
         std::fs::remove_file(path)
             .map_err(|e| format!("cannot remove `{}`: {e}", path.display()))?;
-        sync_dir(path);
+        sync_dir(path)?;
         warn!(
             file = %rotated.display(),
             "the active audit file was also a rotated one (a move cut short); kept as rotated"
@@ -262,7 +274,12 @@ fn move_without_overwriting(from: &Path, to: &Path) -> Result<(), String> {
             to.display()
         )
     })?;
-    sync_dir(from);
+    // The move is made; only its name may not survive a power loss, and
+    // the records are in the file whatever its name. The new file that
+    // follows is not written to until its own entry is synced.
+    if let Err(e) = sync_dir(from) {
+        warn!(error = %e, "a moved audit file's new name may not be on disk yet");
+    }
     Ok(())
 }
 
@@ -312,15 +329,47 @@ fn rename_noreplace(_from: &Path, _to: &Path) -> Option<std::io::Result<()>> {
     None
 }
 
+/// Locks `file` (the active audit file) for this process alone: refused
+/// when another process holds it. Where the file system cannot lock, the
+/// trail is written unlocked, with a warning.
+fn lock(file: &File, path: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: `flock` on a descriptor `file` owns for the whole call; the
+    // lock goes with the descriptor when it is closed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        return Err(format!(
+            "`{}` is being written by another process (a second leash on the same trail?)",
+            path.display()
+        ));
+    }
+    warn!(file = %path.display(), error = %e, "cannot lock the audit file; writing it unlocked");
+    Ok(())
+}
+
+/// The existing audit file at `path`, locked (see [`lock`]); `None` when
+/// there is none yet.
+fn lock_existing(path: &Path) -> Result<Option<File>, String> {
+    match OpenOptions::new().append(true).open(path) {
+        Ok(file) => lock(&file, path).map(|()| Some(file)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot open `{}`: {e}", path.display())),
+    }
+}
+
 /// Makes a new or renamed entry in the file's directory durable.
-fn sync_dir(path: &Path) {
+fn sync_dir(path: &Path) -> Result<(), String> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    if let Ok(dir) = File::open(dir) {
-        let _ = dir.sync_all();
-    }
+    File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| format!("cannot sync the directory `{}`: {e}", dir.display()))
 }
 
 fn read_tail(path: &Path, window: u64) -> std::io::Result<String> {
@@ -490,14 +539,20 @@ fn rotated_files(path: &Path) -> Vec<PathBuf> {
 impl FileSink {
     fn reopen(&mut self) -> Result<(), String> {
         use std::os::unix::fs::MetadataExt as _;
+        // Closed first: its lock would refuse the new handle's when both
+        // are of one file.
+        self.file = None;
         let existed = self.path.exists();
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)
             .map_err(|e| format!("cannot open `{}`: {e}", self.path.display()))?;
-        if !existed {
-            sync_dir(&self.path);
+        lock(&file, &self.path)?;
+        self.entry_unsynced |= !existed;
+        if self.entry_unsynced {
+            sync_dir(&self.path)?;
+            self.entry_unsynced = false;
         }
         let meta = file
             .metadata()
@@ -544,7 +599,11 @@ impl FileSink {
         if let Err(e) = written {
             // Cut any partial batch off, so the chain on disk stays whole;
             // reopen next time (the file may have been removed or replaced).
-            if file.set_len(self.good_len).is_err() {
+            // Never lengthened: a file shorter than what leash wrote was
+            // cut by someone else, and padding it would add damage.
+            let cut = file.metadata().is_ok_and(|m| m.len() < self.good_len)
+                || file.set_len(self.good_len).is_ok();
+            if !cut {
                 use std::os::unix::fs::MetadataExt as _;
                 self.cut_to = file.metadata().ok().map(|m| (m.ino(), self.good_len));
             }
