@@ -497,7 +497,7 @@ pub fn apply(
             // and a fingerprint would let their readers confirm guesses of
             // the request's values. `leash grant inspect` shows the grant's.
             let detail = format!(
-                "grant `{}` approves another request, not this one (its `fp` differs from \
+                "grant `{}` approves another request, not this one (its `fingerprint` differs from \
                  this request's fingerprint)",
                 c.jti
             );
