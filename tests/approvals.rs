@@ -139,10 +139,11 @@ async fn a_gated_permit_asks_for_approval_with_a_fingerprint_of_exactly_that_req
     ] {
         assert_eq!(fingerprint(ask(same).await), approval.fingerprint);
     }
-    // Any other request has another: amount, resource, user, a context
-    // attribute dropped, and the agent acting alone (denied outright: a
-    // consequential action needs a user).
+    // Any other request has another: a context attribute dropped, the
+    // amount, the resource, the user. (The agent acting alone is denied
+    // outright: a consequential action needs a user; checked below.)
     let mut others = vec![
+        fingerprint(ask(refund(Some("omar"), "BA-100", &json)).await),
         fingerprint(ask(refund(Some("bob"), "BA-100", r#"{"amount_cents": 50000}"#)).await),
         fingerprint(
             ask(refund(
@@ -205,7 +206,7 @@ async fn a_gated_permit_asks_for_approval_with_a_fingerprint_of_exactly_that_req
             &metrics,
             "leash_decisions_total{decision=\"approval_required\",action=\"payments:refund\"}"
         ),
-        12.0,
+        13.0,
         "{metrics}"
     );
     server.shutdown().await;
@@ -216,8 +217,8 @@ async fn a_gated_permit_asks_for_approval_with_a_fingerprint_of_exactly_that_req
         .iter()
         .filter(|r| r["decision"] == "approval_required")
         .collect();
-    // Twelve refunds and one deletion.
-    assert_eq!(asked.len(), 13);
+    // Thirteen refunds and one deletion.
+    assert_eq!(asked.len(), 14);
     // Not as is: its context is not recorded in clear (tests/audit.rs has
     // the cases).
     assert_eq!(asked[0]["approval"]["fingerprint"], "[redacted]");

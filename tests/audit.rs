@@ -705,12 +705,7 @@ async fn a_crash_under_load_keeps_every_answered_decision_and_the_chain_goes_on(
     for _ in 0..5 {
         decide_with(&client, allow()).await.expect("decides");
     }
-    let pid = child.0.id().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    child.0.wait().expect("exits");
+    terminate(&mut child);
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
         .expect("dir")
         .filter_map(Result::ok)
@@ -905,29 +900,8 @@ async fn a_caller_on_the_unix_socket_is_named_by_its_process_and_user() {
 
 #[test]
 fn the_trail_can_go_to_stdout_for_a_log_collector() {
-    use std::io::{BufRead, BufReader};
-    let mut child = KillOnDrop(
-        std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"])
-            .args(["--log-format", "json", "--audit-log", "-"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("starts"),
-    );
-    let stderr = BufReader::new(child.0.stderr.take().expect("stderr"));
+    let (mut child, addr) = serve_process(&["--audit-log", "-"], std::process::Stdio::piped());
     let mut stdout = child.0.stdout.take().expect("stdout");
-    let mut addr = None;
-    for line in stderr.lines().map_while(Result::ok) {
-        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if value["message"] == "listening" {
-            addr = value["address"].as_str().map(str::to_owned);
-        }
-        if value["message"] == "policy bundle loaded" {
-            break;
-        }
-    }
-    let addr = addr.expect("address logged");
     for _ in 0..3 {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_leash"))
             .args([
@@ -948,15 +922,14 @@ fn the_trail_can_go_to_stdout_for_a_log_collector() {
             .expect("runs");
         assert_eq!(out.status.code(), Some(0));
     }
-    let pid = child.0.id().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
     // To its end: the sidecar closes stdout when it exits.
-    let mut captured_text = Vec::new();
-    std::io::Read::read_to_end(&mut stdout, &mut captured_text).expect("read stdout");
-    assert!(child.0.wait().expect("exits").success());
+    let reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut text).expect("read stdout");
+        text
+    });
+    assert!(terminate(&mut child).success());
+    let captured_text = reader.join().expect("reader");
     let dir = tempfile::tempdir().expect("temp dir");
     let captured = dir.path().join("stdout.log");
     std::fs::write(&captured, &captured_text).expect("write");
@@ -1341,12 +1314,7 @@ fn terminated_and_drained(
     read: &std::sync::Mutex<Vec<u8>>,
     last: u64,
 ) -> Vec<serde_json::Value> {
-    let stopped = std::process::Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(stopped.success());
-    child.0.wait().expect("wait");
+    terminate(child);
     drained_through(dir, read, last)
 }
 

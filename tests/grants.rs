@@ -183,6 +183,76 @@ async fn fingerprint_of(server: &ReloadingServer, req: pb::IsAuthorizedRequest) 
     r.approval.expect("approval").fingerprint
 }
 
+/// An approval-gated permit with a rate: APPROVAL_REQUIRED answers do not
+/// count against the rate (they allow nothing); a grant's call that the
+/// spent rate then refuses gives the grant back, good for a retry once the
+/// rate has room.
+#[tokio::test]
+async fn approvals_do_not_spend_a_rate_and_a_grant_the_rate_refuses_is_given_back() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (policies, schemas) = bundle(dir.path());
+    let agent_file = policies.join("agents/billing-agent.cedar");
+    let text = std::fs::read_to_string(&agent_file).expect("read");
+    let gated = "@id(\"billing-agent-refunds-approved\")\n@approval(\"required\")\n";
+    assert!(text.contains(gated));
+    std::fs::write(
+        &agent_file,
+        text.replace(gated, &format!("{gated}@rate(\"1/minute\")\n")),
+    )
+    .expect("write");
+    let clock = held_clock();
+    let server = serve(
+        &policies,
+        &schemas,
+        ServerOptions {
+            clock: clock.clone(),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let fp = |cents| {
+        let server = &server;
+        async move { fingerprint_of(server, refund("bob", "BA-100", cents)).await }
+    };
+    // Asked for approval again and again: nothing is counted.
+    let (first, second) = (fp(25_000).await, fp(26_000).await);
+    for _ in 0..3 {
+        assert_eq!(fp(25_000).await, first);
+    }
+    let grant = |fingerprint: &str, jti: &str| {
+        Grant {
+            seed: 1,
+            kid: "dana-1",
+            approver: "dana",
+            fingerprint,
+            jti,
+            iat: NOW,
+            exp: NOW + 600,
+        }
+        .token()
+    };
+    let used = ask(
+        &server,
+        with_grant(refund("bob", "BA-100", 25_000), &grant(&first, "g-first")),
+    )
+    .await;
+    assert_eq!(used.decision, ALLOW, "the rate had room: {used:?}");
+    assert_eq!(used.grant.expect("grant").outcome, "used");
+    // The rate is spent: the second grant's call is refused, the grant
+    // given back.
+    let second_grant = grant(&second, "g-second");
+    let call = || with_grant(refund("bob", "BA-100", 26_000), &second_grant);
+    let refused = ask(&server, call()).await;
+    assert_eq!(refused.decision, DENY, "{refused:?}");
+    assert_eq!(refused.limited.expect("limited").reason, "rate_limited");
+    assert_eq!(refused.grant.expect("grant").outcome, "not_used");
+    clock.advance(Duration::from_secs(61));
+    let retried = ask(&server, call()).await;
+    assert_eq!(retried.decision, ALLOW, "{retried:?}");
+    assert_eq!(retried.grant.expect("grant").outcome, "used");
+    server.shutdown().await;
+}
+
 /// A caller that goes away (its deadline passes) while the record of its
 /// grant-using decision waits for room in a full audit queue: the record is
 /// written all the same once the trail moves on, so the grant is used with

@@ -317,6 +317,25 @@ async fn check_prints_both_sides_and_exits_by_decision() {
         "{stdout}"
     );
 
+    // A refund over the threshold waits for a person: exit 3, with what to
+    // put before them.
+    let out = run(&[
+        "--agent",
+        "Agent::\"billing-agent\"",
+        "--user",
+        "User::\"bob\"",
+        "--action",
+        "Action::\"payments:refund\"",
+        "--resource",
+        "BillingAccount::\"BA-100\"",
+        "--context",
+        r#"{"amount_cents": 25000}"#,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(stdout.starts_with("APPROVAL_REQUIRED: "), "{stdout}");
+    assert!(stdout.contains("  fingerprint sha256:"), "{stdout}");
+
     let out = run(&[
         "--agent",
         "Agent::\"support-bot\"",
@@ -487,47 +506,45 @@ fn serve_exits_non_zero_on_an_invalid_bundle_and_bad_flags() {
         "policies/broken.cedar",
         "permit (principal, action, resource) when {",
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_leash"))
-        .current_dir(bundle.dir.path())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--policies",
-            "policies",
-            "--schemas",
-            "schemas",
-        ])
-        .output()
-        .expect("runs and exits");
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_leash"))
+            .current_dir(bundle.dir.path())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--policies",
+                "policies",
+                "--schemas",
+                "schemas",
+            ]),
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("policies/broken.cedar:1:"));
 
-    let out = Command::new(env!("CARGO_BIN_EXE_leash"))
-        .args(["--listen", "0.0.0.0:0"])
-        .output()
-        .expect("runs and exits");
+    let out =
+        output_within(Command::new(env!("CARGO_BIN_EXE_leash")).args(["--listen", "0.0.0.0:0"]));
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a loopback address"));
 
     // An address already taken: the error names the listener's flag.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_leash"))
-        .current_dir(bundle.dir.path())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            &addr,
-            "--audit-log",
-            "none",
-        ])
-        .output()
-        .expect("runs and exits");
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_leash"))
+            .current_dir(bundle.dir.path())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                &addr,
+                "--audit-log",
+                "none",
+            ]),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -539,12 +556,11 @@ fn serve_exits_non_zero_on_an_invalid_bundle_and_bad_flags() {
 #[test]
 fn usage_mistakes_exit_64_never_a_decisions_code() {
     let run = |args: &[&str], env: &[(&str, &str)]| {
-        Command::new(env!("CARGO_BIN_EXE_leash"))
-            .args(args)
-            .envs(env.iter().copied())
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("runs and exits")
+        output_within(
+            Command::new(env!("CARGO_BIN_EXE_leash"))
+                .args(args)
+                .envs(env.iter().copied()),
+        )
     };
     // `check` exits 2 for DENY and `audit verify` 2 for a partial trail:
     // a typo must not read as either.
@@ -721,13 +737,7 @@ fn serve_with_no_flags_serves_the_example_until_sigterm() {
         "no trace, no trace_id: {deny}"
     );
 
-    let pid = child.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
-    let status = child.0.wait().expect("exits");
+    let status = terminate(&mut child);
     assert_eq!(status.code(), Some(0));
     // Logged before it exited (the log ends there, so a missing line fails
     // here rather than waiting).
@@ -1338,10 +1348,11 @@ fn worker_threads_default_to_the_usable_cpus_and_follow_the_flag_only() {
         ]),
         cpus + 1
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_leash"))
-        .args(["serve", "--worker-threads", "0"])
-        .output()
-        .expect("runs");
+    let out = output_within(Command::new(env!("CARGO_BIN_EXE_leash")).args([
+        "serve",
+        "--worker-threads",
+        "0",
+    ]));
     assert_eq!(out.status.code(), Some(64));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--worker-threads: must be between 1 and"),

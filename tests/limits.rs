@@ -312,6 +312,47 @@ async fn decimal_budgets_count_exactly_per_agent_and_session_in_every_input_form
     server.shutdown().await;
 }
 
+/// With every counter slot held by a live key, a limited permit is denied
+/// (`limit_capacity`), never let through uncounted; once keys go idle,
+/// there is room again.
+#[tokio::test]
+async fn a_full_counter_table_denies_rather_than_uncounted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock = Clock::manual(start_time());
+    let options = ServerOptions {
+        clock: clock.clone(),
+        max_limit_keys: 16,
+        ..ServerOptions::default()
+    };
+    let server = server_with(dir.path(), "3/minute", options).await;
+    let (mut allowed, mut full) = (0, 0);
+    for i in 0..200 {
+        let r = ask(&server, buy(Some(&format!("s-{i}")), "1.00", i)).await;
+        match r.limited {
+            None => {
+                assert_eq!(r.decision, ALLOW, "{r:?}");
+                allowed += 1;
+            }
+            Some(limited) => {
+                assert_eq!(r.decision, DENY, "{limited:?}");
+                assert_eq!(limited.reason, "limit_capacity", "{limited:?}");
+                assert!(limited.detail.contains("denied rather than uncounted"));
+                full += 1;
+            }
+        }
+    }
+    // 16 slots in all: each session's counter holds one until it goes idle.
+    assert!(allowed <= 16, "{allowed} sessions counted in 16 slots");
+    assert_eq!(allowed + full, 200);
+    // An hour on, every budget has refilled: the idle keys make room.
+    clock.advance(Duration::from_secs(3600));
+    assert_eq!(
+        ask(&server, buy(Some("s-new"), "1.00", 0)).await.decision,
+        ALLOW
+    );
+    server.shutdown().await;
+}
+
 // Two worker threads and a connection per client, so decisions really run at
 // the same time: on one thread the handler's synchronous count could not race.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1069,12 +1069,7 @@ fn sighup_reloads_and_leash_status_reports() {
         "{text}"
     );
 
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .expect("kill")
-        .success());
-    assert_eq!(child.0.wait().expect("exits").code(), Some(0));
+    assert_eq!(common::terminate(&mut child).code(), Some(0));
 }
 
 /// A writer that truncates a policy file and pauses (far longer than the
@@ -1128,7 +1123,7 @@ async fn a_file_still_written_in_a_new_directory_is_served_only_when_finished() 
     let server = Arc::new(
         bundle
             .serve(ReloadOptions {
-                settle: Duration::from_millis(200),
+                settle: Duration::from_secs(1),
                 ..fast()
             })
             .await,

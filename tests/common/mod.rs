@@ -481,3 +481,55 @@ pub fn serve_process<S: AsRef<std::ffi::OsStr>>(
     }
     (child, addr.expect("address logged"))
 }
+
+/// Runs `cmd` to its exit, within 60 s (killed, and the test failed, after
+/// that), in a temporary working directory unless it names one: a
+/// regression that starts serving instead of exiting then neither hangs the
+/// test nor writes a trail into the source tree.
+pub fn output_within(cmd: &mut std::process::Command) -> std::process::Output {
+    let cwd = tempfile::tempdir().expect("temp dir");
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(cwd.path());
+    }
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(output) => output.expect("runs"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{cmd:?} did not exit within 60 s");
+        }
+    }
+}
+
+/// Sends `child` SIGTERM and waits for it to exit (failing the test after
+/// 60 s).
+pub fn terminate(child: &mut KillOnDrop) -> std::process::ExitStatus {
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "SIGTERM not sent");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leash did not exit within 60 s of SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
