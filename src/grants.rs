@@ -653,3 +653,33 @@ pub fn public_key_text(key: &SigningKey) -> String {
         URL_SAFE_NO_PAD.encode(key.verifying_key().to_bytes())
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn used_ids_fill_up_to_the_cap_then_refuse_until_one_expires() {
+        let used = UsedGrants::default();
+        let now = 1_000;
+        // All but one live for an hour; the last lives ten seconds.
+        for i in 0..MAX_USED_GRANTS - 1 {
+            assert_eq!(used.take("dana", &format!("g-{i}"), now + 3600, now), Ok(()));
+        }
+        assert_eq!(used.take("dana", "short", now + 10, now), Ok(()));
+        assert_eq!(used.len(), MAX_USED_GRANTS);
+        // Full of unexpired ids: refused, and nothing forgotten.
+        assert_eq!(
+            used.take("eve", "one-more", now + 60, now),
+            Err(Rejection::Capacity)
+        );
+        assert_eq!(
+            used.take("dana", "g-0", now + 3600, now),
+            Err(Rejection::Reused)
+        );
+        // Once one has expired, its slot is free.
+        assert_eq!(used.take("eve", "one-more", now + 60, now + 10), Ok(()));
+        assert_eq!(used.len(), MAX_USED_GRANTS);
+        assert!(!used.is_used("dana", "short"), "the expired id is forgotten");
+    }
+}
