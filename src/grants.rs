@@ -664,7 +664,10 @@ mod tests {
         let now = 1_000;
         // All but one live for an hour; the last lives ten seconds.
         for i in 0..MAX_USED_GRANTS - 1 {
-            assert_eq!(used.take("dana", &format!("g-{i}"), now + 3600, now), Ok(()));
+            assert_eq!(
+                used.take("dana", &format!("g-{i}"), now + 3600, now),
+                Ok(())
+            );
         }
         assert_eq!(used.take("dana", "short", now + 10, now), Ok(()));
         assert_eq!(used.len(), MAX_USED_GRANTS);
@@ -680,6 +683,9 @@ mod tests {
         // Once one has expired, its slot is free.
         assert_eq!(used.take("eve", "one-more", now + 60, now + 10), Ok(()));
         assert_eq!(used.len(), MAX_USED_GRANTS);
-        assert!(!used.is_used("dana", "short"), "the expired id is forgotten");
+        assert!(
+            !used.is_used("dana", "short"),
+            "the expired id is forgotten"
+        );
     }
 }

@@ -1476,6 +1476,34 @@ async fn queued_mode_a_write_stalled_past_the_bound_refuses_until_it_completes_a
     );
 }
 
+/// A write stuck with nobody waiting on it (queued mode, the calls that
+/// filled the pipe all answered): health turns NOT_SERVING all the same
+/// once it has been stuck 10 s, and SERVING again when it completes.
+#[tokio::test]
+async fn a_write_stuck_without_traffic_turns_health_not_serving() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, addr) = spawn_serving_to_pipe("queued", &["--audit-queue-size", "65536"]);
+    let pipe = child.0.stdout.take().expect("stdout");
+    let mut client = leash::check::connect_tcp(&addr).await.expect("connect");
+    // Far more than the pipe holds, each answered once queued; then none.
+    for n in 0..1_000 {
+        let r = ask_numbered(&mut client, n).await;
+        assert_eq!((r.decision, r.error), (ALLOW, None));
+    }
+    wait_grpc_health(&addr, ServingStatus::NotServing).await;
+    let read = drain(pipe);
+    wait_grpc_health(&addr, ServingStatus::Serving).await;
+    let recs = terminated_and_drained(&mut child, dir.path(), &read, 999);
+    // Nothing answered was lost, and no decision was refused, so there is
+    // no outage to record.
+    let ids: std::collections::HashSet<&str> = recs
+        .iter()
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 1_000);
+    assert!(recs.iter().all(|r| r["event"] != "audit_unavailable"));
+}
+
 #[tokio::test]
 async fn queued_mode_a_queue_full_past_the_bound_refuses_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");

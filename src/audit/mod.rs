@@ -479,12 +479,7 @@ impl Audit {
                 }
             }
             SyncMode::Queued => {
-                if self.status.stalled() && self.status.available() {
-                    self.status.failed(format!(
-                        "an audit write has not completed in {}s (a stalled disk?)",
-                        WRITE_STALL.as_secs()
-                    ));
-                }
+                self.check_stall();
                 // Records queued while writes fail would be lost: refuse.
                 // An unavailable trail without an error has recovered
                 // since (they change together): queue as usual.
@@ -524,6 +519,18 @@ impl Audit {
                     }
                 }
             }
+        }
+    }
+
+    /// Marks the trail unavailable once a write has been in progress for
+    /// longer than [`WRITE_STALL`] (a hung disk). Called on the request
+    /// path and by the server's timer, so health says so without traffic.
+    pub fn check_stall(&self) {
+        if self.status.stalled() && self.status.available() {
+            self.status.failed(format!(
+                "an audit write has not completed in {}s (a stalled disk?)",
+                WRITE_STALL.as_secs()
+            ));
         }
     }
 

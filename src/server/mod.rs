@@ -664,6 +664,9 @@ impl Server {
 
         // Health follows the audit trail's availability while serving.
         let mut audit_changes = self.audit.status().subscribe();
+        // A write stuck while no decision waits on it is noticed too.
+        let mut stall_check = tokio::time::interval(Duration::from_secs(1));
+        stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failure = None;
         let shutdown = std::pin::pin!(shutdown);
         let mut shutdown = shutdown;
@@ -679,6 +682,9 @@ impl Server {
                 }
                 Ok(()) = audit_changes.changed(), if self.audit.enabled() => {
                     self.refresh_health().await;
+                }
+                _ = stall_check.tick(), if self.audit.enabled() => {
+                    self.audit.check_stall();
                 }
             }
         }
