@@ -984,18 +984,24 @@ async fn an_outage_ended_by_traffic_is_recorded_before_the_decisions_after_it() 
     ));
 }
 
+/// A queued-mode server on a full disk that has answered one decision
+/// (`answered-before-the-failure`, whose write then failed) and refused the
+/// next, as the trail is known to be unavailable; and the trail's link.
+async fn answered_then_refused_on_a_full_disk(dir: &Path) -> (TestServer, PathBuf) {
+    let (server, link) = server_on_full_disk(dir, SyncMode::Queued, false).await;
+    let mut first = allow();
+    first.request_id = "answered-before-the-failure".to_owned();
+    assert_eq!(server.decide(first).await.expect("answers").decision, ALLOW);
+    wait_health(&server, ServingStatus::NotServing).await;
+    let refused = server.decide(allow()).await.expect("answers");
+    assert_eq!(refused.decision, DENY);
+    (server, link)
+}
+
 #[tokio::test]
 async fn queued_records_whose_write_failed_are_written_once_it_works() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (server, link) = server_on_full_disk(dir.path(), SyncMode::Queued, false).await;
-    let mut first = allow();
-    first.request_id = "answered-before-the-failure".to_owned();
-    // Queued: answered before the write, which then fails.
-    assert_eq!(server.decide(first).await.expect("answers").decision, ALLOW);
-    wait_health(&server, ServingStatus::NotServing).await;
-    // Now refused, as the trail is known to be unavailable.
-    let refused = server.decide(allow()).await.expect("answers");
-    assert_eq!(refused.decision, DENY);
+    let (server, link) = answered_then_refused_on_a_full_disk(dir.path()).await;
     let real = dir.path().join("real.log");
     repoint(&link, &real);
     wait_health(&server, ServingStatus::Serving).await;
@@ -1019,15 +1025,7 @@ async fn queued_records_whose_write_failed_are_written_once_it_works() {
 async fn a_shutdown_writes_what_is_owed_or_ends_in_an_error() {
     for recovers in [true, false] {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (server, link) = server_on_full_disk(dir.path(), SyncMode::Queued, false).await;
-        let mut first = allow();
-        first.request_id = "answered-before-the-failure".to_owned();
-        assert_eq!(server.decide(first).await.expect("answers").decision, ALLOW);
-        wait_health(&server, ServingStatus::NotServing).await;
-        assert_eq!(
-            server.decide(allow()).await.expect("answers").decision,
-            DENY
-        );
+        let (server, link) = answered_then_refused_on_a_full_disk(dir.path()).await;
         let real = dir.path().join("real.log");
         if recovers {
             // No wait for the writer to notice: the shutdown follows at once.
@@ -1203,23 +1201,6 @@ async fn restarts_after_repeated_crashes_and_damage_keep_one_chain() {
         .map(|r| r["seq"].as_u64().expect("seq"))
         .collect();
     assert_eq!(seqs, [7]);
-}
-
-/// Reads `pipe` to its end on a thread of its own; the text read so far.
-fn drain(mut pipe: std::process::ChildStdout) -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
-    use std::io::Read as _;
-    let read = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let into = read.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 65536];
-        while let Ok(n) = pipe.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            into.lock().expect("lock").extend_from_slice(&buf[..n]);
-        }
-    });
-    read
 }
 
 /// The records a drained trail holds, once its chain verifies.

@@ -100,6 +100,17 @@ fn held_options() -> ServerOptions {
     }
 }
 
+/// A server on `policies` and `schemas` with leash's clock held at `NOW`,
+/// and that clock, to move.
+async fn serve_held(policies: &Path, schemas: &Path) -> (ReloadingServer, Clock) {
+    let clock = held_clock();
+    let options = ServerOptions {
+        clock: clock.clone(),
+        ..ServerOptions::default()
+    };
+    (serve(policies, schemas, options).await, clock)
+}
+
 /// A server on `policies` and `schemas` with `options` (whose clock the
 /// caller sets, usually `held_clock()`).
 async fn serve(policies: &Path, schemas: &Path, options: ServerOptions) -> ReloadingServer {
@@ -200,16 +211,7 @@ async fn approvals_do_not_spend_a_rate_and_a_grant_the_rate_refuses_is_given_bac
         text.replace(gated, &format!("{gated}@rate(\"1/minute\")\n")),
     )
     .expect("write");
-    let clock = held_clock();
-    let server = serve(
-        &policies,
-        &schemas,
-        ServerOptions {
-            clock: clock.clone(),
-            ..ServerOptions::default()
-        },
-    )
-    .await;
+    let (server, clock) = serve_held(&policies, &schemas).await;
     let fp = |cents| {
         let server = &server;
         async move { fingerprint_of(server, refund("bob", "BA-100", cents)).await }
@@ -259,7 +261,6 @@ async fn approvals_do_not_spend_a_rate_and_a_grant_the_rate_refuses_is_given_bac
 /// a record that says so, and a retry is refused as reused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_whose_caller_went_away_while_its_record_waited_is_recorded_used() {
-    use std::io::Read as _;
     let plain = tempfile::tempdir().expect("temp dir");
     let asking = server(plain.path(), None).await;
     let fp = fingerprint_of(&asking, refund("bob", "BA-100", 25_000)).await;
@@ -283,7 +284,7 @@ async fn a_grant_whose_caller_went_away_while_its_record_waited_is_recorded_used
         ],
         std::process::Stdio::piped(),
     );
-    let mut pipe = child.0.stdout.take().expect("stdout");
+    let pipe = child.0.stdout.take().expect("stdout");
     let client = leash::check::connect_tcp(&addr).await.expect("connect");
     let within = |limit: Duration, req: pb::IsAuthorizedRequest| {
         let mut client = client.clone();
@@ -347,17 +348,7 @@ async fn a_grant_whose_caller_went_away_while_its_record_waited_is_recorded_used
     );
 
     // The trail moves on: the record of the grant's use is written.
-    let read = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let into = read.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 65536];
-        while let Ok(n) = pipe.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            into.lock().expect("lock").extend_from_slice(&buf[..n]);
-        }
-    });
+    let read = drain(pipe);
     let deadline = std::time::Instant::now() + RELOAD_WAIT;
     let record = loop {
         let text = String::from_utf8_lossy(&read.lock().expect("lock")).into_owned();
@@ -1084,16 +1075,7 @@ fn elevation(
 async fn an_elevation_holds_only_within_its_window_for_its_agent_and_user() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (policies, schemas) = bundle(dir.path());
-    let clock = held_clock();
-    let server = serve(
-        &policies,
-        &schemas,
-        ServerOptions {
-            clock: clock.clone(),
-            ..ServerOptions::default()
-        },
-    )
-    .await;
+    let (server, clock) = serve_held(&policies, &schemas).await;
     // The Support Bot may not open tickets; in the escalation role it may.
     let open = open_ticket;
     let bot = "Agent::\"support-bot\"";

@@ -533,3 +533,21 @@ pub fn terminate(child: &mut KillOnDrop) -> std::process::ExitStatus {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Reads `pipe` (a child's stdout) to its end on a thread of its own;
+/// what was read so far is in the buffer returned.
+pub fn drain(mut pipe: std::process::ChildStdout) -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    use std::io::Read as _;
+    let read = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = read.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.lock().expect("lock").extend_from_slice(&buf[..n]);
+        }
+    });
+    read
+}
