@@ -1466,22 +1466,23 @@ async fn a_write_stuck_without_traffic_turns_health_not_serving() {
     let (mut child, addr) = spawn_serving_to_pipe("queued", &["--audit-queue-size", "65536"]);
     let pipe = child.0.stdout.take().expect("stdout");
     let mut client = leash::check::connect_tcp(&addr).await.expect("connect");
-    // Far more than the pipe holds, each answered once queued; then none.
-    for n in 0..1_000 {
+    // More than the pipe holds (about 500 bytes each), each answered once
+    // queued; then none.
+    for n in 0..400 {
         let r = ask_numbered(&mut client, n).await;
         assert_eq!((r.decision, r.error), (ALLOW, None));
     }
     wait_grpc_health(&addr, ServingStatus::NotServing).await;
     let read = drain(pipe);
     wait_grpc_health(&addr, ServingStatus::Serving).await;
-    let recs = terminated_and_drained(&mut child, dir.path(), &read, 999);
+    let recs = terminated_and_drained(&mut child, dir.path(), &read, 399);
     // Nothing answered was lost, and no decision was refused, so there is
     // no outage to record.
     let ids: std::collections::HashSet<&str> = recs
         .iter()
         .filter_map(|r| r["request_id"].as_str())
         .collect();
-    assert_eq!(ids.len(), 1_000);
+    assert_eq!(ids.len(), 400);
     assert!(recs.iter().all(|r| r["event"] != "audit_unavailable"));
 }
 

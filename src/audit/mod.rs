@@ -161,9 +161,10 @@ fn unwritten_words(u: &writer::Unwritten) -> String {
             if u.records == 1 { "" } else { "s" }
         )
     });
-    let outage = u.outage_refused.map(|n| {
-        let s = if n == 1 { "" } else { "s" };
-        format!("the record of its outage ({n} decision{s} refused)")
+    let outage = u.outage_refused.map(|n| match n {
+        0 => "the record of its outage".to_owned(),
+        1 => "the record of its outage (1 decision refused)".to_owned(),
+        n => format!("the record of its outage ({n} decisions refused)"),
     });
     match (records, outage) {
         (Some(r), Some(o)) => format!("{r} and {o}"),
@@ -531,6 +532,22 @@ impl Audit {
                 "an audit write has not completed in {}s (a stalled disk?)",
                 WRITE_STALL.as_secs()
             ));
+            // The write may have completed between the two readings, its
+            // success (a recovery that changed nothing) gone before this:
+            // a job without records reaches the writer after that write,
+            // and it says whether the trail is fine (nothing owed) or not.
+            let jobs = self
+                .jobs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if let Some(jobs) = jobs {
+                let _ = jobs.try_send(writer::Job {
+                    records: Vec::new(),
+                    done: None,
+                    settled: Arc::default(),
+                });
+            }
         }
     }
 

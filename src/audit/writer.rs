@@ -94,6 +94,13 @@ pub struct FileSink {
     /// on disk: no record goes into it until it is (a power loss would
     /// take the file, and every record in it, away).
     entry_unsynced: bool,
+    /// A handle of the active file holding its lock, kept through failed
+    /// writes (when the data handle is closed) and given up only for the
+    /// next active file: another leash cannot take the trail over while
+    /// this one is in an outage. Inode and device of the locked file.
+    lock: Option<(File, u64, u64)>,
+    /// "cannot lock" said once, not on every retry.
+    lock_warned: bool,
 }
 
 /// Opens the sink and finds the chain's head, continuing from the last good
@@ -110,9 +117,6 @@ pub fn open(target: &AuditTarget, max_bytes: u64) -> Result<(Sink, Head), String
             // torn, and cut its records off after a failed write.
             let held = lock_existing(path)?;
             let head = recover_head(path)?;
-            // The sink's own handle takes the lock over (two handles of one
-            // process would exclude each other).
-            drop(held);
             let mut sink = FileSink {
                 path: path.clone(),
                 file: None,
@@ -120,6 +124,8 @@ pub fn open(target: &AuditTarget, max_bytes: u64) -> Result<(Sink, Head), String
                 max_bytes,
                 cut_to: None,
                 entry_unsynced: false,
+                lock: held,
+                lock_warned: false,
             };
             sink.reopen()?;
             Ok((Sink::File(sink), head))
@@ -329,16 +335,39 @@ fn rename_noreplace(_from: &Path, _to: &Path) -> Option<std::io::Result<()>> {
     None
 }
 
-/// Locks `file` (the active audit file) for this process alone: refused
-/// when another process holds it. Where the file system cannot lock, the
-/// trail is written unlocked, with a warning.
-fn lock(file: &File, path: &Path) -> Result<(), String> {
+/// How locking the active audit file went.
+enum Locked {
+    /// Locked: the handle holding the lock, with the file's inode and device.
+    Held(File, u64, u64),
+    /// Not a regular file (a device such as `/dev/full`, a pipe): nothing
+    /// to take over, so nothing is locked.
+    NotAFile,
+    /// The file system cannot lock: written unlocked.
+    Unsupported(std::io::Error),
+}
+
+/// Locks the file `handle` is open on (the active audit file) for this
+/// process alone (`flock`, which another process's lock refuses), on a
+/// handle of its own, so the data handle may close and open again without
+/// letting the lock go. Refused when another process holds it.
+fn lock(handle: &File, path: &Path) -> Result<Locked, String> {
     use std::os::fd::AsRawFd as _;
-    // SAFETY: `flock` on a descriptor `file` owns for the whole call; the
-    // lock goes with the descriptor when it is closed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = handle
+        .metadata()
+        .map_err(|e| format!("cannot stat `{}`: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Ok(Locked::NotAFile);
+    }
+    let held = handle
+        .try_clone()
+        .map_err(|e| format!("cannot lock `{}`: {e}", path.display()))?;
+    // SAFETY: `flock` on a descriptor `held` owns for the whole call; the
+    // lock goes when `held` (and every descriptor duplicated from it) is
+    // closed.
+    let rc = unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
-        return Ok(());
+        return Ok(Locked::Held(held, meta.ino(), meta.dev()));
     }
     let e = std::io::Error::last_os_error();
     if e.kind() == std::io::ErrorKind::WouldBlock {
@@ -347,15 +376,18 @@ fn lock(file: &File, path: &Path) -> Result<(), String> {
             path.display()
         ));
     }
-    warn!(file = %path.display(), error = %e, "cannot lock the audit file; writing it unlocked");
-    Ok(())
+    Ok(Locked::Unsupported(e))
 }
 
-/// The existing audit file at `path`, locked (see [`lock`]); `None` when
-/// there is none yet.
-fn lock_existing(path: &Path) -> Result<Option<File>, String> {
+/// The existing audit file at `path`, locked (see [`lock`]), before
+/// anything is read or moved; `None` when there is none yet (or it cannot
+/// be locked: the reopen that follows says so).
+fn lock_existing(path: &Path) -> Result<Option<(File, u64, u64)>, String> {
     match OpenOptions::new().append(true).open(path) {
-        Ok(file) => lock(&file, path).map(|()| Some(file)),
+        Ok(file) => match lock(&file, path)? {
+            Locked::Held(held, ino, dev) => Ok(Some((held, ino, dev))),
+            Locked::NotAFile | Locked::Unsupported(_) => Ok(None),
+        },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("cannot open `{}`: {e}", path.display())),
     }
@@ -539,16 +571,13 @@ fn rotated_files(path: &Path) -> Vec<PathBuf> {
 impl FileSink {
     fn reopen(&mut self) -> Result<(), String> {
         use std::os::unix::fs::MetadataExt as _;
-        // Closed first: its lock would refuse the new handle's when both
-        // are of one file.
-        self.file = None;
         let existed = self.path.exists();
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)
             .map_err(|e| format!("cannot open `{}`: {e}", self.path.display()))?;
-        lock(&file, &self.path)?;
+        self.keep_locked(&file)?;
         self.entry_unsynced |= !existed;
         if self.entry_unsynced {
             sync_dir(&self.path)?;
@@ -595,17 +624,19 @@ impl FileSink {
         let Some(file) = self.file.as_mut() else {
             return Err("the audit file is not open".to_owned());
         };
+        // Where this batch begins: the file may have been cut by someone
+        // else (copytruncate) since leash last wrote, so not `good_len`.
+        let before = file.metadata().map_or(self.good_len, |m| m.len());
         let written = file.write_all(bytes).and_then(|()| file.sync_data());
         if let Err(e) = written {
             // Cut any partial batch off, so the chain on disk stays whole;
             // reopen next time (the file may have been removed or replaced).
-            // Never lengthened: a file shorter than what leash wrote was
-            // cut by someone else, and padding it would add damage.
-            let cut = file.metadata().is_ok_and(|m| m.len() < self.good_len)
-                || file.set_len(self.good_len).is_ok();
+            // Never lengthened: padding a file would add damage.
+            let cut =
+                file.metadata().is_ok_and(|m| m.len() <= before) || file.set_len(before).is_ok();
             if !cut {
                 use std::os::unix::fs::MetadataExt as _;
-                self.cut_to = file.metadata().ok().map(|m| (m.ino(), self.good_len));
+                self.cut_to = file.metadata().ok().map(|m| (m.ino(), before));
             }
             self.file = None;
             return Err(format!("cannot write `{}`: {e}", self.path.display()));
@@ -622,6 +653,33 @@ impl FileSink {
     }
 
     /// Whether the open file is still the one at the path.
+    /// Holds the lock of the file `file` is open on: kept if it is the
+    /// file already locked, else taken (and the old file's let go).
+    fn keep_locked(&mut self, file: &File) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("cannot stat `{}`: {e}", self.path.display()))?;
+        if self
+            .lock
+            .as_ref()
+            .is_some_and(|(_, ino, dev)| *ino == meta.ino() && *dev == meta.dev())
+        {
+            return Ok(());
+        }
+        self.lock = None;
+        match lock(file, &self.path)? {
+            Locked::Held(held, ino, dev) => self.lock = Some((held, ino, dev)),
+            Locked::NotAFile => {}
+            Locked::Unsupported(e) => {
+                if !std::mem::replace(&mut self.lock_warned, true) {
+                    warn!(file = %self.path.display(), error = %e, "cannot lock the audit file; writing it unlocked");
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn still_in_place(&self) -> bool {
         use std::os::unix::fs::MetadataExt as _;
         let (Some(file), Ok(at_path)) = (self.file.as_ref(), std::fs::metadata(&self.path)) else {
@@ -1041,6 +1099,48 @@ fn anchor(head: &Head) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lock_is_held_through_an_outage_and_given_up_with_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let target = AuditTarget::File(dir.path().join("audit.log"));
+        let (Sink::File(mut first), _) = open(&target, 1 << 20).expect("opens") else {
+            panic!("a file sink");
+        };
+        // A failed write closes the data handle; the trail stays this
+        // leash's, so a second one is refused before it reads anything.
+        first.file = None;
+        let refused = open(&target, 1 << 20).err().unwrap_or_default();
+        assert!(
+            refused.contains("is being written by another process"),
+            "{refused}"
+        );
+        // Reopened (the outage over), then rotated: the new file is locked
+        // and the old one let go.
+        first.reopen().expect("reopens");
+        first.rotate(7).expect("rotates");
+        let rotated = rotated_name(&first.path, 7, "");
+        let old = OpenOptions::new()
+            .append(true)
+            .open(&rotated)
+            .expect("rotated");
+        assert!(matches!(lock(&old, &rotated), Ok(Locked::Held(..))));
+        assert!(open(&target, 1 << 20).is_err());
+        drop(first);
+        assert!(open(&target, 1 << 20).is_ok(), "free once the sink is gone");
+    }
+
+    #[test]
+    fn devices_are_not_locked() {
+        let full = OpenOptions::new()
+            .append(true)
+            .open("/dev/full")
+            .expect("opens");
+        assert!(matches!(
+            lock(&full, Path::new("/dev/full")),
+            Ok(Locked::NotAFile)
+        ));
+    }
 
     fn chain_of(n: u64) -> (String, Head) {
         let mut head = Head::genesis();

@@ -131,15 +131,15 @@ impl AuthorizerService {
         }
     }
 
-    /// Records the decisions before they are answered. `Some(error)` when
-    /// they could not be recorded and leash fails closed.
+    /// Records the decisions before they are answered. `Some` when they
+    /// could not be recorded and leash fails closed.
     async fn record(
         &self,
         scope: &RpcScope,
         caller: &str,
         snapshot: &Snapshot,
         items: &[(&pb::IsAuthorizedRequest, &Decided)],
-    ) -> Option<String> {
+    ) -> Option<Unrecorded> {
         // An empty batch decides nothing: nothing to record.
         if !self.audit.enabled() || items.is_empty() {
             return None;
@@ -170,7 +170,7 @@ impl AuthorizerService {
             // still written or, failing that, the grant given back; never
             // held used with no record saying so.
             let (audit, grants) = (self.audit.clone(), self.limiting.used_grants.clone());
-            tokio::spawn(async move {
+            let recorded = tokio::spawn(async move {
                 let appended = audit.append(records).await;
                 if appended.is_err() && !audit.fail_open() {
                     for (approver, id) in &used {
@@ -179,8 +179,19 @@ impl AuthorizerService {
                 }
                 appended
             })
-            .await
-            .unwrap_or_else(|e| Err(format!("recording failed: {e}")))
+            .await;
+            match recorded {
+                Ok(appended) => appended,
+                // The task did not finish (a panic, or the runtime shutting
+                // down): whether its record was written is unknown, so the
+                // grant stays used, and the answer says so.
+                Err(e) => {
+                    return Some(Unrecorded {
+                        error: format!("recording failed: {e}"),
+                        grants_given_back: false,
+                    })
+                }
+            }
         };
         match appended {
             Ok(()) => None,
@@ -191,7 +202,10 @@ impl AuthorizerService {
                 );
                 None
             }
-            Err(e) => Some(e),
+            Err(error) => Some(Unrecorded {
+                error,
+                grants_given_back: true,
+            }),
         }
     }
 
@@ -250,6 +264,13 @@ fn caller<T>(request: &Request<T>) -> String {
     }
 }
 
+/// Decisions whose records could not be written: why, and whether the
+/// single-use grants they used were given back.
+struct Unrecorded {
+    error: String,
+    grants_given_back: bool,
+}
+
 /// The grant `decided` used, if any, as (approver, id).
 fn used_grant(decided: &Decided) -> Option<(String, String)> {
     let grant = decided.result.as_ref().ok()?.grant.as_ref()?;
@@ -298,12 +319,13 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
         let now = RequestTime::of(at);
         let wire = request.get_ref();
         let mut d = self.decide(&snapshot, wire, (at, &now), scope.started());
-        let audit_error = self
+        let failed = self
             .record(&scope, &self.caller(&request), &snapshot, &[(wire, &d)])
             .await;
-        if audit_error.is_some() {
+        if failed.as_ref().is_some_and(|u| u.grants_given_back) {
             grant_not_used(&mut d);
         }
+        let audit_error = failed.map(|u| u.error);
         self.report(&scope, None, wire, &d, &snapshot, audit_error.as_deref());
         match (&d.result, audit_error) {
             (Err(err), _) => Err(Status::invalid_argument(err.to_string())),
@@ -349,12 +371,13 @@ impl pb::authorizer_server::Authorizer for AuthorizerService {
         // One group of records, written together.
         let items: Vec<(&pb::IsAuthorizedRequest, &Decided)> =
             requests.iter().zip(decided.iter()).collect();
-        let audit_error = self
+        let failed = self
             .record(&scope, &self.caller(&request), &snapshot, &items)
             .await;
-        if audit_error.is_some() {
+        if failed.as_ref().is_some_and(|u| u.grants_given_back) {
             decided.iter_mut().for_each(grant_not_used);
         }
+        let audit_error = failed.map(|u| u.error);
         let mut counts = BatchCounts::default();
         let results = requests
             .iter()
