@@ -1457,6 +1457,57 @@ async fn queued_mode_a_write_stalled_past_the_bound_refuses_until_it_completes_a
     );
 }
 
+/// A call still in flight when the drain times out (its record's write is
+/// stuck behind an unread pipe) is answered all the same, DENY with the
+/// reason, never an unrecorded ALLOW; and as the writer could not finish,
+/// the process exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_past_the_drain_timeout_is_answered_deny() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let (mut child, addr) = spawn_serving_to_pipe("disk", &["--drain-timeout", "1"]);
+    let _pipe = child.0.stdout.take().expect("stdout");
+    let client = leash::check::connect_tcp(&addr).await.expect("connect");
+    // One call after another until one hangs: the pipe is full and its
+    // record's write blocks.
+    let answered = Arc::new(AtomicU64::new(0));
+    let counter = answered.clone();
+    let calls = tokio::spawn(async move {
+        let mut client = client;
+        loop {
+            let r = ask_numbered(&mut client, counter.load(Ordering::SeqCst)).await;
+            if r.decision != ALLOW {
+                return r;
+            }
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut last = (u64::MAX, tokio::time::Instant::now());
+    loop {
+        let now = answered.load(Ordering::SeqCst);
+        if now != last.0 {
+            last = (now, tokio::time::Instant::now());
+        } else if last.1.elapsed() >= Duration::from_secs(1) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no call hung");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(last.0 > 0);
+    let status = tokio::task::spawn_blocking(move || terminate(&mut child))
+        .await
+        .expect("waited");
+    let in_flight = tokio::time::timeout(Duration::from_secs(60), calls)
+        .await
+        .expect("answered")
+        .expect("task");
+    assert_eq!(in_flight.decision, DENY, "{in_flight:?}");
+    let message = in_flight.error.expect("says why").message;
+    assert!(message.contains("audit trail unavailable"), "{message}");
+    assert_eq!(status.code(), Some(1), "the writer did not finish");
+}
+
 /// A write stuck with nobody waiting on it (queued mode, the calls that
 /// filled the pipe all answered): health turns NOT_SERVING all the same
 /// once it has been stuck 10 s, and SERVING again when it completes.

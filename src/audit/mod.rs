@@ -144,10 +144,7 @@ pub enum CloseError {
         unwritten_words(.0)
     )]
     Unwritten(writer::Unwritten),
-    #[error(
-        "the audit writer did not finish within {0:?}; records still queued (of decisions \
-         already answered) may be lost"
-    )]
+    #[error("the audit writer did not finish within {0:?}; records still queued may be lost")]
     TimedOut(std::time::Duration),
     #[error("the audit writer had stopped unexpectedly; records it held are lost")]
     WriterStopped,
@@ -553,7 +550,8 @@ impl Audit {
 
     /// Writes what is queued and stops the writer (graceful shutdown, after
     /// the last decision): waits for it up to `timeout`. An error says what
-    /// the trail is missing (each case is logged too).
+    /// the trail is missing (for the caller to log; the writer logs the
+    /// details of what it could not write).
     pub fn shutdown(&self, timeout: std::time::Duration) -> Result<(), CloseError> {
         drop(
             self.jobs
@@ -570,9 +568,7 @@ impl Audit {
         let deadline = std::time::Instant::now() + timeout;
         while !thread.is_finished() {
             if std::time::Instant::now() >= deadline {
-                let error = CloseError::TimedOut(timeout);
-                tracing::error!("{error}");
-                return Err(error);
+                return Err(CloseError::TimedOut(timeout));
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -580,11 +576,7 @@ impl Audit {
             Ok(unwritten) if unwritten.is_empty() => Ok(()),
             // The writer logged what it could not write.
             Ok(unwritten) => Err(CloseError::Unwritten(unwritten)),
-            Err(_) => {
-                let error = CloseError::WriterStopped;
-                tracing::error!("{error}");
-                Err(error)
-            }
+            Err(_) => Err(CloseError::WriterStopped),
         }
     }
 

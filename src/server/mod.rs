@@ -20,7 +20,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt as _;
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::audit::{Audit, AuditError, AuditOptions};
 use crate::bundle::{LiveBundle, Snapshot};
@@ -736,7 +736,13 @@ impl Server {
         }
         info!("stopped");
         match failure {
-            Some(Err(e)) => Err(e),
+            Some(Err(e)) => {
+                // Returned is the failure that ended the run; this is said.
+                if let Err(close) = audit_closed {
+                    error!("{close}");
+                }
+                Err(e)
+            }
             // A trail short of what was decided is a failed run, though
             // every step of the shutdown went as planned.
             _ => audit_closed.map_err(ServeError::AuditClose),
