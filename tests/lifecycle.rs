@@ -506,21 +506,23 @@ fn serve_exits_non_zero_on_an_invalid_bundle_and_bad_flags() {
         "policies/broken.cedar",
         "permit (principal, action, resource) when {",
     );
-    let out = output_within(
-        Command::new(env!("CARGO_BIN_EXE_leash"))
-            .current_dir(bundle.dir.path())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--policies",
-                "policies",
-                "--schemas",
-                "schemas",
-            ]),
-    );
+    // `leash serve` on loopback with `more`, in the bundle's directory.
+    let serve = |more: &[&str]| {
+        output_within(
+            Command::new(env!("CARGO_BIN_EXE_leash"))
+                .current_dir(bundle.dir.path())
+                .args(["serve", "--listen", "127.0.0.1:0"])
+                .args(more),
+        )
+    };
+    let out = serve(&[
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--policies",
+        "policies",
+        "--schemas",
+        "schemas",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("policies/broken.cedar:1:"));
 
@@ -532,19 +534,7 @@ fn serve_exits_non_zero_on_an_invalid_bundle_and_bad_flags() {
     // An address already taken: the error names the listener's flag.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
-    let out = output_within(
-        Command::new(env!("CARGO_BIN_EXE_leash"))
-            .current_dir(bundle.dir.path())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                &addr,
-                "--audit-log",
-                "none",
-            ]),
-    );
+    let out = serve(&["--admin-listen", &addr, "--audit-log", "none"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

@@ -467,11 +467,7 @@ impl Audit {
                         // job wakes the writer, to record the outage or to
                         // find nothing owed and recover. Behind a stalled
                         // write it just waits its turn.
-                        let _ = jobs.try_send(writer::Job {
-                            records: Vec::new(),
-                            done: None,
-                            settled: Arc::default(),
-                        });
+                        let _ = jobs.try_send(writer::Job::wake_up());
                         Err(problem)
                     }
                 }
@@ -489,11 +485,7 @@ impl Audit {
                     // The writer may be idle, waiting for a job, and would
                     // never learn of the refusal (nor probe its way back):
                     // an empty job wakes it to write the outage record.
-                    let _ = jobs.try_send(writer::Job {
-                        records: Vec::new(),
-                        done: None,
-                        settled: Arc::default(),
-                    });
+                    let _ = jobs.try_send(writer::Job::wake_up());
                     return Err(error);
                 }
                 // A full queue behind a stalled disk refuses, it does not
@@ -539,11 +531,7 @@ impl Audit {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone();
             if let Some(jobs) = jobs {
-                let _ = jobs.try_send(writer::Job {
-                    records: Vec::new(),
-                    done: None,
-                    settled: Arc::default(),
-                });
+                let _ = jobs.try_send(writer::Job::wake_up());
             }
         }
     }
@@ -1010,12 +998,7 @@ mod tests {
             .failed("the audit write has not completed in 10s".to_owned());
         assert!(!audit.status.available());
         let jobs = audit.jobs.lock().expect("lock").clone().expect("writer");
-        jobs.try_send(writer::Job {
-            records: Vec::new(),
-            done: None,
-            settled: Arc::default(),
-        })
-        .expect("queued");
+        jobs.try_send(writer::Job::wake_up()).expect("queued");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !audit.status.available() {
             assert!(

@@ -48,6 +48,19 @@ pub struct Job {
     pub settled: Arc<std::sync::OnceLock<Settled>>,
 }
 
+impl Job {
+    /// A job without records nobody waits for: it wakes the writer, which
+    /// then writes what it owes (an outage's record) or, owing nothing,
+    /// marks the trail available again.
+    pub fn wake_up() -> Self {
+        Self {
+            records: Vec::new(),
+            done: None,
+            settled: Arc::default(),
+        }
+    }
+}
+
 /// See [`Job::settled`].
 #[derive(Debug)]
 pub enum Settled {
